@@ -1,0 +1,261 @@
+"""`nti` command line: invert, edit, reconstruct. Exit codes: 0 ok, 2 bad input, 1 internal error, 130 interrupted."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import ATTENTION, GUIDANCE_SCHEDULES, METHODS, PRECISIONS, NTIConfig, NTIError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one readable line and exit 2, like every other bad input
+        self.print_usage(sys.stderr)
+        print(f"nti: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and algorithm")
+    g.add_argument("--model", default=None, help="local diffusers SD v1.x folder or cached repo id (default: built-in "
+                   "tiny model)")
+    g.add_argument("--method", choices=METHODS, default="null-text")
+    g.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance weight (default 7.5)")
+    g.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default="constant")
+    g.add_argument("--inner-steps", type=non_negative_int, default=10, help="Adam iterations per step (default 10)")
+    g.add_argument("--no-early-stop", action="store_true", help="always run every inner iteration")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    f = p.add_argument_group("speed (fast backend)")
+    f.add_argument("--backend", choices=("reference", "fast"), default=None,
+                   help="reference = eager fp32 batch 1 (default on CPU); fast = batched engine (default on CUDA)")
+    f.add_argument("--batch-size", type=positive_int, default=8)
+    f.add_argument("--precision", choices=PRECISIONS, default=None, help="UNet precision (fast backend; default "
+                   "bf16 on CUDA, fp32 elsewhere)")
+    f.add_argument("--attention", choices=ATTENTION, default="sdpa")
+    f.add_argument("--compile", action="store_true", help="torch.compile the UNet's repeated blocks")
+    f.add_argument("--cuda-graphs", action="store_true")
+    f.add_argument("--channels-last", action="store_true")
+    p.add_argument("--cache", default=None, help="folder of saved inversions: reuse a matching one, save new ones "
+                   "(an interrupted batch resumes from here)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def add_inputs(p: argparse.ArgumentParser, target: bool) -> None:
+    p.add_argument("images", nargs="*", help="image files, folders of images, a JSONL of {image, source_prompt"
+                   + (", target_prompt" if target else "") + "} records, or skimage:NAME (e.g. skimage:chelsea)")
+    p.add_argument("--prompt", help="source prompt describing the image(s)")
+    if target:
+        p.add_argument("--target", help="target prompt of the edit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="nti", description="Null-text inversion and text-guided editing of real images.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    p = sub.add_parser("invert", help="invert image(s) and save the inversion(s) for later edits")
+    add_inputs(p, target=False)
+    p.add_argument("--out", required=True, help="output .safetensors file (one image) or folder")
+    add_common(p)
+    p = sub.add_parser("edit", help="invert image(s) (or load --inversion) and regenerate under --target")
+    add_inputs(p, target=True)
+    p.add_argument("--inversion", nargs="*", default=[], help="saved inversion file(s) to edit instead of images")
+    p.add_argument("--out", required=True, help="output .png (one image) or folder")
+    add_common(p)
+    p = sub.add_parser("reconstruct", help="invert image(s) and regenerate them under their own prompt")
+    add_inputs(p, target=False)
+    p.add_argument("--out", required=True, help="output .png (one image) or folder")
+    add_common(p)
+    return parser
+
+
+def config_from_args(args, device) -> NTIConfig:
+    cuda = device.type == "cuda"
+    backend = args.backend or ("fast" if cuda else "reference")
+    precision = args.precision or ("bf16" if cuda and backend == "fast" else "fp32")
+    return NTIConfig(method=args.method, steps=args.steps, guidance=args.guidance,
+                     guidance_schedule=args.guidance_schedule, inner_steps=args.inner_steps,
+                     early_stop=not args.no_early_stop, seed=args.seed, backend=backend, batch_size=args.batch_size,
+                     precision=precision, attention=args.attention, compile=args.compile,
+                     cuda_graphs=args.cuda_graphs, channels_last=args.channels_last)
+
+
+def collect_jobs(args, need_target: bool) -> list[dict]:
+    """Expand positional inputs into jobs {name, image, source_prompt, target_prompt}."""
+    jobs = []
+    for item in args.images:
+        path = Path(item)
+        if item.endswith(".jsonl"):
+            jobs += read_jsonl(path, need_target)
+        elif path.is_dir():
+            files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise NTIError(f"folder {path} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            jobs += [{"name": f.stem, "image": str(f)} for f in files]
+        else:
+            jobs.append({"name": path.stem if ":" not in item else item.split(":", 1)[1], "image": item})
+    for job in jobs:
+        job.setdefault("source_prompt", args.prompt)
+        if need_target:
+            job.setdefault("target_prompt", args.target)
+        if job["source_prompt"] is None:
+            raise NTIError(f"no source prompt for {job['image']}: pass --prompt or give one in the JSONL")
+        if need_target and job["target_prompt"] is None:
+            raise NTIError(f"no target prompt for {job['image']}: pass --target or give one in the JSONL")
+    names = [j["name"] for j in jobs]
+    for j in jobs:  # distinct output names when two inputs share a stem
+        if names.count(j["name"]) > 1:
+            j["name"] = f"{j['name']}-{jobs.index(j)}"
+    return jobs
+
+
+def read_jsonl(path: Path, need_target: bool) -> list[dict]:
+    if not path.is_file():
+        raise NTIError(f"JSONL file {path} does not exist")
+    jobs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise NTIError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+        if not isinstance(rec, dict) or "image" not in rec:
+            raise NTIError(f"{path}:{n}: each line needs an object with an 'image' field")
+        image = rec["image"] if str(rec["image"]).startswith("skimage:") else str(path.parent / rec["image"])
+        job = {"name": str(rec.get("id", Path(rec["image"]).stem)), "image": image}
+        for key in ("source_prompt", "target_prompt"):
+            if key in rec:
+                job[key] = rec[key]
+        jobs.append(job)
+    return jobs
+
+
+def output_paths(out: str, names: list[str], suffix: str) -> list[Path]:
+    out_path = Path(out)
+    if len(names) == 1 and out_path.suffix:
+        if out_path.suffix != suffix:
+            raise NTIError(f"--out {out}: expected a {suffix} file or a folder")
+        return [out_path]
+    if out_path.suffix and not out_path.is_dir():
+        raise NTIError(f"--out {out}: several inputs need a folder, not a {out_path.suffix} file")
+    return [out_path / f"{name}{suffix}" for name in names]
+
+
+def run(args) -> int:
+    from . import api
+    from .artifact import load_inversion, save_inversion
+    from .images import save_png
+    from .models import load_pipeline, parse_device
+
+    progress = not args.quiet
+    device = parse_device(args.device)
+    config = config_from_args(args, device)
+    loaded = [load_inversion(p) for p in getattr(args, "inversion", [])]
+    need_target = args.command == "edit"
+    jobs = collect_jobs(args, need_target)
+    if not jobs and not loaded:
+        raise NTIError("no inputs: give image paths (or skimage:chelsea), a folder, a JSONL, or --inversion FILE")
+    if loaded and need_target and not args.target:
+        raise NTIError("--inversion needs --target PROMPT")
+    pipe = load_pipeline(args.model, device, seed=0)
+    start = time.perf_counter()
+
+    todo, cache = [], Path(args.cache) if args.cache else None
+    for job in jobs:  # reuse cached inversions: an interrupted batch picks up where it stopped
+        job["inversion"] = _cached(cache, pipe, job, config) if cache else None
+        if job["inversion"] is None:
+            todo.append(job)
+    if todo:
+        chunk = config.batch_size if config.backend == "fast" else 1
+        for k in range(0, len(todo), chunk):
+            part = todo[k:k + chunk]
+            results = api.invert(pipe, [j["image"] for j in part], [j["source_prompt"] for j in part], config,
+                                 progress)
+            for job, inv in zip(part, results):
+                job["inversion"] = inv
+                if cache:
+                    save_inversion(inv, cache / f"{inv.key}.safetensors")
+            if progress and len(todo) > 1:
+                print(f"inverted {min(k + chunk, len(todo))}/{len(todo)} images", file=sys.stderr)
+
+    if args.command == "invert":
+        for job, path in zip(jobs, output_paths(args.out, [j["name"] for j in jobs], ".safetensors")):
+            save_inversion(job["inversion"], path)
+            print(path)
+    else:
+        names = [j["name"] for j in jobs] + [Path(p).stem for p in args.inversion]
+        inversions = [j["inversion"] for j in jobs] + loaded
+        targets = ([j["target_prompt"] for j in jobs] + [args.target] * len(loaded) if need_target
+                   else [inv.source_prompt for inv in inversions])
+        paths = output_paths(args.out, names, ".png")
+        chunk = config.batch_size if config.backend == "fast" else 1
+        for k in range(0, len(inversions), chunk):
+            images = api.edit(pipe, inversions[k:k + chunk], targets[k:k + chunk], config, progress)
+            for img, path in zip(images, paths[k:k + chunk]):
+                save_png(img, path)
+                print(path)
+    if progress:
+        print(f"done in {time.perf_counter() - start:.1f} s on {device} ({config.backend} backend, "
+              f"{config.method})", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cached(cache: Path, pipe, job: dict, config: NTIConfig):
+    from .api import prepare_images
+    from .artifact import inversion_key, load_inversion
+    from .images import pixel_hash
+
+    squares, _ = prepare_images(pipe, [job["image"]])
+    key = inversion_key(pixel_hash(squares[0]), job["source_prompt"], pipe.fingerprint, config.result_settings())
+    path = cache / f"{key}.safetensors"
+    return load_inversion(path) if path.is_file() else None
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="nti: %(message)s")
+    if not args.debug:  # library chatter (diffusers/transformers loading notices) would bury our one line
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    try:
+        return run(args)
+    except NTIError as err:
+        print(f"nti: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("nti: interrupted" + (" (finished inversions are in --cache)" if args.cache else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # a bug, not bad input: one line, the traceback only with --debug
+        if args.debug:
+            raise
+        print(f"nti: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

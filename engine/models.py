@@ -1,0 +1,286 @@
+"""Stable Diffusion v1.x components: offline loading from a local diffusers folder, and a built-in tiny model."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import NTIError
+
+COMPONENTS = {  # subfolder -> files that must be there (any one of each tuple)
+    "unet": (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                                "diffusion_pytorch_model.fp16.safetensors")),
+    "vae": (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                               "diffusion_pytorch_model.fp16.safetensors")),
+    "text_encoder": (("config.json",), ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors")),
+    "tokenizer": (("tokenizer_config.json", "vocab.json", "tokenizer.json"),),
+    "scheduler": (("scheduler_config.json",),),
+}
+TINY = "tiny"  # the built-in random SD-shaped model (no files; edits are not meaningful)
+
+
+@dataclass
+class Pipeline:
+    """The parts of a Stable Diffusion pipeline that inversion and editing use."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict
+    device: torch.device
+    name: str  # what the user asked for (a path, a repo id, or "tiny")
+    fingerprint: str  # hash of configs and weights: an inversion is only valid for the model that made it
+    uncond_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        return (self.unet.config.in_channels, size, size)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", 0.18215))
+
+
+# ----------------------------------------------------------------------------------------------- text, image, latents
+
+@torch.no_grad()
+def encode_prompts(pipe: Pipeline, prompts: list[str]) -> torch.Tensor:
+    """CLIP text embeddings (last hidden state) of prompts padded to the tokenizer's max length, fp32."""
+    tokens = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt")
+    hidden = pipe.text_encoder(tokens.input_ids.to(pipe.device))[0]
+    return hidden.float()
+
+
+@torch.no_grad()
+def encode_images(pipe: Pipeline, pixels: torch.Tensor) -> torch.Tensor:
+    """Latents of images in [-1, 1], (B, 3, H, W): VAE posterior mean times the scaling factor (notebook)."""
+    pixels = pixels.to(pipe.device, next(pipe.vae.parameters()).dtype)
+    return pipe.vae.encode(pixels).latent_dist.mean.float() * pipe.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1], (B, 3, H, W) fp32, from latents."""
+    latents = (latents / pipe.scaling_factor).to(next(pipe.vae.parameters()).dtype)
+    return (pipe.vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
+
+
+def unet_eps(pipe: Pipeline, latents: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
+    """Noise prediction eps_theta(z_t, t, context) of the UNet."""
+    return pipe.unet(latents, t, encoder_hidden_states=context).sample
+
+
+# ------------------------------------------------------------------------------------------------------------ loading
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """A local diffusers folder, or a repo id found in the local Hugging Face cache. Never touches the network."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NTIError(f"--model {model}: expected a diffusers folder (with unet/, vae/, text_encoder/, "
+                           f"tokenizer/, scheduler/), got a file")
+        return path
+    if str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+            return Path(snapshot_download(str(model), local_files_only=True))
+        except Exception:
+            raise NTIError(f"model {model!r} is not in the local Hugging Face cache and nothing is downloaded here; "
+                           f"copy a diffusers folder of it onto this machine and pass --model /path/to/it") from None
+    raise NTIError(f"model folder {model} does not exist; pass --model PATH to a local Stable Diffusion v1.x "
+                   f"diffusers folder, or omit --model for the built-in tiny model")
+
+
+def check_model_folder(path: Path) -> None:
+    """Name every missing component file of a diffusers SD folder in one error."""
+    missing = []
+    for sub, groups in COMPONENTS.items():
+        if not (path / sub).is_dir():
+            missing.append(f"{sub}/")
+            continue
+        for group in groups:
+            if not any((path / sub / name).is_file() for name in group):
+                missing.append(f"{sub}/{' or '.join(group)}")
+    if missing:
+        raise NTIError(f"model folder {path} is incomplete: missing {', '.join(missing)}")
+
+
+def fingerprint_folder(path: Path) -> str:
+    """Fast model identity: configs in full, weight files by size and their first and last MiB."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        rel = file.relative_to(path).as_posix()
+        if rel.startswith(("unet", "vae", "text_encoder", "tokenizer", "scheduler")):
+            digest.update(rel.encode())
+            size = file.stat().st_size
+            digest.update(str(size).encode())
+            with open(file, "rb") as fh:
+                digest.update(fh.read(1 << 20))
+                if size > 2 << 20:
+                    fh.seek(-(1 << 20), os.SEEK_END)
+                    digest.update(fh.read())
+    return digest.hexdigest()[:16]
+
+
+def fingerprint_modules(*modules: torch.nn.Module) -> str:
+    """Identity of in-memory weights (the tiny model): hash of every parameter's bytes."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """'auto'/None -> cuda if available else cpu; a clear error for a device this machine lacks."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise NTIError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise NTIError(f"device {device} requested but CUDA is not available here; use --device cpu")
+    return dev
+
+
+def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.device | None = "auto",
+                  dtype: torch.dtype = torch.float32, seed: int = 0) -> Pipeline:
+    """Load SD v1.x from a local diffusers folder / local HF cache, or the built-in tiny model for None/'tiny'."""
+    dev = parse_device(device)
+    if model is None or str(model) == TINY:
+        return build_tiny_pipeline(seed=seed, device=dev, dtype=dtype)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = resolve_model_path(model)
+    check_model_folder(path)
+    kw = dict(local_files_only=True, torch_dtype=dtype)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+        scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    except NTIError:
+        raise
+    except Exception as err:  # corrupt weights, wrong architecture, ...: say which folder, keep the cause
+        raise NTIError(f"could not load the model in {path}: {type(err).__name__}: {err}") from err
+    return _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, dev, str(model), fingerprint_folder(path))
+
+
+def _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, device, name, fingerprint) -> Pipeline:
+    for module in (unet, vae, text_encoder):
+        module.to(device).eval().requires_grad_(False)
+    return Pipeline(unet, vae, text_encoder, tokenizer, dict(scheduler_config), device, name, fingerprint)
+
+
+# --------------------------------------------------------------------------------------------------------- tiny model
+
+TINY_WORDS = (
+    "a an the of on in at with and next to near above below behind front sitting standing lying photo picture "
+    "cat dog tiger lion horse bird car bus house tree mirror table chair bed flower cup mug astronaut rocket coffee "
+    "man woman person red green blue yellow orange purple black white gray brown pink big small circle square "
+    "triangle star background sky grass water beach room street city snow painting sketch").split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2 byte-level alphabet: printable bytes map to themselves, the rest to unused code points."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+def build_word_tokenizer(words=TINY_WORDS, max_length: int = 77):
+    """A CLIPTokenizer whose BPE merges spell out `words` whole; other text falls back to byte tokens."""
+    from transformers import CLIPTokenizer
+
+    alphabet = list(_bytes_to_unicode().values())
+    vocab_list = alphabet + [c + "</w>" for c in alphabet]
+    merges = []
+    # longer words first: their merges get lower ranks, so a short word's pair cannot split a long word
+    for word in sorted(dict.fromkeys(words), key=len, reverse=True):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        prefix = pieces[0]
+        for piece in pieces[1:]:
+            merged = prefix + piece
+            if (prefix, piece) not in merges:
+                merges.append((prefix, piece))
+                if merged not in vocab_list:
+                    vocab_list.append(merged)
+            prefix = merged
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def build_tiny_components(seed: int = 0):
+    """Random SD-v1-shaped UNet (cross-attention), VAE (4 latent channels) and CLIP text encoder; 32 px images."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_word_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=16, sample_size=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    scheduler_config = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                        "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
+                        "set_alpha_to_one": False, "steps_offset": 1}
+    return unet, vae, text_encoder, tokenizer, scheduler_config
+
+
+def build_tiny_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype=torch.float32) -> Pipeline:
+    """The built-in tiny model: same code paths as SD v1.4, random weights, so its edits mean nothing."""
+    unet, vae, text_encoder, tokenizer, scheduler_config = build_tiny_components(seed)
+    if dtype != torch.float32:
+        unet, vae, text_encoder = (m.to(dtype) for m in (unet, vae, text_encoder))
+    return _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, torch.device(device), TINY,
+                     f"tiny-{seed}-" + fingerprint_modules(unet, vae, text_encoder))
+
+
+def save_pipeline_folder(pipe: Pipeline, path: str | os.PathLike) -> Path:
+    """Write a pipeline as a diffusers SD folder (what `load_pipeline(path)` reads)."""
+    from diffusers import DDIMScheduler
+
+    path = Path(path)
+    pipe.unet.save_pretrained(path / "unet")
+    pipe.vae.save_pretrained(path / "vae")
+    pipe.text_encoder.save_pretrained(path / "text_encoder")
+    pipe.tokenizer.save_pretrained(path / "tokenizer")
+    DDIMScheduler.from_config(pipe.scheduler_config).save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}, indent=2))
+    return path
