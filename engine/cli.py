@@ -174,7 +174,8 @@ def run(args) -> int:
     progress = not args.quiet
     device = parse_device(args.device)
     config = config_from_args(args, device)
-    loaded = [load_inversion(p) for p in getattr(args, "inversion", [])]
+    inversion_paths = getattr(args, "inversion", [])
+    loaded = [load_inversion(p) for p in inversion_paths]
     need_target = args.command == "edit"
     jobs = collect_jobs(args, need_target)
     if not jobs and not loaded:
@@ -207,7 +208,7 @@ def run(args) -> int:
             save_inversion(job["inversion"], path)
             print(path)
     else:
-        names = [j["name"] for j in jobs] + [Path(p).stem for p in args.inversion]
+        names = [j["name"] for j in jobs] + [Path(p).stem for p in inversion_paths]
         inversions = [j["inversion"] for j in jobs] + loaded
         targets = ([j["target_prompt"] for j in jobs] + [args.target] * len(loaded) if need_target
                    else [inv.source_prompt for inv in inversions])

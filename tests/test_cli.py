@@ -1,0 +1,100 @@
+"""The `nti` command: outputs, reuse of saved inversions, and one readable line with exit 2 on bad input."""
+import contextlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.cli import EXIT_BAD_INPUT, main
+
+FAST = ["--steps", "3", "--inner-steps", "2", "--quiet", "--device", "cpu"]
+
+
+def run_cli(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_edit_writes_a_png(tmp_path, capsys):
+    out = tmp_path / "tiger.png"
+    code, stdout, _ = run_cli(["edit", "skimage:chelsea", "--prompt", "a cat", "--target", "a tiger", "--out",
+                               str(out), *FAST], capsys)
+    assert code == 0 and out.is_file() and str(out) in stdout
+    assert Image.open(out).size == (32, 32)
+
+
+def test_invert_then_edit_from_the_saved_inversion(tmp_path, capsys):
+    art = tmp_path / "cat.safetensors"
+    assert run_cli(["invert", "skimage:chelsea", "--prompt", "a cat", "--out", str(art), *FAST], capsys)[0] == 0
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert run_cli(["edit", "--inversion", str(art), "--target", "a tiger", "--out", str(a), *FAST], capsys)[0] == 0
+    assert run_cli(["edit", "skimage:chelsea", "--prompt", "a cat", "--target", "a tiger", "--out", str(b), *FAST],
+                   capsys)[0] == 0
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+def test_many_images_from_jsonl_and_cache_resume(tmp_path, capsys):
+    Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(tmp_path / "grey.png")
+    lines = [{"image": "grey.png", "source_prompt": "a gray room", "target_prompt": "a red room"},
+             {"image": "skimage:chelsea", "id": "cat", "source_prompt": "a cat", "target_prompt": "a dog"}]
+    jsonl = tmp_path / "jobs.jsonl"
+    jsonl.write_text("\n".join(json.dumps(x) for x in lines))
+    cache = tmp_path / "cache"
+    code, stdout, _ = run_cli(["edit", str(jsonl), "--out", str(tmp_path / "out"), "--cache", str(cache), *FAST],
+                              capsys)
+    assert code == 0 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cat.png", "grey.png"]
+    saved = sorted(cache.glob("*.safetensors"))
+    assert len(saved) == 2
+    stamps = [p.stat().st_mtime_ns for p in saved]
+    assert run_cli(["edit", str(jsonl), "--out", str(tmp_path / "out2"), "--cache", str(cache), *FAST],
+                   capsys)[0] == 0
+    assert [p.stat().st_mtime_ns for p in sorted(cache.glob("*.safetensors"))] == stamps  # reused, not redone
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"),
+    ("corrupt", "not a readable image"),
+    ("folder-as-image", "no images"),
+    ("steps", "--steps: must be at least 1"),
+    ("model", "model folder"),
+    ("no-prompt", "no source prompt"),
+    ("out-suffix", "expected a .png file or a folder"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case, message):
+    corrupt = tmp_path / "bad.png"
+    corrupt.write_bytes(b"\x89PNG not really")
+    (tmp_path / "empty").mkdir()
+    base = ["edit", "--prompt", "a", "--target", "b", "--out", str(tmp_path / "o.png"), *FAST]
+    argv = {
+        "missing": base + [str(tmp_path / "nope.png")],
+        "corrupt": base + [str(corrupt)],
+        "folder-as-image": base + [str(tmp_path / "empty")],
+        "steps": base + ["skimage:chelsea", "--steps", "0"],
+        "model": base + ["skimage:chelsea", "--model", str(tmp_path / "no-model")],
+        "no-prompt": ["reconstruct", "skimage:chelsea", "--out", str(tmp_path / "o.png"), *FAST],
+        "out-suffix": ["edit", "skimage:chelsea", "--prompt", "a", "--target", "b", "--out",
+                       str(tmp_path / "o.jpg"), *FAST],
+    }[case]
+    with pytest.raises(SystemExit) if case == "steps" else contextlib.nullcontext() as exc:
+        code = main(argv)
+    code = exc.value.code if case == "steps" else code
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT
+    error_lines = [line for line in err.splitlines() if line.startswith("nti: error")]
+    assert len(error_lines) == 1 and message in error_lines[0] and "Traceback" not in err
+
+
+def test_console_script_runs_in_a_fresh_process(tmp_path):
+    out = tmp_path / "r.png"
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", "reconstruct", "skimage:chelsea", "--prompt",
+                           "a cat", "--out", str(out), "--method", "ddim", *FAST],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file()
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", "edit", "nope.png", "--prompt", "a", "--target",
+                           "b", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_BAD_INPUT and proc.stderr.strip().endswith("nope.png does not exist")

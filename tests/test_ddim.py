@@ -1,0 +1,81 @@
+"""Own DDIM math against diffusers' schedulers, and the guidance schedules."""
+import math
+
+import pytest
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+from engine.ddim import ddim_step, guidance_weights, guided_eps, make_schedule
+from tests.conftest import rel_err
+
+SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                "beta_schedule": "scaled_linear", "steps_offset": 1, "skip_prk_steps": True}
+
+
+def test_schedule_is_the_notebooks():
+    sched = make_schedule(SD_SCHEDULER, 50)
+    assert sched.timesteps[0] == 980 and sched.timesteps[-1] == 0 and len(sched.timesteps) == 50
+    assert sched.final_alpha == pytest.approx(float(sched.alphas_cumprod[0]))  # set_alpha_to_one=False
+    # scaled_linear betas: sqrt-space linspace, squared
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    assert torch.allclose(sched.alphas_cumprod, torch.cumprod(1 - betas, 0))
+
+
+@pytest.mark.parametrize("steps", [50, 10])
+def test_ddim_step_matches_diffusers(steps):
+    ours = make_schedule(SD_SCHEDULER, steps)
+    ref = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                        set_alpha_to_one=False)
+    ref.set_timesteps(steps)
+    assert [int(t) for t in ref.timesteps] == ours.timesteps
+    gen = torch.Generator().manual_seed(0)
+    for i, t in enumerate(ours.timesteps):
+        x, eps = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+        expected = ref.step(eps, t, x, eta=0.0).prev_sample
+        assert rel_err(ddim_step(x, eps, *ours.denoise_alphas(i)), expected) < 1e-5, f"step {i} (t={t})"
+
+
+def test_inversion_step_matches_diffusers_inverse_scheduler():
+    ours = make_schedule(SD_SCHEDULER, 50)
+    inv = DDIMInverseScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                               set_alpha_to_one=False)
+    inv.set_timesteps(50)
+    gen = torch.Generator().manual_seed(1)
+    for i, t in enumerate(inv.timesteps):
+        t_ours, a_from, a_to = ours.invert_alphas(i)
+        assert t_ours == int(t)
+        x, eps = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 4, 8, 8, generator=gen)
+        assert rel_err(ddim_step(x, eps, a_from, a_to), inv.step(eps, int(t), x).prev_sample) < 1e-5, f"step {i}"
+
+
+def test_first_inversion_step_is_identity():
+    # t=0 inverts from alpha_final == alphas[0] to alphas[0]: the notebook's first step leaves z unchanged
+    sched = make_schedule(SD_SCHEDULER, 50)
+    _, a_from, a_to = sched.invert_alphas(0)
+    x, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    assert torch.allclose(ddim_step(x, eps, a_from, a_to), x, atol=1e-6)
+
+
+def test_per_image_coefficients_equal_scalar_calls():
+    x, eps = torch.randn(3, 4, 5, 7), torch.randn(3, 4, 5, 7)
+    a_from, a_to = torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0.2, 0.6, 0.95])
+    batched = ddim_step(x, eps, a_from, a_to)
+    for k in range(3):
+        assert torch.allclose(batched[k], ddim_step(x[k:k + 1], eps[k:k + 1], float(a_from[k]), float(a_to[k]))[0])
+    w = torch.tensor([1.0, 7.5, 3.0])
+    g = guided_eps(eps, x, w)
+    assert torch.allclose(g[1], eps[1] + 7.5 * (x[1] - eps[1]))
+
+
+def test_guidance_schedules():
+    assert guidance_weights(7.5, 50, "constant") == [7.5] * 50
+    lin = guidance_weights(7.5, 50, "linear")
+    cos = guidance_weights(7.5, 50, "cosine")
+    for ws in (lin, cos):
+        assert ws[0] == pytest.approx(7.5) and ws[-1] == pytest.approx(1.0)
+        assert all(a >= b for a, b in zip(ws, ws[1:]))  # decays monotonically
+    assert lin[25] == pytest.approx(1 + 6.5 * (1 - 25 / 49))
+    assert cos[25] == pytest.approx(1 + 6.5 * 0.5 * (1 + math.cos(math.pi * 25 / 49)))
+    assert cos[10] > lin[10]  # cosine keeps strong guidance longer early on
+    with pytest.raises(ValueError):
+        guidance_weights(7.5, 10, "exponential")
