@@ -40,7 +40,8 @@ class Inversion:
     versions: dict = field(default_factory=library_versions)
     iterations: list[int] = field(default_factory=list)  # inner Adam iterations used per step
     losses: list[float] = field(default_factory=list)  # last inner loss per step
-    fp32_retries: list[int] = field(default_factory=list)  # steps redone in fp32 after a non-finite value
+    fp32_retries: list[int] = field(default_factory=list)  # redone in fp32 after a non-finite value: -1 = DDIM
+    # inversion pass, i >= 0 = null-text step i
     timings: dict = field(default_factory=dict)  # seconds per phase (this image's share of a batch)
 
     @property

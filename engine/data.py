@@ -1,0 +1,286 @@
+"""Edit benchmarks as EditSample lists: GenAI-Bench parquet, PIE-Bench folders, prompt JSONL folders, a bundled sample.
+
+Everything reads local files; the bundled sample uses photos that ship inside scikit-image, so it needs no download.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .config import NTIError
+from .images import SKIMAGE_PREFIX, load_image
+
+SAMPLE_PROMPTS = Path(__file__).parent / "assets" / "sample" / "prompts.jsonl"
+GENAI_COLUMNS = ("source_prompt", "target_prompt", "instruct_prompt", "source_image")
+PIE_MAPPING = "mapping_file.json"
+PIE_REQUIRED = ("image_path", "original_prompt", "editing_prompt")
+PIE_MASK_SHAPE = (512, 512)
+
+
+@dataclass(eq=False)  # identity equality: comparing mask arrays with == would be ambiguous
+class EditSample:
+    """One edit to run: a source image, the prompt that describes it, the prompt to edit towards."""
+
+    id: str
+    image: Image.Image | Callable[[], Image.Image]  # a PIL image, or a zero-argument loader (decoded on demand)
+    source_prompt: str
+    target_prompt: str
+    instruction: str | None = None
+    mask: np.ndarray | None = None  # HxW bool, True = region the edit should change
+    meta: dict = field(default_factory=dict)
+
+    def get_image(self) -> Image.Image:
+        """The source image as RGB PIL, running the lazy loader if there is one."""
+        image = self.image if isinstance(self.image, Image.Image) else self.image()
+        return image.convert("RGB")
+
+
+def _check_limit(limit: int | None) -> int | None:
+    """Validate a sample limit (None = all)."""
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise NTIError(f"limit must be a non-negative integer or None, got {limit!r}")
+    return limit
+
+
+def _decode_image_bytes(data: bytes, label: str) -> Image.Image:
+    """An RGB PIL image from encoded bytes (PNG, JPEG, ...); the error names where the bytes came from."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise NTIError(f"{label}: image bytes are not a readable image ({err})") from None
+
+
+# --- GenAI-Bench (TIGER-Lab image-edition parquet) -------------------------------------------------------------
+
+
+def _genai_image_bytes(value, label: str) -> bytes:
+    """Encoded image bytes from a source_image cell: a {'bytes': ...} struct (HF Image feature) or raw bytes."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if isinstance(value, (bytes, bytearray, memoryview)) and len(value):
+        return bytes(value)
+    raise NTIError(f"{label}: source_image holds no image bytes (got {type(value).__name__})")
+
+
+def load_genai_bench(parquet_path: str | os.PathLike, limit: int | None = None,
+                     dedupe: bool = True) -> list[EditSample]:
+    """GenAI-Bench image-edition rows; dedupe drops repeats of the same image and prompts (arena rows repeat inputs)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    limit = _check_limit(limit)
+    path = Path(parquet_path).expanduser()
+    if not path.is_file():
+        raise NTIError(f"GenAI-Bench parquet {path} does not exist")
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise NTIError(f"{path} is not a readable parquet file ({err})") from None
+    names = parquet.schema_arrow.names
+    missing = [column for column in GENAI_COLUMNS if column not in names]
+    if missing:
+        raise NTIError(f"{path} lacks GenAI-Bench column(s) {', '.join(missing)} (it has: {', '.join(names)})")
+    # small scalar columns (ids, model names, votes) travel in meta; other images and structs stay on disk
+    scalar = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer, pa.types.is_floating,
+              pa.types.is_boolean)
+    meta_columns = [f.name for f in parquet.schema_arrow
+                    if f.name not in GENAI_COLUMNS and any(check(f.type) for check in scalar)]
+    samples, seen, row = [], set(), 0
+    if limit == 0:
+        return samples
+    for batch in parquet.iter_batches(batch_size=64, columns=list(GENAI_COLUMNS) + meta_columns):
+        for record in batch.to_pylist():
+            label = f"{path.name} row {row}"
+            data = _genai_image_bytes(record["source_image"], label)
+            source, target = record["source_prompt"] or "", record["target_prompt"] or ""
+            instruction = record["instruct_prompt"] or None
+            key = (hashlib.sha1(data).hexdigest(), source, target, instruction)
+            if not (dedupe and key in seen):
+                seen.add(key)
+                meta = {"dataset": "genai-bench", "row": row, **{c: record[c] for c in meta_columns}}
+                sample_id = str(record["id"]) if record.get("id") is not None else f"genai-{row:04d}"
+                samples.append(EditSample(sample_id, partial(_decode_image_bytes, data, label), source, target,
+                                          instruction, None, meta))
+                if limit is not None and len(samples) >= limit:
+                    return samples
+            row += 1
+    return samples
+
+
+# --- PIE-Bench ---------------------------------------------------------------------------------------------------
+
+
+def decode_pie_mask(rle, shape: tuple[int, int] = PIE_MASK_SHAPE, mark_border: bool = False) -> np.ndarray:
+    """HxW bool mask from PIE-Bench run-length code: flat [start, length, start, length, ...] over row-major pixels.
+
+    Assumes PIE-Bench's convention: starts index the flattened 512x512 image (row-major, C order), runs are the
+    edited region (True), runs past the end are clipped. PIE-Bench's own evaluation also marks the one-pixel image
+    border as edited (so it never counts as background); mark_border=True reproduces that, off by default.
+    """
+    height, width = shape
+    size = height * width
+    code = np.asarray(rle, dtype=np.int64).ravel()
+    if code.size % 2:
+        raise NTIError(f"PIE-Bench mask code must hold [start, length] pairs, got an odd count ({code.size})")
+    starts, lengths = code[0::2], code[1::2]
+    if (starts < 0).any() or (lengths < 0).any():
+        raise NTIError("PIE-Bench mask code has a negative start or length")
+    starts = np.minimum(starts, size)
+    ends = np.minimum(starts + lengths, size)
+    # +1 at each run start, -1 at each end: the running sum is > 0 inside any run (overlaps are fine)
+    edges = np.zeros(size + 1, dtype=np.int64)
+    np.add.at(edges, starts, 1)
+    np.add.at(edges, ends, -1)
+    mask = (np.cumsum(edges[:-1]) > 0).reshape(height, width)
+    if mark_border:
+        mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = True
+    return mask
+
+
+def strip_brackets(prompt: str) -> str:
+    """A PIE-Bench prompt without the [ ] that mark edited words, whitespace collapsed."""
+    return " ".join(re.sub(r"[\[\]]", "", prompt).split())
+
+
+def load_pie_bench(root: str | os.PathLike, limit: int | None = None,
+                   mark_border: bool = False) -> list[EditSample]:
+    """PIE-Bench from root/mapping_file.json and root/annotation_images/; prompts unbracketed, masks decoded."""
+    limit = _check_limit(limit)
+    root = Path(root).expanduser()
+    mapping_path = root / PIE_MAPPING
+    if not mapping_path.is_file():
+        raise NTIError(f"{root} is not a PIE-Bench folder: {PIE_MAPPING} is missing")
+    try:
+        mapping = json.loads(mapping_path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise NTIError(f"{mapping_path} is not valid JSON ({err})") from None
+    if not isinstance(mapping, dict):
+        raise NTIError(f"{mapping_path} must map id -> record, got a {type(mapping).__name__}")
+    samples = []
+    for sample_id, record in mapping.items():
+        if limit is not None and len(samples) >= limit:
+            break
+        missing = [key for key in PIE_REQUIRED if not isinstance(record, dict) or key not in record]
+        if missing:
+            raise NTIError(f"{mapping_path}: entry {sample_id} lacks {', '.join(missing)}")
+        image_path = root / "annotation_images" / record["image_path"]
+        if not image_path.is_file():
+            raise NTIError(f"{mapping_path}: entry {sample_id} names image {image_path}, which does not exist")
+        mask = None
+        if record.get("mask") is not None:
+            try:
+                mask = decode_pie_mask(record["mask"], mark_border=mark_border)
+            except (NTIError, ValueError, TypeError) as err:
+                raise NTIError(f"{mapping_path}: entry {sample_id} has a bad mask: {err}") from None
+        meta = {"dataset": "pie-bench", "image_path": record["image_path"],
+                "editing_type_id": record.get("editing_type_id"), "blended_word": record.get("blended_word"),
+                "original_prompt": record["original_prompt"], "editing_prompt": record["editing_prompt"]}
+        samples.append(EditSample(str(sample_id), partial(load_image, image_path),
+                                  strip_brackets(record["original_prompt"]), strip_brackets(record["editing_prompt"]),
+                                  record.get("editing_instruction") or None, mask, meta))
+    return samples
+
+
+# --- prompt JSONL folders (and the bundled sample) ---------------------------------------------------------------
+
+
+def _load_mask_file(path: Path) -> np.ndarray:
+    """HxW bool from a mask image: pixels brighter than half scale are the edited region."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("L")) > 127
+
+
+def load_folder(path: str | os.PathLike, limit: int | None = None) -> list[EditSample]:
+    """Samples from a prompts.jsonl (in a folder, or given directly): one {"image"|"skimage", prompts...} per line."""
+    limit = _check_limit(limit)
+    path = Path(path).expanduser()
+    jsonl = path / "prompts.jsonl" if path.is_dir() else path
+    if not jsonl.is_file():
+        raise NTIError(f"{jsonl} does not exist (a folder needs a prompts.jsonl, or give the .jsonl path)")
+    base = jsonl.parent
+    samples, ids = [], set()
+    with jsonl.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if limit is not None and len(samples) >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{jsonl}, line {number}"
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise NTIError(f"{where}: not valid JSON ({err})") from None
+            if not isinstance(record, dict):
+                raise NTIError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            missing = [key for key in ("source_prompt", "target_prompt")
+                       if not isinstance(record.get(key), str) or not record[key].strip()]
+            if missing:
+                raise NTIError(f"{where}: missing or empty field(s) {', '.join(missing)}")
+            if ("image" in record) == ("skimage" in record):
+                raise NTIError(f"{where}: give exactly one of 'image' (a path) or 'skimage' (a scikit-image photo)")
+            if "skimage" in record:
+                import skimage.data
+
+                name = str(record["skimage"])
+                if not callable(getattr(skimage.data, name, None)):
+                    raise NTIError(f"{where}: scikit-image has no bundled image {name!r}")
+                image, default_id = partial(load_image, SKIMAGE_PREFIX + name), name
+            else:
+                image_path = base / str(record["image"])
+                if not image_path.is_file():
+                    raise NTIError(f"{where}: image {image_path} does not exist")
+                image, default_id = partial(load_image, image_path), image_path.stem
+            mask = None
+            if record.get("mask"):
+                mask_path = base / str(record["mask"])
+                if not mask_path.is_file():
+                    raise NTIError(f"{where}: mask {mask_path} does not exist")
+                mask = _load_mask_file(mask_path)
+            sample_id = str(record.get("id") or default_id)
+            if sample_id in ids:
+                raise NTIError(f"{where}: duplicate id {sample_id!r} (give each line a unique 'id')")
+            ids.add(sample_id)
+            known = {"id", "image", "skimage", "mask", "source_prompt", "target_prompt", "instruction"}
+            meta = {"dataset": "folder", "line": number, **{k: v for k, v in record.items() if k not in known}}
+            samples.append(EditSample(sample_id, image, record["source_prompt"].strip(),
+                                      record["target_prompt"].strip(), record.get("instruction") or None, mask, meta))
+    return samples
+
+
+def load_bundled_sample(limit: int | None = None) -> list[EditSample]:
+    """The offline sample: scikit-image's photos (cat, astronaut, coffee, ...) with written edit prompts."""
+    samples = load_folder(SAMPLE_PROMPTS, limit=limit)
+    for sample in samples:
+        sample.meta["dataset"] = "sample"
+    return samples
+
+
+def load_dataset(spec: str | os.PathLike, limit: int | None = None) -> list[EditSample]:
+    """Samples from 'sample', a GenAI-Bench .parquet, a PIE-Bench folder, or a prompts folder / .jsonl."""
+    text = str(spec)
+    if text == "sample":
+        return load_bundled_sample(limit)
+    path = Path(text).expanduser()
+    if path.suffix.lower() == ".parquet":
+        return load_genai_bench(path, limit)
+    if path.is_dir() and (path / PIE_MAPPING).is_file():
+        return load_pie_bench(path, limit)
+    if path.name == PIE_MAPPING and path.is_file():
+        return load_pie_bench(path.parent, limit)
+    if (path.is_dir() and (path / "prompts.jsonl").is_file()) or (path.suffix.lower() == ".jsonl" and path.is_file()):
+        return load_folder(path, limit)
+    what = "does not exist" if not path.exists() else "is not a dataset this loader knows"
+    raise NTIError(f"dataset {text!r} {what}: give 'sample', a GenAI-Bench .parquet, a PIE-Bench folder (with "
+                   f"{PIE_MAPPING}), or a folder with prompts.jsonl / a .jsonl file")
