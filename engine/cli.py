@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ATTENTION, GUIDANCE_SCHEDULES, METHODS, PRECISIONS, NTIConfig, NTIError
+from .config import ATTENTION, FORWARD_BACKENDS, GUIDANCE_SCHEDULES, METHODS, PRECISIONS, NTIConfig, NTIError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -59,6 +59,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     f.add_argument("--compile", action="store_true", help="torch.compile the UNet's repeated blocks")
     f.add_argument("--cuda-graphs", action="store_true")
     f.add_argument("--channels-last", action="store_true")
+    f.add_argument("--forward-backend", choices=FORWARD_BACKENDS, default="torch",
+                   help="exported UNet for forward-only passes (fast backend; built once, cached)")
+    f.add_argument("--export-cache", default=None, help="folder for exported UNets (default ~/.cache/nti/export)")
     p.add_argument("--cache", default=None, help="folder of saved inversions: reuse a matching one, save new ones "
                    "(an interrupted batch resumes from here)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_inputs(p, target=False)
     p.add_argument("--out", required=True, help="output .png (one image) or folder")
     add_common(p)
+    from .evaluate import add_eval_parser  # `nti eval`: the evaluation harness (engine/evaluate.py)
+    add_eval_parser(sub, add_common)
     return parser
 
 
@@ -100,7 +105,8 @@ def config_from_args(args, device) -> NTIConfig:
                      guidance_schedule=args.guidance_schedule, inner_steps=args.inner_steps,
                      early_stop=not args.no_early_stop, seed=args.seed, backend=backend, batch_size=args.batch_size,
                      precision=precision, attention=args.attention, compile=args.compile,
-                     cuda_graphs=args.cuda_graphs, channels_last=args.channels_last)
+                     cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
+                     forward_backend=args.forward_backend, export_cache=args.export_cache)
 
 
 def collect_jobs(args, need_target: bool) -> list[dict]:
@@ -166,6 +172,9 @@ def output_paths(out: str, names: list[str], suffix: str) -> list[Path]:
 
 
 def run(args) -> int:
+    if args.command == "eval":
+        from .evaluate import run_eval
+        return run_eval(args)
     from . import api
     from .artifact import load_inversion, save_inversion
     from .images import save_png

@@ -10,6 +10,7 @@ GUIDANCE_SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
 BACKENDS = ("reference", "fast")
 ATTENTION = ("sdpa", "xformers", "plain")
+FORWARD_BACKENDS = ("torch", "onnx", "aoti", "tensorrt")
 
 
 class NTIError(Exception):
@@ -61,6 +62,12 @@ class NTIConfig:
     """Run the UNet in channels_last memory format (CUDA convolution layout)."""
     fused_step: bool | None = None
     """Use the fused DDIM-step/loss custom ops from kernels/. None = on where Triton runs (CUDA)."""
+    forward_backend: str = "torch"
+    """UNet for the forward-only passes (DDIM inversion, cached cond pass, move-on step, editing): 'torch', or an
+    exported 'onnx' / 'aoti' / 'tensorrt' UNet built once and cached (export/). The optimized uncond pass needs
+    gradients and always runs in torch. Risk: fp16 engines differ from torch by more than fp32 rounding."""
+    export_cache: str | None = None
+    """Folder for exported UNets (default: ~/.cache/nti/export)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -76,6 +83,7 @@ class NTIConfig:
         choice("precision", PRECISIONS)
         choice("backend", BACKENDS)
         choice("attention", ATTENTION)
+        choice("forward_backend", FORWARD_BACKENDS)
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

@@ -88,9 +88,14 @@ def accelerated_unet(pipe: Pipeline, config: NTIConfig):
                 if type(module).__name__ in getattr(unet, "_repeated_blocks", ()):
                     module.compile(mode=mode, dynamic=False)
                     compiled.append(module)
+    if config.forward_backend != "torch":
+        from export import load_forward_backend  # built once, cached on disk under a key of model/shapes/precision
+
+        pipe.forward_fn = load_forward_backend(pipe, config.forward_backend, config.precision, config.export_cache)
     try:
         yield unet
     finally:
+        pipe.forward_fn = None
         for module in compiled:
             module._compiled_call_impl = None
         if config.channels_last and cuda:
@@ -100,6 +105,8 @@ def accelerated_unet(pipe: Pipeline, config: NTIConfig):
 
 def unet_eps(pipe: Pipeline, z: torch.Tensor, t: int, context: torch.Tensor, precision: str) -> torch.Tensor:
     """UNet noise prediction, under autocast for bf16/fp16 (the inputs stay fp32 tensors)."""
+    if pipe.forward_fn is not None and not torch.is_grad_enabled():  # exported UNets serve forward-only passes
+        return pipe.forward_fn(z, t, context)
     if precision == "fp32":
         return pipe.unet(z, t, encoder_hidden_states=context).sample
     with torch.autocast(pipe.device.type, dtype=AUTOCAST[precision]):

@@ -36,6 +36,7 @@ class Pipeline:
     name: str  # what the user asked for (a path, a repo id, or "tiny")
     fingerprint: str  # hash of configs and weights: an inversion is only valid for the model that made it
     uncond_cache: dict = field(default_factory=dict, repr=False)
+    forward_fn: object = field(default=None, repr=False)  # exported forward-only UNet (z, t, ctx) -> eps, if active
 
     @property
     def vae_scale_factor(self) -> int:
