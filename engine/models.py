@@ -270,6 +270,32 @@ def build_tiny_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype
                      f"tiny-{seed}-" + fingerprint_modules(unet, vae, text_encoder))
 
 
+def build_sd14_shaped_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype=torch.float32) -> Pipeline:
+    """Stable Diffusion v1.4's exact architecture with random weights (benchmarks: cost does not depend on values)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_word_tokenizer()
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialize in place: 860M UNet parameters are slow to build on CPU and copy
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2, sample_size=512)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    if dtype != torch.float32:
+        unet, vae, text_encoder = (m.to(dtype) for m in (unet, vae, text_encoder))
+    scheduler_config = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                        "beta_end": 0.012, "beta_schedule": "scaled_linear", "set_alpha_to_one": False,
+                        "skip_prk_steps": True, "steps_offset": 1}
+    return _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, torch.device(device), "sd14-shaped",
+                     f"sd14-shaped-random-{seed}")
+
+
 def save_pipeline_folder(pipe: Pipeline, path: str | os.PathLike) -> Path:
     """Write a pipeline as a diffusers SD folder (what `load_pipeline(path)` reads)."""
     from diffusers import DDIMScheduler

@@ -1,0 +1,38 @@
+"""CPU-sized regression benchmarks (pytest-benchmark). The suite runs them once with --benchmark-disable;
+`pytest tests/test_bench_tiny.py --benchmark-enable` times them."""
+import pytest
+
+import engine
+from engine import NTIConfig
+
+IMAGES = ["skimage:chelsea", "skimage:coffee"]
+PROMPTS = ["a cat", "a cup of coffee"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_bench_null_text_invert_and_edit(benchmark, tiny_pipe, backend):
+    config = NTIConfig(steps=4, inner_steps=3, early_stop=False, backend=backend, batch_size=2)
+
+    def invert_and_edit():
+        invs = engine.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
+        return invs, engine.edit_latents(tiny_pipe, invs, ["a dog", "a cup of tea"], config, progress=False)
+
+    invs, edited = benchmark(invert_and_edit)
+    assert edited.shape == (2, 4, 16, 16)
+    assert all(inv.iterations == [3, 3, 3, 3] for inv in invs)  # fixed cost: early stop off
+
+
+def test_bench_benchmark_script_quick(tmp_path):
+    """The waterfall script runs end to end on CPU and writes its JSON (rows, parity, flops)."""
+    import json
+
+    from benchmarks.bench_nti import main
+    out = tmp_path / "bench.json"
+    assert main(["--device", "cpu", "--no-compile", "--steps", "2", "--inner-steps", "1", "--batch-sizes", "2",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert "error" not in str(result["rows"])
+    assert rows["reference fp32 b1"]["parity_embeddings_rel"] == 0.0
+    assert rows["fast fp32 b1"]["parity_embeddings_rel"] < 1e-4
+    assert result["unet_gflop"]["fwd_bwd_b1"] > result["unet_gflop"]["fwd_b1"] > 0
