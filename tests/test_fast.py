@@ -157,12 +157,13 @@ def test_fused_step_ops_match_reference(tiny_pipe, reference):
     """Fast path with the kernels/ custom ops (torch fallback in-process on CPU) against the reference."""
     config = BASE.replace(backend="fast", fused_step=True)
     invs = engine.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
-    # the fused op rounds in another order than eager torch; measured 1.3e-4, inside the algorithm's float floor
-    # (see test_per_image_early_stop_equals_running_alone)
+    # The fused op rounds in another order than eager torch (each op matches torch to 1e-5 in test_kernels.py);
+    # 10 steps x 5 Adam updates amplify that to 1.3e-4..5.4e-4 here (the algorithm's float floor, see
+    # test_per_image_early_stop_equals_running_alone). A wrong coefficient or formula gives > 1e-2.
     for f, r in zip(invs, reference):
-        assert f.iterations == r.iterations and rel_err(f.null_embeddings, r.null_embeddings) < 5e-4
+        assert f.iterations == r.iterations and rel_err(f.null_embeddings, r.null_embeddings) < 2e-3
     edited = engine.edit_latents(tiny_pipe, invs, PROMPTS, config, progress=False)
-    assert rel_err(edited, engine.edit_latents(tiny_pipe, reference, PROMPTS, BASE, progress=False)) < 5e-4
+    assert rel_err(edited, engine.edit_latents(tiny_pipe, reference, PROMPTS, BASE, progress=False)) < 2e-3
 
 
 def test_fused_triton_kernels_in_the_engine_under_interpreter():
