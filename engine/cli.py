@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ATTENTION, FORWARD_BACKENDS, GUIDANCE_SCHEDULES, METHODS, PRECISIONS, NTIConfig, NTIError
+from .config import (ATTENTION, DIRECT_TARGET_OFFSETS, EDIT_MODES, FORWARD_BACKENDS, GUIDANCE_SCHEDULES, METHODS,
+                     PRECISIONS, NTIConfig, NTIError)
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -37,6 +38,17 @@ def _int_at_least(low: int):
 positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
+def word_factor(text: str) -> tuple[str, float]:
+    """--reweight WORD=FACTOR"""
+    word, sep, factor = text.partition("=")
+    try:
+        if not sep or not word.strip():
+            raise ValueError
+        return word.strip(), float(factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WORD=FACTOR (e.g. tiger=2), got {text!r}") from None
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and algorithm")
     g.add_argument("--model", default=None, help="local diffusers SD v1.x folder or cached repo id (default: built-in "
@@ -49,6 +61,19 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-early-stop", action="store_true", help="always run every inner iteration")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    e = p.add_argument_group("editing (prompt-to-prompt)")
+    e.add_argument("--edit", choices=EDIT_MODES, default="regenerate",
+                   help="regenerate = target prompt alone (default); p2p-* = prompt-to-prompt attention control")
+    e.add_argument("--cross-replace", type=float, default=0.8, help="fraction of steps whose cross-attention the "
+                   "target takes from the source (default 0.8)")
+    e.add_argument("--self-replace", type=float, default=0.5, help="fraction of steps whose self-attention the "
+                   "target takes from the source (default 0.5, NTI notebook; P2P used 0.4)")
+    e.add_argument("--reweight", type=word_factor, action="append", default=[], metavar="WORD=FACTOR",
+                   help="scale the target's cross-attention to WORD (repeatable), e.g. --reweight tiger=2")
+    e.add_argument("--blend-word", action="append", default=[], metavar="WORD",
+                   help="confine the edit to WORD's attention mask in source and target (repeatable)")
+    e.add_argument("--direct-target-offset", choices=DIRECT_TARGET_OFFSETS, default="none",
+                   help="direct inversion: 'source' also adds the source branch's offset to the target")
     f = p.add_argument_group("speed (fast backend)")
     f.add_argument("--backend", choices=("reference", "fast"), default=None,
                    help="reference = eager fp32 batch 1 (default on CPU); fast = batched engine (default on CUDA)")
@@ -94,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     from .evaluate import add_eval_parser  # `nti eval`: the evaluation harness (engine/evaluate.py)
     add_eval_parser(sub, add_common)
+    from .export_cli import add_export_parser  # `nti export`: ONNX / AOTInductor / TensorRT UNets (export/)
+    add_export_parser(sub, add_common)
     return parser
 
 
@@ -106,7 +133,11 @@ def config_from_args(args, device) -> NTIConfig:
                      early_stop=not args.no_early_stop, seed=args.seed, backend=backend, batch_size=args.batch_size,
                      precision=precision, attention=args.attention, compile=args.compile,
                      cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
-                     forward_backend=args.forward_backend, export_cache=args.export_cache)
+                     forward_backend=args.forward_backend, export_cache=args.export_cache,
+                     edit=getattr(args, "edit", "regenerate"), cross_replace=getattr(args, "cross_replace", 0.8),
+                     self_replace=getattr(args, "self_replace", 0.5), reweight=tuple(getattr(args, "reweight", ())),
+                     blend_words=tuple(getattr(args, "blend_word", ())),
+                     direct_target_offset=getattr(args, "direct_target_offset", "none"))
 
 
 def collect_jobs(args, need_target: bool) -> list[dict]:
@@ -175,6 +206,9 @@ def run(args) -> int:
     if args.command == "eval":
         from .evaluate import run_eval
         return run_eval(args)
+    if args.command == "export":
+        from .export_cli import run_export
+        return run_export(args)
     from . import api
     from .artifact import load_inversion, save_inversion
     from .images import save_png

@@ -1,0 +1,109 @@
+"""On-disk cache of exported models: one folder per key (model, shapes, precision, kind, library versions)."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from engine.config import NTIError
+
+BUILDS: dict[str, int] = {}  # kind -> artifacts built by this process (tests: "the second call did not rebuild")
+META = "meta.json"
+
+
+def default_cache_dir() -> Path:
+    """~/.cache/nti/export, or $NTI_EXPORT_CACHE."""
+    return Path(os.environ.get("NTI_EXPORT_CACHE") or Path.home() / ".cache" / "nti" / "export").expanduser()
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # absent or broken: the key then says so, and the loader raises its own clear error
+        return None
+
+
+def library_versions(kind: str) -> dict:
+    """The libraries an artifact of this kind depends on: a new version of any of them means a rebuild."""
+    import diffusers
+
+    versions = {"torch": torch.__version__, "diffusers": diffusers.__version__}
+    if kind in ("onnx", "tensorrt"):
+        versions.update(onnx=_version("onnx"), onnxscript=_version("onnxscript"))
+    if kind == "onnx":
+        versions["onnxruntime"] = _version("onnxruntime")
+    if kind == "tensorrt":
+        versions["tensorrt"] = _version("tensorrt")
+    return versions
+
+
+def device_signature(device: torch.device) -> dict:
+    """AOTInductor .so files and TensorRT plans are compiled for one GPU architecture (or one CPU ISA)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        return {"device": "cuda", "gpu": torch.cuda.get_device_name(index), "sm": f"{major}.{minor}",
+                "cuda": torch.version.cuda}
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)()
+    return {"device": device.type, "isa": capability}  # an AVX-512 build would crash on an AVX2-only CPU
+
+
+def cache_key(fields: dict) -> str:
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def entry_dir(cache_dir, kind: str, component: str, fields: dict) -> Path:
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return root / kind / f"{component}-{fields.get('precision', '')}-{cache_key(fields)}"
+
+
+def cached_build(folder: Path, fields: dict, artifact: str, build) -> tuple[Path, bool]:
+    """Path of `artifact` in `folder`, built by `build(tmp_folder) -> None` if missing. Returns (path, built).
+
+    The build goes to a private temporary folder that is renamed into place at the end, so an interrupted build
+    leaves no half-written entry and two processes building the same key cannot corrupt each other.
+    """
+    path = folder / artifact
+    if (folder / META).is_file() and path.exists():
+        return path, False
+    tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as err:
+        raise NTIError(f"cannot write the export cache {folder.parent} ({err}); pass another --export-cache "
+                       f"folder") from err
+    start = time.perf_counter()
+    try:
+        build(tmp)
+        meta = {**fields, "artifact": artifact, "build_s": round(time.perf_counter() - start, 2),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        if (folder / META).is_file() and path.exists():  # a concurrent build of the same key finished first
+            return path, False
+        shutil.rmtree(folder, ignore_errors=True)  # a stale partial entry (no meta)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process renamed its finished build into place between our check and here
+            if (folder / META).is_file() and path.exists():
+                return path, False
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    kind = fields.get("kind", "?")
+    BUILDS[kind] = BUILDS.get(kind, 0) + 1
+    return path, True
+
+
+def read_meta(folder: Path) -> dict:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((folder / META).read_text())
+    return {}
