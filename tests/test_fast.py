@@ -22,17 +22,28 @@ def recon_mse(pipe, invs, config):
     return [float(((z[k] - inv.z_0) ** 2).mean()) for k, inv in enumerate(invs)]
 
 
+def test_fp32_single_image_equals_reference(tiny_pipe, reference):
+    fast_inv = engine.invert(tiny_pipe, IMAGES[0], PROMPTS[0], BASE.replace(backend="fast", batch_size=1),
+                             progress=False)[0]
+    assert fast_inv.iterations == reference[0].iterations
+    assert torch.equal(fast_inv.z_T, reference[0].z_T)  # same batch shape, same kernels: bit-identical pivots
+    # the reference's move-on step runs [uncond, cond] as a batch of 2, the fast path reuses the cached cond pass
+    assert rel_err(fast_inv.null_embeddings, reference[0].null_embeddings) < 1e-4  # measured 2.7e-5
+
+
 def test_fp32_batch_equals_reference_runs(tiny_pipe, reference):
     config = BASE.replace(backend="fast", batch_size=4)
     fast_invs = engine.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
     for f, r in zip(fast_invs, reference):
         assert f.iterations == r.iterations
-        # measured: embeddings <= 7.8e-5, z_T <= 1.3e-5 relative (batch-size rounding through 50 Adam updates)
-        assert rel_err(f.null_embeddings, r.null_embeddings) < 1e-4
-        assert rel_err(f.z_T, r.z_T) < 1e-4
+        assert rel_err(f.z_T, r.z_T) < 1e-4  # measured 1.1e-5..1.6e-5
+        # Embeddings carry the algorithm's float floor: each step starts a fresh Adam, whose first update is
+        # lr * sign(g), so coordinates with near-zero gradient flip on batch-size GEMM rounding. Measured
+        # 4e-5..7.8e-5 with 1 thread and 4e-5..1.5e-4 with 2 (CI); the edited latents below stay under 1e-4.
+        assert rel_err(f.null_embeddings, r.null_embeddings) < 3e-4
     edited_fast = engine.edit_latents(tiny_pipe, fast_invs, PROMPTS, config, progress=False)
     edited_ref = engine.edit_latents(tiny_pipe, reference, PROMPTS, BASE, progress=False)
-    assert rel_err(edited_fast, edited_ref) < 1e-4  # measured 4.9e-5
+    assert rel_err(edited_fast, edited_ref) < 1e-4  # measured 4.9e-5 (1 thread), 6.2e-5 (2 threads)
 
 
 def test_batching_chunks_do_not_change_results(tiny_pipe):
