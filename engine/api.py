@@ -46,7 +46,8 @@ def prepare_images(pipe: Pipeline, images) -> tuple[list[Image.Image], torch.Ten
 
 def invert(pipe: Pipeline, images, source_prompts: Sequence[str] | str, config: NTIConfig | None = None,
            progress: bool = True) -> list[Inversion]:
-    """Invert images under their source prompts: DDIM inversion, then null-text optimization if asked."""
+    """Invert images under their source prompts: DDIM inversion, then what config.method adds to it (null-text
+    optimization, the negative-prompt null; direct inversion keeps the DDIM pivots)."""
     config = config or NTIConfig()
     config.validate()
     squares, pixels = prepare_images(pipe, images)
@@ -71,6 +72,7 @@ def invert(pipe: Pipeline, images, source_prompts: Sequence[str] | str, config: 
         inversions.append(Inversion(
             z_T=res["z_T"].reshape(z0.shape[1:]).float().cpu(), z_0=z0[k].float().cpu(),
             null_embeddings=None if res["embeddings"] is None else res["embeddings"].float().cpu(),
+            pivots=None if res.get("pivots") is None else res["pivots"].reshape(-1, *z0.shape[1:]).float().cpu(),
             source_prompt=prompts[k], image_hash=pixel_hash(squares[k]), model_name=pipe.name,
             model_fingerprint=pipe.fingerprint, settings=config.result_settings(), iterations=res["iterations"],
             losses=res["losses"], fp32_retries=res.get("fp32_retries", []), timings=res["timings"]))
@@ -84,6 +86,12 @@ def _invert_reference(pipe, z0, cond, schedule, weights, config, progress) -> di
     timings = {"ddim_invert_s": time.perf_counter() - start}
     if config.method == "ddim":
         return {"z_T": pivots[-1], "embeddings": None, "iterations": [], "losses": [], "timings": timings}
+    if config.method == "negative-prompt":  # Miyake et al. 2023: the null text is the source prompt, no optimization
+        return {"z_T": pivots[-1], "embeddings": cond.clone(), "iterations": [0] * schedule.steps, "losses": [],
+                "timings": timings}
+    if config.method == "direct":  # Ju et al. 2023: editing works against the pivots themselves
+        return {"z_T": pivots[-1], "embeddings": None, "pivots": torch.cat(pivots), "iterations": [], "losses": [],
+                "timings": timings}
     start = time.perf_counter()
     embeddings, iterations, losses = reference.null_text_optimize(
         pipe, pivots, cond, null_embedding(pipe), schedule, weights, config.inner_steps, config.lr,
@@ -100,38 +108,103 @@ def check_compatible(pipe: Pipeline, inv: Inversion) -> None:
                        f"not the loaded {pipe.name!r} ({pipe.fingerprint}); load that model or invert again")
 
 
+def _method(inv: Inversion) -> str:
+    return inv.settings.get("method", "null-text" if inv.null_embeddings is not None else "ddim")
+
+
+def _edit_job(pipe: Pipeline, inv: Inversion, prompt: str) -> dict:
+    """What editing one inversion needs, on the pipeline's device."""
+    s = inv.settings
+    direct = _method(inv) == "direct"
+    if direct and inv.pivots is None:
+        raise NTIError("this direct inversion has no pivots (an artifact written without them); invert again")
+    null = inv.null_embeddings if inv.null_embeddings is not None else null_embedding(pipe).cpu()
+    return {"z_T": inv.z_T[None].to(pipe.device), "cond": encode_prompts(pipe, [prompt]),
+            "null": null.to(pipe.device), "pivots": inv.pivots.to(pipe.device) if direct else None,
+            "schedule": make_schedule(pipe.scheduler_config, s["steps"], s["steps_offset"]),
+            "weights": guidance_weights(s["guidance"], s["steps"], s["guidance_schedule"], s["guidance_min"])}
+
+
 def edit_latents(pipe: Pipeline, inversions: Sequence[Inversion], target_prompts: Sequence[str] | str,
                  config: NTIConfig | None = None, progress: bool = True) -> torch.Tensor:
-    """Regenerate each inversion under its target prompt with its own per-step null embeddings; (B, 4, h, w)."""
+    """Edit each inversion under its target prompt, as config.edit says; (B, 4, h, w) latents of the edits.
+
+    'regenerate': the target prompt alone from z_T with the inversion's nulls. P2P modes: the source and the target
+    branch together (engine/p2p.py). Direct inversion always runs the source branch beside the target and adds back
+    its offset to the pivots (reference.p2p_sample); the target gets that offset too under 'regenerate' (nothing
+    else would carry the inversion to it) and in P2P modes only with direct_target_offset='source'. A direct
+    inversion edited to its own prompt (same tokens, no reweighting) is its reconstruction and runs as one branch:
+    the target branch of a P2P pair would lack the offsets that keep the source exact. (For the other methods both
+    branches of such an edit agree to float error, so they are simply run.)
+    """
     inversions = list(inversions)
     prompts = _check_prompts(target_prompts, len(inversions), "target prompts")
     for inv in inversions:
         check_compatible(pipe, inv)
     config = config or NTIConfig()
-    outputs = []
-    for inv, prompt in zip(inversions, prompts):
-        s = inv.settings
-        schedule = make_schedule(pipe.scheduler_config, s["steps"], s["steps_offset"])
-        weights = guidance_weights(s["guidance"], s["steps"], s["guidance_schedule"], s["guidance_min"])
-        null = inv.null_embeddings if inv.null_embeddings is not None else null_embedding(pipe).cpu()
-        outputs.append((inv.z_T[None].to(pipe.device), encode_prompts(pipe, [prompt]), null.to(pipe.device),
-                        schedule, weights))
+    from . import p2p
+    plans: dict = {}  # image index -> P2P plan (None: two branches without attention control); errors come first
+    for k, (inv, prompt) in enumerate(zip(inversions, prompts)):
+        direct = _method(inv) == "direct"
+        if direct and p2p.is_identity(pipe.tokenizer, inv.source_prompt, prompt, config):
+            continue
+        if config.edit != "regenerate":
+            plans[k] = p2p.make_plan(pipe.tokenizer, inv.source_prompt, prompt, config)
+        elif direct:
+            plans[k] = None
+    jobs = [_edit_job(pipe, inv, prompt) for inv, prompt in zip(inversions, prompts)]
+    out: list = [None] * len(jobs)
+    single = [k for k in range(len(jobs)) if k not in plans]
+    if single:
+        for k, z in zip(single, _regenerate(pipe, [jobs[k] for k in single], config, progress)):
+            out[k] = z
+    if plans:
+        ks = sorted(plans)
+        for k in ks:
+            jobs[k]["cond_source"] = encode_prompts(pipe, [inversions[k].source_prompt])
+            jobs[k]["plan"] = plans[k]
+            # the target's share of direct inversion's offset: always without attention control, else as configured
+            jobs[k]["offset_target"] = plans[k] is None or config.direct_target_offset == "source"
+        for k, z in zip(ks, _two_branch(pipe, [jobs[k] for k in ks], config, progress)):
+            out[k] = z
+    return torch.cat(out)
+
+
+def _regenerate(pipe: Pipeline, jobs: list[dict], config: NTIConfig, progress: bool) -> list[torch.Tensor]:
     if config.backend == "fast":
         from . import fast
-        return fast.sample_batch(pipe, outputs, config, progress)
-    return torch.cat([reference.sample(pipe, z, c, n, sch, w, progress) for z, c, n, sch, w in outputs])
+        return list(fast.sample_batch(pipe, jobs, config, progress).split(1))
+    return [reference.sample(pipe, j["z_T"], j["cond"], j["null"], j["schedule"], j["weights"], progress,
+                             j["pivots"]) for j in jobs]
+
+
+def _two_branch(pipe: Pipeline, jobs: list[dict], config: NTIConfig, progress: bool) -> list[torch.Tensor]:
+    if config.backend == "fast":
+        from . import fast
+        return list(fast.p2p_sample_batch(pipe, jobs, config, progress).split(1))
+    from .p2p import P2PController
+    out = []
+    for j in jobs:
+        controller = None if j["plan"] is None else P2PController([j["plan"]], config, j["schedule"].steps,
+                                                                   pipe.device, explicit=True)
+        _, target = reference.p2p_sample(pipe, j["z_T"], j["cond_source"], j["cond"], j["null"], j["schedule"],
+                                         j["weights"], controller, j["pivots"], j["offset_target"], progress)
+        out.append(target)
+    return out
 
 
 def edit(pipe: Pipeline, inversions: Sequence[Inversion], target_prompts: Sequence[str] | str,
          config: NTIConfig | None = None, progress: bool = True) -> list[Image.Image]:
-    """Edited images (PIL, the model's resolution) of inversions under target prompts."""
+    """Edited images (PIL, the model's resolution) of inversions under target prompts, by config.edit."""
     return to_pil(decode_latents(pipe, edit_latents(pipe, inversions, target_prompts, config, progress)))
 
 
 def reconstruct(pipe: Pipeline, inversions: Sequence[Inversion], config: NTIConfig | None = None,
                 progress: bool = True) -> list[Image.Image]:
-    """Reconstruction: editing with the source prompt as the target."""
+    """Reconstruction: regenerating with the source prompt as the target (P2P with identical prompts is the same
+    image at twice the cost, so the edit mode is not used here)."""
     inversions = list(inversions)
+    config = (config or NTIConfig()).replace(edit="regenerate", reweight=(), blend_words=())
     return edit(pipe, inversions, [inv.source_prompt for inv in inversions], config, progress)
 
 

@@ -13,7 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from .config import NTIError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # written when the inversion stores no pivots: older readers still load it
+FORMAT_VERSION_PIVOTS = 2  # with pivots (direct inversion): older readers refuse it rather than edit without them
+READABLE_FORMATS = (FORMAT_VERSION, FORMAT_VERSION_PIVOTS)
 
 
 def library_versions() -> dict:
@@ -31,7 +33,8 @@ class Inversion:
 
     z_T: torch.Tensor  # (4, h, w) fp32: the end of the DDIM pivot trajectory, where editing starts
     z_0: torch.Tensor  # (4, h, w) fp32: the VAE latent of the source image (for reconstruction error)
-    null_embeddings: torch.Tensor | None  # (steps, 77, D) fp32 per-step null embeddings; None for plain DDIM
+    null_embeddings: torch.Tensor | None  # (steps, 77, D) fp32 per-step null embeddings (null-text), or (1, 77, D)
+    # for every step (negative-prompt: the source prompt's embedding); None = the empty prompt's (ddim, direct)
     source_prompt: str
     image_hash: str  # sha256 of the preprocessed pixels
     model_name: str
@@ -43,14 +46,18 @@ class Inversion:
     fp32_retries: list[int] = field(default_factory=list)  # redone in fp32 after a non-finite value: -1 = DDIM
     # inversion pass, i >= 0 = null-text step i
     timings: dict = field(default_factory=dict)  # seconds per phase (this image's share of a batch)
+    pivots: torch.Tensor | None = None  # (steps + 1, 4, h, w) fp32 DDIM trajectory z*_0 .. z*_T, kept for direct
+    # inversion: editing adds back the offset from the source branch's step to z*_{t-1} (Ju et al. 2023)
 
     @property
     def key(self) -> str:
         return inversion_key(self.image_hash, self.source_prompt, self.model_fingerprint, self.settings)
 
     def metadata(self) -> dict:
-        meta = {k: v for k, v in asdict(self).items() if k not in ("z_T", "z_0", "null_embeddings")}
-        return {"format_version": FORMAT_VERSION, "key": self.key, **meta}
+        tensors = ("z_T", "z_0", "null_embeddings", "pivots")
+        meta = {k: v for k, v in asdict(self).items() if k not in tensors}
+        version = FORMAT_VERSION if self.pivots is None else FORMAT_VERSION_PIVOTS
+        return {"format_version": version, "key": self.key, **meta}
 
 
 def inversion_key(image_hash: str, source_prompt: str, model_fingerprint: str, settings: dict) -> str:
@@ -68,6 +75,8 @@ def save_inversion(inv: Inversion, path: str | os.PathLike) -> Path:
     tensors = {"z_T": inv.z_T.detach().cpu().float().contiguous(), "z_0": inv.z_0.detach().cpu().float().contiguous()}
     if inv.null_embeddings is not None:
         tensors["null_embeddings"] = inv.null_embeddings.detach().cpu().float().contiguous()
+    if inv.pivots is not None:
+        tensors["pivots"] = inv.pivots.detach().cpu().float().contiguous()
     meta = json.dumps(inv.metadata(), sort_keys=True)
     save_file(tensors, str(path), metadata={"nti": meta})
     path.with_suffix(".json").write_text(json.dumps(inv.metadata(), indent=2, sort_keys=True))
@@ -89,8 +98,12 @@ def load_inversion(path: str | os.PathLike) -> Inversion:
     if "nti" not in header or "z_T" not in tensors:
         raise NTIError(f"{path} is a safetensors file but not an nti inversion (no 'nti' metadata)")
     meta = json.loads(header["nti"])
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise NTIError(f"{path} has inversion format {meta.get('format_version')}, this engine reads {FORMAT_VERSION}")
+    if meta.get("format_version") not in READABLE_FORMATS:
+        raise NTIError(f"{path} has inversion format {meta.get('format_version')}, this engine reads "
+                       f"{', '.join(map(str, READABLE_FORMATS))}")
+    if meta["settings"].get("method") == "direct" and "pivots" not in tensors:
+        raise NTIError(f"{path} is a direct inversion without its pivots; it cannot be edited, invert again")
     fields = {k: meta[k] for k in ("source_prompt", "image_hash", "model_name", "model_fingerprint", "settings",
                                    "versions", "iterations", "losses", "fp32_retries", "timings")}
-    return Inversion(z_T=tensors["z_T"], z_0=tensors["z_0"], null_embeddings=tensors.get("null_embeddings"), **fields)
+    return Inversion(z_T=tensors["z_T"], z_0=tensors["z_0"], null_embeddings=tensors.get("null_embeddings"),
+                     pivots=tensors.get("pivots"), **fields)

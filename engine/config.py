@@ -5,7 +5,9 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-METHODS = ("ddim", "null-text")
+METHODS = ("ddim", "null-text", "negative-prompt", "direct")
+EDIT_MODES = ("regenerate", "p2p-replace", "p2p-refine", "p2p-reweight")
+DIRECT_TARGET_OFFSETS = ("none", "source")
 GUIDANCE_SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
 BACKENDS = ("reference", "fast")
@@ -22,7 +24,12 @@ class NTIConfig:
     """Settings of one inversion/edit. Defaults are the official null-text notebook (Mokady et al. 2023)."""
 
     method: str = "null-text"
-    """Inversion method: 'ddim' (DDIM inversion only) or 'null-text' (per-step null embeddings optimized)."""
+    """Inversion method: 'ddim' (DDIM inversion only), 'null-text' (per-step null embeddings optimized, Mokady et al.
+    2023), 'negative-prompt' (null embedding := the source prompt's embedding, no optimization, Miyake et al. 2023;
+    the source branch's CFG then collapses to the conditional prediction, so it reconstructs as DDIM at w=1), or
+    'direct' (Direct/PnP inversion, Ju et al. 2023: keeps the DDIM pivots; while editing, the source branch runs
+    beside the target and after each step the offset from its guided step to the pivot z*_{t-1} is added back, so
+    it stays on the inversion trajectory; no optimization, one extra branch per edit step)."""
     steps: int = 50
     """DDIM steps for inversion, optimization and editing."""
     guidance: float = 7.5
@@ -43,6 +50,43 @@ class NTIConfig:
     """DDIM timestep offset. The notebook builds DDIMScheduler with the default 0 (t = 980..0), not SD's 1."""
     seed: int = 0
     """Seed for anything random (baseline generation from noise). Inversion itself is deterministic."""
+
+    # --- editing (issue 7). Not part of an inversion's result: one saved inversion serves every edit mode.
+    edit: str = "regenerate"
+    """'regenerate': sample the target prompt alone from z_T. 'p2p-replace' / 'p2p-refine' / 'p2p-reweight':
+    prompt-to-prompt (Hertz et al. 2022) as the NTI notebook runs it: the source branch (source prompt) and the
+    target branch sample together from z_T with the inversion's per-step nulls, and the target's attention is taken
+    from the source: replace maps word to word (same word count), refine aligns the token sequences (new words keep
+    their own attention), reweight scales the cross-attention of `reweight` words. Costs one extra branch (2x UNet
+    batch) plus a little attention work."""
+    cross_replace: float = 0.8
+    """Fraction of denoising steps whose cross-attention the target takes from the source: steps
+    i < int(cross_replace * (steps + 1)), as P2P's `cross_replace_steps` (0.8 in the P2P and NTI notebooks)."""
+    self_replace: float = 0.5
+    """Fraction of denoising steps whose self-attention map the target takes from the source: steps
+    i < int(self_replace * steps). 0.5 is the NTI notebook's cat->tiger edit; the P2P notebook uses 0.4 and
+    PIE-Bench's P2P runs 0.6. Higher keeps more of the source layout, lower lets the edit change shape."""
+    self_replace_max_tokens: int = 1024
+    """Self-attention is only replaced in layers with at most this many queries: 32*32 as the NTI notebook (every
+    SD v1.4 layer but the 64x64 ones); the P2P notebook used 16*16."""
+    reweight: tuple = ()
+    """((word, factor), ...): scale the target's cross-attention to these words of the target prompt during the
+    cross-replace steps (P2P attention re-weighting; the NTI notebook uses 2.0). A dict is accepted. Composes with
+    replace/refine; 'p2p-reweight' = refine alignment + these factors. Risk: large factors oversaturate."""
+    blend_words: tuple = ()
+    """Words whose cross-attention mask confines the edit (P2P local blend): the target latent is reset to the
+    source's outside the union of the words' masks in source and target prompt, after every step from
+    `blend_start`. Words are looked up in both prompts; one config serves a batch, so a word may be missing from
+    an image's prompts, but not all of them. The same tolerance holds for `reweight` words."""
+    blend_threshold: float = 0.3
+    """Local blend mask threshold on the max-normalized, 3x3-max-pooled attention map (NTI notebook: 0.3)."""
+    blend_start: float = 0.2
+    """Local blending starts after int(blend_start * steps) steps (NTI notebook: 0.2; the P2P notebook: 0)."""
+    direct_target_offset: str = "none"
+    """Direct inversion, P2P edits: which offset the *target* branch gets. 'none' = the paper and its official code
+    (offset on the source branch only; the target follows through the shared attention). 'source' = the official
+    code's 'add-source' ablation (the source branch's offset added to both: more faithful, weaker edits). With
+    'regenerate' there is no shared attention, so there the target always gets the source branch's offset."""
 
     # --- fast path (issue: batched engine). None of these change the math in fp32; precision does, slightly.
     backend: str = "reference"
@@ -70,6 +114,16 @@ class NTIConfig:
     """Folder for exported UNets (default: ~/.cache/nti/export)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.reweight, dict):
+            self.reweight = tuple(self.reweight.items())
+        try:
+            self.reweight = tuple((str(word), float(factor)) for word, factor in self.reweight)
+        except (TypeError, ValueError):
+            raise NTIError(f"reweight must be (word, factor) pairs or a {{word: factor}} dict; "
+                           f"got {self.reweight!r}") from None
+        if isinstance(self.blend_words, str):
+            self.blend_words = (self.blend_words,)
+        self.blend_words = tuple(str(word) for word in self.blend_words)
         self.validate()
 
     def validate(self) -> None:
@@ -84,6 +138,26 @@ class NTIConfig:
         choice("backend", BACKENDS)
         choice("attention", ATTENTION)
         choice("forward_backend", FORWARD_BACKENDS)
+        choice("edit", EDIT_MODES)
+        choice("direct_target_offset", DIRECT_TARGET_OFFSETS)
+        for name in ("cross_replace", "self_replace", "blend_start"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise NTIError(f"{name} must be a fraction of the steps in [0, 1]; got {getattr(self, name)!r}")
+        if not isinstance(self.self_replace_max_tokens, int) or self.self_replace_max_tokens < 0:
+            raise NTIError(f"self_replace_max_tokens must be a non-negative integer; "
+                           f"got {self.self_replace_max_tokens!r}")
+        for word in [w for w, _ in self.reweight] + list(self.blend_words):
+            if not word.strip() or len(word.split()) != 1:
+                raise NTIError(f"reweight and blend words must be single words; got {word!r}")
+        for word, factor in self.reweight:
+            if not (factor >= 0 and factor < float("inf")):
+                raise NTIError(f"reweight: factor of {word!r} must be finite and >= 0; got {factor!r}")
+        if self.edit == "p2p-reweight" and not self.reweight:
+            raise NTIError("edit mode p2p-reweight needs words to reweight, e.g. reweight={'tiger': 2.0} "
+                           "(--reweight tiger=2)")
+        if self.edit == "regenerate" and (self.reweight or self.blend_words):
+            raise NTIError("reweight and blend words act on prompt-to-prompt attention; choose a p2p edit mode "
+                           "(--edit p2p-replace|p2p-refine|p2p-reweight)")
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

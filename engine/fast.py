@@ -197,6 +197,13 @@ def _invert_chunk(pipe, z0, conds, null, schedule, weights, config, ops, progres
     if config.method == "ddim":
         return [{"z_T": pivots[-1][k:k + 1], "embeddings": None, "iterations": [], "losses": [],
                  "fp32_retries": retries[k], "timings": {"ddim_invert_s": ddim_s}} for k in range(b)]
+    if config.method == "negative-prompt":  # the null text is the source prompt: nothing to optimize
+        return [{"z_T": pivots[-1][k:k + 1], "embeddings": conds[k:k + 1].clone(), "iterations": [0] * schedule.steps,
+                 "losses": [], "fp32_retries": retries[k], "timings": {"ddim_invert_s": ddim_s}} for k in range(b)]
+    if config.method == "direct":  # editing works against the pivots themselves (Ju et al. 2023)
+        trajectory = torch.stack(pivots, dim=1)  # (B, steps + 1, 4, h, w)
+        return [{"z_T": pivots[-1][k:k + 1], "embeddings": None, "pivots": trajectory[k], "iterations": [],
+                 "losses": [], "fp32_retries": retries[k], "timings": {"ddim_invert_s": ddim_s}} for k in range(b)]
 
     start = time.perf_counter()
     z = pivots[-1]
@@ -283,29 +290,107 @@ def null_text_step(pipe, z, conds, uncond, target, i, schedule, w, config, ops, 
 
 # ---------------------------------------------------------------------------------------------------------- sample
 
+def _groups(jobs: list[dict], size: int, extra: str | None = None) -> list[list[int]]:
+    """Chunks of at most `size` job indices; images batch together only when they share timesteps and weights
+    (and the job field `extra`, if given)."""
+    groups: dict = {}
+    for k, job in enumerate(jobs):
+        key = (tuple(job["schedule"].timesteps), tuple(job["weights"]), job[extra] if extra else None)
+        groups.setdefault(key, []).append(k)
+    return [ks[i:i + size] for ks in groups.values() for i in range(0, len(ks), size)]
+
+
+def _per_step(tensors: list[torch.Tensor], i: int, steps: int) -> torch.Tensor:
+    """Step i's null embedding of each job: per-step (steps, 77, D) or one for all steps (1, 77, D)."""
+    return torch.cat([n[i:i + 1] if n.shape[0] == steps else n[:1] for n in tensors])
+
+
+def _pivots(jobs: list[dict], z: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Direct inversion's pivots of the jobs as (steps + 1, B, 4, h, w) and a (B, 1, 1, 1) mask of the jobs that
+    have them (zeros elsewhere), or None if no job has."""
+    if all(job["pivots"] is None for job in jobs):
+        return None
+    zero = torch.zeros((steps + 1, *z.shape[1:]), dtype=z.dtype, device=z.device)
+    pivots = torch.stack([zero if job["pivots"] is None else job["pivots"] for job in jobs], dim=1)
+    mask = torch.tensor([job["pivots"] is not None for job in jobs], dtype=z.dtype, device=z.device)
+    return pivots, mask.view(-1, 1, 1, 1)
+
+
 @torch.no_grad()
-def sample_batch(pipe: Pipeline, items: list, config: NTIConfig, progress: bool = True) -> torch.Tensor:
-    """Batched CFG sampling of [(z_T, cond, null (1 or steps, 77, D), schedule, weights)]; uncond+cond in one call."""
+def sample_batch(pipe: Pipeline, jobs: list[dict], config: NTIConfig, progress: bool = True) -> torch.Tensor:
+    """Batched CFG sampling of jobs {z_T, cond, null (1 or steps, 77, D), schedule, weights, pivots}; uncond and
+    cond in one call. Jobs with pivots (direct inversion, source prompt) get the offset to them after each step."""
     with accelerated_unet(pipe, config):
         ops = fused_ops(config, pipe.device)
-        groups: dict = {}  # images batch together only when they share timesteps and guidance weights
-        for k, (z, cond, null, schedule, weights) in enumerate(items):
-            groups.setdefault((tuple(schedule.timesteps), tuple(weights)), []).append(k)
-        results = [None] * len(items)
-        for ks in groups.values():
-            for start in range(0, len(ks), config.batch_size):
-                part = ks[start:start + config.batch_size]
-                schedule, weights = items[part[0]][3], items[part[0]][4]
-                z = torch.cat([items[k][0] for k in part])
-                cond = torch.cat([items[k][1] for k in part])
-                nulls = [items[k][2] for k in part]
-                for i in tqdm(range(schedule.steps), desc=f"DDIM sampling ({len(part)} images)",
-                              disable=not progress, leave=False):
-                    null = torch.cat([n[i:i + 1] if n.shape[0] == schedule.steps else n[:1] for n in nulls])
+        results = [None] * len(jobs)
+        for part in _groups(jobs, config.batch_size):
+            schedule, weights = jobs[part[0]]["schedule"], jobs[part[0]]["weights"]
+            z = torch.cat([jobs[k]["z_T"] for k in part])
+            cond = torch.cat([jobs[k]["cond"] for k in part])
+            nulls = [jobs[k]["null"] for k in part]
+            direct = _pivots([jobs[k] for k in part], z, schedule.steps)
+            for i in tqdm(range(schedule.steps), desc=f"DDIM sampling ({len(part)} images)",
+                          disable=not progress, leave=False):
+                null = _per_step(nulls, i, schedule.steps)
+                a_t, a_prev = schedule.denoise_alphas(i)
+                eps_u, eps_c = unet_eps(pipe, torch.cat([z, z]), schedule.timesteps[i],
+                                        torch.cat([null, cond]), config.precision).chunk(2)
+                z = _guided(ops, z, eps_u, eps_c, weights[i], a_t, a_prev)
+                if direct is not None:
+                    pivots, mask = direct
+                    z = z + (pivots[len(pivots) - i - 2] - z) * mask
+            for k, zk in zip(part, z):
+                results[k] = zk[None]
+    return torch.cat(results)
+
+
+@torch.no_grad()
+def p2p_sample_batch(pipe: Pipeline, jobs: list[dict], config: NTIConfig, progress: bool = True) -> torch.Tensor:
+    """Source and target branches of many images at once (reference.p2p_sample): per chunk of B images one UNet
+    call of 4B rows [uncond src, uncond tgt, cond src, cond tgt] per step, attention edits folded into SDPA. Jobs as
+    sample_batch's plus cond_source, plan (None: no attention control) and offset_target. Returns the targets."""
+    from .p2p import P2PController, attention_control
+
+    if config.compile or config.cuda_graphs or config.forward_backend != "torch":
+        warnings.warn("prompt-to-prompt runs its own attention processors in eager PyTorch: compile, CUDA graphs "
+                      "and exported UNets are not used for this edit")
+        config = config.replace(compile=False, cuda_graphs=False, forward_backend="torch")
+    with accelerated_unet(pipe, config):
+        ops = fused_ops(config, pipe.device)
+        results = [None] * len(jobs)
+        keyed = [dict(job, controlled=job["plan"] is not None) for job in jobs]  # a chunk is controlled or not
+        for part in _groups(keyed, config.batch_size, extra="controlled"):
+            b = len(part)
+            chunk = [jobs[k] for k in part]
+            schedule, weights = chunk[0]["schedule"], chunk[0]["weights"]
+            z_T = torch.cat([job["z_T"] for job in chunk])
+            z = torch.cat([z_T, z_T])  # [source (B), target (B)]
+            conds = torch.cat([job["cond_source"] for job in chunk] + [job["cond"] for job in chunk])
+            nulls = [job["null"] for job in chunk]
+            direct = _pivots(chunk, z_T, schedule.steps)
+            share = torch.tensor([job["offset_target"] for job in chunk], dtype=z.dtype, device=z.device)
+            controller = None
+            control = contextlib.nullcontext()
+            if chunk[0]["plan"] is not None:
+                controller = P2PController([job["plan"] for job in chunk], config, schedule.steps, pipe.device,
+                                           explicit=False)
+                control = attention_control(pipe.unet, controller, z_T.shape[-1])
+            with control:
+                for i in tqdm(range(schedule.steps), desc=f"prompt-to-prompt ({b} images)", disable=not progress,
+                              leave=False):
+                    if controller is not None:
+                        controller.step = i
+                    null = _per_step(nulls, i, schedule.steps)
                     a_t, a_prev = schedule.denoise_alphas(i)
                     eps_u, eps_c = unet_eps(pipe, torch.cat([z, z]), schedule.timesteps[i],
-                                            torch.cat([null, cond]), config.precision).chunk(2)
+                                            torch.cat([null, null, conds]), config.precision).chunk(2)
                     z = _guided(ops, z, eps_u, eps_c, weights[i], a_t, a_prev)
-                for k, zk in zip(part, z):
-                    results[k] = zk[None]
+                    if direct is not None:  # offset from the source branch's step to the pivot
+                        pivots, mask = direct
+                        offset = (pivots[len(pivots) - i - 2] - z[:b]) * mask
+                        z = z + torch.cat([offset, offset * share.view(-1, 1, 1, 1)])
+                    if controller is not None:
+                        z = controller.blend_latents(z)
+            for k, zk in zip(part, z[b:]):
+                results[k] = zk[None]
     return torch.cat(results)
