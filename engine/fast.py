@@ -69,30 +69,31 @@ def accelerated_unet(pipe: Pipeline, config: NTIConfig):
     """Apply the config's UNet switches for the duration of a fast run, then put the module back as it was."""
     unet = pipe.unet
     processors = unet.attn_processors
-    set_attention(unet, config.attention)
     cuda = pipe.device.type == "cuda"
-    if config.channels_last:
-        if cuda:
-            unet.to(memory_format=torch.channels_last)
-        else:
-            warnings.warn("channels_last only helps CUDA convolutions; ignored on CPU")
     compiled = []
-    if config.compile or config.cuda_graphs:
-        if config.cuda_graphs and not cuda:
-            warnings.warn("CUDA graphs need a CUDA device; running without them")
-        mode = "reduce-overhead" if (config.cuda_graphs and cuda) else None
-        if os.environ.get("NTI_DISABLE_COMPILE") == "1" or not hasattr(torch, "compile"):
-            warnings.warn("torch.compile disabled (NTI_DISABLE_COMPILE=1 or torch too old); running eager")
-        else:
-            for module in unet.modules():  # regional compilation: only the repeated transformer blocks
-                if type(module).__name__ in getattr(unet, "_repeated_blocks", ()):
-                    module.compile(mode=mode, dynamic=False)
-                    compiled.append(module)
-    if config.forward_backend != "torch":
-        from export import load_forward_backend  # built once, cached on disk under a key of model/shapes/precision
+    try:  # every switch inside: a failure (e.g. a missing export backend) still restores the module
+        set_attention(unet, config.attention)
+        if config.channels_last:
+            if cuda:
+                unet.to(memory_format=torch.channels_last)
+            else:
+                warnings.warn("channels_last only helps CUDA convolutions; ignored on CPU")
+        if config.compile or config.cuda_graphs:
+            if config.cuda_graphs and not cuda:
+                warnings.warn("CUDA graphs need a CUDA device; running without them")
+            mode = "reduce-overhead" if (config.cuda_graphs and cuda) else None
+            if os.environ.get("NTI_DISABLE_COMPILE") == "1" or not hasattr(torch, "compile"):
+                warnings.warn("torch.compile disabled (NTI_DISABLE_COMPILE=1 or torch too old); running eager")
+            else:
+                for module in unet.modules():  # regional compilation: only the repeated transformer blocks
+                    if type(module).__name__ in getattr(unet, "_repeated_blocks", ()):
+                        module.compile(mode=mode, dynamic=False)
+                        compiled.append(module)
+        if config.forward_backend != "torch":
+            from export import load_forward_backend  # built once, cached on disk under a model/shape/precision key
 
-        pipe.forward_fn = load_forward_backend(pipe, config.forward_backend, config.precision, config.export_cache)
-    try:
+            pipe.forward_fn = load_forward_backend(pipe, config.forward_backend, config.precision,
+                                                   config.export_cache)
         yield unet
     finally:
         pipe.forward_fn = None

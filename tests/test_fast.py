@@ -200,3 +200,12 @@ def test_fused_triton_kernels_in_the_engine_under_interpreter():
     env = {**__import__("os").environ, "TRITON_INTERPRET": "1", "NTI_DISABLE_TRITON": "0"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_failing_forward_backend_is_a_clear_error_and_restores_the_unet(tiny_pipe):
+    before = {k: type(v).__name__ for k, v in tiny_pipe.unet.attn_processors.items()}
+    config = BASE.replace(backend="fast", method="ddim", steps=2, attention="plain", forward_backend="tensorrt")
+    with pytest.raises(NTIError, match="tensorrt"):
+        engine.invert(tiny_pipe, IMAGES[:1], PROMPTS[:1], config, progress=False)
+    assert {k: type(v).__name__ for k, v in tiny_pipe.unet.attn_processors.items()} == before
+    assert tiny_pipe.forward_fn is None
