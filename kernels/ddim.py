@@ -110,18 +110,23 @@ if triton is not None:
         return eps
 
     @triton.jit
-    def _ddim_fwd_kernel(x_ptr, eu_ptr, ec_ptr, w_ptr, af_ptr, at_ptr, out_ptr, numel, per_image,
-                         GUIDED: tl.constexpr, BLOCK: tl.constexpr):
-        """DDIM update, Song et al. 2021 Eq. 12 (eta=0), on the CFG-combined eps when GUIDED."""
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        # each image may sit at its own timestep / guidance weight, so coefficients are gathered per element
+    def _coefficients(w_ptr, af_ptr, at_ptr, offs, mask, per_image, GUIDED: tl.constexpr):
+        """Gather (image index, w, alpha_from, alpha_to) per element: each image may sit at its own step and weight."""
         img = offs // per_image
         af = tl.load(af_ptr + img, mask=mask, other=1.0)
         at = tl.load(at_ptr + img, mask=mask, other=1.0)
         w = 0.0
         if GUIDED:
             w = tl.load(w_ptr + img, mask=mask, other=0.0)
+        return img, w, af, at
+
+    @triton.jit
+    def _ddim_fwd_kernel(x_ptr, eu_ptr, ec_ptr, w_ptr, af_ptr, at_ptr, out_ptr, numel, per_image,
+                         GUIDED: tl.constexpr, BLOCK: tl.constexpr):
+        """DDIM update, Song et al. 2021 Eq. 12 (eta=0), on the CFG-combined eps when GUIDED."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        img, w, af, at = _coefficients(w_ptr, af_ptr, at_ptr, offs, mask, per_image, GUIDED)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         eps = _eps(eu_ptr, ec_ptr, w, offs, mask, GUIDED)
         tl.store(out_ptr + offs, _ddim(x, eps, af, at), mask=mask)
@@ -157,12 +162,7 @@ if triton is not None:
         """Backward of the DDIM step (Song et al. 2021 Eq. 12) [+ CFG] [+ per-image MSE]: all input grads, one pass."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
-        img = offs // per_image
-        af = tl.load(af_ptr + img, mask=mask, other=1.0)
-        at = tl.load(at_ptr + img, mask=mask, other=1.0)
-        w = 0.0
-        if GUIDED:
-            w = tl.load(w_ptr + img, mask=mask, other=0.0)
+        img, w, af, at = _coefficients(w_ptr, af_ptr, at_ptr, offs, mask, per_image, GUIDED)
         if MSE:
             # recompute x_prev from the inputs autograd holds anyway (see _mse_setup for why not save it)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
