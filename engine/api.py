@@ -1,6 +1,7 @@
 """Python API: invert images, then edit or reconstruct them from the saved inversion."""
 from __future__ import annotations
 
+import sys
 import time
 from typing import Sequence
 
@@ -76,6 +77,34 @@ def invert(pipe: Pipeline, images, source_prompts: Sequence[str] | str, config: 
             source_prompt=prompts[k], image_hash=pixel_hash(squares[k]), model_name=pipe.name,
             model_fingerprint=pipe.fingerprint, settings=config.result_settings(), iterations=res["iterations"],
             losses=res["losses"], fp32_retries=res.get("fp32_retries", []), timings=res["timings"]))
+    return inversions
+
+
+def invert_cached(pipe: Pipeline, images, source_prompts: Sequence[str], config: NTIConfig,
+                  cache=None, progress: bool = True) -> list[Inversion]:
+    """invert(), reusing saved inversions in a `cache` folder and saving new ones there batch by batch (resumable)."""
+    from pathlib import Path
+
+    from .artifact import inversion_key, load_inversion, save_inversion
+
+    squares, _ = prepare_images(pipe, images)  # load each image once: its pixels key the cache and feed invert
+    prompts = _check_prompts(source_prompts, len(squares), "source prompts")
+    paths = [None] * len(squares)
+    if cache is not None:
+        paths = [Path(cache) / f"{inversion_key(pixel_hash(sq), p, pipe.fingerprint, config.result_settings())}"
+                 f".safetensors" for sq, p in zip(squares, prompts)]
+    inversions = [load_inversion(path) if path is not None and path.is_file() else None for path in paths]
+    missing = [k for k, inv in enumerate(inversions) if inv is None]
+    chunk = config.batch_size if config.backend == "fast" else 1
+    for start in range(0, len(missing), chunk):
+        part = missing[start:start + chunk]
+        for k, inv in zip(part, invert(pipe, [squares[k] for k in part], [prompts[k] for k in part], config,
+                                       progress)):
+            inversions[k] = inv
+            if paths[k] is not None:
+                save_inversion(inv, paths[k])
+        if progress and len(missing) > chunk:
+            print(f"inverted {min(start + chunk, len(missing))}/{len(missing)} images", file=sys.stderr)
     return inversions
 
 

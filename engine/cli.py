@@ -228,23 +228,11 @@ def run(args) -> int:
     pipe = load_pipeline(args.model, device, seed=0)
     start = time.perf_counter()
 
-    todo, cache = [], Path(args.cache) if args.cache else None
-    for job in jobs:  # reuse cached inversions: an interrupted batch picks up where it stopped
-        job["inversion"] = _cached(cache, pipe, job, config) if cache else None
-        if job["inversion"] is None:
-            todo.append(job)
-    if todo:
-        chunk = config.batch_size if config.backend == "fast" else 1
-        for k in range(0, len(todo), chunk):
-            part = todo[k:k + chunk]
-            results = api.invert(pipe, [j["image"] for j in part], [j["source_prompt"] for j in part], config,
-                                 progress)
-            for job, inv in zip(part, results):
-                job["inversion"] = inv
-                if cache:
-                    save_inversion(inv, cache / f"{inv.key}.safetensors")
-            if progress and len(todo) > 1:
-                print(f"inverted {min(k + chunk, len(todo))}/{len(todo)} images", file=sys.stderr)
+    if jobs:  # saved inversions in --cache are reused, new ones saved batch by batch: an interrupted run resumes
+        inversions = api.invert_cached(pipe, [j["image"] for j in jobs], [j["source_prompt"] for j in jobs], config,
+                                       args.cache, progress)
+        for job, inv in zip(jobs, inversions):
+            job["inversion"] = inv
 
     if args.command == "invert":
         for job, path in zip(jobs, output_paths(args.out, [j["name"] for j in jobs], ".safetensors")):
@@ -266,17 +254,6 @@ def run(args) -> int:
         print(f"done in {time.perf_counter() - start:.1f} s on {device} ({config.backend} backend, "
               f"{config.method})", file=sys.stderr)
     return EXIT_OK
-
-
-def _cached(cache: Path, pipe, job: dict, config: NTIConfig):
-    from .api import prepare_images
-    from .artifact import inversion_key, load_inversion
-    from .images import pixel_hash
-
-    squares, _ = prepare_images(pipe, [job["image"]])
-    key = inversion_key(pixel_hash(squares[0]), job["source_prompt"], pipe.fingerprint, config.result_settings())
-    path = cache / f"{key}.safetensors"
-    return load_inversion(path) if path.is_file() else None
 
 
 def main(argv=None) -> int:

@@ -193,26 +193,6 @@ def scores(prefix: str, source, output, prompt: str, mask, clip) -> dict:
     return {f"{prefix}_{name}": value for name, value in metrics.items()}
 
 
-def invert_cached(pipe, squares, prompts, config, cache: Path | None) -> list:
-    """api.invert, reusing and filling the --cache folder of saved inversions when there is one."""
-    from . import api
-    from .artifact import inversion_key, load_inversion, save_inversion
-    from .images import pixel_hash
-
-    if cache is None:
-        return api.invert(pipe, squares, prompts, config, progress=False)
-    paths = [cache / f"{inversion_key(pixel_hash(sq), p, pipe.fingerprint, config.result_settings())}.safetensors"
-             for sq, p in zip(squares, prompts)]
-    inversions = [load_inversion(path) if path.is_file() else None for path in paths]
-    missing = [k for k, inv in enumerate(inversions) if inv is None]
-    if missing:
-        new = api.invert(pipe, [squares[k] for k in missing], [prompts[k] for k in missing], config, progress=False)
-        for k, inv in zip(missing, new):
-            save_inversion(inv, paths[k])
-            inversions[k] = inv
-    return inversions
-
-
 def run_chunk(pipe, chunk, config, sources, clip, out: Path, cache) -> list[dict]:
     """Rows of one batch of samples under one method and setting: invert once, reconstruct and edit from it."""
     from . import api
@@ -234,7 +214,8 @@ def run_chunk(pipe, chunk, config, sources, clip, out: Path, cache) -> list[dict
             edits += api.generate(pipe, [s.target_prompt], cfg, progress=False)
             row.update(invert_s=0.0, recon_s=None, edit_s=time.perf_counter() - start, inner_iterations=0)
     else:
-        inversions = invert_cached(pipe, squares, [s.source_prompt for s in samples], cfg, cache)
+        inversions = api.invert_cached(pipe, squares, [s.source_prompt for s in samples], cfg, cache,
+                                         progress=False)
         start = time.perf_counter()
         recons = api.reconstruct(pipe, inversions, cfg, progress=False)
         recon_s = (time.perf_counter() - start) / count
