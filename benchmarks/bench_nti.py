@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     start = time.perf_counter()
     pipe = (build_sd14_shaped_pipeline(device=args.device_obj) if args.model == "sd14-shaped"
-            else load_pipeline(None if args.model == "tiny" else args.model, args.device_obj))
+            else load_pipeline(args.model, args.device_obj))
     build_s = time.perf_counter() - start
     fwd, fwd_bwd = unet_flops(pipe)
     print(f"model {args.model} on {args.device_obj}: UNet fwd {fwd / 1e9:.1f} GFLOP, fwd+bwd {fwd_bwd / 1e9:.1f} GFLOP "

@@ -16,16 +16,31 @@ from .models import Pipeline, decode_latents, encode_images, encode_prompts
 from . import reference
 
 
-def _check_prompts(prompts: Sequence[str], n: int, what: str) -> list[str]:
+def _check_prompts(prompts: Sequence[str], n: int | None, what: str, pipe: Pipeline | None = None) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts] * n
     prompts = list(prompts)
-    if len(prompts) != n:
+    if n is not None and len(prompts) != n:
         raise NTIError(f"{what}: got {len(prompts)} prompts for {n} images")
     for p in prompts:
         if not isinstance(p, str):
             raise NTIError(f"{what} must be strings, got {type(p).__name__}")
+    if pipe is not None:
+        check_vocabulary(pipe, prompts)
     return prompts
+
+
+def check_vocabulary(pipe: Pipeline, prompts: Sequence[str]) -> None:
+    """A closed-vocabulary model (the shapes model) refuses words it never saw instead of drawing noise for them."""
+    if not pipe.vocabulary:
+        return
+    known = set(pipe.vocabulary)
+    unknown = sorted({w for p in prompts for w in p.lower().replace(",", " ").split() if w not in known})
+    if unknown:
+        like = f" captions like {pipe.prompt_example!r}" if pipe.prompt_example else ""
+        raise NTIError(f"the {pipe.name} model does not know the word(s) {', '.join(map(repr, unknown))}; it was "
+                       f"trained on{like} using only: {' '.join(pipe.vocabulary)}. Pass --model PATH for a Stable "
+                       f"Diffusion folder")
 
 
 def null_embedding(pipe: Pipeline) -> torch.Tensor:
@@ -52,7 +67,7 @@ def invert(pipe: Pipeline, images, source_prompts: Sequence[str] | str, config: 
     config = config or NTIConfig()
     config.validate()
     squares, pixels = prepare_images(pipe, images)
-    prompts = _check_prompts(source_prompts, len(squares), "source prompts")
+    prompts = _check_prompts(source_prompts, len(squares), "source prompts", pipe)
     schedule = make_schedule(pipe.scheduler_config, config.steps, config.steps_offset)
     weights = guidance_weights(config.guidance, config.steps, config.guidance_schedule, config.guidance_min)
     start = time.perf_counter()
@@ -82,19 +97,26 @@ def invert(pipe: Pipeline, images, source_prompts: Sequence[str] | str, config: 
 
 def invert_cached(pipe: Pipeline, images, source_prompts: Sequence[str], config: NTIConfig,
                   cache=None, progress: bool = True) -> list[Inversion]:
-    """invert(), reusing saved inversions in a `cache` folder and saving new ones there batch by batch (resumable)."""
+    """invert(), reusing saved inversions in a `cache` folder and saving new ones there batch by batch (resumable).
+
+    Jobs with the same pixels and source prompt (several edits of one image) share one inversion.
+    """
     from pathlib import Path
 
     from .artifact import inversion_key, load_inversion, save_inversion
 
     squares, _ = prepare_images(pipe, images)  # load each image once: its pixels key the cache and feed invert
-    prompts = _check_prompts(source_prompts, len(squares), "source prompts")
+    prompts = _check_prompts(source_prompts, len(squares), "source prompts", pipe)
     paths = [None] * len(squares)
     if cache is not None:
         paths = [Path(cache) / f"{inversion_key(pixel_hash(sq), p, pipe.fingerprint, config.result_settings())}"
                  f".safetensors" for sq, p in zip(squares, prompts)]
     inversions = [load_inversion(path) if path is not None and path.is_file() else None for path in paths]
-    missing = [k for k, inv in enumerate(inversions) if inv is None]
+    first = {}  # (pixels, prompt) -> index of its first job
+    keys = [(pixel_hash(sq), p) for sq, p in zip(squares, prompts)]
+    for k, key in enumerate(keys):
+        first.setdefault(key, k)
+    missing = [k for k, inv in enumerate(inversions) if inv is None and first[keys[k]] == k]
     chunk = config.batch_size if config.backend == "fast" else 1
     for start in range(0, len(missing), chunk):
         part = missing[start:start + chunk]
@@ -105,7 +127,7 @@ def invert_cached(pipe: Pipeline, images, source_prompts: Sequence[str], config:
                 save_inversion(inv, paths[k])
         if progress and len(missing) > chunk:
             print(f"inverted {min(start + chunk, len(missing))}/{len(missing)} images", file=sys.stderr)
-    return inversions
+    return [inv if inv is not None else inversions[first[keys[k]]] for k, inv in enumerate(inversions)]
 
 
 def _invert_reference(pipe, z0, cond, schedule, weights, config, progress) -> dict:
@@ -167,7 +189,7 @@ def edit_latents(pipe: Pipeline, inversions: Sequence[Inversion], target_prompts
     branches of such an edit agree to float error, so they are simply run.)
     """
     inversions = list(inversions)
-    prompts = _check_prompts(target_prompts, len(inversions), "target prompts")
+    prompts = _check_prompts(target_prompts, len(inversions), "target prompts", pipe)
     for inv in inversions:
         check_compatible(pipe, inv)
     config = config or NTIConfig()
@@ -242,7 +264,7 @@ def generate(pipe: Pipeline, prompts: Sequence[str] | str, config: NTIConfig | N
              progress: bool = True) -> list[Image.Image]:
     """Text-to-image from seeded noise with CFG (the evaluation's baseline: no inversion at all)."""
     config = config or NTIConfig()
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts = _check_prompts([prompts] if isinstance(prompts, str) else list(prompts), None, "prompts", pipe)
     schedule = make_schedule(pipe.scheduler_config, config.steps, config.steps_offset)
     weights = guidance_weights(config.guidance, config.steps, config.guidance_schedule, config.guidance_min)
     generator = torch.Generator().manual_seed(config.seed)

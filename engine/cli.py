@@ -51,8 +51,8 @@ def word_factor(text: str) -> tuple[str, float]:
 
 def add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and algorithm")
-    g.add_argument("--model", default=None, help="local diffusers SD v1.x folder or cached repo id (default: built-in "
-                   "tiny model)")
+    g.add_argument("--model", default=None, help="local diffusers SD v1.x folder or cached repo id; default: the "
+                   "built-in 'shapes' model (32 px scenes of coloured shapes, trained); 'tiny': random weights")
     g.add_argument("--method", choices=METHODS, default="null-text")
     g.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
     g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance weight (default 7.5)")
@@ -162,6 +162,9 @@ def collect_jobs(args, need_target: bool) -> list[dict]:
             raise NTIError(f"no source prompt for {job['image']}: pass --prompt or give one in the JSONL")
         if need_target and job["target_prompt"] is None:
             raise NTIError(f"no target prompt for {job['image']}: pass --target or give one in the JSONL")
+        # a missing file is reported before the model loads, not after
+        if not job["image"].startswith("skimage:") and not Path(job["image"]).expanduser().exists():
+            raise NTIError(f"image {job['image']} does not exist")
     names = [j["name"] for j in jobs]
     for j in jobs:  # distinct output names when two inputs share a stem
         if names.count(j["name"]) > 1:
@@ -226,6 +229,9 @@ def run(args) -> int:
     if loaded and need_target and not args.target:
         raise NTIError("--inversion needs --target PROMPT")
     pipe = load_pipeline(args.model, device, seed=0)
+    # every prompt checked before any inversion runs: a word the shapes model never saw fails in a second, not after
+    api.check_vocabulary(pipe, [j[k] for j in jobs for k in ("source_prompt", "target_prompt") if j.get(k)]
+                         + ([args.target] if loaded and need_target else []))
     start = time.perf_counter()
 
     if jobs:  # saved inversions in --cache are reused, new ones saved batch by batch: an interrupted run resumes

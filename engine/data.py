@@ -21,6 +21,7 @@ from .config import NTIError
 from .images import SKIMAGE_PREFIX, load_image
 
 SAMPLE_PROMPTS = Path(__file__).parent / "assets" / "sample" / "prompts.jsonl"
+SCENE_PROMPTS = Path(__file__).parent / "assets" / "scenes" / "prompts.jsonl"  # for the built-in shapes model
 GENAI_COLUMNS = ("source_prompt", "target_prompt", "instruct_prompt", "source_image")
 PIE_MAPPING = "mapping_file.json"
 PIE_REQUIRED = ("image_path", "original_prompt", "editing_prompt")
@@ -267,11 +268,21 @@ def load_bundled_sample(limit: int | None = None) -> list[EditSample]:
     return samples
 
 
+def load_bundled_scenes(limit: int | None = None) -> list[EditSample]:
+    """The shapes model's examples: rendered scenes with colour and shape edits and the edited object's mask."""
+    samples = load_folder(SCENE_PROMPTS, limit=limit)
+    for sample in samples:
+        sample.meta["dataset"] = "scenes"
+    return samples
+
+
 def load_dataset(spec: str | os.PathLike, limit: int | None = None) -> list[EditSample]:
-    """Samples from 'sample', a GenAI-Bench .parquet, a PIE-Bench folder, or a prompts folder / .jsonl."""
+    """Samples from 'sample', 'scenes', a GenAI-Bench .parquet, a PIE-Bench folder, or a prompts folder / .jsonl."""
     text = str(spec)
     if text == "sample":
         return load_bundled_sample(limit)
+    if text == "scenes":
+        return load_bundled_scenes(limit)
     path = Path(text).expanduser()
     if path.suffix.lower() == ".parquet":
         return load_genai_bench(path, limit)
@@ -282,5 +293,5 @@ def load_dataset(spec: str | os.PathLike, limit: int | None = None) -> list[Edit
     if (path.is_dir() and (path / "prompts.jsonl").is_file()) or (path.suffix.lower() == ".jsonl" and path.is_file()):
         return load_folder(path, limit)
     what = "does not exist" if not path.exists() else "is not a dataset this loader knows"
-    raise NTIError(f"dataset {text!r} {what}: give 'sample', a GenAI-Bench .parquet, a PIE-Bench folder (with "
+    raise NTIError(f"dataset {text!r} {what}: give 'sample', 'scenes', a GenAI-Bench .parquet, a PIE-Bench folder (with "
                    f"{PIE_MAPPING}), or a folder with prompts.jsonl / a .jsonl file")

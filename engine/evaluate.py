@@ -50,7 +50,8 @@ def add_eval_parser(sub, add_common) -> None:
     from .cli import positive_int
 
     p = sub.add_parser("eval", help="evaluate methods x guidance settings on a data set: CSVs, plots, report.md")
-    p.add_argument("--data", default="sample", help="'sample' (bundled photos, default), a GenAI-Bench .parquet, "
+    p.add_argument("--data", default=None, help="'scenes' (bundled shape scenes; the default for the built-in "
+                   "shapes model), 'sample' (bundled photos; the default for other models), a GenAI-Bench .parquet, "
                    "a PIE-Bench folder, or a folder with prompts.jsonl / a .jsonl file")
     p.add_argument("--n", type=positive_int, default=None, help="first N samples (default: all)")
     p.add_argument("--methods", default="baseline,ddim,null-text",
@@ -107,7 +108,7 @@ def run_settings(args, pipe, device, config, clip) -> dict:
     skip = {"method", "guidance", "guidance_schedule", "export_cache"}
     if config.backend == "reference":
         skip.add("batch_size")  # the reference path always runs one image at a time
-    data = args.data if args.data == "sample" or not Path(args.data).exists() else str(Path(args.data).resolve())
+    data = args.data if args.data in ("sample", "scenes") or not Path(args.data).exists() else str(Path(args.data).resolve())
     settings = {"data": data, "model": pipe.name, "model_fingerprint": pipe.fingerprint, "device": device.type,
                 "clip": str(Path(clip.path).resolve()) if clip is not None else None}
     settings.update({k: v for k, v in dataclasses.asdict(config).items() if k not in skip})
@@ -244,7 +245,7 @@ def run_eval(args) -> int:
     """`nti eval`: run every missing (sample, method, setting) item, then write summary, plots and report."""
     from tqdm.auto import tqdm
 
-    from .api import prepare_images
+    from .api import check_vocabulary, prepare_images
     from .cli import config_from_args
     from .data import load_dataset
     from .metrics import load_clip_scorer
@@ -258,13 +259,16 @@ def run_eval(args) -> int:
     methods, guidances, schedules = parse_sweep(args)
     device = parse_device(args.device)
     config = config_from_args(args, device)
+    pipe = load_pipeline(args.model, device, seed=0)
+    if args.data is None:  # photos mean nothing to the closed-vocabulary shapes model, and scenes nothing to SD
+        args.data = "scenes" if pipe.vocabulary else "sample"
     samples = load_dataset(args.data, args.n)
     if not samples:
         raise NTIError(f"data set {args.data!r} has no samples")
     if len({s.id for s in samples}) != len(samples):
         raise NTIError(f"data set {args.data!r} repeats sample ids; results are keyed by id")
+    check_vocabulary(pipe, [p for s in samples for p in (s.source_prompt, s.target_prompt)])
     out = Path(args.out)
-    pipe = load_pipeline(args.model, device, seed=0)
     clip = load_clip_scorer(args.clip, device=str(device))
     settings = run_settings(args, pipe, device, config, clip)
     prepare_out(out, settings, args.resume, args.overwrite)
@@ -566,7 +570,7 @@ def write_outputs(out: Path, manifest: dict, model_name: str) -> None:
 
 def report_text(df, summary, headline, manifest, model_name, plots, grids) -> str:
     """report.md: what ran where, the summary table, plots, grids and metric definitions."""
-    from .models import TINY
+    from .models import SHAPES, TINY
 
     settings, env = manifest["settings"], manifest["environment"]
     lines = [f"# nti eval: {settings['data']}, {df['id'].nunique()} samples", ""]
@@ -575,6 +579,10 @@ def report_text(df, summary, headline, manifest, model_name, plots, grids) -> st
                   "harness runs end to end (inversion, reconstruction, editing, metrics, plots); they say nothing "
                   "about the paper's or the seed report's claims. Run with `--model` pointing at SD v1.4 for that.",
                   ""]
+    elif model_name == SHAPES:
+        lines += ["> **Built-in shapes model** (engine/testbed.py): a small Stable Diffusion architecture trained on "
+                  "32 px scenes of coloured shapes. Its numbers are real for that model, which is not SD v1.4; "
+                  "`python -m benchmarks.bench_testbed` grades its edits with the pixel oracle as well.", ""]
     config = manifest["config"]
     lines += [
         f"- model: `{settings['model']}` (fingerprint `{settings['model_fingerprint']}`)",

@@ -1,4 +1,4 @@
-"""Stable Diffusion v1.x components: offline loading from a local diffusers folder, and a built-in tiny model."""
+"""Stable Diffusion v1.x components: offline loading from a local diffusers folder; the built-in shapes and tiny models."""
 from __future__ import annotations
 
 import hashlib
@@ -21,6 +21,9 @@ COMPONENTS = {  # subfolder -> files that must be there (any one of each tuple)
     "scheduler": (("scheduler_config.json",),),
 }
 TINY = "tiny"  # the built-in random SD-shaped model (no files; edits are not meaningful)
+SHAPES = "shapes"  # the built-in trained test-bed model (engine/assets/shapes, see engine/testbed.py); the default
+SHAPES_FOLDER = Path(__file__).parent / "assets" / "shapes"
+VOCABULARY_FILE = "vocabulary.json"  # optional in a model folder: {"words": [...], "example": "a caption"}
 
 
 @dataclass
@@ -37,6 +40,8 @@ class Pipeline:
     fingerprint: str  # hash of configs and weights: an inversion is only valid for the model that made it
     uncond_cache: dict = field(default_factory=dict, repr=False)
     forward_fn: object = field(default=None, repr=False)  # exported forward-only UNet (z, t, ctx) -> eps, if active
+    vocabulary: tuple = ()  # words the model was trained on, when that is a closed set (the shapes model); else ()
+    prompt_example: str = ""  # a caption of the kind a closed-vocabulary model was trained on
 
     @property
     def vae_scale_factor(self) -> int:
@@ -104,7 +109,7 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
             raise NTIError(f"model {model!r} is not in the local Hugging Face cache and nothing is downloaded here; "
                            f"copy a diffusers folder of it onto this machine and pass --model /path/to/it") from None
     raise NTIError(f"model folder {model} does not exist; pass --model PATH to a local Stable Diffusion v1.x "
-                   f"diffusers folder, or omit --model for the built-in tiny model")
+                   f"diffusers folder, or omit --model for the built-in shapes model")
 
 
 def check_model_folder(path: Path) -> None:
@@ -163,10 +168,18 @@ def parse_device(device: str | torch.device | None) -> torch.device:
 
 def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.device | None = "auto",
                   dtype: torch.dtype = torch.float32, seed: int = 0) -> Pipeline:
-    """Load SD v1.x from a local diffusers folder / local HF cache, or the built-in tiny model for None/'tiny'."""
+    """Load SD v1.x from a local diffusers folder / local HF cache; None or 'shapes' is the built-in trained shapes
+    model (read from engine/assets/shapes through this same loader), 'tiny' the built-in random one."""
     dev = parse_device(device)
-    if model is None or str(model) == TINY:
+    if str(model) == TINY:
         return build_tiny_pipeline(seed=seed, device=dev, dtype=dtype)
+    if model is None or str(model) == SHAPES:
+        if not (SHAPES_FOLDER / "unet").is_dir():
+            raise NTIError(f"the built-in shapes model is missing from {SHAPES_FOLDER} (a broken install?); "
+                           f"reinstall, retrain it with `python -m engine.testbed`, or pass --model PATH")
+        pipe = load_pipeline(SHAPES_FOLDER, dev, dtype, seed)
+        pipe.name = SHAPES
+        return pipe
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -183,7 +196,11 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
         raise
     except Exception as err:  # corrupt weights, wrong architecture, ...: say which folder, keep the cause
         raise NTIError(f"could not load the model in {path}: {type(err).__name__}: {err}") from err
-    return _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, dev, str(model), fingerprint_folder(path))
+    pipe = _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, dev, str(model), fingerprint_folder(path))
+    if (path / VOCABULARY_FILE).is_file():  # a closed-vocabulary model (the shapes model) says which words it knows
+        card = json.loads((path / VOCABULARY_FILE).read_text())
+        pipe.vocabulary, pipe.prompt_example = tuple(card["words"]), card.get("example", "")
+    return pipe
 
 
 def _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, device, name, fingerprint) -> Pipeline:

@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     from engine.models import load_pipeline, parse_device
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="local SD folder (default: the built-in tiny model)")
+    p.add_argument("--model", default=None, help="local SD folder, 'shapes' or 'tiny' (default: the built-in shapes model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {', '.join(BACKENDS)}")

@@ -10,7 +10,7 @@ from PIL import Image
 
 from engine.cli import EXIT_BAD_INPUT, main
 
-FAST = ["--steps", "3", "--inner-steps", "2", "--quiet", "--device", "cpu"]
+FAST = ["--steps", "3", "--inner-steps", "2", "--quiet", "--device", "cpu", "--model", "tiny"]  # photo prompts
 
 
 def run_cli(argv, capsys):

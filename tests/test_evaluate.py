@@ -11,7 +11,7 @@ from engine.evaluate import COLUMNS, SAMPLES
 from engine.metrics import CLIP_SKIPPED
 from test_metrics import tiny_clip_folder  # noqa: F401  (a fixture: a random tiny CLIP saved to a folder)
 
-FAST = ["--steps", "3", "--inner-steps", "2", "--quiet", "--device", "cpu"]
+FAST = ["--steps", "3", "--inner-steps", "2", "--quiet", "--device", "cpu", "--model", "tiny"]  # photo prompts
 
 
 def read_samples(out):

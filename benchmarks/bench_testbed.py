@@ -1,0 +1,208 @@
+"""Fidelity of the built-in shapes model, graded from pixels by the scene oracle (engine/scenes.py).
+
+    python -m benchmarks.bench_testbed            # CPU, 2 cores: see "seconds" in the JSON; writes JSON + PNG
+    python -m benchmarks.bench_testbed --quick    # a smaller sample, same sections
+
+1. Text-to-image (DDIM 50 steps, w=7.5) on held-out captions (never shown in training) and on training captions:
+   the share whose rendering the oracle reads back as the caption.
+2. Reconstruction of rendered scenes: PSNR of DDIM inversion and of null-text inversion at w=7.5, and of DDIM at
+   w=1 (where the null text has no effect, so NTI is DDIM), next to the VAE's own ceiling.
+3. Edits: one colour swap and one shape swap per scene, from NTI, direct and DDIM inversions (EDIT_ROWS); the share
+   the oracle reads as the target caption, and SSIM / PSNR outside the edited object (its source and target masks,
+   grown by 1 px) next to the NTI reconstruction's own score there.
+The picture shows, per scene: source | DDIM and NTI reconstructions | colour and shape edit of each SHEET_ROWS row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine import api, scenes
+from engine.config import NTIConfig
+from engine.evaluate import git_commit
+from engine.images import to_pil
+from engine.metrics import psnr, ssim
+from engine.models import decode_latents, encode_images, load_pipeline
+
+RESULTS = Path(__file__).parent / "results"
+EDIT_ROWS = {  # row -> (inversion method, edit settings); P2P defaults: cross_replace 0.8, self_replace 0.5
+    "null-text + p2p-replace": ("null-text", dict(edit="p2p-replace")),
+    "null-text + p2p-replace, self 0.8": ("null-text", dict(edit="p2p-replace", self_replace=0.8)),
+    "null-text + regenerate": ("null-text", dict(edit="regenerate")),
+    "direct + p2p-replace": ("direct", dict(edit="p2p-replace")),
+    "direct + p2p-replace, self 0.8": ("direct", dict(edit="p2p-replace", self_replace=0.8)),
+    "ddim + p2p-replace": ("ddim", dict(edit="p2p-replace")),
+}
+SHEET_ROWS = ("null-text + p2p-replace", "direct + p2p-replace")  # the rows whose edits the picture shows
+
+
+def text_to_image(pipe, n: int, seed: int) -> dict:
+    """Oracle agreement of generated images with held-out and with training captions."""
+    rng = random.Random(seed)
+    held, seen = [], []
+    while len(held) < n or len(seen) < n:
+        caption = scenes.random_scene(rng).caption
+        group = held if scenes.is_held_out(caption) else seen
+        if len(group) < n:
+            group.append(caption)
+    out = {}
+    for name, captions in (("held_out", held), ("training", seen)):
+        images = api.generate(pipe, captions, NTIConfig(seed=seed), progress=False)
+        readings = [scenes.read_scene(image) for image in images]
+        hits = [r.matches(c) for r, c in zip(readings, captions)]
+        singles = [h for h, c in zip(hits, captions) if " and " not in c]
+        pairs = [h for h, c in zip(hits, captions) if " and " in c]
+        out[name] = {"n": len(hits), "agreement": float(np.mean(hits)),
+                     "agreement_one_object": float(np.mean(singles)) if singles else None,
+                     "agreement_two_objects": float(np.mean(pairs)) if pairs else None,
+                     "misses": [{"caption": c, "oracle": [r.background, list(r.objects)]}
+                                for h, r, c in zip(hits, readings, captions) if not h][:10]}
+    return out
+
+
+def reconstruction(pipe, scene_list, steps: int, batch: int) -> tuple[dict, dict, dict]:
+    """PSNR (dB, vs the rendered source) of DDIM and NTI at w=7.5 and DDIM at w=1, plus the VAE ceiling.
+
+    At w=1 CFG is the conditional prediction alone, so the null text has no effect and NTI is DDIM by construction.
+    Returns the summary, the inversions per method at w=7.5 (direct inversion added for the edits) and the
+    reconstructed images per row.
+    """
+    images = [scenes.render(s) for s in scene_list]
+    captions = [s.caption for s in scene_list]
+    _, pixels = api.prepare_images(pipe, images)
+    vae_only = to_pil(decode_latents(pipe, encode_images(pipe, pixels)))
+    rows = {"vae_ceiling": [psnr(a, b) for a, b in zip(images, vae_only)]}
+    inversions, recons = {}, {}
+    for name, method, w in (("ddim_w7.5", "ddim", 7.5), ("nti_w7.5", "null-text", 7.5), ("ddim_w1", "ddim", 1.0)):
+        config = NTIConfig(method=method, guidance=w, steps=steps, backend="fast", batch_size=batch)
+        start = time.perf_counter()
+        invs = api.invert(pipe, images, captions, config, progress=False)
+        rows[name + "_invert_s_per_image"] = (time.perf_counter() - start) / len(images)
+        recon = api.reconstruct(pipe, invs, config, progress=False)
+        rows[name] = [psnr(a, b) for a, b in zip(images, recon)]
+        recons[name] = recon
+        if w == 7.5:
+            inversions[method] = invs
+    summary = {k: (round(float(np.mean(v)), 3) if isinstance(v, list) else round(v, 2)) for k, v in rows.items()}
+    summary["min_nti_w7.5"] = round(float(np.min(rows["nti_w7.5"])), 3)
+    summary["max_ddim_w7.5"] = round(float(np.max(rows["ddim_w7.5"])), 3)
+    summary["nti_beats_ddim_w7.5_on"] = int(sum(a > b for a, b in zip(rows["nti_w7.5"], rows["ddim_w7.5"])))
+    summary["n"] = len(images)
+    summary["oracle_on_vae_round_trip"] = float(np.mean([scenes.read_scene(im).matches(c)
+                                                         for im, c in zip(vae_only, captions)]))
+    for name in ("ddim_w7.5", "nti_w7.5"):
+        summary[f"oracle_on_{name}"] = float(np.mean([scenes.read_scene(im).matches(c)
+                                                      for im, c in zip(recons[name], captions)]))
+    inversions["direct"] = api.invert(pipe, images, captions, NTIConfig(method="direct", steps=steps,
+                                                                          backend="fast", batch_size=batch),
+                                      progress=False)
+    return summary, inversions, recons
+
+
+def edits(pipe, scene_list, inversions: dict, seed: int, batch: int) -> tuple[dict, dict]:
+    """Colour and shape swaps of each scene under each EDIT_ROWS row, graded by the oracle.
+
+    Success: the oracle reads the edited image as the target caption (the edited object changed as asked, the
+    other object and the background did not). Outside the edited object (its source and target masks, grown by
+    1 px): SSIM and PSNR against the source scene. Returns the summary and, per row, the edited images in job order
+    (colour then shape edit of each scene).
+    """
+    rng = random.Random(seed)
+    jobs = []  # (kind, scene index, source scene, target scene, object index)
+    for k, scene in enumerate(scene_list):
+        jobs += [(kind, k, scene, target, index) for kind, target, index in scenes.edit_pairs(rng, scene)]
+    sources = [scenes.render(s) for s in scene_list]
+    out, images = {}, {}
+    for name, (method, settings) in EDIT_ROWS.items():
+        config = NTIConfig(backend="fast", batch_size=batch, **settings)
+        start = time.perf_counter()
+        edited = api.edit(pipe, [inversions[method][j[1]] for j in jobs], [j[3].caption for j in jobs], config,
+                          progress=False)
+        seconds = (time.perf_counter() - start) / len(jobs)
+        images[name] = edited
+        rows = {"colour": [], "shape": []}
+        for (kind, k, scene, target, index), image in zip(jobs, edited):
+            mask = scenes.object_mask(scene, index) | scenes.object_mask(target, index)
+            rows[kind].append((scenes.read_scene(image).matches(target.caption),
+                               ssim(sources[k], image, mask=mask), psnr(sources[k], image, mask=mask)))
+        out[name] = {kind: {"n": len(r), "success": round(float(np.mean([x[0] for x in r])), 4),
+                            "outside_ssim": round(float(np.mean([x[1] for x in r])), 4),
+                            "outside_psnr": round(float(np.mean([x[2] for x in r])), 2),
+                            "outside_ssim_when_successful": round(float(np.mean([x[1] for x in r if x[0]])), 4)
+                            if any(x[0] for x in r) else None}
+                     for kind, r in rows.items()}
+        out[name]["edit_s_per_image"] = round(seconds, 3)
+        print(name, json.dumps(out[name]), flush=True)
+    # the reconstruction's own score outside the same masks: what "unchanged" looks like after a round trip
+    recon = api.reconstruct(pipe, inversions["null-text"], NTIConfig(backend="fast", batch_size=batch),
+                            progress=False)
+    masks = [scenes.object_mask(scene, index) | scenes.object_mask(target, index) for _, _, scene, target, index
+             in jobs]
+    out["nti_reconstruction_outside"] = {
+        "ssim": round(float(np.mean([ssim(sources[j[1]], recon[j[1]], mask=m) for j, m in zip(jobs, masks)])), 4),
+        "psnr": round(float(np.mean([psnr(sources[j[1]], recon[j[1]], mask=m) for j, m in zip(jobs, masks)])), 2)}
+    return out, images
+
+
+def edit_sheet(rows: list[list], path: Path, scale: int = 4) -> Path:
+    """A PNG grid of 32 px images (one list per row), each scaled up `scale` times without smoothing."""
+    from PIL import Image
+
+    side = scenes.RESOLUTION * scale
+    gap = 2 * scale
+    sheet = Image.new("RGB", (len(rows[0]) * (side + gap) - gap, len(rows) * (side + gap) - gap), (255, 255, 255))
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            sheet.paste(image.convert("RGB").resize((side, side), Image.NEAREST), (c * (side + gap), r * (side + gap)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="12 captions per group and 6 scenes instead of 100 and 40")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/testbed_shapes_<device>.json)")
+    args = p.parse_args(argv)
+    n_captions, n_scenes = (12, 6) if args.quick else (100, 40)
+    pipe = load_pipeline("shapes", args.device)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    result = {"benchmark": "shapes test-bed fidelity (oracle-graded)", "model": pipe.name,
+              "fingerprint": pipe.fingerprint, "device": args.device, "cpu": platform.processor() or platform.machine(),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
+              "commit": git_commit(), "command": "python -m benchmarks.bench_testbed" + (" --quick" if args.quick else "")}
+    result["text_to_image"] = text_to_image(pipe, n_captions, args.seed)
+    print(json.dumps({k: {m: v[m] for m in ("n", "agreement")} for k, v in result["text_to_image"].items()}))
+    scene_rng = random.Random(args.seed + 100)
+    scene_list = [scenes.random_scene(scene_rng) for _ in range(n_scenes)]
+    result["reconstruction_psnr"], inversions, recons = reconstruction(pipe, scene_list, args.steps, args.batch)
+    print(json.dumps(result["reconstruction_psnr"]))
+    result["edits"], edited = edits(pipe, scene_list, inversions, args.seed + 200, args.batch)
+    # per scene: source | DDIM w=7.5 | NTI w=7.5 reconstructions | colour edit, shape edit of each SHEET_ROWS row
+    sheet = [[scenes.render(s), recons["ddim_w7.5"][k], recons["nti_w7.5"][k]]
+             + [edited[row][2 * k + e] for row in SHEET_ROWS for e in (0, 1)] for k, s in enumerate(scene_list[:8])]
+    suffix = f"{args.device}{'_quick' if args.quick else ''}"
+    picture = edit_sheet(sheet, RESULTS / f"testbed_shapes_{suffix}.png")
+    result["sheet"] = str(picture.relative_to(RESULTS.parent.parent))
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    out = Path(args.out or RESULTS / f"testbed_shapes_{suffix}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

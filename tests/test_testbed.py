@@ -1,0 +1,200 @@
+"""The built-in shapes model: scene oracle, loading, training, and fidelity claims re-measured on the trained weights.
+
+Numbers the thresholds come from (benchmarks/results/testbed_shapes_cpu.json, 24 scenes) are quoted next to them;
+the tests use fewer scenes, so their thresholds leave room for sampling, not for a broken model.
+"""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from engine import api, scenes
+from engine.config import NTIConfig, NTIError
+from engine.metrics import psnr, ssim
+from engine.models import SHAPES_FOLDER, load_pipeline
+
+
+# ------------------------------------------------------------------------------------------------------------ oracle
+
+def test_oracle_reads_rendered_scenes():
+    rng = random.Random(0)
+    scene_list = [scenes.random_scene(rng) for _ in range(300)]
+    hits = [scenes.read_scene(scenes.render(s)).matches(s.caption) for s in scene_list]
+    assert np.mean(hits) >= 0.99, np.mean(hits)
+
+
+def test_oracle_rejects_wrong_captions():
+    scene = scenes.Scene("white", (scenes.Shape("red", "circle", 10, 12, 12), scenes.Shape("blue", "square", 24, 16, 10)))
+    reading = scenes.read_scene(scenes.render(scene))
+    assert reading.objects == (("red", "circle"), ("blue", "square")) and reading.background == "white"
+    assert reading.matches(scene.caption)
+    for wrong in ("a blue circle and a blue square on a white background",
+                  "a red triangle and a blue square on a white background",
+                  "a red circle and a blue square on a gray background",
+                  "a red circle on a white background",
+                  "a blue square and a red circle on a white background"):  # order is left to right
+        assert not reading.matches(wrong), wrong
+
+
+def test_oracle_reads_every_colour_shape_and_background():
+    for bg in scenes.BACKGROUNDS:
+        for colour in scenes.COLOURS:
+            for kind in scenes.SHAPES:
+                scene = scenes.Scene(bg, (scenes.Shape(colour, kind, 15.3, 16.6, 11.0),))
+                assert scenes.read_scene(scenes.render(scene)).matches(scene.caption), scene.caption
+
+
+def test_parse_caption_refuses_other_text():
+    assert scenes.parse_caption("a red circle and a blue square on a gray background") == (
+        "gray", (("red", "circle"), ("blue", "square")))
+    for bad in ("a tiger on a mat", "a red circle", "a pink circle on a gray background",
+                "a red circle on a pink background"):
+        with pytest.raises(ValueError):
+            scenes.parse_caption(bad)
+
+
+def test_held_out_captions_never_in_training_batches():
+    from engine.testbed import scene_batch
+    _, captions = scene_batch(random.Random(3), 2000)
+    assert not any(scenes.is_held_out(c) for c in captions)
+    assert sum(scenes.is_held_out(c.caption) for c in map(scenes.random_scene, [random.Random(i) for i in range(3000)])) > 100
+
+
+# ------------------------------------------------------------------------------------------------------------ model
+
+@pytest.fixture(scope="module")
+def shapes_pipe():
+    return load_pipeline(None, device="cpu")  # the default model, through the diffusers folder loader
+
+
+def test_default_model_is_the_trained_shapes_folder(shapes_pipe):
+    assert shapes_pipe.name == "shapes" and shapes_pipe.resolution == 32 and shapes_pipe.latent_shape == (4, 8, 8)
+    assert type(shapes_pipe.unet).__name__ == "UNet2DConditionModel"
+    assert type(shapes_pipe.vae).__name__ == "AutoencoderKL"
+    assert type(shapes_pipe.text_encoder).__name__ == "CLIPTextModel"
+    weights = sum(f.stat().st_size for f in SHAPES_FOLDER.rglob("*.safetensors"))
+    assert weights <= 30 * 2 ** 20, weights
+    recorded = json.loads((SHAPES_FOLDER / "train_config.json").read_text())
+    assert recorded["seed"] == 0 and recorded["unet_steps"] > 0
+
+
+def test_closed_vocabulary_refuses_unknown_words(shapes_pipe):
+    with pytest.raises(NTIError, match="does not know the word.*'tiger'"):
+        api.generate(shapes_pipe, "a tiger on a white background", progress=False)
+
+
+def test_text_to_image_on_held_out_captions(shapes_pipe):
+    """Benchmark (60 held-out captions): see testbed_shapes_cpu.json; here 12 held-out one-object captions."""
+    captions = sorted(scenes._HELD_OUT_SINGLES) * 2
+    images = api.generate(shapes_pipe, captions, NTIConfig(seed=1), progress=False)
+    hits = [scenes.read_scene(image).matches(c) for image, c in zip(images, captions)]
+    assert np.mean(hits) >= 0.75, list(zip(captions, hits))
+
+
+@pytest.fixture(scope="module")
+def recon(shapes_pipe):
+    """Three scenes inverted by DDIM and by NTI (reference backend, fp32 batch 1) at w=7.5, 50 steps."""
+    rng = random.Random(11)
+    scene_list = [scenes.random_scene(rng, n_objects=k) for k in (1, 2, 1)]
+    images = [scenes.render(s) for s in scene_list]
+    captions = [s.caption for s in scene_list]
+    out = {"scenes": scene_list, "images": images}
+    for method in ("ddim", "null-text"):
+        config = NTIConfig(method=method)
+        out[method] = api.invert(shapes_pipe, images, captions, config, progress=False)
+        out[method + "_psnr"] = [psnr(a, b) for a, b in
+                                 zip(images, api.reconstruct(shapes_pipe, out[method], config, progress=False))]
+    return out
+
+
+def test_nti_beats_ddim_under_cfg(recon):
+    ddim, nti = np.array(recon["ddim_psnr"]), np.array(recon["null-text_psnr"])
+    assert (nti > ddim + 1.0).all(), (ddim, nti)
+    assert nti.mean() > 20.0, nti
+
+
+def test_fast_path_within_a_tenth_of_a_db_of_reference(shapes_pipe, recon):
+    config = NTIConfig(method="null-text", backend="fast", batch_size=3)
+    inversions = api.invert(shapes_pipe, recon["images"], [s.caption for s in recon["scenes"]], config,
+                            progress=False)
+    fast = [psnr(a, b) for a, b in zip(recon["images"], api.reconstruct(shapes_pipe, inversions, config,
+                                                                         progress=False))]
+    assert np.abs(np.array(fast) - np.array(recon["null-text_psnr"])).max() < 0.1, (fast, recon["null-text_psnr"])
+
+
+def test_colour_edit_changes_the_object_and_keeps_the_rest(shapes_pipe, recon):
+    scene, inv = recon["scenes"][0], recon["null-text"][0]
+    colour = next(c for c in scenes.COLOURS if c != scene.objects[0].colour)
+    target = scenes.swap_colour(scene, 0, colour)
+    [edited] = api.edit(shapes_pipe, [inv], [target.caption], NTIConfig(edit="p2p-replace"), progress=False)
+    assert scenes.read_scene(edited).matches(target.caption), scenes.read_scene(edited)
+    mask = scenes.object_mask(scene, 0)
+    assert ssim(recon["images"][0], edited, mask=mask) > 0.8
+
+
+# ---------------------------------------------------------------------------------------------------------- training
+
+def test_training_runs_resumes_and_loads(tmp_path):
+    from engine.testbed import TrainConfig, train
+    config = TrainConfig(vae_steps=2, unet_steps=2, batch_size=4, vae_batch=4, checkpoint_every=1, warmup=1)
+    out = train(config, tmp_path / "model", tmp_path / "work")
+    first = load_pipeline(out, device="cpu")
+    assert first.latent_shape == (4, 8, 8)
+    assert (tmp_path / "work" / "unet.pt").exists()
+    # a longer run resumes from the checkpoints instead of starting over, and gives new weights
+    config.unet_steps = 3
+    train(config, tmp_path / "model", tmp_path / "work")
+    log = json.loads((tmp_path / "work" / "log.json").read_text())
+    assert torch.load(tmp_path / "work" / "unet.pt", weights_only=False)["step"] == 3
+    assert load_pipeline(out, device="cpu").fingerprint != first.fingerprint
+    assert isinstance(log, list)
+    recorded = json.loads((out / "train_config.json").read_text())
+    assert recorded["unet_steps"] == 3 and recorded["scaling_factor"] > 0
+
+
+# --------------------------------------------------------------------------------------------------------------- CLI
+
+def test_cli_edits_the_bundled_scenes_with_the_default_model(tmp_path, capsys, monkeypatch):
+    """The README's main command (fewer steps): one PNG per edit, each scene inverted once for its two edits."""
+    from engine.cli import main
+    from engine.data import SCENE_PROMPTS
+
+    inverted = []
+    real = api.invert
+    monkeypatch.setattr(api, "invert", lambda pipe, images, prompts, *a, **k: inverted.extend(prompts) or
+                        real(pipe, images, prompts, *a, **k))
+    out = tmp_path / "scenes"
+    code = main(["edit", str(SCENE_PROMPTS), "--out", str(out), "--steps", "4", "--inner-steps", "2", "--quiet",
+                 "--device", "cpu"])
+    assert code == 0
+    ids = [json.loads(line)["id"] for line in SCENE_PROMPTS.read_text().splitlines()]
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted(ids)
+    from PIL import Image
+    assert Image.open(out / f"{ids[0]}.png").size == (32, 32)
+    assert len(inverted) == len(ids) // 2  # two edits per scene, one inversion each
+
+
+def test_cli_refuses_words_the_shapes_model_never_saw(tmp_path, capsys):
+    from engine.cli import EXIT_BAD_INPUT, main
+    from engine.data import SCENE_PROMPTS
+
+    code = main(["edit", str(SCENE_PROMPTS.parent / "scene0.png"), "--prompt", "a cat on a mat", "--target",
+                 "a tiger on a mat", "--out", str(tmp_path / "x.png"), "--quiet", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and "'cat'" in err and "--model" in err and "Traceback" not in err
+
+
+def test_eval_defaults_to_the_bundled_scenes_with_background_metrics(tmp_path, capsys):
+    import csv
+
+    from engine.cli import main
+    out = tmp_path / "eval"
+    assert main(["eval", "--out", str(out), "--n", "2", "--methods", "ddim", "--steps", "3", "--quiet",
+                 "--device", "cpu"]) == 0
+    rows = list(csv.DictReader(open(out / "samples.csv")))
+    assert [r["id"] for r in rows] == ["scene0-colour", "scene0-shape"]
+    assert all(0.0 < float(r["edit_bg_ssim"]) <= 1.0 for r in rows)
+    report = (out / "report.md").read_text()
+    assert "`scenes`" in report and "shapes" in report
