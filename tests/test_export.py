@@ -321,11 +321,13 @@ def test_nti_export_prints_the_cached_path(onnx_fp32, export_dir, capsys):
     from engine.export_cli import main
 
     builds = dict(export_cache.BUILDS)
-    assert main(["export", "--kind", "onnx", "--out", str(export_dir), "--device", "cpu"]) == 0
+    assert main(["export", "--kind", "onnx", "--out", str(export_dir), "--device", "cpu",
+                 "--model", "tiny"]) == 0
     out, err = capsys.readouterr()
     assert out.strip() == str(onnx_fp32.path) and "found in cache" in err
     assert export_cache.BUILDS == builds
-    assert main(["export", "--kind", "tensorrt", "--out", str(export_dir), "--device", "cpu"]) == 2
+    assert main(["export", "--kind", "tensorrt", "--out", str(export_dir), "--device", "cpu",
+                 "--model", "tiny"]) == 2
     assert "NVIDIA GPUs only" in capsys.readouterr().err
 
 

@@ -169,7 +169,7 @@ def test_local_blend_extremes(tiny_pipe, invs):
 def test_cli_edit_modes(tmp_path):
     out = tmp_path / "tiger.png"
     common = ["edit", "skimage:chelsea", "--prompt", "a cat sitting on a mat", "--steps", "3", "--method", "ddim",
-              "--quiet", "--out", str(out)]
+              "--quiet", "--model", "tiny", "--out", str(out)]
     assert cli_main(common + ["--target", "a tiger sitting on a mat", "--edit", "p2p-replace", "--reweight",
                               "tiger=2", "--blend-word", "cat", "--blend-word", "tiger"]) == 0
     assert out.is_file() and np.asarray(Image.open(out)).shape == (32, 32, 3)
