@@ -7,9 +7,11 @@
    the share whose rendering the oracle reads back as the caption.
 2. Reconstruction of rendered scenes: PSNR of DDIM inversion and of null-text inversion at w=7.5, and of DDIM at
    w=1 (where the null text has no effect, so NTI is DDIM), next to the VAE's own ceiling.
-3. Edits: one colour swap and one shape swap per scene, from NTI, direct and DDIM inversions (EDIT_ROWS); the share
+3. Edits: one colour swap and one shape swap per scene, from NTI (constant and cosine-decayed guidance), direct and
+   DDIM inversions (EDIT_ROWS); the share
    the oracle reads as the target caption, and SSIM / PSNR outside the edited object (its source and target masks,
-   grown by 1 px) next to the NTI reconstruction's own score there.
+   grown by 1 px) next to the NTI reconstruction's own score there. SSIM's 7x7 window reaches 3 px into the mask,
+   so SSIM is also given clear of the object (mask grown by 3 more px: no window sees the object).
 The picture shows, per scene: source | DDIM and NTI reconstructions | colour and shape edit of each SHEET_ROWS row.
 """
 from __future__ import annotations
@@ -23,24 +25,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from engine import api, scenes
 from engine.config import NTIConfig
 from engine.evaluate import git_commit
 from engine.images import to_pil
-from engine.metrics import psnr, ssim
+from engine.metrics import _SSIM_WINDOW, psnr, ssim
 from engine.models import decode_latents, encode_images, load_pipeline
 
 RESULTS = Path(__file__).parent / "results"
-EDIT_ROWS = {  # row -> (inversion method, edit settings); P2P defaults: cross_replace 0.8, self_replace 0.5
-    "null-text + p2p-replace": ("null-text", dict(edit="p2p-replace")),
-    "null-text + p2p-replace, self 0.8": ("null-text", dict(edit="p2p-replace", self_replace=0.8)),
-    "null-text + regenerate": ("null-text", dict(edit="regenerate")),
-    "direct + p2p-replace": ("direct", dict(edit="p2p-replace")),
-    "direct + p2p-replace, self 0.8": ("direct", dict(edit="p2p-replace", self_replace=0.8)),
-    "ddim + p2p-replace": ("ddim", dict(edit="p2p-replace")),
+
+
+def clear_of(mask: np.ndarray) -> np.ndarray:
+    """The mask grown by a full SSIM window (a square): no window centred outside it sees a masked pixel."""
+    return ndimage.binary_dilation(mask, structure=np.ones((_SSIM_WINDOW, _SSIM_WINDOW), bool))
+RECONSTRUCTION_ROWS = (  # name, method, guidance, schedule (cosine: decay from w to 1 over the denoising steps)
+    ("ddim_w7.5", "ddim", 7.5, "constant"), ("nti_w7.5", "null-text", 7.5, "constant"),
+    ("ddim_w7.5_cosine", "ddim", 7.5, "cosine"), ("nti_w7.5_cosine", "null-text", 7.5, "cosine"),
+    ("ddim_w1", "ddim", 1.0, "constant"))
+EDIT_ROWS = {  # row -> (inversion, edit settings); P2P defaults: cross_replace 0.8, self_replace 0.5
+    "null-text + p2p-replace": ("nti_w7.5", dict(edit="p2p-replace")),
+    "null-text + regenerate": ("nti_w7.5", dict(edit="regenerate")),
+    "null-text, cosine w + p2p-replace": ("nti_w7.5_cosine", dict(edit="p2p-replace")),
+    "null-text, cosine w + regenerate": ("nti_w7.5_cosine", dict(edit="regenerate")),
+    "direct + p2p-replace": ("direct_w7.5", dict(edit="p2p-replace")),
+    "ddim + p2p-replace": ("ddim_w7.5", dict(edit="p2p-replace")),
 }
-SHEET_ROWS = ("null-text + p2p-replace", "direct + p2p-replace")  # the rows whose edits the picture shows
+SHEET_ROWS = ("null-text + p2p-replace", "null-text, cosine w + p2p-replace", "direct + p2p-replace")
 
 
 def text_to_image(pipe, n: int, seed: int) -> dict:
@@ -68,11 +80,11 @@ def text_to_image(pipe, n: int, seed: int) -> dict:
 
 
 def reconstruction(pipe, scene_list, steps: int, batch: int) -> tuple[dict, dict, dict]:
-    """PSNR (dB, vs the rendered source) of DDIM and NTI at w=7.5 and DDIM at w=1, plus the VAE ceiling.
+    """PSNR (dB, vs the rendered source) of each RECONSTRUCTION_ROWS row, next to the VAE's own ceiling.
 
     At w=1 CFG is the conditional prediction alone, so the null text has no effect and NTI is DDIM by construction.
-    Returns the summary, the inversions per method at w=7.5 (direct inversion added for the edits) and the
-    reconstructed images per row.
+    Returns the summary, the inversions per row (plus a direct inversion for the edits) and the reconstructed
+    images per row.
     """
     images = [scenes.render(s) for s in scene_list]
     captions = [s.caption for s in scene_list]
@@ -80,16 +92,16 @@ def reconstruction(pipe, scene_list, steps: int, batch: int) -> tuple[dict, dict
     vae_only = to_pil(decode_latents(pipe, encode_images(pipe, pixels)))
     rows = {"vae_ceiling": [psnr(a, b) for a, b in zip(images, vae_only)]}
     inversions, recons = {}, {}
-    for name, method, w in (("ddim_w7.5", "ddim", 7.5), ("nti_w7.5", "null-text", 7.5), ("ddim_w1", "ddim", 1.0)):
-        config = NTIConfig(method=method, guidance=w, steps=steps, backend="fast", batch_size=batch)
+    for name, method, w, schedule in RECONSTRUCTION_ROWS:
+        config = NTIConfig(method=method, guidance=w, guidance_schedule=schedule, steps=steps, backend="fast",
+                           batch_size=batch)
         start = time.perf_counter()
         invs = api.invert(pipe, images, captions, config, progress=False)
         rows[name + "_invert_s_per_image"] = (time.perf_counter() - start) / len(images)
         recon = api.reconstruct(pipe, invs, config, progress=False)
         rows[name] = [psnr(a, b) for a, b in zip(images, recon)]
         recons[name] = recon
-        if w == 7.5:
-            inversions[method] = invs
+        inversions[name] = invs
     summary = {k: (round(float(np.mean(v)), 3) if isinstance(v, list) else round(v, 2)) for k, v in rows.items()}
     summary["min_nti_w7.5"] = round(float(np.min(rows["nti_w7.5"])), 3)
     summary["max_ddim_w7.5"] = round(float(np.max(rows["ddim_w7.5"])), 3)
@@ -97,10 +109,10 @@ def reconstruction(pipe, scene_list, steps: int, batch: int) -> tuple[dict, dict
     summary["n"] = len(images)
     summary["oracle_on_vae_round_trip"] = float(np.mean([scenes.read_scene(im).matches(c)
                                                          for im, c in zip(vae_only, captions)]))
-    for name in ("ddim_w7.5", "nti_w7.5"):
+    for name in ("ddim_w7.5", "nti_w7.5", "nti_w7.5_cosine"):
         summary[f"oracle_on_{name}"] = float(np.mean([scenes.read_scene(im).matches(c)
                                                       for im, c in zip(recons[name], captions)]))
-    inversions["direct"] = api.invert(pipe, images, captions, NTIConfig(method="direct", steps=steps,
+    inversions["direct_w7.5"] = api.invert(pipe, images, captions, NTIConfig(method="direct", steps=steps,
                                                                           backend="fast", batch_size=batch),
                                       progress=False)
     return summary, inversions, recons
@@ -131,23 +143,28 @@ def edits(pipe, scene_list, inversions: dict, seed: int, batch: int) -> tuple[di
         for (kind, k, scene, target, index), image in zip(jobs, edited):
             mask = scenes.object_mask(scene, index) | scenes.object_mask(target, index)
             rows[kind].append((scenes.read_scene(image).matches(target.caption),
-                               ssim(sources[k], image, mask=mask), psnr(sources[k], image, mask=mask)))
+                               ssim(sources[k], image, mask=mask), psnr(sources[k], image, mask=mask),
+                               ssim(sources[k], image, mask=clear_of(mask))))
         out[name] = {kind: {"n": len(r), "success": round(float(np.mean([x[0] for x in r])), 4),
                             "outside_ssim": round(float(np.mean([x[1] for x in r])), 4),
                             "outside_psnr": round(float(np.mean([x[2] for x in r])), 2),
+                            "outside_ssim_clear_of_object": round(float(np.nanmean([x[3] for x in r])), 4),
                             "outside_ssim_when_successful": round(float(np.mean([x[1] for x in r if x[0]])), 4)
                             if any(x[0] for x in r) else None}
                      for kind, r in rows.items()}
         out[name]["edit_s_per_image"] = round(seconds, 3)
         print(name, json.dumps(out[name]), flush=True)
     # the reconstruction's own score outside the same masks: what "unchanged" looks like after a round trip
-    recon = api.reconstruct(pipe, inversions["null-text"], NTIConfig(backend="fast", batch_size=batch),
+    recon = api.reconstruct(pipe, inversions["nti_w7.5"], NTIConfig(backend="fast", batch_size=batch),
                             progress=False)
     masks = [scenes.object_mask(scene, index) | scenes.object_mask(target, index) for _, _, scene, target, index
              in jobs]
+    clear = [clear_of(m) for m in masks]
     out["nti_reconstruction_outside"] = {
         "ssim": round(float(np.mean([ssim(sources[j[1]], recon[j[1]], mask=m) for j, m in zip(jobs, masks)])), 4),
-        "psnr": round(float(np.mean([psnr(sources[j[1]], recon[j[1]], mask=m) for j, m in zip(jobs, masks)])), 2)}
+        "psnr": round(float(np.mean([psnr(sources[j[1]], recon[j[1]], mask=m) for j, m in zip(jobs, masks)])), 2),
+        "ssim_clear_of_object": round(float(np.nanmean([ssim(sources[j[1]], recon[j[1]], mask=m)
+                                                        for j, m in zip(jobs, clear)])), 4)}
     return out, images
 
 

@@ -166,8 +166,8 @@ def test_cli_edits_the_bundled_scenes_with_the_default_model(tmp_path, capsys, m
     monkeypatch.setattr(api, "invert", lambda pipe, images, prompts, *a, **k: inverted.extend(prompts) or
                         real(pipe, images, prompts, *a, **k))
     out = tmp_path / "scenes"
-    code = main(["edit", str(SCENE_PROMPTS), "--out", str(out), "--steps", "4", "--inner-steps", "2", "--quiet",
-                 "--device", "cpu"])
+    code = main(["edit", str(SCENE_PROMPTS), "--guidance-schedule", "cosine", "--edit", "p2p-replace", "--out",
+                 str(out), "--steps", "4", "--inner-steps", "2", "--quiet", "--device", "cpu"])
     assert code == 0
     ids = [json.loads(line)["id"] for line in SCENE_PROMPTS.read_text().splitlines()]
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(ids)
