@@ -211,11 +211,10 @@ def main(argv=None) -> dict:
     sheet = [[scenes.render(s), recons["ddim_w7.5"][k], recons["nti_w7.5"][k]]
              + [edited[row][2 * k + e] for row in SHEET_ROWS for e in (0, 1)] for k, s in enumerate(scene_list[:8])]
     suffix = f"{args.device}{'_quick' if args.quick else ''}"
-    picture = edit_sheet(sheet, RESULTS / f"testbed_shapes_{suffix}.png")
-    result["sheet"] = str(picture.relative_to(RESULTS.parent.parent))
-    result["seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out or RESULTS / f"testbed_shapes_{suffix}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    picture = edit_sheet(sheet, out.with_suffix(".png"))  # next to the JSON
+    result["sheet"] = picture.name
+    result["seconds"] = round(time.perf_counter() - start, 1)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
     return result

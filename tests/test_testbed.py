@@ -1,6 +1,6 @@
 """The built-in shapes model: scene oracle, loading, training, and fidelity claims re-measured on the trained weights.
 
-Numbers the thresholds come from (benchmarks/results/testbed_shapes_cpu.json, 24 scenes) are quoted next to them;
+Numbers the thresholds come from (benchmarks/results/testbed_shapes_cpu.json, 40 scenes) are quoted next to them;
 the tests use fewer scenes, so their thresholds leave room for sampling, not for a broken model.
 """
 import json
@@ -85,53 +85,101 @@ def test_closed_vocabulary_refuses_unknown_words(shapes_pipe):
         api.generate(shapes_pipe, "a tiger on a white background", progress=False)
 
 
+def held_out_captions(n_pairs: int = 10) -> list[str]:
+    """Six held-out one-object captions and `n_pairs` held-out two-object captions (none seen in training)."""
+    rng, pairs = random.Random(5), []
+    while len(pairs) < n_pairs:
+        caption = scenes.random_scene(rng, n_objects=2).caption
+        pairs += [caption] if scenes.is_held_out(caption) else []
+    return sorted(scenes._HELD_OUT_SINGLES)[:6] + pairs
+
+
 def test_text_to_image_on_held_out_captions(shapes_pipe):
-    """Benchmark (60 held-out captions): see testbed_shapes_cpu.json; here 12 held-out one-object captions."""
-    captions = sorted(scenes._HELD_OUT_SINGLES) * 2
+    """Benchmark: 98% of 100 held-out captions. Here 16 (measured 16/16, CPU, 14 s)."""
+    captions = held_out_captions()
+    assert all(scenes.is_held_out(c) for c in captions)
     images = api.generate(shapes_pipe, captions, NTIConfig(seed=1), progress=False)
     hits = [scenes.read_scene(image).matches(c) for image, c in zip(images, captions)]
-    assert np.mean(hits) >= 0.75, list(zip(captions, hits))
+    assert np.mean(hits) >= 0.8, list(zip(captions, hits))
 
 
 @pytest.fixture(scope="module")
 def recon(shapes_pipe):
-    """Three scenes inverted by DDIM and by NTI (reference backend, fp32 batch 1) at w=7.5, 50 steps."""
+    """Three scenes inverted by the reference backend (fp32, batch 1), 50 steps: PSNR of each reconstruction.
+
+    Rows: DDIM and NTI at w=7.5, DDIM at w=1; the inversions are kept for the fast-path and edit tests.
+    """
     rng = random.Random(11)
     scene_list = [scenes.random_scene(rng, n_objects=k) for k in (1, 2, 1)]
     images = [scenes.render(s) for s in scene_list]
-    captions = [s.caption for s in scene_list]
-    out = {"scenes": scene_list, "images": images}
-    for method in ("ddim", "null-text"):
-        config = NTIConfig(method=method)
-        out[method] = api.invert(shapes_pipe, images, captions, config, progress=False)
-        out[method + "_psnr"] = [psnr(a, b) for a, b in
-                                 zip(images, api.reconstruct(shapes_pipe, out[method], config, progress=False))]
+    out = {"scenes": scene_list, "images": images, "captions": [s.caption for s in scene_list]}
+    for name, config in {"ddim": NTIConfig(method="ddim"), "null-text": NTIConfig(method="null-text"),
+                         "ddim_w1": NTIConfig(method="ddim", guidance=1.0)}.items():
+        out[name] = api.invert(shapes_pipe, images, out["captions"], config, progress=False)
+        out[name + "_psnr"] = reconstruction_psnr(shapes_pipe, images, out[name], config)
     return out
 
 
+def reconstruction_psnr(pipe, images, inversions, config) -> np.ndarray:
+    return np.array([psnr(a, b) for a, b in zip(images, api.reconstruct(pipe, inversions, config, progress=False))])
+
+
 def test_nti_beats_ddim_under_cfg(recon):
-    ddim, nti = np.array(recon["ddim_psnr"]), np.array(recon["null-text_psnr"])
-    assert (nti > ddim + 1.0).all(), (ddim, nti)
-    assert nti.mean() > 20.0, nti
+    """Benchmark (40 scenes): DDIM 24.3 dB, NTI 37.9 dB at w=7.5. Measured here: DDIM 26.5 30.4 16.5, NTI 37.3 34.5
+    40.3; DDIM at w=1 38.5 dB on the benchmark (there the null text has no effect, NTI = DDIM)."""
+    ddim, nti, ddim_w1 = recon["ddim_psnr"], recon["null-text_psnr"], recon["ddim_w1_psnr"]
+    assert (nti > ddim + 2.0).all(), (ddim, nti)
+    assert nti.mean() > 33.0, nti
+    assert ddim_w1.mean() > 33.0 and ddim_w1.mean() > ddim.mean() + 3.0, (ddim_w1, ddim)
 
 
-def test_fast_path_within_a_tenth_of_a_db_of_reference(shapes_pipe, recon):
-    config = NTIConfig(method="null-text", backend="fast", batch_size=3)
-    inversions = api.invert(shapes_pipe, recon["images"], [s.caption for s in recon["scenes"]], config,
-                            progress=False)
-    fast = [psnr(a, b) for a, b in zip(recon["images"], api.reconstruct(shapes_pipe, inversions, config,
-                                                                         progress=False))]
-    assert np.abs(np.array(fast) - np.array(recon["null-text_psnr"])).max() < 0.1, (fast, recon["null-text_psnr"])
+@pytest.mark.parametrize("precision, tolerance_db", [("fp32", 0.1), ("bf16", 1.0)])
+def test_fast_path_stays_near_the_reference(shapes_pipe, recon, precision, tolerance_db):
+    """The batched fast path (3 images per optimization step) vs the reference's PSNR on the same scenes.
+
+    fp32: within 0.1 dB (measured 0.000 dB: the same embeddings to float rounding). bf16 autocast of the UNet:
+    measured 0.02, 0.01, 0.68 dB away, so its bound is 1 dB: bf16 is a speed/fidelity trade, not parity.
+    """
+    config = NTIConfig(method="null-text", backend="fast", batch_size=3, precision=precision)
+    inversions = api.invert(shapes_pipe, recon["images"], recon["captions"], config, progress=False)
+    fast = reconstruction_psnr(shapes_pipe, recon["images"], inversions, config)
+    assert np.abs(fast - recon["null-text_psnr"]).max() < tolerance_db, (fast, recon["null-text_psnr"])
 
 
-def test_colour_edit_changes_the_object_and_keeps_the_rest(shapes_pipe, recon):
-    scene, inv = recon["scenes"][0], recon["null-text"][0]
-    colour = next(c for c in scenes.COLOURS if c != scene.objects[0].colour)
-    target = scenes.swap_colour(scene, 0, colour)
-    [edited] = api.edit(shapes_pipe, [inv], [target.caption], NTIConfig(edit="p2p-replace"), progress=False)
-    assert scenes.read_scene(edited).matches(target.caption), scenes.read_scene(edited)
-    mask = scenes.object_mask(scene, 0)
-    assert ssim(recon["images"][0], edited, mask=mask) > 0.8
+@pytest.fixture(scope="module")
+def edit_jobs(recon):
+    """A colour swap and a shape swap of one object of each recon scene: (kind, scene index, target, mask)."""
+    rng, jobs = random.Random(13), []
+    for k, scene in enumerate(recon["scenes"]):
+        for kind, target, index in scenes.edit_pairs(rng, scene):
+            jobs.append((kind, k, target, scenes.object_mask(scene, index) | scenes.object_mask(target, index)))
+    return jobs
+
+
+@pytest.mark.parametrize("method, schedule, min_psnr", [("null-text", "cosine", 30.0), ("direct", "constant", 35.0)])
+def test_colour_and_shape_edits_change_the_object_and_keep_the_rest(shapes_pipe, recon, edit_jobs, method,
+                                                                      schedule, min_psnr):
+    """P2P word swaps graded by the oracle; outside the edited object the source must survive.
+
+    Benchmark (80 edits): NTI with cosine-decayed w 87.5% colour / 100% shape, outside 37.5 / 36.0 dB; direct
+    100% / 100%, 41.1 / 37.3 dB. Measured here: all 6 edits of each method pass; outside PSNR mean 36.3 dB (NTI)
+    and 42.4 dB (direct); SSIM clear of the object's window, mean 0.968 (NTI) and 0.989 (direct).
+    """
+    from benchmarks.bench_testbed import clear_of
+
+    config = NTIConfig(method=method, guidance_schedule=schedule, backend="fast", batch_size=3)
+    inversions = api.invert(shapes_pipe, recon["images"], recon["captions"], config, progress=False)
+    edited = api.edit(shapes_pipe, [inversions[k] for _, k, _, _ in edit_jobs],
+                      [target.caption for _, _, target, _ in edit_jobs], config.replace(edit="p2p-replace"),
+                      progress=False)
+    success = [scenes.read_scene(image).matches(target.caption) for image, (_, _, target, _) in zip(edited, edit_jobs)]
+    source = [recon["images"][k] for _, k, _, _ in edit_jobs]
+    outside = [psnr(a, b, mask=m) for a, b, (*_, m) in zip(source, edited, edit_jobs)]
+    outside_ssim = [ssim(a, b, mask=clear_of(m)) for a, b, (*_, m) in zip(source, edited, edit_jobs)]
+    print(method, success, np.round(outside, 2), np.round(outside_ssim, 3))
+    assert np.mean(success) >= 5 / 6, [(j[0], j[2].caption, ok) for j, ok in zip(edit_jobs, success)]
+    assert np.mean(outside) > min_psnr and min(outside) > 20.0, outside
+    assert np.nanmean(outside_ssim) > 0.9, outside_ssim
 
 
 # ---------------------------------------------------------------------------------------------------------- training
