@@ -7,11 +7,12 @@
    the share whose rendering the oracle reads back as the caption.
 2. Reconstruction of rendered scenes: PSNR of DDIM inversion and of null-text inversion at w=7.5, and of DDIM at
    w=1 (where the null text has no effect, so NTI is DDIM), next to the VAE's own ceiling.
-3. Edits: one colour swap and one shape swap per scene, from NTI (constant and cosine-decayed guidance), direct and
-   DDIM inversions (EDIT_ROWS); the share
-   the oracle reads as the target caption, and SSIM / PSNR outside the edited object (its source and target masks,
-   grown by 1 px) next to the NTI reconstruction's own score there. SSIM's 7x7 window reaches 3 px into the mask,
-   so SSIM is also given clear of the object (mask grown by 3 more px: no window sees the object).
+3. Edits: one colour swap and one shape swap of an object and one background swap per scene, from NTI (constant
+   and cosine-decayed guidance), direct and DDIM inversions (EDIT_ROWS); the share the oracle reads as the target
+   caption, and SSIM / PSNR outside what the edit names (the edited object's source and target masks grown by
+   1 px; for background swaps, the objects' cores) next to the NTI reconstruction's own score there. SSIM's 7x7
+   window reaches 3 px into the mask, so SSIM is also given clear of the object (mask grown by 3 more px: no
+   window sees the object).
 The picture shows, per scene: source | DDIM and NTI reconstructions | colour and shape edit of each SHEET_ROWS row.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import platform
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -118,18 +120,30 @@ def reconstruction(pipe, scene_list, steps: int, batch: int) -> tuple[dict, dict
     return summary, inversions, recons
 
 
-def edits(pipe, scene_list, inversions: dict, seed: int, batch: int) -> tuple[dict, dict]:
-    """Colour and shape swaps of each scene under each EDIT_ROWS row, graded by the oracle.
+def changed_region(scene, target, index: int | None) -> np.ndarray:
+    """What an edit may change: the edited object before and after (grown by 1 px), or for a background swap
+    (index None) everything but the objects' cores (eroded by 1 px: their anti-aliased rims mix in the background)."""
+    if index is None:
+        return ~ndimage.binary_erosion(scenes.object_mask(scene, grow=0))
+    return scenes.object_mask(scene, index) | scenes.object_mask(target, index)
 
-    Success: the oracle reads the edited image as the target caption (the edited object changed as asked, the
-    other object and the background did not). Outside the edited object (its source and target masks, grown by
-    1 px): SSIM and PSNR against the source scene. Returns the summary and, per row, the edited images in job order
-    (colour then shape edit of each scene).
+
+def edits(pipe, scene_list, inversions: dict, seed: int, batch: int) -> tuple[dict, dict]:
+    """Colour, shape and background swaps of each scene under each EDIT_ROWS row, graded by the oracle.
+
+    Success: the oracle reads the edited image as the target caption (the edited object or background changed as
+    asked, nothing else did). Outside the changed region (`changed_region`): SSIM and PSNR against the source scene.
+    Returns the summary and, per row, the edited images in job order (colour then shape edit of each scene, then
+    the background swaps).
     """
     rng = random.Random(seed)
-    jobs = []  # (kind, scene index, source scene, target scene, object index)
+    jobs = []  # (kind, scene index, source scene, target scene, object index or None)
     for k, scene in enumerate(scene_list):
         jobs += [(kind, k, scene, target, index) for kind, target, index in scenes.edit_pairs(rng, scene)]
+    rng = random.Random(seed + 1)  # a stream of its own, so the colour and shape edits stay as they were
+    for k, scene in enumerate(scene_list):
+        other = rng.choice([b for b in scenes.BACKGROUNDS if b != scene.background])
+        jobs.append(("background", k, scene, replace(scene, background=other), None))
     sources = [scenes.render(s) for s in scene_list]
     out, images = {}, {}
     for name, (method, settings) in EDIT_ROWS.items():
@@ -139,16 +153,17 @@ def edits(pipe, scene_list, inversions: dict, seed: int, batch: int) -> tuple[di
                           progress=False)
         seconds = (time.perf_counter() - start) / len(jobs)
         images[name] = edited
-        rows = {"colour": [], "shape": []}
+        rows = {"colour": [], "shape": [], "background": []}
         for (kind, k, scene, target, index), image in zip(jobs, edited):
-            mask = scenes.object_mask(scene, index) | scenes.object_mask(target, index)
+            mask = changed_region(scene, target, index)
             rows[kind].append((scenes.read_scene(image).matches(target.caption),
                                ssim(sources[k], image, mask=mask), psnr(sources[k], image, mask=mask),
                                ssim(sources[k], image, mask=clear_of(mask))))
         out[name] = {kind: {"n": len(r), "success": round(float(np.mean([x[0] for x in r])), 4),
                             "outside_ssim": round(float(np.mean([x[1] for x in r])), 4),
                             "outside_psnr": round(float(np.mean([x[2] for x in r])), 2),
-                            "outside_ssim_clear_of_object": round(float(np.nanmean([x[3] for x in r])), 4),
+                            "outside_ssim_clear_of_object": round(float(np.nanmean([x[3] for x in r])), 4)
+                            if not np.isnan([x[3] for x in r]).all() else None,
                             "outside_ssim_when_successful": round(float(np.mean([x[1] for x in r if x[0]])), 4)
                             if any(x[0] for x in r) else None}
                      for kind, r in rows.items()}
@@ -157,14 +172,16 @@ def edits(pipe, scene_list, inversions: dict, seed: int, batch: int) -> tuple[di
     # the reconstruction's own score outside the same masks: what "unchanged" looks like after a round trip
     recon = api.reconstruct(pipe, inversions["nti_w7.5"], NTIConfig(backend="fast", batch_size=batch),
                             progress=False)
-    masks = [scenes.object_mask(scene, index) | scenes.object_mask(target, index) for _, _, scene, target, index
-             in jobs]
+    masks = [changed_region(scene, target, index) for kind, _, scene, target, index in jobs if kind != "background"]
     clear = [clear_of(m) for m in masks]
+    cores = [changed_region(scene, target, index) for kind, _, scene, target, index in jobs if kind == "background"]
     out["nti_reconstruction_outside"] = {
         "ssim": round(float(np.mean([ssim(sources[j[1]], recon[j[1]], mask=m) for j, m in zip(jobs, masks)])), 4),
         "psnr": round(float(np.mean([psnr(sources[j[1]], recon[j[1]], mask=m) for j, m in zip(jobs, masks)])), 2),
         "ssim_clear_of_object": round(float(np.nanmean([ssim(sources[j[1]], recon[j[1]], mask=m)
-                                                        for j, m in zip(jobs, clear)])), 4)}
+                                                        for j, m in zip(jobs, clear)])), 4),
+        "psnr_object_cores": round(float(np.mean([psnr(s, r, mask=m) for s, r, m in zip(sources, recon, cores)])),
+                                   2)}
     return out, images
 
 
