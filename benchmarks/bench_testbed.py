@@ -125,7 +125,7 @@ def changed_region(scene, target, index: int | None) -> np.ndarray:
     (index None) everything but the objects' cores (eroded by 1 px: their anti-aliased rims mix in the background)."""
     if index is None:
         return ~ndimage.binary_erosion(scenes.object_mask(scene, grow=0))
-    return scenes.object_mask(scene, index) | scenes.object_mask(target, index)
+    return scenes.edit_mask(scene, target, index)
 
 
 def edits(pipe, scene_list, inversions: dict, seed: int, batch: int) -> tuple[dict, dict]:
@@ -216,7 +216,8 @@ def main(argv=None) -> dict:
     result = {"benchmark": "shapes test-bed fidelity (oracle-graded)", "model": pipe.name,
               "fingerprint": pipe.fingerprint, "device": args.device, "cpu": platform.processor() or platform.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
-              "commit": git_commit(), "command": "python -m benchmarks.bench_testbed" + (" --quick" if args.quick else "")}
+              "commit": git_commit(),
+              "command": "python -m benchmarks.bench_testbed" + (" --quick" if args.quick else "")}
     result["text_to_image"] = text_to_image(pipe, n_captions, args.seed)
     print(json.dumps({k: {m: v[m] for m in ("n", "agreement")} for k, v in result["text_to_image"].items()}))
     scene_rng = random.Random(args.seed + 100)

@@ -129,7 +129,7 @@ _FOREGROUND = 45.0  # RGB distance from the background colour that makes a pixel
 
 @dataclass(frozen=True)
 class Reading:
-    """What the oracle sees: background and (colour, shape) of each object left to right, plus fill ratios."""
+    """What the oracle sees: background and (colour, shape) of each object left to right, plus template misfits."""
 
     background: str
     objects: tuple[tuple[str, str], ...]
@@ -171,9 +171,9 @@ def read_scene(image, resolution: int = RESOLUTION) -> Reading:
     """Background, colours and shapes read from pixels (no learned parts).
 
     Background: the most common nearest-background-colour among border pixels. Objects: connected components of
-    pixels far from the background; colour: nearest palette colour of a component's core; shape: coverage-weighted
-    area over bounding-box area, where each pixel's coverage is its position on the segment background -> colour,
-    so anti-aliased rims count fractionally and the fill ratio does not depend on the object's size.
+    pixels far from the background; colour: nearest palette colour of a component's core; shape: the best-fitting
+    template (`_closest_shape`) on the coverage map, where each pixel's coverage is its position on the segment
+    background -> colour, so anti-aliased rims count fractionally.
     """
     rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float64)
     if rgb.max() <= 1.0:
@@ -197,25 +197,25 @@ def read_scene(image, resolution: int = RESOLUTION) -> Reading:
         alpha = np.clip(((rgb - bg) @ direction) / (direction @ direction), 0.0, 1.0) * region
         if alpha.sum() < MIN_AREA / 2:
             continue
-        kind, fill = _closest_shape(alpha)
+        kind, misfit = _closest_shape(alpha)
         found.append((float((alpha.sum(0) * np.arange(alpha.shape[1])).sum() / alpha.sum()),
-                      list(COLOURS)[colour_index], kind, round(fill, 3)))
+                      list(COLOURS)[colour_index], kind, round(misfit, 3)))
     found.sort()
     return Reading(background, tuple((c, s) for _, c, s, _ in found), tuple(f for *_, f in found))
 
 
 # ------------------------------------------------------------------------------------------------------------- edits
 
-def swap_colour(scene: Scene, index: int, colour: str) -> Scene:
+def replace_object(scene: Scene, index: int, **fields) -> Scene:
+    """The scene with object `index` changed (colour=..., kind=...), everything else as it was."""
     objects = list(scene.objects)
-    objects[index] = replace(objects[index], colour=colour)
+    objects[index] = replace(objects[index], **fields)
     return replace(scene, objects=tuple(objects))
 
 
-def swap_shape(scene: Scene, index: int, kind: str) -> Scene:
-    objects = list(scene.objects)
-    objects[index] = replace(objects[index], kind=kind)
-    return replace(scene, objects=tuple(objects))
+def edit_mask(scene: Scene, target: Scene, index: int) -> np.ndarray:
+    """What an edit of object `index` may change: that object in the source and in the target, grown by 1 px."""
+    return object_mask(scene, index) | object_mask(target, index)
 
 
 def edit_pairs(rng: random.Random, scene: Scene) -> list[tuple[str, Scene, int]]:
@@ -224,7 +224,8 @@ def edit_pairs(rng: random.Random, scene: Scene) -> list[tuple[str, Scene, int]]
     shape = scene.objects[index]
     colour = rng.choice([c for c in COLOURS if c != shape.colour])
     kind = rng.choice([s for s in SHAPES if s != shape.kind])
-    return [("colour", swap_colour(scene, index, colour), index), ("shape", swap_shape(scene, index, kind), index)]
+    return [("colour", replace_object(scene, index, colour=colour), index),
+            ("shape", replace_object(scene, index, kind=kind), index)]
 
 
 _HELD_OUT_SINGLES = frozenset([Scene(bg, (Shape(c, s),)).caption for bg in BACKGROUNDS for c in COLOURS

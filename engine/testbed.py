@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import scenes
+from .ddim import make_schedule
 from .models import (SHAPES_FOLDER, VOCABULARY_FILE, _assemble, build_word_tokenizer, fingerprint_modules,
                      save_pipeline_folder)
 
@@ -146,12 +147,10 @@ def latent_scale(vae, seed: int, device: torch.device, n: int = 1024) -> float:
     return float(1.0 / vae.encode(pixels).latent_dist.mean.std())
 
 
-def train_unet(unet, text_encoder, tokenizer, vae, scale: float, config: TrainConfig, work: Path, log: list,
-               device: torch.device):
+def train_unet(unet, text_encoder, tokenizer, vae, scale: float, scheduler_config: dict, config: TrainConfig,
+               work: Path, log: list, device: torch.device):
     """Stage 2: epsilon-prediction (Ho et al. 2020, Eq. 14) on VAE latents, text encoder trained jointly; EMA."""
-    from diffusers import DDIMScheduler
-
-    alphas = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod.to(device)
+    alphas = make_schedule(scheduler_config, steps=1).alphas_cumprod.to(device)  # the shipped schedule's alpha_bar
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=0.01)
     ema = [copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)]
@@ -218,7 +217,8 @@ def train(config: TrainConfig, out: Path, work: Path, device: str = "auto") -> P
         train_vae(vae, config, work, log, dev)
         scale = latent_scale(vae, config.seed, dev)
         vae.register_to_config(scaling_factor=scale)
-        unet, text_encoder = train_unet(unet, text_encoder, tokenizer, vae, scale, config, work, log, dev)
+        unet, text_encoder = train_unet(unet, text_encoder, tokenizer, vae, scale, scheduler_config, config, work,
+                                        log, dev)
     finally:
         log_path.write_text(json.dumps(log))
     unet, vae, text_encoder = unet.cpu(), vae.cpu(), text_encoder.cpu()
@@ -257,7 +257,7 @@ def write_examples(folder: Path = EXAMPLES_FOLDER, n: int = 6, seed: int = 7) ->
         name = f"scene{i}.png"
         scenes.render(scene).save(folder / name)
         for kind, target, index in scenes.edit_pairs(rng, scene):
-            mask = scenes.object_mask(scene, index) | scenes.object_mask(target, index)
+            mask = scenes.edit_mask(scene, target, index)
             Image.fromarray(mask.astype(np.uint8) * 255).save(folder / f"scene{i}-{kind}-mask.png")
             lines.append(json.dumps({"id": f"scene{i}-{kind}", "image": name, "mask": f"scene{i}-{kind}-mask.png",
                                      "source_prompt": scene.caption, "target_prompt": target.caption, "edit": kind}))

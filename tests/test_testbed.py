@@ -26,7 +26,8 @@ def test_oracle_reads_rendered_scenes():
 
 
 def test_oracle_rejects_wrong_captions():
-    scene = scenes.Scene("white", (scenes.Shape("red", "circle", 10, 12, 12), scenes.Shape("blue", "square", 24, 16, 10)))
+    scene = scenes.Scene("white", (scenes.Shape("red", "circle", 10, 12, 12),
+                                   scenes.Shape("blue", "square", 24, 16, 10)))
     reading = scenes.read_scene(scenes.render(scene))
     assert reading.objects == (("red", "circle"), ("blue", "square")) and reading.background == "white"
     assert reading.matches(scene.caption)
@@ -59,7 +60,8 @@ def test_held_out_captions_never_in_training_batches():
     from engine.testbed import scene_batch
     _, captions = scene_batch(random.Random(3), 2000)
     assert not any(scenes.is_held_out(c) for c in captions)
-    assert sum(scenes.is_held_out(c.caption) for c in map(scenes.random_scene, [random.Random(i) for i in range(3000)])) > 100
+    drawn = [scenes.random_scene(random.Random(i)).caption for i in range(3000)]
+    assert sum(map(scenes.is_held_out, drawn)) > 100
 
 
 # ------------------------------------------------------------------------------------------------------------ model
@@ -152,7 +154,7 @@ def edit_jobs(recon):
     rng, jobs = random.Random(13), []
     for k, scene in enumerate(recon["scenes"]):
         for kind, target, index in scenes.edit_pairs(rng, scene):
-            jobs.append((kind, k, target, scenes.object_mask(scene, index) | scenes.object_mask(target, index)))
+            jobs.append((kind, k, target, scenes.edit_mask(scene, target, index)))
     return jobs
 
 
