@@ -22,6 +22,7 @@ from .images import SKIMAGE_PREFIX, load_image
 
 SAMPLE_PROMPTS = Path(__file__).parent / "assets" / "sample" / "prompts.jsonl"
 SCENE_PROMPTS = Path(__file__).parent / "assets" / "scenes" / "prompts.jsonl"  # for the built-in shapes model
+BUNDLED = {"sample": SAMPLE_PROMPTS, "scenes": SCENE_PROMPTS}  # `--data NAME` -> its prompts.jsonl
 GENAI_COLUMNS = ("source_prompt", "target_prompt", "instruct_prompt", "source_image")
 PIE_MAPPING = "mapping_file.json"
 PIE_REQUIRED = ("image_path", "original_prompt", "editing_prompt")
@@ -260,29 +261,20 @@ def load_folder(path: str | os.PathLike, limit: int | None = None) -> list[EditS
     return samples
 
 
-def load_bundled_sample(limit: int | None = None) -> list[EditSample]:
-    """The offline sample: scikit-image's photos (cat, astronaut, coffee, ...) with written edit prompts."""
-    samples = load_folder(SAMPLE_PROMPTS, limit=limit)
+def load_bundled(name: str = "sample", limit: int | None = None) -> list[EditSample]:
+    """A bundled data set (BUNDLED): 'sample', scikit-image's photos (cat, astronaut, coffee, ...) with written edit
+    prompts; 'scenes', the shapes model's rendered scenes with colour and shape edits and the edited object's mask."""
+    samples = load_folder(BUNDLED[name], limit=limit)
     for sample in samples:
-        sample.meta["dataset"] = "sample"
-    return samples
-
-
-def load_bundled_scenes(limit: int | None = None) -> list[EditSample]:
-    """The shapes model's examples: rendered scenes with colour and shape edits and the edited object's mask."""
-    samples = load_folder(SCENE_PROMPTS, limit=limit)
-    for sample in samples:
-        sample.meta["dataset"] = "scenes"
+        sample.meta["dataset"] = name
     return samples
 
 
 def load_dataset(spec: str | os.PathLike, limit: int | None = None) -> list[EditSample]:
     """Samples from 'sample', 'scenes', a GenAI-Bench .parquet, a PIE-Bench folder, or a prompts folder / .jsonl."""
     text = str(spec)
-    if text == "sample":
-        return load_bundled_sample(limit)
-    if text == "scenes":
-        return load_bundled_scenes(limit)
+    if text in BUNDLED:
+        return load_bundled(text, limit)
     path = Path(text).expanduser()
     if path.suffix.lower() == ".parquet":
         return load_genai_bench(path, limit)
@@ -293,5 +285,5 @@ def load_dataset(spec: str | os.PathLike, limit: int | None = None) -> list[Edit
     if (path.is_dir() and (path / "prompts.jsonl").is_file()) or (path.suffix.lower() == ".jsonl" and path.is_file()):
         return load_folder(path, limit)
     what = "does not exist" if not path.exists() else "is not a dataset this loader knows"
-    raise NTIError(f"dataset {text!r} {what}: give 'sample', 'scenes', a GenAI-Bench .parquet, a PIE-Bench folder (with "
-                   f"{PIE_MAPPING}), or a folder with prompts.jsonl / a .jsonl file")
+    raise NTIError(f"dataset {text!r} {what}: give 'sample', 'scenes', a GenAI-Bench .parquet, a PIE-Bench folder "
+                   f"(with {PIE_MAPPING}), or a folder with prompts.jsonl / a .jsonl file")

@@ -105,10 +105,12 @@ def parse_sweep(args) -> tuple[list[str], list[float], list[str]]:
 
 def run_settings(args, pipe, device, config, clip) -> dict:
     """Everything that changes a row's numbers or timings; a resumed run must match it exactly."""
+    from .data import BUNDLED
+
     skip = {"method", "guidance", "guidance_schedule", "export_cache"}
     if config.backend == "reference":
         skip.add("batch_size")  # the reference path always runs one image at a time
-    data = args.data if args.data in ("sample", "scenes") or not Path(args.data).exists() else str(Path(args.data).resolve())
+    data = args.data if args.data in BUNDLED or not Path(args.data).exists() else str(Path(args.data).resolve())
     settings = {"data": data, "model": pipe.name, "model_fingerprint": pipe.fingerprint, "device": device.type,
                 "clip": str(Path(clip.path).resolve()) if clip is not None else None}
     settings.update({k: v for k, v in dataclasses.asdict(config).items() if k not in skip})

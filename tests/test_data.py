@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from engine.config import NTIError
-from engine.data import (EditSample, decode_pie_mask, load_bundled_sample, load_dataset, load_folder,
+from engine.data import (EditSample, decode_pie_mask, load_bundled, load_dataset, load_folder,
                          load_genai_bench, load_pie_bench, strip_brackets)
 
 
@@ -170,7 +170,7 @@ def test_folder_loader_names_the_bad_line(prompt_folder, bad_line, message):
 
 
 def test_bundled_sample_is_offline_rgb_with_prompts():
-    samples = load_bundled_sample()
+    samples = load_bundled("sample")
     assert len(samples) >= 5 and len({s.id for s in samples}) == len(samples)
     for sample in samples:
         assert isinstance(sample, EditSample)
