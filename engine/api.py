@@ -107,13 +107,13 @@ def invert_cached(pipe: Pipeline, images, source_prompts: Sequence[str], config:
 
     squares, _ = prepare_images(pipe, images)  # load each image once: its pixels key the cache and feed invert
     prompts = _check_prompts(source_prompts, len(squares), "source prompts", pipe)
+    keys = [(pixel_hash(sq), p) for sq, p in zip(squares, prompts)]  # (pixels, prompt): the same job twice shares one
     paths = [None] * len(squares)
     if cache is not None:
-        paths = [Path(cache) / f"{inversion_key(pixel_hash(sq), p, pipe.fingerprint, config.result_settings())}"
-                 f".safetensors" for sq, p in zip(squares, prompts)]
+        paths = [Path(cache) / f"{inversion_key(h, p, pipe.fingerprint, config.result_settings())}.safetensors"
+                 for h, p in keys]
     inversions = [load_inversion(path) if path is not None and path.is_file() else None for path in paths]
     first = {}  # (pixels, prompt) -> index of its first job
-    keys = [(pixel_hash(sq), p) for sq, p in zip(squares, prompts)]
     for k, key in enumerate(keys):
         first.setdefault(key, k)
     missing = [k for k, inv in enumerate(inversions) if inv is None and first[keys[k]] == k]

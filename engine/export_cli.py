@@ -13,8 +13,8 @@ def add_export_parser(sub, add_common) -> None:
                        description="Build an ONNX / AOTInductor / TensorRT UNet into the export cache that "
                                    "`--forward-backend KIND --export-cache DIR` reads. An up-to-date entry is reused.")
     p.add_argument("--kind", choices=("onnx", "aoti", "tensorrt"), required=True)
-    p.add_argument("--model", default=None, help="local diffusers SD v1.x folder or cached repo id (default: the built-in "
-                   "shapes model; 'tiny' for the random one)")
+    p.add_argument("--model", default=None, help="local diffusers SD v1.x folder or cached repo id (default: the "
+                   "built-in shapes model; 'tiny' for the random one)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="compute precision of the export (ONNX "
                    "has fp32/fp16; bf16 falls back to fp32 there)")
     p.add_argument("--out", "--export-cache", dest="out", default=None,

@@ -1,4 +1,4 @@
-"""Stable Diffusion v1.x components: offline loading from a local diffusers folder; the built-in shapes and tiny models."""
+"""Stable Diffusion v1.x components: offline loading from a local diffusers folder; built-in shapes and tiny models."""
 from __future__ import annotations
 
 import hashlib
