@@ -7,13 +7,15 @@
    the share whose rendering the oracle reads back as the caption.
 2. Reconstruction of rendered scenes: PSNR of DDIM inversion and of null-text inversion at w=7.5, and of DDIM at
    w=1 (where the null text has no effect, so NTI is DDIM), next to the VAE's own ceiling.
-3. Edits: one colour swap and one shape swap of an object and one background swap per scene, from NTI (constant
-   and cosine-decayed guidance), direct and DDIM inversions (EDIT_ROWS); the share the oracle reads as the target
-   caption, and SSIM / PSNR outside what the edit names (the edited object's source and target masks grown by
-   1 px; for background swaps, the objects' cores) next to the NTI reconstruction's own score there. SSIM's 7x7
-   window reaches 3 px into the mask, so SSIM is also given clear of the object (mask grown by 3 more px: no
-   window sees the object).
-The picture shows, per scene: source | DDIM and NTI reconstructions | colour and shape edit of each SHEET_ROWS row.
+3. Edits, per scene: a colour swap and a shape swap of an object, a background swap, and an object added (to a
+   one-object scene) or removed (from a two-object scene), from NTI (constant and cosine-decayed guidance), direct
+   and DDIM inversions (EDIT_ROWS). Graded: the share the oracle reads as the target caption, and SSIM / PSNR
+   outside what the edit may change (`scenes.edit_mask`: the edited object's source and target masks grown by
+   1 px; for removals the removed object; for background swaps and additions, all but the source objects' cores)
+   next to the NTI reconstruction's own score there. SSIM's 7x7 window reaches 3 px into the mask, so SSIM is
+   also given clear of it (`metrics.clear_of`: mask grown by 3 more px, no window sees a masked pixel).
+The picture shows, per scene: source | DDIM and NTI reconstructions | colour, shape and add/remove edit of each
+SHEET_ROWS row.
 """
 from __future__ import annotations
 
@@ -27,26 +29,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
-
+from PIL import Image
 from engine import api, scenes
 from engine.config import NTIConfig
 from engine.evaluate import git_commit
 from engine.images import to_pil
-from engine.metrics import _SSIM_WINDOW, psnr, ssim
+from engine.metrics import clear_of, psnr, ssim
 from engine.models import decode_latents, encode_images, load_pipeline
 
 RESULTS = Path(__file__).parent / "results"
 
-
-def clear_of(mask: np.ndarray) -> np.ndarray:
-    """The mask grown by a full SSIM window (a square): no window centred outside it sees a masked pixel."""
-    return ndimage.binary_dilation(mask, structure=np.ones((_SSIM_WINDOW, _SSIM_WINDOW), bool))
 RECONSTRUCTION_ROWS = (  # name, method, guidance, schedule (cosine: decay from w to 1 over the denoising steps)
     ("ddim_w7.5", "ddim", 7.5, "constant"), ("nti_w7.5", "null-text", 7.5, "constant"),
     ("ddim_w7.5_cosine", "ddim", 7.5, "cosine"), ("nti_w7.5_cosine", "null-text", 7.5, "cosine"),
     ("ddim_w1", "ddim", 1.0, "constant"))
-EDIT_ROWS = {  # row -> (inversion, edit settings); P2P defaults: cross_replace 0.8, self_replace 0.5
+# row -> (inversion, edit settings); P2P defaults: cross_replace 0.8, self_replace 0.5. p2p-replace swaps words one
+# for one, so its rows edit additions and removals (different word counts) with p2p-refine (`edit_mode`).
+EDIT_ROWS = {
     "null-text + p2p-replace": ("nti_w7.5", dict(edit="p2p-replace")),
     "null-text + regenerate": ("nti_w7.5", dict(edit="regenerate")),
     "null-text, cosine w + p2p-replace": ("nti_w7.5_cosine", dict(edit="p2p-replace")),
@@ -120,21 +119,22 @@ def reconstruction(pipe, scene_list, steps: int, batch: int) -> tuple[dict, dict
     return summary, inversions, recons
 
 
-def changed_region(scene, target, index: int | None) -> np.ndarray:
-    """What an edit may change: the edited object before and after (grown by 1 px), or for a background swap
-    (index None) everything but the objects' cores (eroded by 1 px: their anti-aliased rims mix in the background)."""
-    if index is None:
-        return ~ndimage.binary_erosion(scenes.object_mask(scene, grow=0))
-    return scenes.edit_mask(scene, target, index)
+EDIT_KINDS = ("colour", "shape", "background", "add", "remove")
 
 
-def edits(pipe, scene_list, inversions: dict, seed: int, batch: int) -> tuple[dict, dict]:
-    """Colour, shape and background swaps of each scene under each EDIT_ROWS row, graded by the oracle.
+def edit_mode(kind: str, mode: str) -> str:
+    """The P2P mode an edit kind runs under in a row of `mode`: refine where the word counts differ."""
+    return "p2p-refine" if kind in ("add", "remove") and mode == "p2p-replace" else mode
 
-    Success: the oracle reads the edited image as the target caption (the edited object or background changed as
-    asked, nothing else did). Outside the changed region (`changed_region`): SSIM and PSNR against the source scene.
-    Returns the summary and, per row, the edited images in job order (colour then shape edit of each scene, then
-    the background swaps).
+
+def edits(pipe, scene_list, inversions: dict, seed: int, batch: int) -> tuple[dict, dict, list]:
+    """EDIT_KINDS edits of each scene under each EDIT_ROWS row, graded by the oracle.
+
+    Success: the oracle reads the edited image as the target caption (what the edit names changed as asked,
+    nothing else did). Outside what the edit may change (`scenes.edit_mask`): SSIM and PSNR against the source.
+    Returns the summary, per row the edited images in job order, and the jobs: (kind, scene index, source scene,
+    target scene, object index), colour then shape edit of each scene, then the background swaps, then the
+    additions and removals.
     """
     rng = random.Random(seed)
     jobs = []  # (kind, scene index, source scene, target scene, object index or None)
@@ -144,18 +144,31 @@ def edits(pipe, scene_list, inversions: dict, seed: int, batch: int) -> tuple[di
     for k, scene in enumerate(scene_list):
         other = rng.choice([b for b in scenes.BACKGROUNDS if b != scene.background])
         jobs.append(("background", k, scene, replace(scene, background=other), None))
+    rng = random.Random(seed + 2)
+    for k, scene in enumerate(scene_list):
+        added_or_removed = scenes.add_or_remove(rng, scene)  # None: no room beside the one object for another
+        if added_or_removed:
+            kind, target, index = added_or_removed
+            jobs.append((kind, k, scene, target, index))
     sources = [scenes.render(s) for s in scene_list]
     out, images = {}, {}
     for name, (method, settings) in EDIT_ROWS.items():
         config = NTIConfig(backend="fast", batch_size=batch, **settings)
+        groups = {}  # edit mode -> job indices
+        for i, job in enumerate(jobs):
+            groups.setdefault(edit_mode(job[0], config.edit), []).append(i)
+        edited = [None] * len(jobs)
         start = time.perf_counter()
-        edited = api.edit(pipe, [inversions[method][j[1]] for j in jobs], [j[3].caption for j in jobs], config,
-                          progress=False)
+        for mode, indices in groups.items():
+            done = api.edit(pipe, [inversions[method][jobs[i][1]] for i in indices],
+                            [jobs[i][3].caption for i in indices], config.replace(edit=mode), progress=False)
+            for i, image in zip(indices, done):
+                edited[i] = image
         seconds = (time.perf_counter() - start) / len(jobs)
         images[name] = edited
-        rows = {"colour": [], "shape": [], "background": []}
+        rows = {kind: [] for kind in EDIT_KINDS}
         for (kind, k, scene, target, index), image in zip(jobs, edited):
-            mask = changed_region(scene, target, index)
+            mask = scenes.edit_mask(scene, target, index)
             rows[kind].append((scenes.read_scene(image).matches(target.caption),
                                ssim(sources[k], image, mask=mask), psnr(sources[k], image, mask=mask),
                                ssim(sources[k], image, mask=clear_of(mask))))
@@ -166,29 +179,30 @@ def edits(pipe, scene_list, inversions: dict, seed: int, batch: int) -> tuple[di
                             if not np.isnan([x[3] for x in r]).all() else None,
                             "outside_ssim_when_successful": round(float(np.mean([x[1] for x in r if x[0]])), 4)
                             if any(x[0] for x in r) else None}
-                     for kind, r in rows.items()}
+                     for kind, r in rows.items() if r}
         out[name]["edit_s_per_image"] = round(seconds, 3)
         print(name, json.dumps(out[name]), flush=True)
     # the reconstruction's own score outside the same masks: what "unchanged" looks like after a round trip
     recon = api.reconstruct(pipe, inversions["nti_w7.5"], NTIConfig(backend="fast", batch_size=batch),
                             progress=False)
-    masks = [changed_region(scene, target, index) for kind, _, scene, target, index in jobs if kind != "background"]
+    swaps = [j for j in jobs if j[0] in ("colour", "shape")]
+    masks = [scenes.edit_mask(scene, target, index) for _, _, scene, target, index in swaps]
     clear = [clear_of(m) for m in masks]
-    cores = [changed_region(scene, target, index) for kind, _, scene, target, index in jobs if kind == "background"]
+    cores = [scenes.edit_mask(scene, target, index) for kind, _, scene, target, index in jobs if kind == "background"]
+    removed = [psnr(sources[k], recon[k], mask=scenes.edit_mask(*job)) for kind, k, *job in jobs if kind == "remove"]
     out["nti_reconstruction_outside"] = {
-        "ssim": round(float(np.mean([ssim(sources[j[1]], recon[j[1]], mask=m) for j, m in zip(jobs, masks)])), 4),
-        "psnr": round(float(np.mean([psnr(sources[j[1]], recon[j[1]], mask=m) for j, m in zip(jobs, masks)])), 2),
+        "ssim": round(float(np.mean([ssim(sources[j[1]], recon[j[1]], mask=m) for j, m in zip(swaps, masks)])), 4),
+        "psnr": round(float(np.mean([psnr(sources[j[1]], recon[j[1]], mask=m) for j, m in zip(swaps, masks)])), 2),
         "ssim_clear_of_object": round(float(np.nanmean([ssim(sources[j[1]], recon[j[1]], mask=m)
-                                                        for j, m in zip(jobs, clear)])), 4),
+                                                        for j, m in zip(swaps, clear)])), 4),
         "psnr_object_cores": round(float(np.mean([psnr(s, r, mask=m) for s, r, m in zip(sources, recon, cores)])),
-                                   2)}
-    return out, images
+                                   2),  # what background swaps and additions must keep
+        "psnr_outside_removed_object": round(float(np.mean(removed)), 2) if removed else None}
+    return out, images, jobs
 
 
 def edit_sheet(rows: list[list], path: Path, scale: int = 4) -> Path:
     """A PNG grid of 32 px images (one list per row), each scaled up `scale` times without smoothing."""
-    from PIL import Image
-
     side = scenes.RESOLUTION * scale
     gap = 2 * scale
     sheet = Image.new("RGB", (len(rows[0]) * (side + gap) - gap, len(rows) * (side + gap) - gap), (255, 255, 255))
@@ -224,10 +238,15 @@ def main(argv=None) -> dict:
     scene_list = [scenes.random_scene(scene_rng) for _ in range(n_scenes)]
     result["reconstruction_psnr"], inversions, recons = reconstruction(pipe, scene_list, args.steps, args.batch)
     print(json.dumps(result["reconstruction_psnr"]))
-    result["edits"], edited = edits(pipe, scene_list, inversions, args.seed + 200, args.batch)
-    # per scene: source | DDIM w=7.5 | NTI w=7.5 reconstructions | colour edit, shape edit of each SHEET_ROWS row
+    result["edits"], edited, jobs = edits(pipe, scene_list, inversions, args.seed + 200, args.batch)
+    # per scene: source | DDIM w=7.5 | NTI w=7.5 reconstructions | colour, shape, add/remove edit of each SHEET_ROWS
+    # row (jobs run colour and shape of each scene, then the background swaps, then the additions and removals)
+    job = {(kind.replace("remove", "add"), k): j for j, (kind, k, *_) in enumerate(jobs)}
+    blank = Image.new("RGB", (scenes.RESOLUTION,) * 2, (255, 255, 255))  # a one-object scene with no room to add
     sheet = [[scenes.render(s), recons["ddim_w7.5"][k], recons["nti_w7.5"][k]]
-             + [edited[row][2 * k + e] for row in SHEET_ROWS for e in (0, 1)] for k, s in enumerate(scene_list[:8])]
+             + [edited[row][job[kind, k]] if (kind, k) in job else blank
+                for row in SHEET_ROWS for kind in ("colour", "shape", "add")]
+             for k, s in enumerate(scene_list[:8])]
     suffix = f"{args.device}{'_quick' if args.quick else ''}"
     out = Path(args.out or RESULTS / f"testbed_shapes_{suffix}.json")
     picture = edit_sheet(sheet, out.with_suffix(".png"))  # next to the JSON

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 from skimage.color import rgb2gray
 from skimage.metrics import mean_squared_error, structural_similarity
 from skimage.transform import resize
@@ -84,6 +85,11 @@ def ssim(a, b, mask=None) -> float:
     interior[pad:keep.shape[0] - pad, pad:keep.shape[1] - pad] = True
     keep &= interior
     return float(ssim_map[keep].mean()) if keep.any() else math.nan
+
+
+def clear_of(mask) -> np.ndarray:
+    """The mask grown by a whole SSIM window: no window centred outside it sees a masked pixel."""
+    return ndimage.binary_dilation(np.asarray(mask, bool), structure=np.ones((_SSIM_WINDOW, _SSIM_WINDOW), bool))
 
 
 def mse(a, b, mask=None) -> float:

@@ -213,9 +213,63 @@ def replace_object(scene: Scene, index: int, **fields) -> Scene:
     return replace(scene, objects=tuple(objects))
 
 
-def edit_mask(scene: Scene, target: Scene, index: int) -> np.ndarray:
-    """What an edit of object `index` may change: that object in the source and in the target, grown by 1 px."""
+def remove_object(scene: Scene, index: int) -> Scene:
+    """The scene without object `index` (its words leave the caption)."""
+    return replace(scene, objects=scene.objects[:index] + scene.objects[index + 1:])
+
+
+def add_object(rng: random.Random, scene: Scene, min_size: float = 9.0) -> tuple[Scene, int]:
+    """A one-object scene with a second object (another colour, any shape) beside it, on the side with more room.
+
+    Returns the target scene and the new object's index (0: left of the kept object, 1: right of it). Sizes follow
+    the two-object training scenes (9-12 px); ValueError if the kept object leaves no room for `min_size` px.
+    """
+    if len(scene.objects) != 1:
+        raise ValueError(f"add_object takes a one-object scene, got {len(scene.objects)} objects")
+    kept = scene.objects[0]
+    left_edge, right_edge = kept.cx - kept.size / 2, kept.cx + kept.size / 2
+    left_room, right_room = left_edge - 3, RESOLUTION - 3 - right_edge  # 1 px to the border, 2 between
+    room = max(left_room, right_room)
+    if room < min_size:
+        raise ValueError(f"no room beside {kept} for a {min_size:g} px object")
+    size = rng.uniform(min_size, min(12.0, room))
+    half = size / 2
+    left = left_room > right_room
+    cx = rng.uniform(1 + half, left_edge - 2 - half) if left else rng.uniform(right_edge + 2 + half,
+                                                                              RESOLUTION - 1 - half)
+    new = Shape(rng.choice([c for c in COLOURS if c != kept.colour]), rng.choice(SHAPES), cx,
+                rng.uniform(half + 2, RESOLUTION - half - 2), size)
+    return replace(scene, objects=(new, kept) if left else (kept, new)), 0 if left else 1
+
+
+def edit_mask(scene: Scene, target: Scene, index: int | None) -> np.ndarray:
+    """HxW bool of what the edit scene -> target may change (True); the rest must survive it.
+
+    Swapping an object's colour or shape (`index` names it): that object in the source and in the target, grown by
+    1 px. Removing object `index`: its source mask, grown by 1 px. Adding an object, or swapping the background
+    (`index` None): everything but the source objects' cores (eroded by 1 px, as their anti-aliased rims mix in the
+    background), since where a new object lands is the model's choice.
+    """
+    n_source, n_target = len(scene.objects), len(target.objects)
+    if index is None or n_target > n_source:
+        return ~ndimage.binary_erosion(object_mask(scene, grow=0))
+    if n_target < n_source:
+        return object_mask(scene, index)
     return object_mask(scene, index) | object_mask(target, index)
+
+
+def add_or_remove(rng: random.Random, scene: Scene) -> tuple[str, Scene, int] | None:
+    """A second object added to a one-object scene, or one of two objects removed: (edit kind, target, index).
+
+    None for a one-object scene whose object leaves no room for a second (`add_object`).
+    """
+    if len(scene.objects) == 1:
+        try:
+            return ("add", *add_object(rng, scene))
+        except ValueError:
+            return None
+    index = rng.randrange(len(scene.objects))
+    return "remove", remove_object(scene, index), index
 
 
 def edit_pairs(rng: random.Random, scene: Scene) -> list[tuple[str, Scene, int]]:
