@@ -211,8 +211,9 @@ def test_colour_and_shape_edits_change_the_object_and_keep_the_rest(shapes_pipe,
 def test_add_and_remove_edits_reach_the_target_caption(shapes_pipe):
     """P2P refinement (word counts differ) on direct inversions: the oracle must read the object added or removed.
 
-    Benchmark (direct + p2p-refine): 89% of 18 additions, 100% of 9 removals. The kept object is not held in place (the model re-lays-out scenes whose object count changes), so only the oracle
-    is asserted here. Measured here: 8 of 8 edits (4 additions, 4 removals) read as the target.
+    Benchmark (direct + p2p-refine): 89% of 18 additions, 100% of 9 removals. The kept object is not held in place
+    (the model lays out anew a scene whose object count changes), so only the oracle is asserted here. Measured
+    here: 8 of 8 edits (4 additions, 4 removals) read as the target.
     """
     rng, jobs = random.Random(21), []
     scene_list = [scenes.random_scene(rng) for _ in range(10)]
