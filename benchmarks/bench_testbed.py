@@ -53,6 +53,7 @@ EDIT_ROWS = {
     "direct + p2p-replace": ("direct_w7.5", dict(edit="p2p-replace")),
     "ddim + p2p-replace": ("ddim_w7.5", dict(edit="p2p-replace")),
 }
+EDIT_KINDS = ("colour", "shape", "background", "add", "remove")
 SHEET_ROWS = ("null-text + p2p-replace", "null-text, cosine w + p2p-replace", "direct + p2p-replace")
 
 
@@ -119,16 +120,14 @@ def reconstruction(pipe, scene_list, steps: int, batch: int) -> tuple[dict, dict
     return summary, inversions, recons
 
 
-EDIT_KINDS = ("colour", "shape", "background", "add", "remove")
-
-
 def edit_mode(kind: str, mode: str) -> str:
     """The P2P mode an edit kind runs under in a row of `mode`: refine where the word counts differ."""
     return "p2p-refine" if kind in ("add", "remove") and mode == "p2p-replace" else mode
 
 
-def edits(pipe, scene_list, inversions: dict, seed: int, batch: int) -> tuple[dict, dict, list]:
-    """EDIT_KINDS edits of each scene under each EDIT_ROWS row, graded by the oracle.
+def edits(pipe, scene_list, inversions: dict, recon: list, seed: int, batch: int) -> tuple[dict, dict, list]:
+    """EDIT_KINDS edits of each scene under each EDIT_ROWS row, graded by the oracle; `recon`: the NTI w=7.5
+    reconstructions, scored outside the same masks.
 
     Success: the oracle reads the edited image as the target caption (what the edit names changed as asked,
     nothing else did). Outside what the edit may change (`scenes.edit_mask`): SSIM and PSNR against the source.
@@ -151,6 +150,7 @@ def edits(pipe, scene_list, inversions: dict, seed: int, batch: int) -> tuple[di
             kind, target, index = added_or_removed
             jobs.append((kind, k, scene, target, index))
     sources = [scenes.render(s) for s in scene_list]
+    masks = [scenes.edit_mask(scene, target, index) for _, _, scene, target, index in jobs]  # what each may change
     out, images = {}, {}
     for name, (method, settings) in EDIT_ROWS.items():
         config = NTIConfig(backend="fast", batch_size=batch, **settings)
@@ -167,8 +167,7 @@ def edits(pipe, scene_list, inversions: dict, seed: int, batch: int) -> tuple[di
         seconds = (time.perf_counter() - start) / len(jobs)
         images[name] = edited
         rows = {kind: [] for kind in EDIT_KINDS}
-        for (kind, k, scene, target, index), image in zip(jobs, edited):
-            mask = scenes.edit_mask(scene, target, index)
+        for (kind, k, _, target, _), image, mask in zip(jobs, edited, masks):
             rows[kind].append((scenes.read_scene(image).matches(target.caption),
                                ssim(sources[k], image, mask=mask), psnr(sources[k], image, mask=mask),
                                ssim(sources[k], image, mask=clear_of(mask))))
@@ -183,18 +182,14 @@ def edits(pipe, scene_list, inversions: dict, seed: int, batch: int) -> tuple[di
         out[name]["edit_s_per_image"] = round(seconds, 3)
         print(name, json.dumps(out[name]), flush=True)
     # the reconstruction's own score outside the same masks: what "unchanged" looks like after a round trip
-    recon = api.reconstruct(pipe, inversions["nti_w7.5"], NTIConfig(backend="fast", batch_size=batch),
-                            progress=False)
-    swaps = [j for j in jobs if j[0] in ("colour", "shape")]
-    masks = [scenes.edit_mask(scene, target, index) for _, _, scene, target, index in swaps]
-    clear = [clear_of(m) for m in masks]
-    cores = [scenes.edit_mask(scene, target, index) for kind, _, scene, target, index in jobs if kind == "background"]
-    removed = [psnr(sources[k], recon[k], mask=scenes.edit_mask(*job)) for kind, k, *job in jobs if kind == "remove"]
+    swaps = [(j[1], m) for j, m in zip(jobs, masks) if j[0] in ("colour", "shape")]  # (scene index, mask)
+    cores = [m for j, m in zip(jobs, masks) if j[0] == "background"]  # one per scene, in scene order
+    removed = [psnr(sources[j[1]], recon[j[1]], mask=m) for j, m in zip(jobs, masks) if j[0] == "remove"]
     out["nti_reconstruction_outside"] = {
-        "ssim": round(float(np.mean([ssim(sources[j[1]], recon[j[1]], mask=m) for j, m in zip(swaps, masks)])), 4),
-        "psnr": round(float(np.mean([psnr(sources[j[1]], recon[j[1]], mask=m) for j, m in zip(swaps, masks)])), 2),
-        "ssim_clear_of_object": round(float(np.nanmean([ssim(sources[j[1]], recon[j[1]], mask=m)
-                                                        for j, m in zip(swaps, clear)])), 4),
+        "ssim": round(float(np.mean([ssim(sources[k], recon[k], mask=m) for k, m in swaps])), 4),
+        "psnr": round(float(np.mean([psnr(sources[k], recon[k], mask=m) for k, m in swaps])), 2),
+        "ssim_clear_of_object": round(float(np.nanmean([ssim(sources[k], recon[k], mask=clear_of(m))
+                                                        for k, m in swaps])), 4),
         "psnr_object_cores": round(float(np.mean([psnr(s, r, mask=m) for s, r, m in zip(sources, recon, cores)])),
                                    2),  # what background swaps and additions must keep
         "psnr_outside_removed_object": round(float(np.mean(removed)), 2) if removed else None}
@@ -238,7 +233,8 @@ def main(argv=None) -> dict:
     scene_list = [scenes.random_scene(scene_rng) for _ in range(n_scenes)]
     result["reconstruction_psnr"], inversions, recons = reconstruction(pipe, scene_list, args.steps, args.batch)
     print(json.dumps(result["reconstruction_psnr"]))
-    result["edits"], edited, jobs = edits(pipe, scene_list, inversions, args.seed + 200, args.batch)
+    result["edits"], edited, jobs = edits(pipe, scene_list, inversions, recons["nti_w7.5"], args.seed + 200,
+                                          args.batch)
     # per scene: source | DDIM w=7.5 | NTI w=7.5 reconstructions | colour, shape, add/remove edit of each SHEET_ROWS
     # row (jobs run colour and shape of each scene, then the background swaps, then the additions and removals)
     job = {(kind.replace("remove", "add"), k): j for j, (kind, k, *_) in enumerate(jobs)}

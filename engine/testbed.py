@@ -31,7 +31,7 @@ from tqdm import tqdm
 from . import scenes
 from .ddim import make_schedule
 from .models import (SHAPES_FOLDER, VOCABULARY_FILE, _assemble, build_word_tokenizer, fingerprint_modules,
-                     save_pipeline_folder)
+                     parse_device, save_pipeline_folder)
 
 MAX_TOKENS = 16  # longest caption is 11 words + start/end tokens
 
@@ -209,8 +209,7 @@ def train(config: TrainConfig, out: Path, work: Path, device: str = "auto") -> P
     log_path = work / "log.json"
     log = json.loads(log_path.read_text()) if log_path.exists() else []
     unet, vae, text_encoder, tokenizer, scheduler_config = build_shapes_components(config.seed)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
+    dev = parse_device(device)
     unet, vae, text_encoder = unet.to(dev), vae.to(dev), text_encoder.to(dev)
     started = time.time()
     try:
