@@ -68,7 +68,7 @@ def invert(pipe: Pipeline, images, source_prompts: Sequence[str] | str, config: 
     config.validate()
     squares, pixels = prepare_images(pipe, images)
     prompts = _check_prompts(source_prompts, len(squares), "source prompts", pipe)
-    schedule = make_schedule(pipe.scheduler_config, config.steps, config.steps_offset)
+    schedule = make_schedule(pipe.scheduler_config, config.steps, config.timestep_offset(pipe.scheduler_config))
     weights = guidance_weights(config.guidance, config.steps, config.guidance_schedule, config.guidance_min)
     start = time.perf_counter()
     z0 = encode_images(pipe, pixels)
@@ -90,7 +90,8 @@ def invert(pipe: Pipeline, images, source_prompts: Sequence[str] | str, config: 
             null_embeddings=None if res["embeddings"] is None else res["embeddings"].float().cpu(),
             pivots=None if res.get("pivots") is None else res["pivots"].reshape(-1, *z0.shape[1:]).float().cpu(),
             source_prompt=prompts[k], image_hash=pixel_hash(squares[k]), model_name=pipe.name,
-            model_fingerprint=pipe.fingerprint, settings=config.result_settings(), iterations=res["iterations"],
+            model_fingerprint=pipe.fingerprint, settings=config.result_settings(pipe.scheduler_config),
+            iterations=res["iterations"],
             losses=res["losses"], fp32_retries=res.get("fp32_retries", []), timings=res["timings"]))
     return inversions
 
@@ -110,8 +111,8 @@ def invert_cached(pipe: Pipeline, images, source_prompts: Sequence[str], config:
     keys = [(pixel_hash(sq), p) for sq, p in zip(squares, prompts)]  # (pixels, prompt): the same job twice shares one
     paths = [None] * len(squares)
     if cache is not None:
-        paths = [Path(cache) / f"{inversion_key(h, p, pipe.fingerprint, config.result_settings())}.safetensors"
-                 for h, p in keys]
+        settings = config.result_settings(pipe.scheduler_config)
+        paths = [Path(cache) / f"{inversion_key(h, p, pipe.fingerprint, settings)}.safetensors" for h, p in keys]
     inversions = [load_inversion(path) if path is not None and path.is_file() else None for path in paths]
     first = {}  # (pixels, prompt) -> index of its first job
     for k, key in enumerate(keys):
@@ -265,7 +266,7 @@ def generate(pipe: Pipeline, prompts: Sequence[str] | str, config: NTIConfig | N
     """Text-to-image from seeded noise with CFG (the evaluation's baseline: no inversion at all)."""
     config = config or NTIConfig()
     prompts = _check_prompts([prompts] if isinstance(prompts, str) else list(prompts), None, "prompts", pipe)
-    schedule = make_schedule(pipe.scheduler_config, config.steps, config.steps_offset)
+    schedule = make_schedule(pipe.scheduler_config, config.steps, config.timestep_offset(pipe.scheduler_config))
     weights = guidance_weights(config.guidance, config.steps, config.guidance_schedule, config.guidance_min)
     generator = torch.Generator().manual_seed(config.seed)
     out = []

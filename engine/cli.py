@@ -57,6 +57,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
     g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance weight (default 7.5)")
     g.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default="constant")
+    g.add_argument("--steps-offset", type=non_negative_int, default=None,
+                   help="DDIM timestep offset (default: the model's scheduler config; SD v1.4: 1, t = 981..1)")
     g.add_argument("--inner-steps", type=non_negative_int, default=10, help="Adam iterations per step (default 10)")
     g.add_argument("--no-early-stop", action="store_true", help="always run every inner iteration")
     g.add_argument("--seed", type=int, default=0)
@@ -130,6 +132,7 @@ def config_from_args(args, device) -> NTIConfig:
     precision = args.precision or ("bf16" if cuda and backend == "fast" else "fp32")
     return NTIConfig(method=args.method, steps=args.steps, guidance=args.guidance,
                      guidance_schedule=args.guidance_schedule, inner_steps=args.inner_steps,
+                     steps_offset=args.steps_offset,
                      early_stop=not args.no_early_stop, seed=args.seed, backend=backend, batch_size=args.batch_size,
                      precision=precision, attention=args.attention, compile=args.compile,
                      cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,

@@ -46,8 +46,11 @@ class NTIConfig:
     """Stop an image's inner loop once its loss < early_stop_eps + i * 2e-5 (notebook). Off for fixed-cost timing."""
     early_stop_eps: float = 1e-5
     """Base threshold of the early stop."""
-    steps_offset: int = 0
-    """DDIM timestep offset. The notebook builds DDIMScheduler with the default 0 (t = 980..0), not SD's 1."""
+    steps_offset: int | None = None
+    """DDIM timestep offset; None = the model's scheduler_config.json (1 for SD v1.4 and the shapes model, so
+    t = 981, 961, ..., 1). That is what the notebook really runs: StableDiffusionPipeline.from_pretrained sets
+    steps_offset=1 on the DDIMScheduler it is handed. Risk of 0 (t = 980..0): the first inversion step and the last
+    denoising step become identities, and the last null-text step has zero gradient (10 wasted passes)."""
     seed: int = 0
     """Seed for anything random (baseline generation from noise). Inversion itself is deterministic."""
 
@@ -168,14 +171,24 @@ class NTIConfig:
             raise NTIError(f"inner_steps must be a non-negative integer; got {self.inner_steps!r}")
         if not self.guidance >= 0:
             raise NTIError(f"guidance must be >= 0; got {self.guidance!r}")
+        if self.steps_offset is not None and (not isinstance(self.steps_offset, int) or self.steps_offset < 0):
+            raise NTIError(f"steps_offset must be a non-negative integer or None (the model's); "
+                           f"got {self.steps_offset!r}")
         if not self.lr > 0:
             raise NTIError(f"lr must be > 0; got {self.lr!r}")
 
-    def result_settings(self) -> dict:
-        """The settings that change an inversion's result (the cache key and the artifact's record)."""
+    def timestep_offset(self, scheduler_config: dict) -> int:
+        """The DDIM steps_offset this config runs with a model's scheduler config (diffusers' default: 0)."""
+        if self.steps_offset is not None:
+            return self.steps_offset
+        return int(scheduler_config.get("steps_offset", 0))
+
+    def result_settings(self, scheduler_config: dict) -> dict:
+        """The settings that change an inversion's result (the cache key and the artifact's record), with the
+        timestep offset resolved against the model's scheduler config."""
         keys = ("method", "steps", "guidance", "guidance_schedule", "guidance_min", "inner_steps", "lr",
-                "early_stop", "early_stop_eps", "steps_offset", "precision")
-        return {k: getattr(self, k) for k in keys}
+                "early_stop", "early_stop_eps", "precision")
+        return {**{k: getattr(self, k) for k in keys}, "steps_offset": self.timestep_offset(scheduler_config)}
 
     def replace(self, **changes) -> "NTIConfig":
         return dataclasses.replace(self, **changes)

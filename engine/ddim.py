@@ -13,7 +13,7 @@ class DDIMSchedule:
     """Timesteps and cumulative alphas of one DDIM run; `alpha(t)` is alpha_bar_t with t < 0 -> final alpha."""
 
     alphas_cumprod: torch.Tensor  # (num_train_timesteps,) fp32, as diffusers computes them
-    timesteps: list[int]  # denoising order, e.g. 980, 960, ..., 0
+    timesteps: list[int]  # denoising order, e.g. 981, 961, ..., 1 (SD v1.4's steps_offset=1)
     step_ratio: int
     final_alpha: float  # alpha_bar for t < 0; set_alpha_to_one=False -> alphas_cumprod[0] (SD v1.x, notebook)
 
@@ -35,8 +35,11 @@ class DDIMSchedule:
         return t, self.alpha(t - self.step_ratio), self.alpha(t)
 
 
-def make_schedule(scheduler_config: dict, steps: int, steps_offset: int = 0) -> DDIMSchedule:
-    """DDIM timesteps ('leading' spacing) and alphas from a model's scheduler config, betas as diffusers builds them."""
+def make_schedule(scheduler_config: dict, steps: int, steps_offset: int | None = None) -> DDIMSchedule:
+    """DDIM timesteps ('leading' spacing) and alphas from a model's scheduler config, betas as diffusers builds them;
+    steps_offset None = the config's own (SD v1.4: 1, t = 981..1)."""
+    if steps_offset is None:
+        steps_offset = int(scheduler_config.get("steps_offset", 0))
     scheduler = DDIMScheduler.from_config(
         scheduler_config, clip_sample=False, set_alpha_to_one=False, steps_offset=steps_offset,
         timestep_spacing="leading", prediction_type="epsilon")

@@ -13,8 +13,11 @@ SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 
 
 
 def test_schedule_is_the_notebooks():
+    """The notebook's pipeline sets steps_offset=1 (SD v1.4's scheduler config says so too): t = 981, 961, ..., 1."""
     sched = make_schedule(SD_SCHEDULER, 50)
-    assert sched.timesteps[0] == 980 and sched.timesteps[-1] == 0 and len(sched.timesteps) == 50
+    assert sched.timesteps == list(range(981, 0, -20))
+    assert make_schedule(SD_SCHEDULER, 50, steps_offset=0).timesteps == list(range(980, -1, -20))  # explicit override
+    assert make_schedule({k: v for k, v in SD_SCHEDULER.items() if k != "steps_offset"}, 50).timesteps[0] == 980
     assert sched.final_alpha == pytest.approx(float(sched.alphas_cumprod[0]))  # set_alpha_to_one=False
     # scaled_linear betas: sqrt-space linspace, squared
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
@@ -25,7 +28,7 @@ def test_schedule_is_the_notebooks():
 def test_ddim_step_matches_diffusers(steps):
     ours = make_schedule(SD_SCHEDULER, steps)
     ref = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                        set_alpha_to_one=False)
+                        set_alpha_to_one=False, steps_offset=1)
     ref.set_timesteps(steps)
     assert [int(t) for t in ref.timesteps] == ours.timesteps
     gen = torch.Generator().manual_seed(0)
@@ -38,7 +41,7 @@ def test_ddim_step_matches_diffusers(steps):
 def test_inversion_step_matches_diffusers_inverse_scheduler():
     ours = make_schedule(SD_SCHEDULER, 50)
     inv = DDIMInverseScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                               set_alpha_to_one=False)
+                               set_alpha_to_one=False, steps_offset=1)
     inv.set_timesteps(50)
     gen = torch.Generator().manual_seed(1)
     for i, t in enumerate(inv.timesteps):
@@ -48,12 +51,15 @@ def test_inversion_step_matches_diffusers_inverse_scheduler():
         assert rel_err(ddim_step(x, eps, a_from, a_to), inv.step(eps, int(t), x).prev_sample) < 1e-5, f"step {i}"
 
 
-def test_first_inversion_step_is_identity():
-    # t=0 inverts from alpha_final == alphas[0] to alphas[0]: the notebook's first step leaves z unchanged
-    sched = make_schedule(SD_SCHEDULER, 50)
-    _, a_from, a_to = sched.invert_alphas(0)
+def test_first_inversion_step_moves_only_with_offset_one():
+    """With SD's offset 1 the first inversion step goes from alpha_final = alphas[0] to alphas[1] (t=1), a real
+    step; with offset 0 it would go from alphas[0] to alphas[0] (t=0): an identity, and so a wasted last
+    null-text step."""
     x, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
-    assert torch.allclose(ddim_step(x, eps, a_from, a_to), x, atol=1e-6)
+    t, a_from, a_to = make_schedule(SD_SCHEDULER, 50).invert_alphas(0)
+    assert t == 1 and rel_err(ddim_step(x, eps, a_from, a_to), x) > 1e-3
+    t, a_from, a_to = make_schedule(SD_SCHEDULER, 50, steps_offset=0).invert_alphas(0)
+    assert t == 0 and torch.allclose(ddim_step(x, eps, a_from, a_to), x, atol=1e-6)
 
 
 def test_per_image_coefficients_equal_scalar_calls():
