@@ -8,6 +8,9 @@ code does (LOW_RESOURCE = False). No layer falls back to explicit 4096 x 4096 at
   so P' V_t = SDPA(Q_s, K_s, A V_t) + SDPA(Q_t, K_t, b V_t) with A = M diag(alpha * eq) and b = (1 - alpha) * eq
   (the fast path); the reference path forms the small (queries x 77) maps P_s, P_t explicitly instead;
 - local blending needs the blend words' maps at one resolution only: those are computed explicitly there.
+Token alignment (replace_mapper, refine_mapper) gives exactly the official seq_aligner's matrices, including
+where they map a token to another word's position, so results compare with published P2P numbers
+(docs/p2p.md: the rules, and why the project's former alignment was dropped).
 """
 from __future__ import annotations
 
@@ -58,35 +61,37 @@ def word_positions(tokenizer, prompt: str, word: str) -> list[int]:
     return out
 
 
-def _pad_map(mapper: torch.Tensor, src_len: int, tgt_len: int) -> None:
-    """Map the k-th position after each prompt's end token to each other (padding: end tokens in CLIP)."""
-    size = mapper.shape[0]
-    for k in range(size - tgt_len):
-        mapper[min(src_len + k, size - 1), tgt_len + k] = 1.0
-
-
 def replace_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
-    """P2P word swap: (77, 77) M, M[i, j] = share of source token i's attention given to target token j.
+    """P2P word swap as the official seq_aligner's get_replacement_mapper: (n, n) M over the tokenizer's n
+    positions, M[i, j] = share of source token i's attention that target token j takes.
 
-    Prompts must have the same number of words. Unchanged words map token to token; a swapped word with the same
-    token count maps token to token, otherwise each of its target tokens gets the source word's attention / count
-    (the official seq_aligner's rule)."""
+    The prompts must have the same number of words; a word whose text differs from the source's is swapped.
+    Source position i and target position j walk together from the start token. At a swapped word, its source
+    tokens give their attention to its target tokens: one to one when the token counts agree, else every source
+    token 1 / (target count) to each target token. Before the last swapped word, other positions map i -> j;
+    after it, j -> j (the official rule: where a swap changed the token count, the rest of the target prompt takes
+    the source tokens at its own positions, not the shifted words). The walk stops when either side runs out."""
     src, tgt = word_tokens(tokenizer, source), word_tokens(tokenizer, target)
     if len(src) != len(tgt):
         raise NTIError(f"p2p-replace swaps words one for one, but {source!r} has {len(src)} words and {target!r} "
                        f"has {len(tgt)}; use p2p-refine for prompts that add or remove words")
+    # swapped words by their first source position; a word truncated away on the source side takes no part
+    swaps = {s[0]: (s, t) for (ws, s), (wt, t) in zip(src, tgt) if ws != wt and s}
     size = tokenizer.model_max_length
     mapper = torch.zeros(size, size)
-    mapper[0, 0] = 1.0  # start token
-    for (_, s), (_, t) in zip(src, tgt):
-        if len(s) == len(t):
-            mapper[s, t] = 1.0
-        elif s and t:
-            for j in t:
-                mapper[s, j] = 1.0 / len(t)
-    src_len = 1 + sum(len(s) for _, s in src)
-    tgt_len = 1 + sum(len(t) for _, t in tgt)
-    _pad_map(mapper, src_len, tgt_len)
+    i = j = 0
+    while i < size and j < size:
+        if i in swaps:
+            s, t = swaps.pop(i)
+            if len(s) == len(t):
+                mapper[s, t] = 1.0
+            elif t:
+                for k in s:
+                    mapper[k, t] = 1.0 / len(t)
+            i, j = i + len(s), j + len(t)
+        else:
+            mapper[i if swaps else j, j] = 1.0  # i -> j while a swapped word is ahead, j -> j after the last
+            i, j = i + 1, j + 1
     return mapper
 
 
@@ -113,16 +118,18 @@ def _align(x: list[int], y: list[int]) -> list[tuple[int, int]]:
 
 
 def refine_mapper(tokenizer, source: str, target: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """P2P refinement: (M (77, 77), alpha (77,)). Target token j takes source token i's attention where the
-    sequences align (M[i, j] = 1, alpha[j] = 1); new target tokens keep their own attention (alpha[j] = 0)."""
+    """P2P refinement as the official seq_aligner's get_refinement_mapper: (M (n, n), alpha (n,)). Target token j
+    takes source token i's attention where the token sequences align (M[i, j] = 1, alpha[j] = 1); new target
+    tokens keep their own attention (alpha[j] = 0). Past the target's end token, position j takes source
+    position j (the official rule; after a removal these are the source's last tokens, not its padding)."""
     size = tokenizer.model_max_length
     x = tokenizer(source, truncation=True, max_length=size).input_ids
     y = tokenizer(target, truncation=True, max_length=size).input_ids
     mapper, alpha = torch.zeros(size, size), torch.zeros(size)
     for i, j in _align(x, y):
         mapper[i, j], alpha[j] = 1.0, 1.0
-    _pad_map(mapper, len(x), len(y))
-    alpha[len(y):] = 1.0
+    rest = torch.arange(len(y), size)
+    mapper[rest, rest], alpha[rest] = 1.0, 1.0
     return mapper, alpha
 
 

@@ -1,5 +1,9 @@
 """Prompt-to-prompt: token alignment on real tokenizer output, the SDPA forms of the attention edits, and edits on
 the tiny model (reference and batched fast path)."""
+import gzip
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -38,23 +42,95 @@ def test_word_positions_come_from_the_tokenizer(tok):
     assert p2p.word_positions(tok, prompt, "dog") == []
 
 
-def test_replace_maps_word_to_word(tok):
+def sparse(size: int, entries, diagonal=range(0)) -> torch.Tensor:
+    """(size, size) zeros with M[i, j] = value for each (i, j, value) and M[j, j] = 1 for j in `diagonal`."""
+    m = torch.zeros(size, size)
+    for i, j, value in entries:
+        m[i, j] = value
+    m[list(diagonal), list(diagonal)] = 1.0
+    return m
+
+
+def refinement(size: int, pairs, target_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official refinement mapper as (M, alpha): target token j takes source token i for each aligned (i, j);
+    every position j from the target's length on takes source position j."""
+    m, alpha = sparse(size, [(i, j, 1.0) for i, j in pairs], range(target_len, size)), torch.zeros(size)
+    alpha[[j for _, j in pairs] + list(range(target_len, size))] = 1.0
+    return m, alpha
+
+
+@pytest.fixture(scope="module")
+def shapes_tok():
+    """The built-in shapes model's own tokenizer (16 positions, one token per word)."""
+    from transformers import CLIPTokenizer
+    from engine.models import SHAPES_FOLDER
+    return CLIPTokenizer.from_pretrained(SHAPES_FOLDER, subfolder="tokenizer")
+
+
+@pytest.fixture(scope="module")
+def sd_tok():
+    """SD v1.4's tokenizer: CLIP's BPE (49408 tokens), built from the merges that ship in the open-clip-torch wheel
+    (bpe_simple_vocab_16e6.txt.gz; the package is found, not imported)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        pytest.skip("open-clip-torch is not installed; its wheel carries CLIP's BPE merges")
+    from transformers import CLIPTokenizer
+    from engine.models import _bytes_to_unicode
+    path = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # CLIP keeps the first 48894
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, model_max_length=77)
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]  # SD v1.4's token ids
+    return tok
+
+
+def test_replace_equal_token_counts_is_the_identity(tok):
     src, tgt = "a cat sitting on a mat", "a tiger sitting on a mat"
-    mapper = p2p.replace_mapper(tok, src, tgt)
     # same token count everywhere: position i of the source feeds position i of the target, cat (2) -> tiger (2)
-    assert torch.equal(mapper, torch.eye(77))
+    assert torch.equal(p2p.replace_mapper(tok, src, tgt), torch.eye(77))
     assert tok.convert_ids_to_tokens(tok(tgt).input_ids)[2] == "tiger</w>"
 
 
-def test_replace_spreads_a_word_over_more_tokens(tok):
-    src, tgt = "a cat on a mat", "a zebra on a mat"  # 'zebra' is not in the tiny vocabulary: 4 byte-level tokens
-    assert p2p.word_positions(tok, tgt, "zebra") == [2, 3, 4, 5]
-    mapper = p2p.replace_mapper(tok, src, tgt)
-    assert torch.allclose(mapper[2, 2:6], torch.full((4,), 0.25)) and float(mapper[2].sum()) == 1.0
-    # the words after it shift by 3 positions: on 3 -> 6, mat (6, 7) -> (9, 10), end token 7 -> 8 -> 11
-    assert mapper[3, 6] == mapper[6, 9] == mapper[7, 10] == mapper[8, 11] == 1
-    assert mapper[9, 12] == 1 and mapper[73, 76] == 1  # padding to padding
-    assert torch.equal(mapper[:70].sum(1), torch.ones(70))  # each source token's attention goes somewhere once
+def test_replace_word_count_changes_as_the_official_mapper(tok):
+    """The tiny vocabulary spells unknown words in byte-level pieces: 'zebra' is 4 tokens, 'mat' 2 ('ma', 't')."""
+    assert p2p.word_positions(tok, "a zebra on a mat", "zebra") == [2, 3, 4, 5]
+    # one token to four: cat's attention spread over them; after the last swapped word the official mapper goes
+    # on with target j <- source j, so 'on' (6) takes source position 6 ('t' of 'mat'), not 'on' (3)
+    expected = sparse(77, [(0, 0, 1), (1, 1, 1)] + [(2, j, 0.25) for j in (2, 3, 4, 5)], range(6, 77))
+    assert torch.equal(p2p.replace_mapper(tok, "a cat on a mat", "a zebra on a mat"), expected)
+    # four tokens to one: each gives cat its whole attention; then j <- j from 3, and the walk stops when the
+    # source side reaches 77, so the last three target positions (74..76) take nothing
+    expected = sparse(77, [(0, 0, 1), (1, 1, 1)] + [(i, 2, 1) for i in (2, 3, 4, 5)], range(3, 74))
+    assert torch.equal(p2p.replace_mapper(tok, "a zebra on a mat", "a cat on a mat"), expected)
+    # two swaps: until the last one, source i feeds target j (on 3 -> 6, a 4 -> 7); mat (5, 6) -> bed (8), both
+    # source tokens whole; after it j <- j from the end token (9)
+    expected = sparse(77, [(0, 0, 1), (1, 1, 1)] + [(2, j, 0.25) for j in (2, 3, 4, 5)]
+                      + [(3, 6, 1), (4, 7, 1), (5, 8, 1), (6, 8, 1)], range(9, 77))
+    assert torch.equal(p2p.replace_mapper(tok, "a cat on a mat", "a zebra on a bed"), expected)
+
+
+def test_replace_multi_token_swaps_on_the_sd_vocabulary(sd_tok):
+    # hippo, potam, us -> tyran, no, saurus: three tokens for three, one to one
+    src, tgt = "a hippopotamus on a mat", "a tyrannosaurus on a mat"
+    assert [p2p.word_positions(sd_tok, p, w) for p, w in ((src, "hippopotamus"), (tgt, "tyrannosaurus"))] == [
+        [2, 3, 4], [2, 3, 4]]
+    assert torch.equal(p2p.replace_mapper(sd_tok, src, tgt), torch.eye(77))
+    # cat (2) -> hippo, potam, us (2, 3, 4); then j <- j: sitting (5) <- source 5 ('a'), end (9) <- source 9
+    expected = sparse(77, [(0, 0, 1), (1, 1, 1)] + [(2, j, 1 / 3) for j in (2, 3, 4)], range(5, 77))
+    assert torch.equal(p2p.replace_mapper(sd_tok, "a cat sitting on a mat", "a hippopotamus sitting on a mat"),
+                       expected)
+    # and back: all three give cat their whole attention; j <- j from 3 until the source side reaches 77
+    expected = sparse(77, [(0, 0, 1), (1, 1, 1), (2, 2, 1), (3, 2, 1), (4, 2, 1)], range(3, 75))
+    assert torch.equal(p2p.replace_mapper(sd_tok, "a hippopotamus sitting on a mat", "a cat sitting on a mat"),
+                       expected)
+    # then mat -> rug as well: sitting 3 -> 5, on 4 -> 6, a 5 -> 7, mat 6 -> rug 8, then j <- j from 9
+    expected = sparse(77, [(0, 0, 1), (1, 1, 1)] + [(2, j, 1 / 3) for j in (2, 3, 4)]
+                      + [(3, 5, 1), (4, 6, 1), (5, 7, 1), (6, 8, 1)], range(9, 77))
+    assert torch.equal(p2p.replace_mapper(sd_tok, "a cat sitting on a mat", "a hippopotamus sitting on a rug"),
+                       expected)
 
 
 def test_replace_needs_the_same_word_count(tok):
@@ -62,15 +138,32 @@ def test_replace_needs_the_same_word_count(tok):
         p2p.replace_mapper(tok, "a cat on a mat", "a red cat on a mat")
 
 
-def test_refine_aligns_tokens_and_leaves_new_words_unmapped(tok):
+def test_refine_addition_as_the_official_mapper(tok, shapes_tok):
     mapper, alpha = p2p.refine_mapper(tok, "a cat on a mat", "a red cat on a mat")
-    source_of = {j: int(mapper[:, j].argmax()) for j in range(12) if alpha[j]}
-    # start, a, [red], cat, on, a, ma, t, end, then padding to padding
-    assert source_of == {0: 0, 1: 1, 3: 2, 4: 3, 5: 4, 6: 5, 7: 6, 8: 7, 9: 8, 10: 9, 11: 10}
+    # start, a, [red], cat, on, a, ma, t, end (9 target tokens); then padding j <- j
+    expected = refinement(77, [(0, 0), (1, 1), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7), (7, 8)], 9)
+    assert torch.equal(mapper, expected[0]) and torch.equal(alpha, expected[1])
     assert alpha[2] == 0 and float(mapper[:, 2].sum()) == 0  # 'red' keeps its own attention
-    assert torch.equal(mapper.sum(0), alpha)
     same, same_alpha = p2p.refine_mapper(tok, "a cat on a mat", "a cat on a mat")
     assert torch.equal(same, torch.eye(77)) and bool(same_alpha.all())
+    # issue 16's edit on the shapes model (16 positions): 'and a red circle' (4..7) is new; on a gray background
+    # and the end token (4..8) move to 8..12; target padding 13..15 <- source 13..15 (the former rule took 9..11)
+    mapper, alpha = p2p.refine_mapper(shapes_tok, "a yellow triangle on a gray background",
+                                      "a yellow triangle and a red circle on a gray background")
+    expected = refinement(16, [(0, 0), (1, 1), (2, 2), (3, 3), (4, 8), (5, 9), (6, 10), (7, 11), (8, 12)], 13)
+    assert torch.equal(mapper, expected[0]) and torch.equal(alpha, expected[1])
+
+
+def test_refine_removal_as_the_official_mapper(shapes_tok):
+    # 13 source tokens, 9 target tokens: the target's first 'a' (1) pairs with the source's first 'a' (walking back
+    # from the ends, the official traceback drops a source token before it takes a tied match), so 'red circle and
+    # a' (2..5) is dropped. Target padding 9..15 <- source 9..15: its last words 'a gray background', its end token
+    # (9..12), then padding
+    mapper, alpha = p2p.refine_mapper(shapes_tok, "a red circle and a blue square on a gray background",
+                                      "a blue square on a gray background")
+    expected = refinement(16, [(0, 0), (1, 1), (6, 2), (7, 3), (8, 4), (9, 5), (10, 6), (11, 7), (12, 8)], 9)
+    assert torch.equal(mapper, expected[0]) and torch.equal(alpha, expected[1])
+    assert bool(alpha.all())  # nothing new in a removal
 
 
 def test_plan_reweight_and_blend_positions(tok):
