@@ -27,6 +27,10 @@ GENAI_COLUMNS = ("source_prompt", "target_prompt", "instruct_prompt", "source_im
 PIE_MAPPING = "mapping_file.json"
 PIE_REQUIRED = ("image_path", "original_prompt", "editing_prompt")
 PIE_MASK_SHAPE = (512, 512)
+# editing_type_id -> the category PIE-Bench's annotation folders name (cure-lab/PnPInversion README, "PIE-Bench")
+PIE_EDIT_TYPES = {"0": "random", "1": "change object", "2": "add object", "3": "delete object",
+                  "4": "change content", "5": "change pose", "6": "change color", "7": "change material",
+                  "8": "change background", "9": "change style"}
 
 
 @dataclass(eq=False)  # identity equality: comparing mask arrays with == would be ambiguous
@@ -40,6 +44,7 @@ class EditSample:
     instruction: str | None = None
     mask: np.ndarray | None = None  # HxW bool, True = region the edit should change
     meta: dict = field(default_factory=dict)
+    edit_type: str | None = None  # the data set's category of the edit (PIE-Bench: "1 change object"), if any
 
     def get_image(self) -> Image.Image:
         """The source image as RGB PIL, running the lazy loader if there is one."""
@@ -186,12 +191,14 @@ def load_pie_bench(root: str | os.PathLike, limit: int | None = None,
                 mask = decode_pie_mask(record["mask"], mark_border=mark_border)
             except (NTIError, ValueError, TypeError) as err:
                 raise NTIError(f"{mapping_path}: entry {sample_id} has a bad mask: {err}") from None
-        meta = {"dataset": "pie-bench", "image_path": record["image_path"],
-                "editing_type_id": record.get("editing_type_id"), "blended_word": record.get("blended_word"),
-                "original_prompt": record["original_prompt"], "editing_prompt": record["editing_prompt"]}
+        type_id = record.get("editing_type_id")
+        meta = {"dataset": "pie-bench", "image_path": record["image_path"], "editing_type_id": type_id,
+                "blended_word": record.get("blended_word"), "original_prompt": record["original_prompt"],
+                "editing_prompt": record["editing_prompt"]}
+        edit_type = None if type_id is None else f"{type_id} {PIE_EDIT_TYPES.get(str(type_id), 'unknown')}"
         samples.append(EditSample(str(sample_id), partial(load_image, image_path),
                                   strip_brackets(record["original_prompt"]), strip_brackets(record["editing_prompt"]),
-                                  record.get("editing_instruction") or None, mask, meta))
+                                  record.get("editing_instruction") or None, mask, meta, edit_type))
     return samples
 
 
@@ -204,19 +211,29 @@ def _load_mask_file(path: Path) -> np.ndarray:
         return np.asarray(img.convert("L")) > 127
 
 
+def spread_over_sources(samples: list[EditSample], sources: list[str]) -> list[EditSample]:
+    """The samples reordered so that one edit of every source image comes before a second edit of any (first
+    appearance order within each round): the first N then cover min(N, images) images, and a larger N extends the
+    same order."""
+    groups: dict[str, list[EditSample]] = {}
+    for sample, source in zip(samples, sources):
+        groups.setdefault(source, []).append(sample)
+    rounds = max((len(group) for group in groups.values()), default=0)
+    return [group[k] for k in range(rounds) for group in groups.values() if k < len(group)]
+
+
 def load_folder(path: str | os.PathLike, limit: int | None = None) -> list[EditSample]:
-    """Samples from a prompts.jsonl (in a folder, or given directly): one {"image"|"skimage", prompts...} per line."""
+    """Samples from a prompts.jsonl (in a folder, or given directly): one {"image"|"skimage", prompts...} per line;
+    with a limit, the first `limit` of them spread over distinct images (spread_over_sources)."""
     limit = _check_limit(limit)
     path = Path(path).expanduser()
     jsonl = path / "prompts.jsonl" if path.is_dir() else path
     if not jsonl.is_file():
         raise NTIError(f"{jsonl} does not exist (a folder needs a prompts.jsonl, or give the .jsonl path)")
     base = jsonl.parent
-    samples, ids = [], set()
+    samples, sources, ids = [], [], set()
     with jsonl.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
-            if limit is not None and len(samples) >= limit:
-                break
             if not line.strip():
                 continue
             where = f"{jsonl}, line {number}"
@@ -238,12 +255,12 @@ def load_folder(path: str | os.PathLike, limit: int | None = None) -> list[EditS
                 name = str(record["skimage"])
                 if not callable(getattr(skimage.data, name, None)):
                     raise NTIError(f"{where}: scikit-image has no bundled image {name!r}")
-                image, default_id = partial(load_image, SKIMAGE_PREFIX + name), name
+                image, default_id, source = partial(load_image, SKIMAGE_PREFIX + name), name, SKIMAGE_PREFIX + name
             else:
                 image_path = base / str(record["image"])
                 if not image_path.is_file():
                     raise NTIError(f"{where}: image {image_path} does not exist")
-                image, default_id = partial(load_image, image_path), image_path.stem
+                image, default_id, source = partial(load_image, image_path), image_path.stem, str(image_path.resolve())
             mask = None
             if record.get("mask"):
                 mask_path = base / str(record["mask"])
@@ -256,9 +273,14 @@ def load_folder(path: str | os.PathLike, limit: int | None = None) -> list[EditS
             ids.add(sample_id)
             known = {"id", "image", "skimage", "mask", "source_prompt", "target_prompt", "instruction"}
             meta = {"dataset": "folder", "line": number, **{k: v for k, v in record.items() if k not in known}}
+            edit_type = record.get("edit_type") or record.get("edit")  # the bundled sets' names for it
             samples.append(EditSample(sample_id, image, record["source_prompt"].strip(),
-                                      record["target_prompt"].strip(), record.get("instruction") or None, mask, meta))
-    return samples
+                                      record["target_prompt"].strip(), record.get("instruction") or None, mask, meta,
+                                      None if edit_type is None else str(edit_type)))
+            sources.append(source)
+    # several edits of one image (the bundled scenes: a colour and a shape edit each) would otherwise make
+    # `--n 2` two edits of the same image, whose reconstructions are the same inversion: no spread at all
+    return spread_over_sources(samples, sources)[:limit]
 
 
 def load_bundled(name: str = "sample", limit: int | None = None) -> list[EditSample]:

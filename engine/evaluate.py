@@ -1,9 +1,12 @@
-"""`nti eval`: the seed report's experiments on any data set: methods x guidance settings, scored, tabled, plotted.
+"""`nti eval`: methods x guidance settings on any data set, scored under a protocol, tabled, plotted.
 
 For every sample x method x (guidance, schedule) setting it inverts once, reconstructs (source prompt) and edits
 (target prompt) from that one inversion, scores both against the source photo, and appends one row to
-samples.csv. The run's result-changing settings live in run.json: a rerun with the same settings skips finished
-rows (resume), a rerun with other settings is refused unless --overwrite.
+samples.csv. A protocol (`--protocol`) is a preset of scores and report: `seed`, the seed report's experiments
+(global SSIM, CLIP-T, CLIP-I, guidance schedules, baseline vs DDIM vs NTI), or `pie-bench`, PIE-Bench's metrics as
+its official evaluation code computes them, tabled in the PnP Inversion paper's layout. The run's result-changing
+settings live in run.json: a rerun with the same settings skips finished rows (resume), a rerun with other
+settings is refused unless --overwrite.
 """
 from __future__ import annotations
 
@@ -19,25 +22,62 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import groupby
 from pathlib import Path
 
 from .config import GUIDANCE_SCHEDULES, METHODS, NTIError
+from .metrics import ClipScorer, PieModels, PieScores, SeedScores, pie_scores, seed_scores
 
 log = logging.getLogger("nti")
 
 EVAL_METHODS = ("baseline", *METHODS)  # baseline: text-to-image from the target prompt and seeded noise
 MANIFEST, SAMPLES, SUMMARY, REPORT = "run.json", "samples.csv", "summary.csv", "report.md"
 IMAGE_DIR, PLOT_DIR = "images", "plots"
-METRICS = ("ssim", "psnr", "mse", "lpips", "clip_image", "clip_text", "bg_ssim", "bg_psnr", "bg_mse")
 KEY = ("id", "method", "guidance", "schedule")
-COLUMNS = (*KEY, "source_prompt", "target_prompt", *(f"recon_{m}" for m in METRICS),
-           *(f"edit_{m}" for m in METRICS), "invert_s", "recon_s", "edit_s", "inner_iterations", "recon_png",
-           "edit_png")
-# the table, the bar plot and the printed summary show these (when the run has them)
-HEADLINE = ("recon_psnr", "recon_ssim", "recon_clip_image", "edit_ssim", "edit_clip_image", "edit_clip_text",
-            "edit_bg_ssim", "edit_bg_psnr", "inner_iterations", "s_per_sample")
+ORACLE = "oracle"  # 1 when the scene oracle reads the output as its prompt (shapes model only), else 0
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A preset of `nti eval`: the scores each output gets, and what the summary, plots and report show."""
+
+    name: str
+    metrics: tuple[str, ...]  # per-output scores; CSV columns recon_<metric> and edit_<metric>
+    headline: tuple[str, ...]  # summary columns printed, plotted and tabled (those that have values)
+    speed_panels: tuple[str, ...]  # fidelity axes of the speed plot
+    schedule_panels: tuple[str, ...]  # metrics of the guidance-schedule plot
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """samples.csv's header."""
+        return (*KEY, "edit_type", "source_prompt", "target_prompt", *(f"recon_{m}" for m in self.metrics),
+                *(f"edit_{m}" for m in self.metrics), "invert_s", "recon_s", "edit_s", "inner_iterations",
+                "recon_png", "edit_png")
+
+
+SEED = Protocol(
+    name="seed",
+    metrics=(*(f.name for f in dataclasses.fields(SeedScores)), ORACLE),
+    headline=("recon_psnr", "recon_ssim_global", "recon_clip_image", "edit_ssim_global", "edit_clip_image",
+              "edit_clip_text", "edit_oracle", "edit_bg_ssim_windowed", "edit_bg_psnr", "inner_iterations",
+              "s_per_sample"),
+    speed_panels=("recon_psnr", "recon_ssim_global", "edit_ssim_global"),
+    schedule_panels=("recon_psnr", "recon_ssim_global", "edit_ssim_global", "edit_clip_text"))
+PIE_BENCH = Protocol(
+    name="pie-bench",
+    metrics=(*(f.name for f in dataclasses.fields(PieScores)), ORACLE),
+    headline=("edit_structure_distance", "edit_bg_psnr", "edit_bg_lpips", "edit_bg_mse", "edit_bg_ssim",
+              "edit_clip_whole", "edit_clip_edited", "edit_oracle", "recon_bg_psnr", "inner_iterations",
+              "s_per_sample"),
+    speed_panels=("edit_structure_distance", "edit_bg_psnr", "recon_bg_psnr"),
+    schedule_panels=("edit_structure_distance", "edit_bg_psnr", "edit_clip_whole", "edit_clip_edited"))
+PROTOCOLS = {p.name: p for p in (SEED, PIE_BENCH)}
+# PIE-Bench's Table 1 layout: metric, column title, scale
+PIE_TABLE = (("structure_distance", "structure distance ×10³ ↓", 1e3), ("bg_psnr", "PSNR ↑", 1.0),
+             ("bg_lpips", "LPIPS ×10³ ↓", 1e3), ("bg_mse", "MSE ×10⁴ ↓", 1e4), ("bg_ssim", "SSIM ×10² ↑", 1e2),
+             ("clip_whole", "CLIP whole ↑", 1.0), ("clip_edited", "CLIP edited ↑", 1.0))
 GRID_SAMPLES = 8  # rows of an image grid; a grid of every sample of a large benchmark would be unreadable
 PALETTE = ("tab:gray", "tab:blue", "tab:red", "tab:cyan", "tab:olive", "tab:brown", "tab:pink")
 METHOD_COLORS = {m: PALETTE[k % len(PALETTE)] for k, m in enumerate(EVAL_METHODS)}
@@ -50,18 +90,26 @@ def add_eval_parser(sub, add_common) -> None:
     from .cli import positive_int
 
     p = sub.add_parser("eval", help="evaluate methods x guidance settings on a data set: CSVs, plots, report.md")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default=SEED.name,
+                   help="seed: the seed report's scores (global SSIM, CLIP-T, CLIP-I; default); pie-bench: "
+                   "PIE-Bench's metrics as its official evaluation computes them, in its Table 1 layout")
     p.add_argument("--data", default=None, help="'scenes' (bundled shape scenes; the default for the built-in "
                    "shapes model), 'sample' (bundled photos; the default for other models), a GenAI-Bench .parquet, "
                    "a PIE-Bench folder, or a folder with prompts.jsonl / a .jsonl file")
-    p.add_argument("--n", type=positive_int, default=None, help="first N samples (default: all)")
+    p.add_argument("--n", type=positive_int, default=None, help="first N samples, one edit per source image before "
+                   "a second edit of any (default: all)")
     p.add_argument("--methods", default="baseline,ddim,null-text",
                    help=f"comma list: {', '.join(EVAL_METHODS)} (default: baseline,ddim,null-text; replaces --method)")
     p.add_argument("--guidance-sweep", default=None, help="comma list of guidance weights, e.g. 1,3,7.5 "
                    "(default: --guidance)")
     p.add_argument("--schedules", default=None, help="comma list of constant, linear, cosine "
                    "(default: --guidance-schedule)")
-    p.add_argument("--clip", default=None, help="local transformers CLIP folder for CLIP-I / CLIP-T "
-                   "(without it CLIP metrics are skipped)")
+    p.add_argument("--clip", default=None, help="local transformers CLIP folder for the CLIP scores "
+                   "(PIE-Bench used openai/clip-vit-large-patch14; without it CLIP scores are skipped)")
+    p.add_argument("--lpips", default=None, help="pie-bench: folder with torchvision's squeezenet1_1-*.pth (and "
+                   "LPIPS's squeeze.pth unless torchmetrics is installed); default: the torch hub cache")
+    p.add_argument("--dino", default=None, help="pie-bench: local transformers DINO ViT-B/8 folder "
+                   "(facebook/dino-vitb8) for the structure distance (without it, skipped)")
     p.add_argument("--out", required=True, help="results folder (samples.csv, summary.csv, plots/, report.md)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="keep finished rows of a run with the same settings and do only the rest (default on)")
@@ -103,7 +151,7 @@ def parse_sweep(args) -> tuple[list[str], list[float], list[str]]:
 # --- run manifest and resume -------------------------------------------------------------------------------------
 
 
-def run_settings(args, pipe, device, config, clip) -> dict:
+def run_settings(args, pipe, device, config, scorer: Scorer) -> dict:
     """Everything that changes a row's numbers or timings; a resumed run must match it exactly."""
     from .data import BUNDLED
 
@@ -111,8 +159,12 @@ def run_settings(args, pipe, device, config, clip) -> dict:
     if config.backend == "reference":
         skip.add("batch_size")  # the reference path always runs one image at a time
     data = args.data if args.data in BUNDLED or not Path(args.data).exists() else str(Path(args.data).resolve())
-    settings = {"data": data, "model": pipe.name, "model_fingerprint": pipe.fingerprint, "device": device.type,
-                "clip": str(Path(clip.path).resolve()) if clip is not None else None}
+    pie = scorer.pie or PieModels()
+    settings = {"protocol": scorer.protocol.name, "data": data, "model": pipe.name,
+                "model_fingerprint": pipe.fingerprint, "device": device.type,
+                "clip": str(Path(scorer.clip.path).resolve()) if scorer.clip is not None else None,
+                "lpips": str(Path(pie.lpips.path).resolve()) if pie.lpips is not None else None,
+                "dino": str(Path(pie.dino.path).resolve()) if pie.dino is not None else None}
     settings.update({k: v for k, v in dataclasses.asdict(config).items() if k not in skip})
     return json.loads(json.dumps(settings))  # as it reads back from run.json
 
@@ -145,7 +197,7 @@ def row_key(row: dict) -> tuple:
     return row["id"], row["method"], float(row["guidance"]), row["schedule"]
 
 
-def read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path, columns: tuple[str, ...]) -> list[dict]:
     """Finished rows of samples.csv; a row cut off by an interruption is dropped, and the file rewritten clean."""
     if not path.is_file():
         return []
@@ -153,10 +205,10 @@ def read_rows(path: Path) -> list[dict]:
     text = text[:text.rfind("\n") + 1]  # after a kill mid-write the last line may be partial
     reader = csv.DictReader(io.StringIO(text))
     rows = [row for row in reader if None not in row and None not in row.values()]
-    if reader.fieldnames is not None and tuple(reader.fieldnames) != COLUMNS:
+    if reader.fieldnames is not None and tuple(reader.fieldnames) != columns:
         raise NTIError(f"{path} has other columns than this version writes; use another --out, or --overwrite")
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
+        writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
     return rows
@@ -188,15 +240,36 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text) or "_"
 
 
-def scores(prefix: str, source, output, prompt: str, mask, clip) -> dict:
-    """compute_metrics of output vs source (CLIP-T vs prompt), keys prefixed 'recon_' or 'edit_'."""
-    from .metrics import compute_metrics
+@dataclass
+class Scorer:
+    """Scores outputs against their sources under one protocol, with the models loaded once for the run."""
 
-    metrics = compute_metrics(source, output, target_prompt=prompt, mask=mask, clip=clip)
-    return {f"{prefix}_{name}": value for name, value in metrics.items()}
+    protocol: Protocol
+    clip: ClipScorer | None = None
+    pie: PieModels | None = None  # pie-bench: CLIP, LPIPS (SqueezeNet), DINO
+    oracle: bool = False  # the model draws scenes the scene oracle can read (the shapes model)
+
+    def __call__(self, prefix: str, source, output, prompt: str, mask) -> dict:
+        """The protocol's scores of output vs source (prompt: what the output should show), keys prefixed."""
+        if self.protocol is PIE_BENCH:
+            scores = dataclasses.asdict(pie_scores(source, output, prompt, mask, self.pie or PieModels()))
+        else:
+            scores = dataclasses.asdict(seed_scores(source, output, prompt, mask, self.clip))
+        scores[ORACLE] = oracle_reads(output, prompt) if self.oracle else None
+        return {f"{prefix}_{name}": value for name, value in scores.items()}
 
 
-def run_chunk(pipe, chunk, config, sources, clip, out: Path, cache) -> list[dict]:
+def oracle_reads(image, caption: str) -> float | None:
+    """1.0 when the scene oracle reads the image as the caption, 0.0 when not, None if it is no scene caption."""
+    from .scenes import read_scene
+
+    try:
+        return float(read_scene(image).matches(caption))
+    except ValueError:
+        return None
+
+
+def run_chunk(pipe, chunk, config, sources, scorer: Scorer, out: Path, cache) -> list[dict]:
     """Rows of one batch of samples under one method and setting: invert once, reconstruct and edit from it."""
     from . import api
     from .images import save_png
@@ -208,7 +281,8 @@ def run_chunk(pipe, chunk, config, sources, clip, out: Path, cache) -> list[dict
     squares = [sources[s.id] for s in samples]
     count = len(samples)
     rows = [{"id": s.id, "method": method, "guidance": repr(float(guidance)), "schedule": schedule,
-             "source_prompt": s.source_prompt, "target_prompt": s.target_prompt} for s in samples]
+             "edit_type": s.edit_type, "source_prompt": s.source_prompt, "target_prompt": s.target_prompt}
+            for s in samples]
     recons = [None] * count
     if method == "baseline":  # one prompt per call: every sample starts from the same seeded noise
         edits = []
@@ -236,9 +310,9 @@ def run_chunk(pipe, chunk, config, sources, clip, out: Path, cache) -> list[dict
             save_png(square, out / folder / "source.png")  # the grids' first column: what the model saw
         stem = f"{folder}/{method}_w{guidance:g}_{schedule}"
         if recon is not None:
-            row.update(scores("recon", square, recon, s.source_prompt, mask, clip), recon_png=f"{stem}_recon.png")
+            row.update(scorer("recon", square, recon, s.source_prompt, mask), recon_png=f"{stem}_recon.png")
             save_png(recon, out / row["recon_png"])
-        row.update(scores("edit", square, edited, s.target_prompt, mask, clip), edit_png=f"{stem}_edit.png")
+        row.update(scorer("edit", square, edited, s.target_prompt, mask), edit_png=f"{stem}_edit.png")
         save_png(edited, out / row["edit_png"])
     return rows
 
@@ -250,7 +324,7 @@ def run_eval(args) -> int:
     from .api import check_vocabulary, prepare_images
     from .cli import config_from_args
     from .data import load_dataset
-    from .metrics import load_clip_scorer
+    from .metrics import load_clip_scorer, load_dino, load_pie_lpips
     from .models import load_pipeline, parse_device
 
     try:
@@ -258,6 +332,13 @@ def run_eval(args) -> int:
         import pandas  # noqa: F401
     except ImportError as err:
         raise NTIError(f"nti eval needs matplotlib and pandas ({err.name} is missing): pip install -e '.[eval]'")
+    protocol = PROTOCOLS[args.protocol]
+    if protocol is PIE_BENCH:
+        try:
+            import torchmetrics  # noqa: F401
+        except ImportError:
+            raise NTIError("--protocol pie-bench computes its metrics with torchmetrics, which is not installed: "
+                           "pip install torchmetrics") from None
     methods, guidances, schedules = parse_sweep(args)
     device = parse_device(args.device)
     config = config_from_args(args, device)
@@ -272,7 +353,11 @@ def run_eval(args) -> int:
     check_vocabulary(pipe, [p for s in samples for p in (s.source_prompt, s.target_prompt)])
     out = Path(args.out)
     clip = load_clip_scorer(args.clip, device=str(device))
-    settings = run_settings(args, pipe, device, config, clip)
+    pie = None
+    if protocol is PIE_BENCH:
+        pie = PieModels(clip, load_pie_lpips(args.lpips, device=str(device)), load_dino(args.dino, device=str(device)))
+    scorer = Scorer(protocol, clip, pie, oracle=bool(pipe.vocabulary))
+    settings = run_settings(args, pipe, device, config, scorer)
     prepare_out(out, settings, args.resume, args.overwrite)
     sweep = {"methods": methods, "guidance": guidances, "schedules": schedules, "n": len(samples)}
     swept = ("method", "guidance", "guidance_schedule")
@@ -282,7 +367,8 @@ def run_eval(args) -> int:
                 "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
-    done = {row_key(row) for row in read_rows(out / SAMPLES)}
+    columns = protocol.columns
+    done = {row_key(row) for row in read_rows(out / SAMPLES, columns)}
     items = [(s, m, g, sch) for sch in schedules for g in guidances for m in methods for s in samples
              if (s.id, m, g, sch) not in done]
     total = len(samples) * len(methods) * len(guidances) * len(schedules)
@@ -293,7 +379,7 @@ def run_eval(args) -> int:
     new_file = not (out / SAMPLES).is_file()
     with open(out / SAMPLES, "a", newline="") as f, tqdm(total=len(items), desc="eval", unit="item",
                                                           disable=args.quiet) as bar:
-        writer = csv.DictWriter(f, COLUMNS)
+        writer = csv.DictWriter(f, columns)
         if new_file:
             writer.writeheader()
         for (method, guidance, schedule), group in groupby(items, key=lambda item: item[1:]):
@@ -305,8 +391,8 @@ def run_eval(args) -> int:
                 for s, *_ in chunk:
                     if s.id not in sources:
                         sources[s.id] = prepare_images(pipe, [s.get_image()])[0][0]
-                for row in run_chunk(pipe, chunk, config, sources, clip, out, cache):
-                    writer.writerow({c: cell(row.get(c)) for c in COLUMNS})
+                for row in run_chunk(pipe, chunk, config, sources, scorer, out, cache):
+                    writer.writerow({c: cell(row.get(c)) for c in columns})
                     f.flush()  # an interrupted run keeps every finished row
                 bar.update(len(chunk))
 
@@ -316,7 +402,8 @@ def run_eval(args) -> int:
 
 def command_line(args, sweep: dict, config) -> str:
     """An `nti eval` command that reruns this sweep (the main options; the full config is in run.json)."""
-    parts = ["nti eval", f"--data {args.data}", f"--n {sweep['n']}", f"--methods {','.join(sweep['methods'])}",
+    parts = ["nti eval", f"--protocol {args.protocol}", f"--data {args.data}", f"--n {sweep['n']}",
+             f"--methods {','.join(sweep['methods'])}",
              f"--guidance-sweep {','.join(f'{g:g}' for g in sweep['guidance'])}",
              f"--schedules {','.join(sweep['schedules'])}", f"--steps {config.steps}",
              f"--inner-steps {config.inner_steps}", f"--seed {config.seed}", f"--backend {config.backend}",
@@ -327,8 +414,9 @@ def command_line(args, sweep: dict, config) -> str:
         parts.append(f"--batch-size {config.batch_size}")
     if args.model:
         parts.append(f"--model {args.model}")
-    if args.clip:
-        parts.append(f"--clip {args.clip}")
+    for option in ("clip", "lpips", "dino"):
+        if getattr(args, option):
+            parts.append(f"--{option} {getattr(args, option)}")
     return " ".join(parts)
 
 
@@ -383,20 +471,21 @@ def load_results(path: Path):
     """samples.csv as a DataFrame, with s_per_sample = inversion + edit seconds (what one edit costs)."""
     import pandas as pd
 
-    df = pd.read_csv(path, dtype={"id": str, "source_prompt": str, "target_prompt": str})
+    df = pd.read_csv(path, dtype={"id": str, "edit_type": str, "source_prompt": str, "target_prompt": str})
     df["s_per_sample"] = df["invert_s"] + df["edit_s"]
     df["method"] = pd.Categorical(df["method"], [m for m in EVAL_METHODS if m in set(df["method"])])
     df["schedule"] = pd.Categorical(df["schedule"], [s for s in GUIDANCE_SCHEDULES if s in set(df["schedule"])])
     return df
 
 
-def summarize(df):
-    """Mean and std per method x guidance x schedule of every numeric column that has values."""
+def summarize(df, by: tuple[str, ...] = ()):
+    """Mean and std (over samples with a value) per method x guidance x schedule (x `by` columns) of every numeric
+    column that has values."""
     import pandas as pd
 
-    numeric = [c for c in df.columns
-               if c not in KEY and pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any()]
-    grouped = df.groupby(["method", "guidance", "schedule"], observed=True, sort=True)
+    numeric = [c for c in df.columns if c not in (*KEY, "edit_type") and pd.api.types.is_numeric_dtype(df[c])
+               and df[c].notna().any()]
+    grouped = df.groupby(["method", "guidance", "schedule", *by], observed=True, sort=True)
     summary = grouped[numeric].agg(["mean", "std"])
     summary.columns = [f"{c}_{stat}" for c, stat in summary.columns]
     summary.insert(0, "n", grouped.size())
@@ -450,11 +539,24 @@ def plot_metrics(summary, columns: list[str], labels: list[str], path: Path) -> 
     save_figure(fig, path)
 
 
-def plot_speed(summary, labels: list[str], path: Path) -> None:
-    """Seconds per sample (inversion + edit) against reconstruction PSNR and edit SSIM-to-source."""
+def pie_table(summary, prefix: str, by: tuple[str, ...] = ()) -> str:
+    """Summary rows as PIE-Bench's Table 1 (its metrics, scales and column order), means over samples."""
+    head = ["method", "guidance", "schedule", *by, "n", *(title for _, title, _ in PIE_TABLE)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, row in summary.iterrows():
+        cells = [str(row["method"]), f"{row['guidance']:g}", str(row["schedule"]), *(str(row[b]) for b in by),
+                 str(int(row["n"]))]
+        for metric, _, scale in PIE_TABLE:
+            mean = row.get(f"{prefix}_{metric}_mean", math.nan)
+            cells.append("-" if math.isnan(mean) else f"{mean * scale:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_speed(summary, panels: list[str], labels: list[str], path: Path) -> None:
+    """Seconds per sample (inversion + edit) against the protocol's fidelity measures."""
     from matplotlib.figure import Figure
 
-    panels = [c for c in ("recon_psnr", "recon_ssim", "edit_ssim") if f"{c}_mean" in summary]
     fig = Figure(figsize=(4.5 * len(panels), 3.8), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False).ravel()
     for ax, c in zip(axes, panels):
@@ -540,15 +642,59 @@ def plot_grid(df, out: Path, guidance: float, schedule: str, path: Path) -> bool
     return True
 
 
+COMMON_DEFINITIONS = (
+    "`recon_*`: the reconstruction (source prompt) vs the source photo; `edit_*`: the edit (target prompt) vs the "
+    "source photo. `oracle` (shapes model only): 1 when the scene oracle (engine/scenes.py) reads the output as its "
+    "prompt. `inner_iterations`: Adam iterations summed over steps; `s_per_sample`: inversion + edit seconds (the "
+    "inversion's own per-image time, its share of a batch on the fast backend). The baseline generates from the "
+    "target prompt and seeded noise: no inversion, so no reconstruction.")
+
+
+def seed_sections(summary, headline) -> list[str]:
+    """The seed protocol's part of report.md: the summary table and what its columns mean."""
+    return [
+        "## Summary (mean ± std over samples)", "", markdown_table(summary, headline), "",
+        "Scored as the seed report scores edits: the edit against the source photo (SSIM and CLIP-I measure what "
+        "was kept), CLIP-T against the target prompt. `ssim_global`: **the seed report's SSIM (its Algorithm 1)**, "
+        "one SSIM from the means, variances and covariance of the whole grayscale images (the second resized to "
+        "the first). `ssim_windowed`: the mean of scikit-image's 7x7 uniform-window grayscale SSIM map, the usual "
+        "windowed SSIM, not the seed report's; `bg_ssim_windowed` averages that map over background pixels (mask "
+        "False) when the data has masks, as `bg_psnr` / `bg_mse` do. SSIM data range 1; PSNR in dB on RGB in "
+        "[0, 1]; CLIP-I / CLIP-T are raw cosines (not x100). " + COMMON_DEFINITIONS, ""]
+
+
+def pie_sections(summary, headline, by_type) -> list[str]:
+    """The pie-bench protocol's part of report.md: Table 1 layout for edits and reconstructions, the breakdown by
+    editing type, the remaining columns, and the definitions."""
+    lines = ["## PIE-Bench table: edits (mean over samples)", "", pie_table(summary, "edit"), "",
+             "PIE-Bench's metrics as cure-lab/PnPInversion's evaluation code computes them (evaluation/"
+             "matrics_calculator.py, evaluate.py), in the PnP Inversion paper's Table 1 layout. Structure distance: "
+             "MSE between the DINO ViT-B/8 self-similarity matrices of the last block's keys of the edit and the "
+             "source (whole image). PSNR, LPIPS (SqueezeNet), MSE and SSIM (RGB, 11x11 Gaussian window, sigma 1.5, "
+             "data range 1) on the background: the edit mask, with the 1-pixel image border marked edited, is "
+             "zeroed in both images and the metric is taken over the whole image. CLIP whole / edited: 100 * "
+             "max(cos, 0) between the edit and the target prompt, the whole image / with everything outside the "
+             "edited region blacked out. `-`: no mask in the data (background metrics, CLIP edited) or no local "
+             "model for that metric.", "",
+             "## Reconstructions (source prompt), same metrics", "", pie_table(summary, "recon"), ""]
+    if by_type is not None:
+        lines += ["## Edits by editing type", "", pie_table(by_type, "edit", by=("edit_type",)), ""]
+    rest = [c for c in headline if c.removeprefix("edit_") not in {m for m, _, _ in PIE_TABLE}]
+    if rest:
+        lines += ["## Other columns (mean ± std over samples)", "", markdown_table(summary, rest), ""]
+    return lines + [COMMON_DEFINITIONS, ""]
+
+
 def write_outputs(out: Path, manifest: dict, model_name: str) -> None:
     """summary.csv, the printed table, plots, image grids and report.md from everything in samples.csv."""
+    protocol = PROTOCOLS[manifest["settings"]["protocol"]]
     df = load_results(out / SAMPLES)
     if df.empty:
         raise NTIError(f"{out / SAMPLES} has no rows")
     summary = summarize(df)
     summary.to_csv(out / SUMMARY, index=False)
-    headline = [c for c in HEADLINE if f"{c}_mean" in summary]
-    print(markdown_table(summary, headline))
+    headline = [c for c in protocol.headline if f"{c}_mean" in summary]
+    print(pie_table(summary, "edit") if protocol is PIE_BENCH else markdown_table(summary, headline))
 
     multi_g, multi_s = summary["guidance"].nunique() > 1, summary["schedule"].nunique() > 1
     labels = [setting_label(row, multi_g, multi_s) for _, row in summary.iterrows()]
@@ -556,26 +702,32 @@ def write_outputs(out: Path, manifest: dict, model_name: str) -> None:
     shutil.rmtree(out / PLOT_DIR, ignore_errors=True)  # a plot of a setting no longer in the table would mislead
     plot_metrics(summary, headline, labels, out / PLOT_DIR / "metrics.png")
     plots.append(("Metrics per method and setting", "metrics.png"))
-    plot_speed(summary, labels, out / PLOT_DIR / "speed_vs_fidelity.png")
-    plots.append(("Speed vs fidelity", "speed_vs_fidelity.png"))
-    fig5 = [c for c in ("recon_psnr", "recon_ssim", "edit_ssim", "edit_clip_text") if f"{c}_mean" in summary]
-    plot_schedules(summary, fig5, out / PLOT_DIR / "schedules.png")
-    plots.append(("Guidance schedules", "schedules.png"))
+    speed = [c for c in protocol.speed_panels if f"{c}_mean" in summary]
+    if speed:
+        plot_speed(summary, speed, labels, out / PLOT_DIR / "speed_vs_fidelity.png")
+        plots.append(("Speed vs fidelity", "speed_vs_fidelity.png"))
+    fig5 = [c for c in protocol.schedule_panels if f"{c}_mean" in summary]
+    if fig5:
+        plot_schedules(summary, fig5, out / PLOT_DIR / "schedules.png")
+        plots.append(("Guidance schedules", "schedules.png"))
     grids = []
     for (guidance, schedule), _ in summary.groupby(["guidance", "schedule"], observed=True):
         name = f"grid_w{guidance:g}_{schedule}.png"
         if plot_grid(df, out, guidance, schedule, out / PLOT_DIR / name):
             grids.append((f"w = {guidance:g}, {schedule}", name))
-    (out / REPORT).write_text(report_text(df, summary, headline, manifest, model_name, plots, grids))
+    has_types = protocol is PIE_BENCH and df["edit_type"].notna().any()
+    by_type = summarize(df, by=("edit_type",)) if has_types else None
+    (out / REPORT).write_text(report_text(df, summary, headline, manifest, model_name, plots, grids, by_type))
     print(f"wrote {out / SAMPLES}, {out / SUMMARY}, {out / PLOT_DIR}/, {out / REPORT}", file=sys.stderr)
 
 
-def report_text(df, summary, headline, manifest, model_name, plots, grids) -> str:
-    """report.md: what ran where, the summary table, plots, grids and metric definitions."""
+def report_text(df, summary, headline, manifest, model_name, plots, grids, by_type=None) -> str:
+    """report.md: what ran where, the protocol's tables, plots, grids and metric definitions."""
     from .models import SHAPES, TINY
 
     settings, env = manifest["settings"], manifest["environment"]
-    lines = [f"# nti eval: {settings['data']}, {df['id'].nunique()} samples", ""]
+    protocol = PROTOCOLS[settings["protocol"]]
+    lines = [f"# nti eval ({protocol.name} protocol): {settings['data']}, {df['id'].nunique()} samples", ""]
     if model_name == TINY:
         lines += ["> **Built-in tiny random model.** Its weights are random, so these numbers only check that the "
                   "harness runs end to end (inversion, reconstruction, editing, metrics, plots); they say nothing "
@@ -583,31 +735,37 @@ def report_text(df, summary, headline, manifest, model_name, plots, grids) -> st
                   ""]
     elif model_name == SHAPES:
         lines += ["> **Built-in shapes model** (engine/testbed.py): a small Stable Diffusion architecture trained on "
-                  "32 px scenes of coloured shapes. Its numbers are real for that model, which is not SD v1.4; "
-                  "`python -m benchmarks.bench_testbed` grades its edits with the pixel oracle as well.", ""]
+                  "32 px scenes of coloured shapes. Its numbers are real for that model, which is not SD v1.4. "
+                  "`oracle` is the share of outputs the scene oracle reads as their prompt: the one score here "
+                  "that reads what an edit did (`python -m benchmarks.bench_testbed` grades more edits).", ""]
     config = manifest["config"]
+    schedules = list(df["schedule"].cat.categories)
+    # only a decaying schedule has a guidance_min; "constant (decay to ...)" would contradict itself
+    decay = [s for s in schedules if s != "constant"]
+    schedule_text = ", ".join(schedules) + (f" ({' and '.join(decay)}: w decays to guidance_min = "
+                                            f"{config['guidance_min']:g})" if decay else "")
+    skipped = {"clip": "skipped (no --clip folder)", "lpips": "skipped (no SqueezeNet weights: --lpips)",
+               "dino": "skipped (no --dino folder)"}
+    models = [f"- CLIP: {settings['clip'] or skipped['clip']}"]
+    if protocol is PIE_BENCH:
+        models += [f"- LPIPS (SqueezeNet): {settings['lpips'] or skipped['lpips']}",
+                   f"- DINO ViT (structure distance): {settings['dino'] or skipped['dino']}"]
     lines += [
         f"- model: `{settings['model']}` (fingerprint `{settings['model_fingerprint']}`)",
         f"- device: {settings['device']} ({env['machine']}; {env['platform']})",
         f"- data: `{settings['data']}`, samples: {', '.join(dict.fromkeys(df['id']))}",
         f"- methods: {', '.join(df['method'].cat.categories)}; guidance: "
-        f"{', '.join(f'{g:g}' for g in sorted(df['guidance'].unique()))}; schedules: "
-        f"{', '.join(df['schedule'].cat.categories)} (decay to guidance_min = {config['guidance_min']:g})",
+        f"{', '.join(f'{g:g}' for g in sorted(df['guidance'].unique()))}; schedules: {schedule_text}",
         f"- steps {config['steps']}, inner steps {config['inner_steps']} (early stop "
         f"{'on' if config['early_stop'] else 'off'}), lr {config['lr']:g}, seed {config['seed']}, backend "
         f"{config['backend']}, precision {config['precision']}"
         + (f", batch size {config['batch_size']}" if config["backend"] == "fast" else ""),
         f"- code: commit {env['commit'] or 'unknown'}; rerun: `{manifest['command']}`",
-        f"- CLIP: {settings['clip'] or 'skipped (no --clip folder)'}",
+        *models,
         f"- updated {manifest['updated']}; rows: {len(df)} in [{SAMPLES}]({SAMPLES}), means in [{SUMMARY}]({SUMMARY})",
-        "", "## Summary (mean ± std over samples)", "", markdown_table(summary, headline), "",
-        "`recon_*`: the reconstruction (source prompt) vs the source photo. `edit_*`: the edit (target prompt) vs "
-        "the source photo, as the seed report scores edits (SSIM and CLIP-I measure what was kept); `edit_clip_text`"
-        ": CLIP-T of the edit vs the target prompt. SSIM is grayscale (data range 1), PSNR in dB on RGB in [0, 1], "
-        "CLIP scores are raw cosines (not x100). `bg_*`: over the background (mask False) when the data has masks. "
-        "`inner_iterations`: Adam iterations summed over steps; `s_per_sample`: inversion + edit seconds (the "
-        "inversion's own per-image time, its share of a batch on the fast backend). The baseline generates from the "
-        "target prompt and seeded noise: no inversion, so no reconstruction.", "", "## Plots", ""]
+        ""]
+    lines += pie_sections(summary, headline, by_type) if protocol is PIE_BENCH else seed_sections(summary, headline)
+    lines += ["## Plots", ""]
     lines += [f"### {title}\n\n![{title}]({PLOT_DIR}/{name})\n" for title, name in plots]
     lines += ["## Image grids", "", f"Source | each method's reconstruction and edit (first {GRID_SAMPLES} samples).",
               ""]

@@ -8,7 +8,7 @@ from PIL import Image
 
 from engine.config import NTIError
 from engine.data import (EditSample, decode_pie_mask, load_bundled, load_dataset, load_folder,
-                         load_genai_bench, load_pie_bench, strip_brackets)
+                         load_genai_bench, load_pie_bench, spread_over_sources, strip_brackets)
 
 
 def _png_bytes(color, size=(24, 16)) -> bytes:
@@ -113,6 +113,7 @@ def test_pie_bench_loads_prompts_masks_and_images(pie_folder):
     assert (first.source_prompt, first.target_prompt) == ("a cat on a mat", "a dog on a mat")
     assert first.instruction == "make the cat a dog" and samples[1].instruction is None
     assert first.meta["original_prompt"] == "a [cat] on a mat" and first.meta["blended_word"] == "cat dog"
+    assert (first.edit_type, samples[1].edit_type) == ("0 random", "6 change color")  # PIE-Bench's categories
     expected = np.zeros((512, 512), bool)
     expected[100:102, 200:264] = True
     assert first.mask.dtype == bool
@@ -149,6 +150,7 @@ def test_folder_loader(prompt_folder):
     assert [s.id for s in samples] == ["a", "cat"]
     assert samples[0].get_image().size == (20, 10) and samples[0].mask.all() and samples[0].instruction is None
     assert samples[1].instruction == "make it a tiger" and samples[1].meta["note"] == "kept in meta"
+    assert samples[0].edit_type is None
     assert samples[1].get_image().size == (451, 300)
     assert [s.id for s in load_folder(prompt_folder / "prompts.jsonl", limit=1)] == ["a"]
     assert len(load_dataset(str(prompt_folder))) == 2
@@ -188,3 +190,23 @@ def test_load_dataset_rejects_unknown_specs(tmp_path):
         load_dataset(str(tmp_path))  # an empty folder: no prompts.jsonl, no mapping_file.json
     with pytest.raises(NTIError, match="limit"):
         load_dataset("sample", limit=-1)
+
+
+def test_spread_over_sources_takes_one_edit_per_image_first():
+    samples = [EditSample(name, None, "s", "t") for name in ("a1", "a2", "a3", "b1", "c1", "c2")]
+    sources = ["a", "a", "a", "b", "c", "c"]
+    assert [s.id for s in spread_over_sources(samples, sources)] == ["a1", "b1", "c1", "a2", "c2", "a3"]
+    assert spread_over_sources([], []) == []
+
+
+def test_n_samples_of_the_bundled_scenes_are_n_different_scenes():
+    """Each scene has a colour and a shape edit; the first two samples must not be two edits of one image (their
+    reconstructions would be one inversion, and the spread over samples zero)."""
+    two = load_dataset("scenes", limit=2)
+    assert [s.id for s in two] == ["scene0-colour", "scene1-colour"]
+    assert two[0].get_image().tobytes() != two[1].get_image().tobytes()
+    everything = load_dataset("scenes")
+    assert [s.id for s in everything[:6]] == [f"scene{k}-colour" for k in range(6)]
+    assert {s.id for s in everything} == {f"scene{k}-{kind}" for k in range(6) for kind in ("colour", "shape")}
+    assert [s.id for s in load_dataset("scenes", limit=7)] == [s.id for s in everything[:7]]  # --n extends
+    assert {s.edit_type for s in everything} == {"colour", "shape"}

@@ -1,4 +1,5 @@
-"""`nti eval` end to end on the tiny model: outputs, resume after an interruption, refusal of mixed settings."""
+"""`nti eval` end to end on the tiny and shapes models: both protocols' outputs, resume after an interruption,
+refusal of mixed settings, the scene oracle's column."""
 import csv
 import logging
 import math
@@ -7,9 +8,11 @@ import pytest
 
 import engine.api
 from engine.cli import EXIT_BAD_INPUT, main
-from engine.evaluate import COLUMNS, SAMPLES
+from engine.evaluate import PIE_BENCH, SAMPLES, SEED
 from engine.metrics import CLIP_SKIPPED
-from test_metrics import tiny_clip_folder  # noqa: F401  (a fixture: a random tiny CLIP saved to a folder)
+# fixtures: random tiny CLIP / LPIPS (SqueezeNet) / DINO ViT saved to folders
+from test_metrics import tiny_clip_folder, tiny_dino_folder, tiny_lpips_folder  # noqa: F401
+from test_metrics import write_pie_folder
 
 FAST = ["--steps", "3", "--inner-steps", "2", "--quiet", "--device", "cpu", "--model", "tiny"]  # photo prompts
 
@@ -49,14 +52,14 @@ def test_eval_writes_tables_plots_grids_and_report(tmp_path, capsys, caplog):
     rows = read_samples(out)
     assert len(rows) == 2 * 3 * 2 * 2  # samples x methods x guidance x schedules
     assert len({(r["id"], r["method"], r["guidance"], r["schedule"]) for r in rows}) == len(rows)
-    assert list(rows[0]) == list(COLUMNS)
+    assert list(rows[0]) == list(SEED.columns)
     for row in rows:
-        assert finite(row, ["edit_ssim", "edit_psnr", "edit_mse", "edit_s", "invert_s"])
+        assert finite(row, ["edit_ssim_global", "edit_ssim_windowed", "edit_psnr", "edit_mse", "edit_s", "invert_s"])
         assert (out / row["edit_png"]).is_file()
         if row["method"] == "baseline":
             assert row["recon_psnr"] == "" and row["recon_png"] == ""
         else:
-            assert finite(row, ["recon_ssim", "recon_psnr", "recon_mse", "recon_s"])
+            assert finite(row, ["recon_ssim_global", "recon_ssim_windowed", "recon_psnr", "recon_mse", "recon_s"])
             assert (out / row["recon_png"]).is_file()
         iterations = int(row["inner_iterations"])
         assert 0 < iterations <= 3 * 2 if row["method"] == "null-text" else iterations == 0
@@ -77,6 +80,9 @@ def test_eval_writes_tables_plots_grids_and_report(tmp_path, capsys, caplog):
     assert "tiny random model" in report and "only check" in report
     assert all(f"plots/{name}" in report for name in plots)
     assert "tiny-0-" in report and "torch" in report and "CLIP: skipped" in report
+    assert "schedules: constant, cosine (cosine: w decays to guidance_min = 1)" in report
+    assert "`ssim_global`: **the seed report's SSIM (its Algorithm 1)**" in report
+    assert "| recon_psnr | recon_ssim_global |" in report and "windowed SSIM, not the seed report's" in report
 
 
 def test_resume_redoes_only_missing_items(tmp_path, capsys, count_inversions):
@@ -90,7 +96,7 @@ def test_resume_redoes_only_missing_items(tmp_path, capsys, count_inversions):
 
     # simulate a kill mid-write: the last finished row is gone and a partial row is left behind
     lines = (out / SAMPLES).read_text().splitlines(keepends=True)
-    dropped = dict(zip(COLUMNS, next(csv.reader([lines[-1]]))))
+    dropped = dict(zip(SEED.columns, next(csv.reader([lines[-1]]))))
     (out / SAMPLES).write_text("".join(lines[:-1]) + lines[-1][:25])
     count_inversions.clear()
     assert main([*argv, "--n", "3"]) == 0  # a larger --n extends the same run
@@ -173,6 +179,94 @@ def test_masks_are_cropped_like_the_image(tmp_path, capsys):
     rows = {r["id"]: r for r in read_samples(out)}
     for kind in ("recon", "edit"):
         assert float(rows["outside"][f"{kind}_bg_mse"]) == pytest.approx(float(rows["outside"][f"{kind}_mse"]))
-        assert float(rows["outside"][f"{kind}_bg_ssim"]) == pytest.approx(float(rows["outside"][f"{kind}_ssim"]))
+        assert float(rows["outside"][f"{kind}_bg_ssim_windowed"]) == pytest.approx(
+            float(rows["outside"][f"{kind}_ssim_windowed"]))
         assert float(rows["inside"][f"{kind}_bg_mse"]) != pytest.approx(float(rows["inside"][f"{kind}_mse"]))
-    assert "edit_bg_ssim" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "edit_bg_ssim_windowed" in report
+    assert "schedules: constant\n" in report and "decay" not in report  # no decaying schedule to speak of
+
+
+def _pie_background_psnr(source, edit, mask512) -> float:
+    """PIE-Bench's background PSNR written out: the 512 px mask brought to the image size (nearest), its 1-pixel
+    border marked edited, the edited region zeroed in both images, MSE over the whole image."""
+    import numpy as np
+    from PIL import Image
+
+    side = source.shape[0]
+    mask = np.asarray(Image.fromarray(mask512).resize((side, side), Image.Resampling.NEAREST)).astype(bool)
+    mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = True
+    keep = ~mask[..., None]
+    error = ((source / 255.0 * keep - edit / 255.0 * keep) ** 2).mean()
+    return 10 * math.log10(1 / error)
+
+
+def test_pie_bench_protocol_end_to_end(tmp_path, capsys, caplog, count_inversions, tiny_clip_folder,  # noqa: F811
+                                      tiny_lpips_folder, tiny_dino_folder):  # noqa: F811
+    pytest.importorskip("torchmetrics")
+    import numpy as np
+    from PIL import Image
+
+    from engine.data import load_pie_bench
+
+    data = tmp_path / "pie"
+    write_pie_folder(data)
+    out = tmp_path / "eval"
+    argv = ["eval", "--protocol", "pie-bench", "--data", str(data), "--out", str(out), "--methods", "ddim",
+            "--clip", str(tiny_clip_folder), "--lpips", str(tiny_lpips_folder), "--dino", str(tiny_dino_folder),
+            *FAST]
+    with caplog.at_level(logging.WARNING, logger="nti"):
+        assert main(argv) == 0
+    assert not [r for r in caplog.records if "skipped" in r.message]  # every model was found
+    stdout = capsys.readouterr().out
+    table_head = ("| method | guidance | schedule | n | structure distance ×10³ ↓ | PSNR ↑ | LPIPS ×10³ ↓ | "
+                  "MSE ×10⁴ ↓ | SSIM ×10² ↑ | CLIP whole ↑ | CLIP edited ↑ |")
+    assert table_head in stdout
+
+    rows = read_samples(out)
+    assert list(rows[0]) == list(PIE_BENCH.columns) and len(rows) == 2
+    assert [r["edit_type"] for r in rows] == ["1 change object", "6 change color"]
+    pie = ["structure_distance", "bg_psnr", "bg_lpips", "bg_mse", "bg_ssim", "clip_whole", "clip_edited"]
+    for row in rows:
+        assert finite(row, [f"{kind}_{m}" for kind in ("recon", "edit") for m in pie])
+        assert row["edit_oracle"] == ""  # not the shapes model
+        # the edit's background PSNR, recomputed from the saved images and the PIE-Bench mask
+        sample = next(s for s in load_pie_bench(data) if s.id == row["id"])
+        source = np.asarray(Image.open(out / "images" / row["id"] / "source.png"), dtype=np.float64)
+        edit = np.asarray(Image.open(out / row["edit_png"]), dtype=np.float64)
+        mask = sample.mask.astype(np.uint8) * 255
+        assert float(row["edit_bg_psnr"]) == pytest.approx(_pie_background_psnr(source, edit, mask), abs=1e-3)
+
+    report = (out / "report.md").read_text()
+    assert "(pie-bench protocol)" in report and table_head in report
+    assert "## Edits by editing type" in report and "| 6 change color | 1 |" in report
+    assert str(tiny_dino_folder) in report and "squeezenet1_1-b8a52dc0.pth" in report
+    assert (out / "plots" / "metrics.png").is_file()
+
+    count_inversions.clear()
+    assert main(argv) == 0 and count_inversions == []  # resumed: every row is already there
+    assert len(read_samples(out)) == 2
+    capsys.readouterr()
+    assert main([*argv[:2], "seed", *argv[3:]]) == EXIT_BAD_INPUT  # another protocol: other columns, refused
+    assert "protocol: 'pie-bench' -> 'seed'" in capsys.readouterr().err
+
+
+def test_shapes_model_report_has_the_oracle_and_n_spreads_over_scenes(tmp_path, capsys):
+    """The default model on its bundled scenes: `--n 2` takes two different scenes, and the scene oracle grades
+    every output (1 = it reads the output as its prompt)."""
+    from PIL import Image
+
+    from engine.scenes import read_scene
+
+    out = tmp_path / "eval"
+    assert main(["eval", "--out", str(out), "--n", "2", "--methods", "ddim", "--steps", "3", "--quiet",
+                 "--device", "cpu"]) == 0
+    rows = read_samples(out)
+    assert [r["id"] for r in rows] == ["scene0-colour", "scene1-colour"]
+    assert rows[0]["recon_psnr"] != rows[1]["recon_psnr"]  # two inversions, not one reused
+    for row in rows:
+        for kind, prompt in (("recon", row["source_prompt"]), ("edit", row["target_prompt"])):
+            with Image.open(out / row[f"{kind}_png"]) as image:
+                assert float(row[f"{kind}_oracle"]) == float(read_scene(image).matches(prompt))
+    report = (out / "report.md").read_text()
+    assert "edit_oracle" in report and "scene oracle" in report
