@@ -12,7 +12,7 @@ from .artifact import Inversion
 from .config import NTIConfig, NTIError
 from .ddim import guidance_weights, make_schedule
 from .images import center_square, load_image, pixel_hash, to_pil, to_tensor
-from .models import Pipeline, decode_latents, encode_images, encode_prompts
+from .models import Pipeline, decode_latents, encode_images, encode_prompts, strict_fp32
 from . import reference
 
 
@@ -60,6 +60,7 @@ def prepare_images(pipe: Pipeline, images) -> tuple[list[Image.Image], torch.Ten
     return squares, torch.cat([to_tensor(img) for img in squares])
 
 
+@strict_fp32
 def invert(pipe: Pipeline, images, source_prompts: Sequence[str] | str, config: NTIConfig | None = None,
            progress: bool = True) -> list[Inversion]:
     """Invert images under their source prompts: DDIM inversion, then what config.method adds to it (null-text
@@ -177,6 +178,7 @@ def _edit_job(pipe: Pipeline, inv: Inversion, prompt: str) -> dict:
             "weights": guidance_weights(s["guidance"], s["steps"], s["guidance_schedule"], s["guidance_min"])}
 
 
+@strict_fp32
 def edit_latents(pipe: Pipeline, inversions: Sequence[Inversion], target_prompts: Sequence[str] | str,
                  config: NTIConfig | None = None, progress: bool = True) -> torch.Tensor:
     """Edit each inversion under its target prompt, as config.edit says; (B, 4, h, w) latents of the edits.
@@ -260,6 +262,7 @@ def reconstruct(pipe: Pipeline, inversions: Sequence[Inversion], config: NTIConf
     return edit(pipe, inversions, [inv.source_prompt for inv in inversions], config, progress)
 
 
+@strict_fp32
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts: Sequence[str] | str, config: NTIConfig | None = None,
              progress: bool = True) -> list[Image.Image]:

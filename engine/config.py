@@ -99,12 +99,22 @@ class NTIConfig:
     precision: str = "fp32"
     """UNet compute precision in the fast path. bf16/fp16 autocast the UNet only; embeddings, Adam state, latents
     and the DDIM update stay fp32. Risk: fp16 overflow gives non-finite steps (retried in fp32 and recorded)."""
+    half_weights: bool = True
+    """bf16/fp16: run a copy of the UNet whose Linear/Conv weights are pre-cast to that dtype, under autocast. Gives
+    autocast's own results (it casts each weight to exactly that tensor) without re-casting every weight on every
+    call and saving the casts for backward. Costs a half-size copy of those weights. False = autocast over the
+    fp32 weights (the kill switch)."""
     attention: str = "sdpa"
     """Attention kernel: torch SDPA (default), xformers where it imports, or plain matmul-softmax."""
     compile: bool = False
-    """torch.compile the UNet's repeated blocks (regional). First call pays the compile time."""
+    """torch.compile (fullgraph, static shapes) of the UNet's repeated transformer blocks (regional). The first call
+    of each shape pays the compile time. A compile failure (graph break, dynamo's recompile limit) is reported with
+    a warning and that UNet runs eager from then on. NTI_DISABLE_COMPILE=1 turns it off."""
     cuda_graphs: bool = False
-    """Capture fixed-shape UNet calls in CUDA graphs (CUDA only; ignored with a warning elsewhere)."""
+    """Capture whole calls as CUDA graphs (CUDA only; ignored with a warning elsewhere): each forward-only UNet call
+    per batch size, and each inner iteration (UNet forward + backward, loss, Adam) per bucket size. Captured once
+    per process and model, after two warm-up runs; memory: one private pool per captured shape.
+    NTI_DISABLE_CUDA_GRAPHS=1 turns it off."""
     channels_last: bool = False
     """Run the UNet in channels_last memory format (CUDA convolution layout)."""
     fused_step: bool | None = None

@@ -2,12 +2,17 @@
 
 Same math as engine/reference.py; what changes is only how it is scheduled:
 - B images share every UNet call; each image keeps its own prompt, null embedding, Adam state and early stop
-  (per-image losses are summed, so each embedding gets exactly its own gradient);
-- converged images leave the batch, which is compacted to fixed bucket sizes (powers of two) so compiled graphs
-  and CUDA graphs stay valid;
+  (per-image losses are summed, so each embedding gets exactly its own gradient; Adam runs batched and masked, so
+  an image that stopped keeps its embedding and moments exactly, as if it had been optimized alone);
+- the inner loop's state lives in a Workspace of fixed tensors and an iteration makes no host sync: early stop is
+  decided on the device, and the host reads one (n,) mask per iteration, only when early stop is on. So a whole
+  iteration (UNet forward + backward, loss, Adam) can be captured as one CUDA graph and replayed;
+- images that stopped leave the workspace: eager runs shrink it to exactly the images left; with CUDA graphs or
+  compile it keeps power-of-two bucket sizes (padding rows are masked) so captured and compiled graphs stay valid;
 - the conditional prediction of a step is computed once and also reused for the step that moves the latent on;
-- the UNet may run under bf16/fp16 autocast; embeddings, Adam state, latents and the DDIM update stay fp32, and a
-  step that produced a non-finite value for an image is redone for that image in fp32 (recorded in the result).
+- bf16/fp16 run a UNet copy with pre-cast weights under autocast (engine/runner.py); embeddings, Adam state,
+  latents and the DDIM update stay fp32, and a step that produced a non-finite value for an image is redone for
+  that image in fp32 (recorded in the result).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import math
 import os
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -24,12 +30,11 @@ from tqdm.auto import tqdm
 from .config import NTIConfig, NTIError
 from .ddim import DDIMSchedule, ddim_step, guided_eps
 from .models import Pipeline
+from .runner import UNetRunner, capture_graph
 
 log = logging.getLogger("nti")
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+BETA1, BETA2, ADAM_EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, which the notebook uses
 
-
-# --------------------------------------------------------------------------------------------- accelerator switches
 
 def fused_ops(config: NTIConfig, device: torch.device):
     """kernels/ fused DDIM ops if wanted and importable, else None (plain torch). NTI_FUSED_STEP=0 turns them off."""
@@ -49,71 +54,6 @@ def fused_ops(config: NTIConfig, device: torch.device):
     return ops
 
 
-def set_attention(unet: torch.nn.Module, backend: str) -> str:
-    """Select the attention kernel; falls back to SDPA when xformers is missing or broken. Returns what is used."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-    if backend == "xformers":
-        try:
-            unet.enable_xformers_memory_efficient_attention()
-            return "xformers"
-        except Exception as err:  # xformers absent, or built for another torch (DESIGN.md: 0.0.35 vs torch 2.11)
-            warnings.warn(f"xformers attention unavailable ({type(err).__name__}); using torch SDPA")
-            backend = "sdpa"
-    unet.set_attn_processor(AttnProcessor() if backend == "plain" else AttnProcessor2_0())
-    return backend
-
-
-@contextlib.contextmanager
-def accelerated_unet(pipe: Pipeline, config: NTIConfig):
-    """Apply the config's UNet switches for the duration of a fast run, then put the module back as it was."""
-    unet = pipe.unet
-    processors = unet.attn_processors
-    cuda = pipe.device.type == "cuda"
-    compiled = []
-    try:  # every switch inside: a failure (e.g. a missing export backend) still restores the module
-        set_attention(unet, config.attention)
-        if config.channels_last:
-            if cuda:
-                unet.to(memory_format=torch.channels_last)
-            else:
-                warnings.warn("channels_last only helps CUDA convolutions; ignored on CPU")
-        if config.compile or config.cuda_graphs:
-            if config.cuda_graphs and not cuda:
-                warnings.warn("CUDA graphs need a CUDA device; running without them")
-            mode = "reduce-overhead" if (config.cuda_graphs and cuda) else None
-            if os.environ.get("NTI_DISABLE_COMPILE") == "1" or not hasattr(torch, "compile"):
-                warnings.warn("torch.compile disabled (NTI_DISABLE_COMPILE=1 or torch too old); running eager")
-            else:
-                for module in unet.modules():  # regional compilation: only the repeated transformer blocks
-                    if type(module).__name__ in getattr(unet, "_repeated_blocks", ()):
-                        module.compile(mode=mode, dynamic=False)
-                        compiled.append(module)
-        if config.forward_backend != "torch":
-            from export import load_forward_backend  # built once, cached on disk under a model/shape/precision key
-
-            pipe.forward_fn = load_forward_backend(pipe, config.forward_backend, config.precision,
-                                                   config.export_cache)
-        yield unet
-    finally:
-        pipe.forward_fn = None
-        for module in compiled:
-            module._compiled_call_impl = None
-        if config.channels_last and cuda:
-            unet.to(memory_format=torch.contiguous_format)
-        unet.set_attn_processor(processors)
-
-
-def unet_eps(pipe: Pipeline, z: torch.Tensor, t: int, context: torch.Tensor, precision: str) -> torch.Tensor:
-    """UNet noise prediction, under autocast for bf16/fp16 (the inputs stay fp32 tensors)."""
-    if pipe.forward_fn is not None and not torch.is_grad_enabled():  # exported UNets serve forward-only passes
-        return pipe.forward_fn(z, t, context)
-    if precision == "fp32":
-        return pipe.unet(z, t, encoder_hidden_states=context).sample
-    with torch.autocast(pipe.device.type, dtype=AUTOCAST[precision]):
-        return pipe.unet(z, t, encoder_hidden_states=context).sample
-
-
 def bucket_size(n: int, cap: int) -> int:
     """Smallest power of two >= n, at most cap: few distinct shapes for compiled and captured graphs."""
     size = 1
@@ -122,75 +62,85 @@ def bucket_size(n: int, cap: int) -> int:
     return min(size, cap)
 
 
-# ---------------------------------------------------------------------------------------------------------- invert
+# --------------------------------------------------------------------------------------------------- DDIM pieces
 
-def invert_batch(pipe: Pipeline, z0: torch.Tensor, conds: torch.Tensor, null: torch.Tensor, schedule: DDIMSchedule,
-                 weights: list[float], config: NTIConfig, progress: bool = True) -> list[dict]:
-    """Invert B images in chunks of config.batch_size; one result dict per image, as the reference path returns."""
-    results = []
-    with accelerated_unet(pipe, config):
-        ops = fused_ops(config, pipe.device)
-        for start in range(0, z0.shape[0], config.batch_size):
-            chunk = slice(start, start + config.batch_size)
-            results += _invert_chunk(pipe, z0[chunk], conds[chunk], null, schedule, weights, config, ops, progress)
-    return results
-
-
-@torch.no_grad()
-def ddim_invert_batch(pipe, z0, conds, schedule, precision, ops=None) -> list[torch.Tensor]:
-    """Batched DDIM inversion (no CFG): pivots z*_0..z*_T, each (B, 4, h, w) fp32."""
-    pivots, z = [z0], z0
-    for i in range(schedule.steps):
-        t, a_from, a_to = schedule.invert_alphas(i)
-        eps = unet_eps(pipe, z, t, conds, precision)
-        z = _ddim(ops, z, eps, a_from, a_to)
-        pivots.append(z)
-    return pivots
-
-
-def _coef(value: float, n: int, device) -> torch.Tensor:
+def _coef(value, n: int, device) -> torch.Tensor:
+    """A per-image coefficient as an (n,) device tensor, made by a fill kernel (a python float sent to the device
+    through torch.as_tensor would be a host-to-device copy, a sync on CUDA)."""
+    if isinstance(value, torch.Tensor):
+        return value
     return torch.full((n,), value, dtype=torch.float32, device=device)
 
 
 def _ddim(ops, z, eps, a_from, a_to):
+    n, dev = z.shape[0], z.device
+    a_from, a_to = _coef(a_from, n, dev), _coef(a_to, n, dev)
     if ops is None:
         return ddim_step(z, eps, a_from, a_to)
-    n = z.shape[0]
-    return ops.ddim_step(z, eps, _coef(a_from, n, z.device), _coef(a_to, n, z.device))
+    return ops.ddim_step(z, eps, a_from, a_to)
 
 
 def _guided(ops, z, eps_u, eps_c, w, a_t, a_prev):
+    n, dev = z.shape[0], z.device
+    w, a_t, a_prev = (_coef(c, n, dev) for c in (w, a_t, a_prev))
     if ops is None:
         return ddim_step(z, guided_eps(eps_u, eps_c, w), a_t, a_prev)
-    n, dev = z.shape[0], z.device
-    return ops.guided_ddim_step(z, eps_u, eps_c, _coef(w, n, dev), _coef(a_t, n, dev), _coef(a_prev, n, dev))
+    return ops.guided_ddim_step(z, eps_u, eps_c, w, a_t, a_prev)
 
 
 def _per_image_loss(ops, z, eps_u, eps_c, w, a_t, a_prev, target):
     if ops is None:
         z_prev = ddim_step(z, guided_eps(eps_u, eps_c, w), a_t, a_prev)
         return ((z_prev - target) ** 2).mean(dim=(1, 2, 3))
-    n, dev = z.shape[0], z.device
-    return ops.guided_ddim_step_mse(z, eps_u, eps_c, _coef(w, n, dev), _coef(a_t, n, dev), _coef(a_prev, n, dev),
-                                    target)
+    return ops.guided_ddim_step_mse(z, eps_u, eps_c, w, a_t, a_prev, target)
 
 
-def _invert_chunk(pipe, z0, conds, null, schedule, weights, config, ops, progress) -> list[dict]:
+# ---------------------------------------------------------------------------------------------------------- invert
+
+def invert_batch(pipe: Pipeline, z0: torch.Tensor, conds: torch.Tensor, null: torch.Tensor, schedule: DDIMSchedule,
+                 weights: list[float], config: NTIConfig, progress: bool = True) -> list[dict]:
+    """Invert B images in chunks of config.batch_size; one result dict per image, as the reference path returns."""
+    runner = UNetRunner(pipe, config)
+    ops = fused_ops(config, pipe.device)
+    results = []
+    for start in range(0, z0.shape[0], config.batch_size):
+        chunk = slice(start, start + config.batch_size)
+        results += _invert_chunk(runner, z0[chunk], conds[chunk], null, schedule, weights, config, ops, progress)
+    return results
+
+
+@torch.no_grad()
+def ddim_invert_batch(runner: UNetRunner, z0, conds, schedule, ops=None) -> list[torch.Tensor]:
+    """Batched DDIM inversion (no CFG): pivots z*_0..z*_T, each (B, 4, h, w) fp32."""
+    pivots, z = [z0], z0
+    for i in range(schedule.steps):
+        t, a_from, a_to = schedule.invert_alphas(i)
+        z = _ddim(ops, z, runner.forward(z, t, conds), a_from, a_to)
+        pivots.append(z)
+    return pivots
+
+
+def _finite_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """(B,) bool on the host: rows finite in every tensor (one sync)."""
+    return torch.stack([torch.isfinite(x).flatten(1).all(1) for x in tensors]).all(0).cpu()
+
+
+def _invert_chunk(runner, z0, conds, null, schedule, weights, config, ops, progress) -> list[dict]:
     b = z0.shape[0]
     retries: list[list[int]] = [[] for _ in range(b)]  # -1: the DDIM inversion pass; i >= 0: null-text step i
     start = time.perf_counter()
-    pivots = ddim_invert_batch(pipe, z0, conds, schedule, config.precision, ops)
-    bad = ~torch.stack([torch.isfinite(p).flatten(1).all(1) for p in pivots]).all(0).cpu()
+    pivots = ddim_invert_batch(runner, z0, conds, schedule, ops)
+    bad = ~_finite_rows(pivots)
     if bad.any() and config.precision != "fp32":
         rows = bad.nonzero().flatten()
         log.warning("DDIM inversion: non-finite values for image(s) %s under %s; redoing in fp32", rows.tolist(),
                     config.precision)
-        redo = ddim_invert_batch(pipe, z0[rows], conds[rows], schedule, "fp32", ops)
+        redo = ddim_invert_batch(runner.fp32(), z0[rows], conds[rows], schedule, ops)
         for pivot, fixed in zip(pivots, redo):
             pivot[rows.to(pivot.device)] = fixed
         for r in rows.tolist():
             retries[r].append(-1)
-        bad = ~torch.stack([torch.isfinite(p).flatten(1).all(1) for p in pivots]).all(0).cpu()
+        bad = ~_finite_rows(pivots)
     if bad.any():
         raise NTIError(f"DDIM inversion produced non-finite values for image(s) {bad.nonzero().flatten().tolist()} "
                        f"even in fp32; check the input image and prompt")
@@ -215,25 +165,24 @@ def _invert_chunk(pipe, z0, conds, null, schedule, weights, config, ops, progres
     bar = tqdm(total=schedule.steps, desc=f"null-text optimization ({b} images)", disable=not progress, leave=False)
     for i in range(schedule.steps):
         target = pivots[len(pivots) - i - 2]
-        step = null_text_step(pipe, z, conds, uncond, target, i, schedule, weights[i], config, ops, config.precision)
-        bad = ~step["finite"]
+        step = null_text_step(runner, z, conds, uncond, target, i, schedule, weights[i], config, ops)
+        bad = ~step.finite
         if bad.any() and config.precision != "fp32":  # redo only the broken images' step in full precision
             rows = bad.nonzero().flatten()
             log.warning("step %d: non-finite values for image(s) %s under %s; redoing in fp32", i, rows.tolist(),
                         config.precision)
-            redo = null_text_step(pipe, z[rows], conds[rows], uncond[rows], target[rows], i, schedule, weights[i],
-                                  config, ops, "fp32")
-            for key in ("uncond", "z_next", "iterations", "losses", "finite"):
-                step[key][rows.to(step[key].device)] = redo[key]
+            redo = null_text_step(runner.fp32(), z[rows], conds[rows], uncond[rows], target[rows], i, schedule,
+                                  weights[i], config, ops)
+            step.merge(rows, redo)
             for r in rows.tolist():
                 retries[r].append(i)
-        if not step["finite"].all():
-            rows = (~step["finite"]).nonzero().flatten().tolist()
+        if not step.finite.all():
+            rows = (~step.finite).nonzero().flatten().tolist()
             raise NTIError(f"null-text optimization produced non-finite values for image(s) {rows} at step {i} "
                            f"even in fp32; check the input image and prompt")
-        uncond, z = step["uncond"], step["z_next"]
+        uncond, z = step.uncond, step.z_next
         embeddings[i] = uncond
-        iterations[i], losses[i] = step["iterations"], step["losses"]
+        iterations[i], losses[i] = step.iterations, step.losses
         bar.update()
     bar.close()
     nti_s = (time.perf_counter() - start) / b
@@ -242,51 +191,199 @@ def _invert_chunk(pipe, z0, conds, null, schedule, weights, config, ops, progres
              "timings": {"ddim_invert_s": ddim_s, "null_text_s": nti_s}} for k in range(b)]
 
 
-def null_text_step(pipe, z, conds, uncond, target, i, schedule, w, config, ops, precision) -> dict:
+# ------------------------------------------------------------------------------------------- the inner loop
+
+@dataclass
+class Workspace:
+    """The inner loop's state for n rows (paper Algorithm 1, the loop over j, for n images at once), in tensors that
+    outlive an iteration, so that one iteration can be captured as a CUDA graph and replayed."""
+
+    rows: torch.Tensor  # (n,) int64: the chunk row each workspace row writes back to; padding rows own spare rows
+    z: torch.Tensor  # (n, 4, h, w) fp32: z_t
+    eps_c: torch.Tensor  # (n, 4, h, w): the step's conditional prediction
+    target: torch.Tensor  # (n, 4, h, w) fp32: the pivot z*_{t-1}
+    uncond: torch.Tensor  # (n, 77, D) fp32: the null embedding being optimized
+    exp_avg: torch.Tensor  # (n, 77, D) fp32: Adam's first moment
+    exp_avg_sq: torch.Tensor  # (n, 77, D) fp32: Adam's second moment
+    active: torch.Tensor  # (n,) fp32 1/0: still optimizing (stopped, broken and padding rows are 0)
+    iterations: torch.Tensor  # (n,) fp32: Adam updates done this step
+    loss: torch.Tensor  # (n,) fp32: the last loss of each row while it was active
+    w: torch.Tensor  # (n,) fp32: guidance weight of this step
+    a_t: torch.Tensor  # (n,) fp32: alpha_bar_t
+    a_prev: torch.Tensor  # (n,) fp32: alpha_bar_{t-1}
+    t: torch.Tensor  # () int64: timestep
+    threshold: torch.Tensor  # (1,) fp64: early-stop threshold (-inf: off); fp64 so it equals the host's comparison
+    step_size: torch.Tensor  # (1,) fp32: Adam's lr / (1 - beta1^k) at iteration k
+    bias2_sqrt: torch.Tensor  # (1,) fp32: Adam's sqrt(1 - beta2^k)
+    graph: object = None  # the captured iteration, when CUDA graphs are on
+
+    @classmethod
+    def zeros(cls, n: int, latent: tuple, context: tuple, device) -> "Workspace":
+        f32 = dict(dtype=torch.float32, device=device)
+        return cls(rows=torch.zeros(n, dtype=torch.int64, device=device), z=torch.zeros(n, *latent, **f32),
+                   eps_c=torch.zeros(n, *latent, **f32), target=torch.zeros(n, *latent, **f32),
+                   uncond=torch.zeros(n, *context, **f32), exp_avg=torch.zeros(n, *context, **f32),
+                   exp_avg_sq=torch.zeros(n, *context, **f32), active=torch.zeros(n, **f32),
+                   iterations=torch.zeros(n, **f32), loss=torch.zeros(n, **f32), w=torch.zeros(n, **f32),
+                   a_t=torch.ones(n, **f32), a_prev=torch.ones(n, **f32),
+                   t=torch.zeros((), dtype=torch.int64, device=device),
+                   threshold=torch.zeros(1, dtype=torch.float64, device=device), step_size=torch.zeros(1, **f32),
+                   bias2_sqrt=torch.ones(1, **f32))
+
+    @property
+    def n(self) -> int:
+        return self.rows.shape[0]
+
+    def set_step(self, t: int, w: float, a_t: float, a_prev: float, threshold: float) -> None:
+        """This outer step's constants, by fill kernels (no host-to-device copies)."""
+        self.t.fill_(t)
+        self.w.fill_(w)
+        self.a_t.fill_(a_t)
+        self.a_prev.fill_(a_prev)
+        self.threshold.fill_(threshold)
+
+
+def adam_step_(ws: Workspace, grad: torch.Tensor) -> None:
+    """Adam (Kingma & Ba 2015, Algorithm 1) in torch.optim.Adam's order of operations, applied to the active rows
+    only: a row that stopped keeps its embedding and moments exactly."""
+    keep = (ws.active > 0).view(-1, 1, 1)
+    exp_avg = torch.lerp(ws.exp_avg, grad, 1 - BETA1)
+    exp_avg_sq = torch.addcmul(ws.exp_avg_sq * BETA2, grad, grad, value=1 - BETA2)
+    denom = exp_avg_sq.sqrt() / ws.bias2_sqrt + ADAM_EPS
+    uncond = ws.uncond - ws.step_size * (exp_avg / denom)
+    ws.exp_avg.copy_(torch.where(keep, exp_avg, ws.exp_avg))
+    ws.exp_avg_sq.copy_(torch.where(keep, exp_avg_sq, ws.exp_avg_sq))
+    ws.uncond.copy_(torch.where(keep, uncond, ws.uncond))
+
+
+def inner_iteration(runner: UNetRunner, ws: Workspace, ops) -> None:
+    """One inner iteration of paper Algorithm 1 for every active row, in place: the uncond pass with grad, the
+    guided DDIM step's MSE to the pivot, Adam; then the notebook's early-stop test, on the device."""
+    uncond = ws.uncond.detach().requires_grad_(True)
+    with torch.enable_grad():
+        eps_u = runner.eps(ws.z, ws.t, uncond)
+        loss = _per_image_loss(ops, ws.z, eps_u, ws.eps_c, ws.w, ws.a_t, ws.a_prev, ws.target)
+        # sum, not mean: each image gets exactly its own gradient; inactive rows weigh 0
+        (grad,) = torch.autograd.grad((loss * ws.active).sum(), uncond)
+    with torch.no_grad():
+        adam_step_(ws, grad)  # the notebook steps before testing the loss: the last update is kept
+        loss = loss.detach()
+        ws.iterations.add_(ws.active)
+        ws.loss.copy_(torch.where(ws.active > 0, loss, ws.loss))
+        go_on = torch.isfinite(loss) & (loss.double() >= ws.threshold)  # a broken row leaves (redone in fp32)
+        ws.active.mul_(go_on.to(ws.active.dtype))
+
+
+@dataclass
+class StepResult:
+    """One outer step for a batch: the optimized null embeddings, the latents moved on, and per-image records."""
+
+    uncond: torch.Tensor  # (B, 77, D) fp32
+    z_next: torch.Tensor  # (B, 4, h, w) fp32
+    iterations: torch.Tensor  # (B,) int64, host
+    losses: torch.Tensor  # (B,) fp32, host: last inner loss
+    finite: torch.Tensor  # (B,) bool, host
+
+    def merge(self, rows: torch.Tensor, other: "StepResult") -> None:
+        """Take `other`'s results (a redo of some images) for `rows`."""
+        dev = rows.to(self.uncond.device)
+        self.uncond[dev], self.z_next[dev] = other.uncond, other.z_next
+        self.iterations[rows], self.losses[rows], self.finite[rows] = other.iterations, other.losses, other.finite
+
+
+def _inner_workspace(runner: UNetRunner, n: int, latent: tuple, context: tuple, ops) -> Workspace:
+    """A workspace of n rows: a new one in eager runs; with CUDA graphs the one captured for n (captured now if new)."""
+    if not runner.graphs:
+        return Workspace.zeros(n, latent, context, runner.pipe.device)
+    key = runner.key("inner", n, latent, context, ops is not None)
+    ws = runner.prepared.graphs.get(key)
+    if ws is None:
+        start = time.perf_counter()
+        ws = Workspace.zeros(n, latent, context, runner.pipe.device)  # active = 0: the warm-up runs change nothing
+        ws.graph = capture_graph(lambda: inner_iteration(runner, ws, ops))
+        runner.prepared.graphs[key] = ws
+        runner.stats.captures += 1
+        runner.stats.capture_s += time.perf_counter() - start
+    return ws
+
+
+def _move_rows(src: Workspace, dst: Workspace, select: torch.Tensor, left: int, spare: int) -> None:
+    """Copy the `left` rows `select` of src into dst; dst's remaining rows become masked padding."""
+    pad = dst.n - left
+    take = torch.cat([select, select[:1].expand(pad)])
+    for name in ("z", "eps_c", "target", "uncond", "exp_avg", "exp_avg_sq", "iterations", "loss", "active"):
+        getattr(dst, name).copy_(getattr(src, name).index_select(0, take))
+    own = torch.arange(left, dst.n, device=dst.rows.device) + spare  # each padding row writes to its own spare row
+    dst.rows.copy_(torch.cat([src.rows.index_select(0, select), own]))
+    dst.active[left:] = 0
+    for name in ("t", "threshold", "step_size", "bias2_sqrt"):
+        getattr(dst, name).copy_(getattr(src, name))
+    for name in ("w", "a_t", "a_prev"):
+        getattr(dst, name).copy_(getattr(src, name)[:1].expand(dst.n))
+
+
+def null_text_step(runner: UNetRunner, z, conds, uncond, target, i, schedule, w, config, ops) -> StepResult:
     """One outer step of paper Algorithm 1 for a batch: fit each image's null embedding, then move its latent on."""
-    b = z.shape[0]
+    b, dev = z.shape[0], z.device
     t = schedule.timesteps[i]
     a_t, a_prev = schedule.denoise_alphas(i)
-    with torch.no_grad():
-        eps_c = unet_eps(pipe, z, t, conds, precision)  # once per step, shared by inner loop and the move-on step
-    # one parameter and one Adam per image: an image whose loop stopped gets grad=None, which Adam skips exactly
-    params = [uncond[k:k + 1].clone().requires_grad_(True) for k in range(b)]
-    optimizer = torch.optim.Adam(params, lr=config.lr * (1.0 - i / 100.0))
-    active = list(range(b))
-    iterations = torch.zeros(b, dtype=torch.int64)
-    losses = torch.full((b,), float("nan"))
-    finite = torch.ones(b, dtype=torch.bool)
-    threshold = config.early_stop_eps + i * 2e-5
-    for _ in range(config.inner_steps):
-        if not active:
+    eps_c = runner.forward(z, t, conds)  # once per step, shared by the inner loop and the move-on step
+    static = runner.graphs or runner.compiled  # fixed shapes: pad to power-of-two buckets
+    n = bucket_size(b, max(b, config.batch_size)) if static else b
+    # results per chunk row, plus one spare row per workspace row for padding rows to write to
+    out_uncond = torch.cat([uncond, uncond[:1].expand(n, -1, -1)])
+    out_iterations = torch.zeros(b + n, device=dev)
+    out_loss = torch.full((b + n,), float("nan"), device=dev)
+    ws = _inner_workspace(runner, n, tuple(z.shape[1:]), tuple(uncond.shape[1:]), ops)
+    rows = torch.arange(n, device=dev)
+    data = rows.clamp(max=b - 1)  # padding rows compute on a copy of the last image, masked out
+    ws.rows.copy_(torch.where(rows < b, rows, rows + b))
+    ws.z.copy_(z.index_select(0, data))
+    ws.eps_c.copy_(eps_c.index_select(0, data))
+    ws.target.copy_(target.index_select(0, data))
+    ws.uncond.copy_(out_uncond.index_select(0, data))
+    ws.exp_avg.zero_()  # a new Adam per step, as the notebook
+    ws.exp_avg_sq.zero_()
+    ws.iterations.zero_()
+    ws.loss.fill_(float("nan"))
+    ws.active.copy_((rows < b).float())
+    threshold = config.early_stop_eps + i * 2e-5 if config.early_stop else -math.inf
+    ws.set_step(t, w, a_t, a_prev, threshold)
+    lr = config.lr * (1.0 - i / 100.0)
+    for k in range(1, config.inner_steps + 1):
+        ws.step_size.fill_(lr / (1 - BETA1 ** k))
+        ws.bias2_sqrt.fill_(math.sqrt(1 - BETA2 ** k))
+        if ws.graph is not None:
+            ws.graph.replay()
+        else:
+            inner_iteration(runner, ws, ops)
+        runner.stats.backward_rows += ws.n
+        runner.stats.forward_rows += ws.n
+        if not config.early_stop:
+            continue  # nothing to decide on the host: broken rows mask themselves out
+        left = int(ws.active.sum())  # the iteration's one host sync
+        if left == 0:
             break
-        n = bucket_size(len(active), b)
-        rows = active + [active[0]] * (n - len(active))  # pad to the bucket; padded rows carry zero loss weight
-        weight = torch.tensor([1.0] * len(active) + [0.0] * (n - len(active)), device=z.device)
-        idx = torch.tensor(rows, device=z.device)
-        context = torch.cat([params[r] for r in rows])
-        eps_u = unet_eps(pipe, z[idx], t, context, precision)
-        loss = _per_image_loss(ops, z[idx], eps_u, eps_c[idx], w, a_t, a_prev, target[idx])
-        optimizer.zero_grad(set_to_none=True)
-        (loss * weight).sum().backward()  # sum, not mean: each image gets exactly its own gradient
-        optimizer.step()  # params of rows not in the batch have grad None: untouched, as if optimized alone
-        values = loss[: len(active)].detach().float().cpu().tolist()  # the one host sync per iteration
-        still = []
-        for r, value in zip(active, values):
-            iterations[r] += 1
-            losses[r] = value
-            if not math.isfinite(value):
-                finite[r] = False
-                continue  # a broken image leaves the loop; its step is redone in fp32
-            if not (config.early_stop and value < threshold):
-                still.append(r)
-        active = still
-    uncond = torch.cat([p.detach() for p in params])
-    with torch.no_grad():
-        eps_u = unet_eps(pipe, z, t, uncond, precision)
-        z_next = _guided(ops, z, eps_u, eps_c, w, a_t, a_prev)
-    finite &= torch.isfinite(z_next).flatten(1).all(1).cpu() & torch.isfinite(uncond).flatten(1).all(1).cpu()
-    return {"uncond": uncond, "z_next": z_next, "iterations": iterations, "losses": losses, "finite": finite}
+        size = bucket_size(left, ws.n) if static else left
+        if size < ws.n:  # images stopped: move the ones left into a smaller workspace
+            _write_back(ws, out_uncond, out_iterations, out_loss)
+            select = torch.argsort(ws.active, descending=True, stable=True)[:left]  # active rows, in order
+            smaller = _inner_workspace(runner, size, tuple(z.shape[1:]), tuple(uncond.shape[1:]), ops)
+            _move_rows(ws, smaller, select, left, b)
+            ws = smaller
+    _write_back(ws, out_uncond, out_iterations, out_loss)
+    uncond = out_uncond[:b].clone()
+    z_next = _guided(ops, z, runner.forward(z, t, uncond), eps_c, w, a_t, a_prev)
+    finite = torch.isfinite(z_next).flatten(1).all(1) & torch.isfinite(uncond).flatten(1).all(1)
+    finite &= torch.isfinite(out_loss[:b]) | (out_iterations[:b] == 0)
+    records = torch.stack([out_iterations[:b], out_loss[:b], finite.float()]).cpu()  # one sync per outer step
+    return StepResult(uncond, z_next, records[0].long(), records[1].clone(), records[2] > 0)
+
+
+def _write_back(ws: Workspace, out_uncond, out_iterations, out_loss) -> None:
+    out_uncond.index_copy_(0, ws.rows, ws.uncond)
+    out_iterations.index_copy_(0, ws.rows, ws.iterations)
+    out_loss.index_copy_(0, ws.rows, ws.loss)
 
 
 # ---------------------------------------------------------------------------------------------------------- sample
@@ -321,27 +418,26 @@ def _pivots(jobs: list[dict], z: torch.Tensor, steps: int) -> tuple[torch.Tensor
 def sample_batch(pipe: Pipeline, jobs: list[dict], config: NTIConfig, progress: bool = True) -> torch.Tensor:
     """Batched CFG sampling of jobs {z_T, cond, null (1 or steps, 77, D), schedule, weights, pivots}; uncond and
     cond in one call. Jobs with pivots (direct inversion, source prompt) get the offset to them after each step."""
-    with accelerated_unet(pipe, config):
-        ops = fused_ops(config, pipe.device)
-        results = [None] * len(jobs)
-        for part in _groups(jobs, config.batch_size):
-            schedule, weights = jobs[part[0]]["schedule"], jobs[part[0]]["weights"]
-            z = torch.cat([jobs[k]["z_T"] for k in part])
-            cond = torch.cat([jobs[k]["cond"] for k in part])
-            nulls = [jobs[k]["null"] for k in part]
-            direct = _pivots([jobs[k] for k in part], z, schedule.steps)
-            for i in tqdm(range(schedule.steps), desc=f"DDIM sampling ({len(part)} images)",
-                          disable=not progress, leave=False):
-                null = _per_step(nulls, i, schedule.steps)
-                a_t, a_prev = schedule.denoise_alphas(i)
-                eps_u, eps_c = unet_eps(pipe, torch.cat([z, z]), schedule.timesteps[i],
-                                        torch.cat([null, cond]), config.precision).chunk(2)
-                z = _guided(ops, z, eps_u, eps_c, weights[i], a_t, a_prev)
-                if direct is not None:
-                    pivots, mask = direct
-                    z = z + (pivots[len(pivots) - i - 2] - z) * mask
-            for k, zk in zip(part, z):
-                results[k] = zk[None]
+    runner = UNetRunner(pipe, config)
+    ops = fused_ops(config, pipe.device)
+    results = [None] * len(jobs)
+    for part in _groups(jobs, config.batch_size):
+        schedule, weights = jobs[part[0]]["schedule"], jobs[part[0]]["weights"]
+        z = torch.cat([jobs[k]["z_T"] for k in part])
+        cond = torch.cat([jobs[k]["cond"] for k in part])
+        nulls = [jobs[k]["null"] for k in part]
+        direct = _pivots([jobs[k] for k in part], z, schedule.steps)
+        for i in tqdm(range(schedule.steps), desc=f"DDIM sampling ({len(part)} images)",
+                      disable=not progress, leave=False):
+            null = _per_step(nulls, i, schedule.steps)
+            a_t, a_prev = schedule.denoise_alphas(i)
+            eps_u, eps_c = runner.forward(torch.cat([z, z]), schedule.timesteps[i], torch.cat([null, cond])).chunk(2)
+            z = _guided(ops, z, eps_u, eps_c, weights[i], a_t, a_prev)
+            if direct is not None:
+                pivots, mask = direct
+                z = z + (pivots[len(pivots) - i - 2] - z) * mask
+        for k, zk in zip(part, z):
+            results[k] = zk[None]
     return torch.cat(results)
 
 
@@ -356,42 +452,42 @@ def p2p_sample_batch(pipe: Pipeline, jobs: list[dict], config: NTIConfig, progre
         warnings.warn("prompt-to-prompt runs its own attention processors in eager PyTorch: compile, CUDA graphs "
                       "and exported UNets are not used for this edit")
         config = config.replace(compile=False, cuda_graphs=False, forward_backend="torch")
-    with accelerated_unet(pipe, config):
-        ops = fused_ops(config, pipe.device)
-        results = [None] * len(jobs)
-        keyed = [dict(job, controlled=job["plan"] is not None) for job in jobs]  # a chunk is controlled or not
-        for part in _groups(keyed, config.batch_size, extra="controlled"):
-            b = len(part)
-            chunk = [jobs[k] for k in part]
-            schedule, weights = chunk[0]["schedule"], chunk[0]["weights"]
-            z_T = torch.cat([job["z_T"] for job in chunk])
-            z = torch.cat([z_T, z_T])  # [source (B), target (B)]
-            conds = torch.cat([job["cond_source"] for job in chunk] + [job["cond"] for job in chunk])
-            nulls = [job["null"] for job in chunk]
-            direct = _pivots(chunk, z_T, schedule.steps)
-            share = torch.tensor([job["offset_target"] for job in chunk], dtype=z.dtype, device=z.device)
-            controller = None
-            control = contextlib.nullcontext()
-            if chunk[0]["plan"] is not None:
-                controller = P2PController([job["plan"] for job in chunk], config, schedule.steps, pipe.device,
-                                           explicit=False)
-                control = attention_control(pipe.unet, controller, z_T.shape[-1])
-            with control:
-                for i in tqdm(range(schedule.steps), desc=f"prompt-to-prompt ({b} images)", disable=not progress,
-                              leave=False):
-                    if controller is not None:
-                        controller.step = i
-                    null = _per_step(nulls, i, schedule.steps)
-                    a_t, a_prev = schedule.denoise_alphas(i)
-                    eps_u, eps_c = unet_eps(pipe, torch.cat([z, z]), schedule.timesteps[i],
-                                            torch.cat([null, null, conds]), config.precision).chunk(2)
-                    z = _guided(ops, z, eps_u, eps_c, weights[i], a_t, a_prev)
-                    if direct is not None:  # offset from the source branch's step to the pivot
-                        pivots, mask = direct
-                        offset = (pivots[len(pivots) - i - 2] - z[:b]) * mask
-                        z = z + torch.cat([offset, offset * share.view(-1, 1, 1, 1)])
-                    if controller is not None:
-                        z = controller.blend_latents(z)
-            for k, zk in zip(part, z[b:]):
-                results[k] = zk[None]
+    runner = UNetRunner(pipe, config)
+    ops = fused_ops(config, pipe.device)
+    results = [None] * len(jobs)
+    keyed = [dict(job, controlled=job["plan"] is not None) for job in jobs]  # a chunk is controlled or not
+    for part in _groups(keyed, config.batch_size, extra="controlled"):
+        b = len(part)
+        chunk = [jobs[k] for k in part]
+        schedule, weights = chunk[0]["schedule"], chunk[0]["weights"]
+        z_T = torch.cat([job["z_T"] for job in chunk])
+        z = torch.cat([z_T, z_T])  # [source (B), target (B)]
+        conds = torch.cat([job["cond_source"] for job in chunk] + [job["cond"] for job in chunk])
+        nulls = [job["null"] for job in chunk]
+        direct = _pivots(chunk, z_T, schedule.steps)
+        share = torch.tensor([job["offset_target"] for job in chunk], dtype=z.dtype, device=z.device)
+        controller = None
+        control = contextlib.nullcontext()
+        if chunk[0]["plan"] is not None:
+            controller = P2PController([job["plan"] for job in chunk], config, schedule.steps, pipe.device,
+                                       explicit=False)
+            control = attention_control(runner.module, controller, z_T.shape[-1])
+        with control:
+            for i in tqdm(range(schedule.steps), desc=f"prompt-to-prompt ({b} images)", disable=not progress,
+                          leave=False):
+                if controller is not None:
+                    controller.step = i
+                null = _per_step(nulls, i, schedule.steps)
+                a_t, a_prev = schedule.denoise_alphas(i)
+                eps_u, eps_c = runner.forward(torch.cat([z, z]), schedule.timesteps[i],
+                                              torch.cat([null, null, conds])).chunk(2)
+                z = _guided(ops, z, eps_u, eps_c, weights[i], a_t, a_prev)
+                if direct is not None:  # offset from the source branch's step to the pivot
+                    pivots, mask = direct
+                    offset = (pivots[len(pivots) - i - 2] - z[:b]) * mask
+                    z = z + torch.cat([offset, offset * share.view(-1, 1, 1, 1)])
+                if controller is not None:
+                    z = controller.blend_latents(z)
+        for k, zk in zip(part, z[b:]):
+            results[k] = zk[None]
     return torch.cat(results)

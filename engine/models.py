@@ -1,6 +1,7 @@
 """Stable Diffusion v1.x components: offline loading from a local diffusers folder; built-in shapes and tiny models."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import NTIError
+from .runner import RunStats
 
 COMPONENTS = {  # subfolder -> files that must be there (any one of each tuple)
     "unet": (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
@@ -39,7 +41,8 @@ class Pipeline:
     name: str  # what the user asked for (a path, a repo id, or "tiny")
     fingerprint: str  # hash of configs and weights: an inversion is only valid for the model that made it
     uncond_cache: dict = field(default_factory=dict, repr=False)
-    forward_fn: object = field(default=None, repr=False)  # exported forward-only UNet (z, t, ctx) -> eps, if active
+    fast_unets: dict = field(default_factory=dict, repr=False)  # the fast path's prepared UNet copies (runner.py)
+    fast_stats: RunStats = field(default_factory=RunStats, repr=False)  # UNet rows the fast path ran, captures
     vocabulary: tuple = ()  # words the model was trained on, when that is a closed set (the shapes model); else ()
     prompt_example: str = ""  # a caption of the kind a closed-vocabulary model was trained on
 
@@ -89,6 +92,20 @@ def decode_latents(pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:
 def unet_eps(pipe: Pipeline, latents: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
     """Noise prediction eps_theta(z_t, t, context) of the UNet."""
     return pipe.unet(latents, t, encoder_hidden_states=context).sample
+
+
+def strict_fp32(fn):
+    """Run fn with TF32 off, so fp32 matmuls and convolutions are really fp32 on CUDA: PyTorch runs cuDNN
+    convolutions in TF32 by default, a ~1e-3 relative change per layer that every parity figure would carry."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    return wrapper
 
 
 # ------------------------------------------------------------------------------------------------------------ loading

@@ -1,8 +1,8 @@
 """Exported UNets for the forward-only passes: ONNX (onnxruntime), AOTInductor and TensorRT, cached on disk.
 
-`load_forward_backend(pipe, kind, precision)` is what `engine.fast.accelerated_unet` calls when
+`load_forward_backend(pipe, kind, precision)` is what `engine.runner.UNetRunner` calls when
 `NTIConfig.forward_backend != 'torch'`: it builds the export once (or finds it in the cache) and returns a callable
-`(z, t, context) -> eps` that `engine.fast.unet_eps` uses for every no-grad UNet call. Guards: a call whose shapes
+`(z, t, context) -> eps` that `UNetRunner.forward` uses for every no-grad UNet call. Guards: a call whose shapes
 or device the export was not built for runs the eager UNet instead; NTI_DISABLE_EXPORT=1 turns exports off.
 """
 from __future__ import annotations

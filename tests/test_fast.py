@@ -5,6 +5,7 @@ import torch
 import engine
 import engine.fast as fast
 from engine import NTIConfig, NTIError
+from engine.runner import UNetRunner
 from tests.conftest import rel_err
 
 IMAGES = ["skimage:chelsea", "skimage:astronaut", "skimage:coffee"]
@@ -88,19 +89,20 @@ def test_per_image_early_stop_equals_running_alone(tiny_pipe):
 def _inject_nan(monkeypatch, row: int, t_bad: int, precisions=("bf16",), phase="optimize"):
     """Make the first UNet call at t_bad (per precision) return NaN for one batch row, in the inner loop (grad on)
     or in DDIM inversion. Once only: after that the broken image leaves the batch and rows shift."""
-    real = fast.unet_eps
+    real = UNetRunner.eps
     remaining = dict.fromkeys(precisions, 1)
 
-    def corrupted(pipe, z, t, context, precision):
-        out = real(pipe, z, t, context, precision)
+    def corrupted(self, z, t, context):
+        out = real(self, z, t, context)
+        precision = self.config.precision
         in_phase = torch.is_grad_enabled() if phase == "optimize" else not torch.is_grad_enabled()
-        if remaining.get(precision) and t == t_bad and out.shape[0] > row and in_phase:
+        if remaining.get(precision) and int(t) == t_bad and out.shape[0] > row and in_phase:
             remaining[precision] -= 1
             out = out.clone()
             out[row] = float("nan")
         return out
 
-    monkeypatch.setattr(fast, "unet_eps", corrupted)
+    monkeypatch.setattr(UNetRunner, "eps", corrupted)
 
 
 def test_nan_in_one_image_is_retried_in_fp32_and_spares_the_others(tiny_pipe, monkeypatch):
@@ -127,7 +129,7 @@ def test_nan_that_survives_fp32_is_an_error_not_an_image(tiny_pipe, monkeypatch)
 def test_nan_in_ddim_inversion_is_retried_in_fp32(tiny_pipe, monkeypatch):
     config = BASE.replace(backend="fast", precision="bf16", method="ddim", steps=5)
     clean = engine.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
-    _inject_nan(monkeypatch, row=2, t_bad=400, phase="invert")  # t=400 is on the 5-step grid (0, 200, ..., 800)
+    _inject_nan(monkeypatch, row=2, t_bad=401, phase="invert")  # t=401 is on the 5-step grid (1, 201, ..., 801)
     hurt = engine.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
     assert [inv.fp32_retries for inv in hurt] == [[], [], [-1]]
     assert torch.isfinite(hurt[2].z_T).all()

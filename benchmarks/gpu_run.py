@@ -1,0 +1,620 @@
+"""The prepared GPU run: every figure of the README's GPU table in one command, each stage in its own process.
+
+    python -m benchmarks.gpu_run --out runs/gpu            # H100/H200: SD v1.4-shaped random weights, 512 px
+    python -m benchmarks.gpu_run --out runs/cpu --quick    # the same stages on CPU with the tiny model (CI test)
+    python -m benchmarks.gpu_run --summarize runs/gpu      # remake summary.md from the JSON lines
+
+Each stage appends JSON lines to OUT/gpu_run.jsonl as it measures, so a killed run keeps what it finished; the
+driver gives every stage a time limit and skips what no longer fits the overall budget (default 450 s), and writes
+OUT/summary.md (the README table). Timing rows run null-text inversion + edit with early stop off at `steps` DDIM
+steps and scale to 50 (every step then costs the same); warm-up (compile, graph capture) is timed apart. Every
+stage runs with TF32 off (the engine's fp32 is strict fp32, engine.models.strict_fp32) and says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+STAGES = {  # name -> (seconds allowed on a GPU, what it measures); run in this order
+    "env": (45, "versions, GPU, Triton, matmul rate and copy bandwidth"),
+    "parity": (80, "fast paths vs the eager fp32 reference (strict fp32)"),
+    "nti_b1": (90, "null-text inversion + edit, one image"),
+    "nti_b16": (100, "null-text inversion + edit, batch 16"),
+    "ddim_b16": (50, "DDIM inversion + edit, batch 16"),
+    "kernels": (40, "fused Triton DDIM ops vs torch"),
+    "profile": (50, "GPU-busy vs wall time of one outer step, by kernel class"),
+    "ops": (40, "aten ops and bytes saved for backward per inner iteration (device-independent)"),
+    "compile": (150, "regional torch.compile + CUDA graphs, batch 16"),
+    "passes": (60, "UNet passes per image (shapes model, device-independent)"),
+}
+PHOTOS = [("skimage:chelsea", "a cat lying on a mat", "a tiger lying on a mat"),
+          ("skimage:astronaut", "a woman astronaut", "a man astronaut"),
+          ("skimage:coffee", "a cup of coffee", "a cup of tea"),
+          ("skimage:rocket", "a rocket on a launch pad", "a tower on a launch pad")]
+GOALS = {"nti_b1": 6.0, "nti_b16": 2.0, "ddim_b16": 0.25}  # s/image at 50 steps (issue 13)
+
+
+# ------------------------------------------------------------------------------------------------------ plumbing
+
+class Stage:
+    """What a stage needs: the output file, the device, the model and the run's sizes."""
+
+    def __init__(self, args):
+        self.out = Path(args.out)
+        self.quick = args.quick
+        self.device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+        self.cuda = self.device.type == "cuda"
+        self.steps = 2 if self.quick else 3  # timing rows: scaled to 50 steps
+        self.inner = 2 if self.quick else 10
+        self.big = 2 if self.quick else 16  # "b16"
+        self.pipe = None
+        self.tf32_defaults = {"matmul": torch.backends.cuda.matmul.allow_tf32,
+                              "cudnn": torch.backends.cudnn.allow_tf32}
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # strict fp32 throughout
+
+    def emit(self, stage: str, **row) -> None:
+        row = {"stage": stage, **row}
+        with open(self.out / "gpu_run.jsonl", "a") as fh:
+            fh.write(json.dumps(row, default=str) + "\n")
+        print(json.dumps(row, default=str), flush=True)
+
+    def model(self):
+        if self.pipe is None:
+            from engine.models import build_sd14_shaped_pipeline, build_tiny_pipeline
+            self.pipe = build_sd14_shaped_pipeline(device=self.device) if self.cuda else build_tiny_pipeline()
+        return self.pipe
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rel(a, b) -> float | None:
+    if a is None or b is None:
+        return None
+    a, b = a.float().cpu(), b.float().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def jobs(n: int):
+    return [PHOTOS[k % len(PHOTOS)] for k in range(n)]
+
+
+def unet_flops(pipe) -> tuple[float, float]:
+    """FLOPs of one UNet forward, and of one forward + backward to the text embedding, batch 1."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from engine.api import null_embedding
+    z = torch.randn((1, *pipe.latent_shape), device=pipe.device)
+    ctx = null_embedding(pipe).clone()
+    with FlopCounterMode(display=False) as fwd, torch.no_grad():
+        pipe.unet(z, 500, encoder_hidden_states=ctx)
+    ctx.requires_grad_(True)
+    with FlopCounterMode(display=False) as both:
+        pipe.unet(z, 500, encoder_hidden_states=ctx).sample.square().mean().backward()
+    return float(fwd.get_total_flops()), float(both.get_total_flops())
+
+
+def timed_run(st: Stage, config, n: int, warmup: bool = True) -> dict:
+    """Invert + edit n photos: warm-up (1 step: compile, capture, cuDNN plans) apart, then the timed run."""
+    import engine
+
+    pipe = st.model()
+    images, sources, targets = zip(*jobs(n))
+    warm_s = None
+    if warmup:
+        start = time.perf_counter()
+        invs = engine.invert(pipe, list(images), list(sources), config.replace(steps=1), progress=False)
+        engine.edit_latents(pipe, invs, list(targets), config.replace(steps=1), progress=False)
+        sync(st.device)
+        warm_s = time.perf_counter() - start
+    if st.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    stats = pipe.fast_stats
+    before = (stats.forward_rows, stats.backward_rows, stats.captures, stats.capture_s)
+    start = time.perf_counter()
+    invs = engine.invert(pipe, list(images), list(sources), config, progress=False)
+    sync(st.device)
+    invert_s = time.perf_counter() - start
+    start = time.perf_counter()
+    edited = engine.edit_latents(pipe, invs, list(targets), config, progress=False)
+    sync(st.device)
+    edit_s = time.perf_counter() - start
+    return {"invs": invs, "edited": edited, "invert_s": invert_s, "edit_s": edit_s, "warmup_s": warm_s,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if st.cuda else None,
+            "forward_rows": stats.forward_rows - before[0], "backward_rows": stats.backward_rows - before[1],
+            "captures_in_timed_run": stats.captures - before[2], "capture_s_in_timed_run": stats.capture_s - before[3]}
+
+
+def timing_row(st: Stage, stage: str, variant: str, config, n: int, flops: tuple, reference=None) -> dict:
+    """One waterfall row: s/image measured and scaled to 50 steps, TFLOP/s, memory, parity with `reference`."""
+    res = timed_run(st, config, n)
+    total = res["invert_s"] + res["edit_s"]
+    scale = 50 / config.steps
+    iters = sum(sum(inv.iterations) for inv in res["invs"])
+    fwd, fwd_bwd = flops
+    steps = config.steps
+    move_on = 2 if config.backend == "reference" else 1  # the fast path reuses the step's cond pass
+    per_image = steps * fwd * 3  # DDIM inversion + CFG edit (uncond and cond)
+    if config.method == "null-text":
+        per_image += steps * (1 + move_on) * fwd
+    spent = n * per_image + iters * fwd_bwd
+    row = {"variant": variant, "method": config.method, "batch": n, "precision": config.precision,
+           "backend": config.backend, "half_weights": config.half_weights, "cuda_graphs": config.cuda_graphs,
+           "compile": config.compile, "early_stop": config.early_stop, "steps": steps, "inner_steps": config.inner_steps,
+           "s_per_image": total / n, "s_per_image_50_steps": total / n * scale,
+           "latency_50_steps_s": total * scale if n == 1 else None,
+           "invert_s_per_image": res["invert_s"] / n, "edit_s_per_image": res["edit_s"] / n,
+           "warmup_s": res["warmup_s"], "peak_gib": res["peak_gib"], "tflops": spent / total / 1e12,
+           "inner_iterations_per_image": iters / n, "unet_forward_rows": res["forward_rows"],
+           "unet_backward_rows": res["backward_rows"], "captures_in_timed_run": res["captures_in_timed_run"],
+           "fp32_retries": sum(len(i.fp32_retries) for i in res["invs"])}
+    if reference is not None:
+        ref_invs, ref_edit = reference
+        inv0 = res["invs"][0]
+        row.update(parity_zT_rel=rel(inv0.z_T, ref_invs[0].z_T),
+                   parity_embeddings_rel=rel(inv0.null_embeddings, ref_invs[0].null_embeddings),
+                   parity_edit_rel=rel(res["edited"][0], ref_edit[0]))
+    if stage in GOALS and config.backend == "fast":
+        row["goal_s_per_image"] = GOALS[stage]
+    st.emit(stage, **row)
+    return res
+
+
+# -------------------------------------------------------------------------------------------------------- stages
+
+def stage_env(st: Stage) -> None:
+    import diffusers
+    import transformers
+    info = {"torch": torch.__version__, "python": platform.python_version(), "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "device": str(st.device), "commit": git_commit(),
+            "tf32_defaults": st.tf32_defaults, "tf32_used": False}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if st.cuda:
+        props = torch.cuda.get_device_properties(st.device)
+        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                    memory_gib=props.total_memory / 2**30, cuda=torch.version.cuda)
+        a = torch.randn(8192, 8192, device=st.device, dtype=torch.bfloat16)
+        b = torch.randn(8192, 8192, device=st.device, dtype=torch.bfloat16)
+        info["bf16_matmul_tflops"] = 2 * 8192**3 / cuda_time(lambda: a @ b) / 1e12
+        x = torch.empty(2**30, dtype=torch.uint8, device=st.device)
+        y = torch.empty_like(x)
+        info["copy_tb_s"] = 2 * x.numel() / cuda_time(lambda: y.copy_(x)) / 1e12
+        del a, b, x, y
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+        info["threads"] = torch.get_num_threads()
+    try:
+        import kernels.ddim as ops
+        probe = torch.randn(4, 4, 8, 8, device=st.device)
+        info["triton_runs"] = bool(ops.triton_enabled(probe))
+        if info["triton_runs"]:
+            out = ops.ddim_step(probe, probe, 0.5, 0.6)
+            info["triton_probe_rel"] = rel(out, ops.ddim_step_ref(probe, probe, torch.full((4,), 0.5, device=st.device),
+                                                                  torch.full((4,), 0.6, device=st.device)))
+    except Exception as err:
+        info["triton_runs"] = False
+        info["triton_error"] = f"{type(err).__name__}: {err}"
+    st.emit("env", **info)
+
+
+def cuda_time(fn, repeat: int = 10) -> float:
+    """Median seconds of fn() by CUDA events, after 3 warm-ups."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def stage_parity(st: Stage) -> None:
+    import engine
+    from engine import NTIConfig
+
+    pipe = st.model()
+    base = NTIConfig(steps=3, inner_steps=3, early_stop=False)
+    images, sources, targets = zip(*jobs(2))
+    ref = engine.invert(pipe, list(images), list(sources), base, progress=False)
+    ref_edit = engine.edit_latents(pipe, ref, list(targets), base, progress=False)
+    fast = base.replace(backend="fast", batch_size=1)
+    rows = {"fast fp32 b1": fast, "fast fp32 b2": fast.replace(batch_size=2),
+            "fast bf16 autocast over fp32 weights b1": fast.replace(precision="bf16", half_weights=False),
+            "fast bf16 half weights b1": fast.replace(precision="bf16")}
+    if st.cuda:
+        rows["fast fp32 b1 + CUDA graphs"] = fast.replace(cuda_graphs=True)
+        rows["fast bf16 half weights b1 + CUDA graphs"] = fast.replace(precision="bf16", cuda_graphs=True)
+        rows["fast bf16 half weights b2 + CUDA graphs"] = fast.replace(precision="bf16", cuda_graphs=True,
+                                                                       batch_size=2)
+    done = {}
+    for name, config in rows.items():
+        n = config.batch_size
+        try:
+            invs = engine.invert(pipe, list(images[:n]), list(sources[:n]), config, progress=False)
+            edit = engine.edit_latents(pipe, invs, list(targets[:n]), config, progress=False)
+        except Exception as err:
+            st.emit("parity", variant=name, error=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-1500:])
+            continue
+        done[name] = (invs, edit)
+        row = {"variant": name, "fused_step": config.fused_step, "tf32": False,
+               "zT_rel": rel(invs[0].z_T, ref[0].z_T), "embeddings_rel": rel(invs[0].null_embeddings,
+                                                                             ref[0].null_embeddings),
+               "edit_rel": rel(edit[0], ref_edit[0]), "iterations_equal": invs[0].iterations == ref[0].iterations}
+        eager = name.replace(" + CUDA graphs", "")
+        if eager != name and eager in done:
+            row["vs_eager_embeddings_rel"] = rel(invs[0].null_embeddings, done[eager][0][0].null_embeddings)
+            row["vs_eager_edit_rel"] = rel(edit[0], done[eager][1][0])
+        if name == "fast bf16 half weights b1" and "fast bf16 autocast over fp32 weights b1" in done:
+            other = done["fast bf16 autocast over fp32 weights b1"]
+            row["vs_autocast_embeddings_rel"] = rel(invs[0].null_embeddings, other[0][0].null_embeddings)
+            row["vs_autocast_edit_rel"] = rel(edit[0], other[1][0])
+        st.emit("parity", **row)
+
+
+def _waterfall(st: Stage, stage: str, rows: list, n: int, method: str = "null-text", reference: bool = False):
+    from engine import NTIConfig
+
+    pipe = st.model()
+    flops = unet_flops(pipe)
+    base = NTIConfig(method=method, steps=st.steps, inner_steps=st.inner, early_stop=False)
+    ref = None
+    if reference:
+        res = timing_row(st, stage, "reference fp32 (eager, batch 1)", base, 1, flops)
+        ref = (res["invs"], res["edited"])
+    for name, changes in rows:
+        config = base.replace(backend="fast", batch_size=n, precision="bf16", **changes)
+        try:
+            timing_row(st, stage, name, config, n, flops, ref if n == 1 else None)
+        except Exception as err:
+            st.emit(stage, variant=name, error=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-1500:])
+
+
+def _graph_rows(st: Stage) -> list:
+    rows = [("bf16 autocast over fp32 weights (before)", {"half_weights": False}), ("bf16 half weights", {})]
+    if st.cuda:
+        rows += [("+ CUDA graphs (whole inner iteration)", {"cuda_graphs": True}),
+                 ("+ CUDA graphs, early stop on", {"cuda_graphs": True, "early_stop": True})]
+    return rows
+
+
+def stage_nti_b1(st: Stage) -> None:
+    _waterfall(st, "nti_b1", _graph_rows(st), 1, reference=True)
+
+
+def stage_nti_b16(st: Stage) -> None:
+    _waterfall(st, "nti_b16", _graph_rows(st), st.big)
+
+
+def stage_ddim_b16(st: Stage) -> None:
+    rows = [("DDIM bf16 half weights", {})]
+    if st.cuda:
+        rows.append(("DDIM + CUDA graphs", {"cuda_graphs": True}))
+    st.steps = 50 if st.cuda else st.steps  # forward-only: cheap enough to run all 50 steps
+    _waterfall(st, "ddim_b16", rows, st.big, method="ddim")
+
+
+def stage_compile(st: Stage) -> None:
+    if not st.cuda:
+        st.emit("compile", skipped="CPU: tests/test_fast.py compiles on CPU instead (inductor here takes minutes)")
+        return
+    _waterfall(st, "compile", [("regional compile + CUDA graphs", {"compile": True, "cuda_graphs": True})], st.big)
+
+
+def stage_kernels(st: Stage) -> None:
+    import kernels.ddim as ops
+
+    if not ops.triton_enabled(torch.empty(0, device=st.device)):
+        st.emit("kernels", skipped="Triton kernels run only on CUDA here (the CPU op is the torch reference itself)")
+        return
+    gen = torch.Generator(device=st.device).manual_seed(0)
+    n = 16
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        def rnd(*shape, dt=dtype):
+            return torch.randn(*shape, generator=gen, device=st.device).to(dt)
+        x, eu, ec, tgt = rnd(n, 4, 64, 64, dt=torch.float32), rnd(n, 4, 64, 64), rnd(n, 4, 64, 64), rnd(n, 4, 64, 64,
+                                                                                                          dt=torch.float32)
+        w = torch.rand(n, generator=gen, device=st.device) * 7
+        at, ap = torch.rand(n, generator=gen, device=st.device) * 0.9 + 0.05, torch.rand(n, generator=gen, device=st.device) * 0.9 + 0.05
+        eu.requires_grad_(True)
+        loss = ops.guided_ddim_step_mse(x, eu, ec, w, at, ap, tgt)
+        (g,) = torch.autograd.grad(loss.sum(), eu)
+        eu_ref = eu.detach().clone().requires_grad_(True)
+        loss_ref = ops.guided_ddim_step_mse_ref(x, eu_ref, ec, w, at, ap, tgt)
+        (g_ref,) = torch.autograd.grad(loss_ref.sum(), eu_ref)
+        step = ops.guided_ddim_step(x, eu.detach(), ec, w, at, ap)
+        row = {"dtype": str(dtype).replace("torch.", ""), "shape": [n, 4, 64, 64],
+               "step_rel": rel(step, ops.guided_ddim_step_ref(x, eu.detach(), ec, w, at, ap)),
+               "mse_rel": rel(loss, loss_ref), "mse_grad_rel": rel(g, g_ref)}
+        row["fused_step_us"] = cuda_time(lambda: ops.guided_ddim_step(x, eu.detach(), ec, w, at, ap)) * 1e6
+        row["torch_step_us"] = cuda_time(lambda: ops.guided_ddim_step_ref(x, eu.detach(), ec, w, at, ap)) * 1e6
+        st.emit("kernels", **row)
+
+
+def stage_profile(st: Stage) -> None:
+    """One outer null-text step (10 inner iterations) under the profiler: GPU kernel time vs wall, by kernel class."""
+    import engine
+    from engine import NTIConfig
+
+    if not st.cuda:
+        st.emit("profile", skipped="needs CUDA (GPU-busy time)")
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    pipe = st.model()
+    for n, graphs in ((1, False), (1, True), (st.big, False), (st.big, True)):
+        config = NTIConfig(steps=1, inner_steps=st.inner, early_stop=False, backend="fast", precision="bf16",
+                           batch_size=n, cuda_graphs=graphs)
+        images, sources, _ = zip(*jobs(n))
+        engine.invert(pipe, list(images), list(sources), config, progress=False)  # warm-up / capture
+        sync(st.device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            engine.invert(pipe, list(images), list(sources), config, progress=False)
+            sync(st.device)
+            wall = time.perf_counter() - start
+        classes: dict = {}
+        busy = 0.0
+        for evt in prof.events():
+            if evt.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = evt.time_range.elapsed_us()
+            busy += us
+            classes[kernel_class(evt.name)] = classes.get(kernel_class(evt.name), 0.0) + us
+        st.emit("profile", batch=n, cuda_graphs=graphs, wall_s=wall, gpu_busy_s=busy / 1e6,
+                busy_fraction=busy / 1e6 / wall, by_class_ms={k: v / 1e3 for k, v in sorted(classes.items(),
+                                                                                             key=lambda kv: -kv[1])})
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    for key, words in (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_sdp")),
+                       ("convolution", ("conv", "implicit", "wgrad", "dgrad", "xmma_fprop", "winograd")),
+                       ("gemm", ("gemm", "cutlass", "sm90_xmma", "cublas", "matmul")),
+                       ("norm", ("norm",)), ("memcpy/memset", ("memcpy", "memset")),
+                       ("layout", ("nchwtonhwc", "nhwctonchw", "transpose"))):
+        if any(w in low for w in words):
+            return key
+    return "elementwise/other"
+
+
+def stage_passes(st: Stage) -> None:
+    """UNet rows per image that null-text inversion + edit costs on the shapes model, early stop off and on."""
+    import engine
+    from engine import NTIConfig
+
+    pipe = engine.load_pipeline(None, st.device)
+    scenes = Path(engine.__file__).parent / "assets" / "scenes"
+    records = [json.loads(line) for line in (scenes / "prompts.jsonl").read_text().splitlines() if line.strip()]
+    records = list({r["image"]: r for r in records}.values())[:2 if st.quick else 6]
+    images = [str(scenes / r["image"]) for r in records]
+    sources, targets = [r["source_prompt"] for r in records], [r["target_prompt"] for r in records]
+    rows = {"forward": 0, "backward": 0}
+
+    def count(module, args, kwargs, output):
+        rows["backward" if torch.is_grad_enabled() else "forward"] += args[0].shape[0]
+    for early_stop, backend in ((False, "fast"), (True, "fast"), (True, "reference")):
+        if backend == "reference":  # batch 1 and launch-bound: one image shows the reference's extra move-on rows
+            images, sources, targets = images[:1], sources[:1], targets[:1]
+        config = NTIConfig(early_stop=early_stop, backend=backend, batch_size=len(images), steps=10 if st.quick else 50)
+        rows.update(forward=0, backward=0)
+        stats = pipe.fast_stats
+        before = (stats.forward_rows, stats.backward_rows)
+        hook = pipe.unet.register_forward_hook(count, with_kwargs=True)  # the reference calls pipe.unet
+        try:
+            invs = engine.invert(pipe, images, sources, config, progress=False)
+            engine.edit_latents(pipe, invs, targets, config, progress=False)
+        finally:
+            hook.remove()
+        n = len(images)
+        fwd = rows["forward"] + rows["backward"] + stats.forward_rows - before[0]
+        bwd = rows["backward"] + stats.backward_rows - before[1]
+        st.emit("passes", backend=backend, early_stop=early_stop, images=n, steps=config.steps,
+                unet_forward_per_image=fwd / n, unet_backward_per_image=bwd / n,
+                inner_iterations_per_image=sum(sum(i.iterations) for i in invs) / n)
+
+
+def stage_ops(st: Stage) -> None:
+    """Aten ops and bytes saved for backward in one inner iteration's UNet forward + backward, bf16, batch 1:
+    autocast over fp32 weights vs the half-weight copy (SD v1.4 layers; on CPU an 8x8 latent, as the op count does
+    not depend on the resolution)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from engine import NTIConfig
+    from engine.api import null_embedding
+    from engine.models import build_sd14_shaped_pipeline
+    from engine.runner import UNetRunner
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.casts = 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            self.casts += func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype)
+            return func(*args, **(kwargs or {}))
+
+    pipe = build_sd14_shaped_pipeline(device=st.device) if not st.quick else st.model()
+    side = pipe.unet.config.sample_size if st.cuda else 8
+    z = torch.randn(1, 4, side, side, device=st.device)
+    for half in (False, True):
+        runner = UNetRunner(pipe, NTIConfig(backend="fast", precision="bf16", half_weights=half))
+        ctx = null_embedding(pipe).clone().requires_grad_(True)
+        weights = {p.untyped_storage().data_ptr() for p in runner.module.parameters()}
+        saved = {}
+
+        def pack(t):  # activations and per-call weight casts; the weights themselves cost no extra memory
+            if t.untyped_storage().data_ptr() not in weights:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with Count() as fwd_count, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = runner.eps(z, 981, ctx)
+        with Count() as bwd_count:
+            torch.autograd.grad(out.float().square().mean(), ctx)
+        st.emit("ops", half_weights=half, latent_side=side, forward_ops=fwd_count.ops, forward_casts=fwd_count.casts,
+                backward_ops=bwd_count.ops, saved_for_backward_gib=sum(saved.values()) / 2**30,
+                weight_gib=sum(p.numel() * p.element_size() for p in runner.module.parameters()) / 2**30)
+
+
+# -------------------------------------------------------------------------------------------------------- driver
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def run_stage(args) -> int:
+    st = Stage(args)
+    torch.manual_seed(0)
+    globals()[f"stage_{args.stage}"](st)
+    return 0
+
+
+def drive(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = args.budget
+    start = time.perf_counter()
+    names = [s for s in (args.stages.split(",") if args.stages else STAGES)]
+    for name in names:
+        allowed, what = STAGES[name]
+        left = budget - (time.perf_counter() - start)
+        if left < min(allowed, 30):
+            record(out, {"stage": name, "status": "skipped", "reason": f"budget: {left:.0f} s left"})
+            continue
+        limit = min(allowed * (3 if args.quick else 1), left)
+        cmd = [sys.executable, "-m", "benchmarks.gpu_run", "--stage", name, "--out", str(out)]
+        if args.quick:
+            cmd.append("--quick")
+        t0 = time.perf_counter()
+        print(f"--- {name}: {what} (limit {limit:.0f} s)", file=sys.stderr, flush=True)
+        try:
+            proc = subprocess.run(cmd, timeout=limit, capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            status = "ok" if proc.returncode == 0 else "failed"
+            tail = (proc.stderr or "")[-3000:] if proc.returncode else ""
+        except subprocess.TimeoutExpired:
+            status, tail = "timeout", ""
+        record(out, {"stage": name, "status": status, "seconds": time.perf_counter() - t0, "error_tail": tail})
+        print(f"    {status} in {time.perf_counter() - t0:.0f} s" + (f"\n{tail}" if tail else ""), file=sys.stderr,
+              flush=True)
+    summary = summarize(out)
+    print(summary)
+    return 0
+
+
+def record(out: Path, row: dict) -> None:
+    with open(out / "gpu_run.jsonl", "a") as fh:
+        fh.write(json.dumps({"driver": True, **row}) + "\n")
+
+
+def load_rows(out: Path) -> list[dict]:
+    path = out / "gpu_run.jsonl" if out.is_dir() else out
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarize(out: Path) -> str:
+    """The README's GPU table (markdown) from the JSON lines; also written to OUT/summary.md."""
+    rows = load_rows(out)
+
+    def f(v, spec=".3g"):
+        return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+    env = next((r for r in rows if r["stage"] == "env" and not r.get("driver")), {})
+    lines = [f"Device: {env.get('gpu') or env.get('cpu', '?')}; torch {env.get('torch', '?')}, diffusers "
+             f"{env.get('diffusers', '?')}, Triton {env.get('triton')} (runs: {env.get('triton_runs')}); "
+             f"bf16 matmul {f(env.get('bf16_matmul_tflops'), '.0f')} TFLOP/s, copy {f(env.get('copy_tb_s'), '.2f')} "
+             f"TB/s; commit {env.get('commit')}; TF32 off.", ""]
+    timing = [r for r in rows if r.get("variant") and "s_per_image" in r or (r.get("variant") and "error" in r
+                                                                            and r["stage"] != "parity")]
+    if timing:
+        lines += ["| stage | variant | batch | s/image (50 steps) | goal | warm-up s | peak GiB | TFLOP/s | "
+                  "inner it./image | parity emb / edit |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in timing:
+            if "error" in r:
+                lines.append(f"| {r['stage']} | {r['variant']} | failed: {r['error'][:80]} |||||||")
+                continue
+            parity = (f"{f(r.get('parity_embeddings_rel'), '.1e')} / {f(r.get('parity_edit_rel'), '.1e')}"
+                      if "parity_edit_rel" in r else "-")
+            lines.append(f"| {r['stage']} | {r['variant']} | {r['batch']} | {f(r['s_per_image_50_steps'])} | "
+                         f"{f(r.get('goal_s_per_image'))} | {f(r['warmup_s'])} | {f(r['peak_gib'])} | "
+                         f"{f(r['tflops'])} | {f(r['inner_iterations_per_image'])} | {parity} |")
+        lines.append("")
+    parity = [r for r in rows if r["stage"] == "parity" and not r.get("driver")]
+    if parity:
+        lines += ["| parity vs eager fp32 reference (3 steps, 3 inner, strict fp32) | z_T rel | embeddings rel | "
+                  "edit rel | same iterations | vs eager / autocast (emb) |", "|---|---|---|---|---|---|"]
+        for r in parity:
+            if "error" in r:
+                lines.append(f"| {r['variant']} | failed: {r['error'][:80]} |||||")
+                continue
+            other = r.get("vs_eager_embeddings_rel", r.get("vs_autocast_embeddings_rel"))
+            lines.append(f"| {r['variant']} | {f(r['zT_rel'], '.1e')} | {f(r['embeddings_rel'], '.1e')} | "
+                         f"{f(r['edit_rel'], '.1e')} | {r['iterations_equal']} | {f(other, '.1e')} |")
+        lines.append("")
+    for r in rows:
+        if r["stage"] == "profile" and "wall_s" in r:
+            top = ", ".join(f"{k} {v:.0f} ms" for k, v in list(r["by_class_ms"].items())[:4])
+            lines.append(f"- profile b{r['batch']}{' + CUDA graphs' if r['cuda_graphs'] else ''}: wall "
+                         f"{r['wall_s']:.2f} s, GPU busy {r['gpu_busy_s']:.2f} s ({100 * r['busy_fraction']:.0f}%); {top}")
+        if r["stage"] == "kernels" and "step_rel" in r:
+            lines.append(f"- fused kernels {r['dtype']}: step rel {r['step_rel']:.1e}, loss {r['mse_rel']:.1e}, "
+                         f"grad {r['mse_grad_rel']:.1e}; {r['fused_step_us']:.0f} us fused vs "
+                         f"{r['torch_step_us']:.0f} us torch")
+        if r["stage"] == "ops" and "forward_ops" in r:
+            lines.append(f"- one inner iteration's UNet, {'half weights' if r['half_weights'] else 'autocast over fp32'}"
+                         f": {r['forward_ops']} forward aten ops ({r['forward_casts']} casts), {r['backward_ops']} "
+                         f"backward, {r['saved_for_backward_gib']:.2f} GiB saved for backward besides the weights "
+                         f"({r['latent_side']}x{r['latent_side']} latent)")
+        if r["stage"] == "passes" and "unet_forward_per_image" in r:
+            lines.append(f"- UNet passes per image, {r['backend']}, early stop {'on' if r['early_stop'] else 'off'}: "
+                         f"{r['unet_forward_per_image']:.0f} forward, {r['unet_backward_per_image']:.0f} backward "
+                         f"({r['inner_iterations_per_image']:.0f} inner iterations; shapes model)")
+        if r.get("driver") and r.get("status") != "ok":
+            lines.append(f"- stage {r['stage']}: {r['status']} {r.get('reason', '')}".rstrip())
+    text = "\n".join(lines) + "\n"
+    if out.is_dir():
+        (out / "summary.md").write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/gpu", help="folder for gpu_run.jsonl and summary.md")
+    p.add_argument("--quick", action="store_true", help="CPU, tiny model, 2 steps: checks the script, not speed")
+    p.add_argument("--budget", type=float, default=450, help="seconds for all stages (default 450)")
+    p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # one stage, in this process
+    p.add_argument("--summarize", default=None, metavar="OUT", help="only remake OUT/summary.md")
+    args = p.parse_args(argv)
+    if args.summarize:
+        print(summarize(Path(args.summarize)))
+        return 0
+    if args.stage:
+        return run_stage(args)
+    return drive(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""How the fast path runs the UNet: a prepared copy of the module, exported forward backends, CUDA graphs.
+
+pipe.unet itself is never changed: the reference runs it. Fast runs use a copy made once per pipeline, precision and
+memory format (`prepared_unet`) and kept on the pipeline:
+- bf16/fp16: the copy's Linear and Conv weights are pre-cast to the autocast dtype. Autocast casts an fp32 weight to
+  exactly that tensor on every call (and, for frozen weights, saves the cast copy for backward each time); with
+  the weight already in that dtype it casts nothing, so results are autocast's, bit for bit, at a fraction of the
+  ops. Norm parameters stay fp32 (autocast runs GroupNorm/LayerNorm in fp32) and are shared with pipe.unet.
+- fp32: the copy shares every parameter with pipe.unet (no memory), so switches applied to it never touch the
+  reference's module.
+CUDA graphs: `forward` captures one graph per batch size for forward-only calls; engine/fast.py captures a whole
+inner iteration (UNet forward + backward, loss, Adam) per bucket size with `capture_graph`. Graphs replay the
+kernels they recorded, so they are kept with the prepared module whose weights they read, never rebuilt per run.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import NTIConfig
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# dynamo compiles the transformer block's code once per (channels, tokens, batch bucket, grad mode); SD v1.4 has
+# 4 block shapes, so 5 buckets x 2 grad modes + the CFG batch already need ~50 graphs, far past the default 8 after
+# which dynamo silently runs the block eager.
+RECOMPILE_LIMIT = 256
+GRAPH_WARMUP = 2  # eager runs on a side stream before capture: compile, autotune, cuBLAS/cuDNN plans, allocator
+
+
+@dataclass
+class RunStats:
+    """What a fast run cost: UNet rows run forward, forward + backward, graph captures and their seconds."""
+
+    forward_rows: int = 0
+    backward_rows: int = 0
+    captures: int = 0
+    capture_s: float = 0.0
+
+
+@dataclass
+class PreparedUNet:
+    """A UNet module set up for fast runs, and what was compiled and captured for it (kept across runs)."""
+
+    module: nn.Module
+    autocast: torch.dtype | None
+    compiled_calls: dict = field(default_factory=dict)  # block -> its torch.compile wrapper (made once, reused)
+    graphs: dict = field(default_factory=dict)  # (kind, batch, switches...) -> captured call
+    compile_failed: str | None = None  # why compile was turned off for this module, if it was
+
+    def set_compiled(self, on: bool) -> None:
+        """Regional compilation: torch.compile (fullgraph, static shapes) of each repeated transformer block."""
+        blocks = [m for m in self.module.modules()
+                  if type(m).__name__ in getattr(self.module, "_repeated_blocks", ())]
+        if on and not self.compiled_calls:
+            config = torch._dynamo.config  # the limits' names before torch 2.7: cache_size_limit, accumulated_...
+            for name, limit in (("recompile_limit", RECOMPILE_LIMIT), ("accumulated_recompile_limit",
+                                                                       4 * RECOMPILE_LIMIT)):
+                name = name if hasattr(config, name) else name.replace("recompile_limit", "cache_size_limit")
+                setattr(config, name, max(getattr(config, name), limit))
+            for block in blocks:  # fullgraph: a graph break or the recompile limit raises instead of going eager
+                self.compiled_calls[block] = torch.compile(block._call_impl, dynamic=False, fullgraph=True)
+        for block in blocks:
+            block._compiled_call_impl = self.compiled_calls.get(block) if on else None
+
+
+def _copy_unet(unet: nn.Module, dtype: torch.dtype | None, channels_last: bool) -> nn.Module:
+    """Structural copy of the UNet: Linear/Conv weights and biases cast to `dtype` (None: kept), Conv weights in
+    channels_last if asked; every other parameter and buffer is shared with the original, not copied."""
+    memo: dict = {}
+    for module in unet.modules():
+        cast = dtype is not None and isinstance(module, (nn.Linear, nn.Conv2d))
+        nhwc = channels_last and isinstance(module, nn.Conv2d)
+        for p in module.parameters(recurse=False):
+            if id(p) in memo:
+                continue
+            q = p.detach()
+            if cast:
+                q = q.to(dtype)
+            if nhwc and q.ndim == 4:
+                q = q.contiguous(memory_format=torch.channels_last)
+            memo[id(p)] = p if q.data_ptr() == p.data_ptr() else nn.Parameter(q, requires_grad=False)
+    for p in unet.parameters():
+        memo.setdefault(id(p), p)
+    for b in unet.buffers():
+        memo.setdefault(id(b), b)
+    return copy.deepcopy(unet, memo)
+
+
+def prepared_unet(pipe, config: NTIConfig) -> PreparedUNet:
+    """The pipeline's UNet copy for this config's precision, weight casting and memory format (made once)."""
+    cuda = pipe.device.type == "cuda"
+    if config.channels_last and not cuda:
+        warnings.warn("channels_last only helps CUDA convolutions; ignored on this device")
+    channels_last = config.channels_last and cuda
+    dtype = AUTOCAST.get(config.precision) if config.half_weights else None
+    key = (config.precision, dtype, channels_last)
+    if key not in pipe.fast_unets:
+        module = _copy_unet(pipe.unet, dtype, channels_last)
+        if channels_last:
+            module.to(memory_format=torch.channels_last)
+        pipe.fast_unets[key] = PreparedUNet(module.eval(), AUTOCAST.get(config.precision))
+    return pipe.fast_unets[key]
+
+
+def set_attention(unet: nn.Module, backend: str) -> str:
+    """Select the attention kernel; falls back to SDPA when xformers is missing or broken. Returns what is used."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if backend == "xformers":
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        except Exception as err:  # xformers absent, or built for another torch (DESIGN.md: 0.0.35 vs torch 2.11)
+            warnings.warn(f"xformers attention unavailable ({type(err).__name__}); using torch SDPA")
+            backend = "sdpa"
+    unet.set_attn_processor(AttnProcessor() if backend == "plain" else AttnProcessor2_0())
+    return backend
+
+
+def _compile_errors() -> tuple:
+    from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
+    errors = [TorchDynamoException, FailOnRecompileLimitHit]
+    with contextlib.suppress(ImportError, AttributeError):
+        from torch._inductor.exc import InductorError
+        errors.append(InductorError)
+    return tuple(errors)
+
+
+def capture_graph(fn) -> "torch.cuda.CUDAGraph":
+    """Record fn() as one CUDA graph after GRAPH_WARMUP eager runs on a side stream (compilation, autotuning and
+    library plans happen there, not in the capture). fn must read and write only tensors that outlive the graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(GRAPH_WARMUP):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+@dataclass
+class _GraphedForward:
+    """Static inputs, output and graph of one captured forward-only UNet call."""
+
+    z: torch.Tensor
+    t: torch.Tensor
+    context: torch.Tensor
+    out: torch.Tensor | None = None
+    graph: object = None
+
+
+class UNetRunner:
+    """Calls the prepared UNet, eps_theta(z_t, t, context): under autocast for bf16/fp16, through an exported UNet or
+    a CUDA graph per batch size for forward-only calls, eager otherwise; counts the rows it runs."""
+
+    def __init__(self, pipe, config: NTIConfig):
+        self.pipe, self.config = pipe, config
+        self.prepared = prepared_unet(pipe, config)
+        self.module = self.prepared.module
+        self.attention = set_attention(self.module, config.attention)
+        self.stats = pipe.fast_stats  # accumulates over runs; benchmarks reset it
+        cuda = pipe.device.type == "cuda"
+        if config.cuda_graphs and not cuda:
+            warnings.warn("CUDA graphs need a CUDA device; running without them")
+        self.graphs = config.cuda_graphs and cuda
+        if self.graphs and os.environ.get("NTI_DISABLE_CUDA_GRAPHS") == "1":
+            warnings.warn("CUDA graphs disabled (NTI_DISABLE_CUDA_GRAPHS=1); running eager")
+            self.graphs = False
+        compile_ = config.compile
+        if compile_ and (os.environ.get("NTI_DISABLE_COMPILE") == "1" or not hasattr(torch, "compile")):
+            warnings.warn("torch.compile disabled (NTI_DISABLE_COMPILE=1 or torch too old); running eager")
+            compile_ = False
+        if compile_ and self.prepared.compile_failed:
+            warnings.warn(f"torch.compile failed earlier on this model ({self.prepared.compile_failed}); running eager")
+            compile_ = False
+        self.compiled = compile_
+        self.prepared.set_compiled(compile_)
+        self.forward_fn = None
+        if config.forward_backend != "torch":
+            from export import load_forward_backend  # built once, cached on disk under a model/shape/precision key
+
+            self.forward_fn = load_forward_backend(pipe, config.forward_backend, config.precision,
+                                                   config.export_cache)
+        self._timesteps: dict = {}
+
+    def key(self, kind: str, n: int, *extra) -> tuple:
+        """Graph cache key: a graph is valid only for the kernels it recorded."""
+        return (kind, n, self.attention, self.compiled, *extra)
+
+    def fp32(self) -> "UNetRunner":
+        """The full-precision eager runner, for steps redone after a non-finite half-precision result."""
+        return UNetRunner(self.pipe, self.config.replace(precision="fp32", cuda_graphs=False, compile=False,
+                                                         channels_last=False, forward_backend="torch"))
+
+    def timestep(self, t) -> torch.Tensor:
+        """t as a 0-d device tensor: a python int makes diffusers build one from host memory (a sync) every call."""
+        if isinstance(t, torch.Tensor):
+            return t
+        if t not in self._timesteps:
+            self._timesteps[t] = torch.full((), t, dtype=torch.int64, device=self.pipe.device)
+        return self._timesteps[t]
+
+    def eps(self, z: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
+        """Eager UNet call; records a graph for backward when grad is enabled."""
+        t = self.timestep(t)
+        with (torch.autocast(self.pipe.device.type, dtype=self.prepared.autocast, cache_enabled=False)
+              if self.prepared.autocast is not None else contextlib.nullcontext()):
+            try:
+                return self.module(z, t, encoder_hidden_states=context).sample
+            except _compile_errors() as err:
+                if not self.compiled:
+                    raise
+                # e.g. a graph break or the recompile limit: say so, and run this module eager from here on
+                self.prepared.compile_failed = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                warnings.warn(f"torch.compile failed ({self.prepared.compile_failed}); running the UNet eager")
+                self.prepared.set_compiled(False)
+                self.compiled = False
+                return self.module(z, t, encoder_hidden_states=context).sample
+
+    @torch.no_grad()
+    def forward(self, z: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
+        """Forward-only UNet call (DDIM inversion, the cond pass, the move-on step, sampling)."""
+        self.stats.forward_rows += z.shape[0]
+        if self.forward_fn is not None:
+            return self.forward_fn(z, t, context)
+        if not self.graphs:
+            return self.eps(z, t, context)
+        key = self.key("forward", z.shape[0], tuple(z.shape[1:]), tuple(context.shape[1:]))
+        call = self.prepared.graphs.get(key)
+        if call is None:
+            start = time.perf_counter()
+            call = _GraphedForward(torch.zeros_like(z), torch.zeros((), dtype=torch.int64, device=z.device),
+                                   torch.zeros_like(context))
+
+            def run():
+                call.out = self.eps(call.z, call.t, call.context)
+            call.graph = capture_graph(run)
+            self.prepared.graphs[key] = call
+            self.stats.captures += 1
+            self.stats.capture_s += time.perf_counter() - start
+        call.z.copy_(z)
+        call.context.copy_(context)
+        if isinstance(t, torch.Tensor):
+            call.t.copy_(t)
+        else:
+            call.t.fill_(t)
+        call.graph.replay()
+        return call.out.clone()  # the next replay overwrites the static output
+
