@@ -592,7 +592,7 @@ def summarize(out: Path) -> str:
                          f"{r['unet_forward_per_image']:.0f} forward, {r['unet_backward_per_image']:.0f} backward "
                          f"({r['inner_iterations_per_image']:.0f} inner iterations; shapes model)")
         if r.get("driver") and r.get("status") != "ok":
-            lines.append(f"- stage {r['stage']}: {r['status']} {r.get('reason', '')}".rstrip())
+            lines.append(f"- stage {r['stage']}: {r['status']} {r.get('reason', '')} {r.get('note', '')}".rstrip())
     text = "\n".join(lines) + "\n"
     if out.is_dir():
         (out / "summary.md").write_text(text)

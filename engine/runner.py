@@ -31,6 +31,8 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # 4 block shapes, so 5 buckets x 2 grad modes + the CFG batch already need ~50 graphs, far past the default 8 after
 # which dynamo silently runs the block eager.
 RECOMPILE_LIMIT = 256
+# dynamo backend of --compile; "eager" or "aot_eager" trace with dynamo but skip inductor's codegen (the CPU tests)
+COMPILE_BACKEND = os.environ.get("NTI_COMPILE_BACKEND", "inductor")
 GRAPH_WARMUP = 2  # eager runs on a side stream before capture: compile, autotune, cuBLAS/cuDNN plans, allocator
 
 
@@ -65,7 +67,8 @@ class PreparedUNet:
                 name = name if hasattr(config, name) else name.replace("recompile_limit", "cache_size_limit")
                 setattr(config, name, max(getattr(config, name), limit))
             for block in blocks:  # fullgraph: a graph break or the recompile limit raises instead of going eager
-                self.compiled_calls[block] = torch.compile(block._call_impl, dynamic=False, fullgraph=True)
+                self.compiled_calls[block] = torch.compile(block._call_impl, backend=COMPILE_BACKEND, dynamic=False,
+                                                            fullgraph=True)
         for block in blocks:
             block._compiled_call_impl = self.compiled_calls.get(block) if on else None
 
