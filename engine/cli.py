@@ -83,8 +83,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
     f.add_argument("--precision", choices=PRECISIONS, default=None, help="UNet precision (fast backend; default "
                    "bf16 on CUDA, fp32 elsewhere)")
     f.add_argument("--attention", choices=ATTENTION, default="sdpa")
+    f.add_argument("--no-half-weights", action="store_true", help="bf16/fp16: autocast over the fp32 weights "
+                   "instead of a UNet copy with pre-cast weights (same numbers, more ops and memory)")
     f.add_argument("--compile", action="store_true", help="torch.compile the UNet's repeated blocks")
-    f.add_argument("--cuda-graphs", action="store_true")
+    f.add_argument("--cuda-graphs", action="store_true", help="capture each UNet call and each inner iteration as "
+                   "a CUDA graph (CUDA only)")
     f.add_argument("--channels-last", action="store_true")
     f.add_argument("--forward-backend", choices=FORWARD_BACKENDS, default="torch",
                    help="exported UNet for forward-only passes (fast backend; built once, cached)")
@@ -134,7 +137,8 @@ def config_from_args(args, device) -> NTIConfig:
                      guidance_schedule=args.guidance_schedule, inner_steps=args.inner_steps,
                      steps_offset=args.steps_offset,
                      early_stop=not args.no_early_stop, seed=args.seed, backend=backend, batch_size=args.batch_size,
-                     precision=precision, attention=args.attention, compile=args.compile,
+                     precision=precision, half_weights=not args.no_half_weights, attention=args.attention,
+                     compile=args.compile,
                      cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
                      forward_backend=args.forward_backend, export_cache=args.export_cache,
                      edit=getattr(args, "edit", "regenerate"), cross_replace=getattr(args, "cross_replace", 0.8),

@@ -270,6 +270,24 @@ def build_word_tokenizer(words=TINY_WORDS, max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
+CLIP_MERGES = Path(__file__).parent / "assets" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def build_clip_tokenizer(max_length: int = 77):
+    """SD v1.x's tokenizer, offline: CLIP's byte-level BPE (49408 tokens) built as CLIP builds it from its merges
+    (engine/assets/clip): the byte alphabet, the same with '</w>', the first 48894 merges, the start and end tokens."""
+    import gzip
+
+    from transformers import CLIPTokenizer
+
+    lines = gzip.open(CLIP_MERGES, "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, model_max_length=max_length)
+
+
 def build_tiny_components(seed: int = 0):
     """Random SD-v1-shaped UNet (cross-attention), VAE (4 latent channels) and CLIP text encoder; 32 px images."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -305,11 +323,12 @@ def build_tiny_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype
 
 
 def build_sd14_shaped_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype=torch.float32) -> Pipeline:
-    """Stable Diffusion v1.4's exact architecture with random weights (benchmarks: cost does not depend on values)."""
+    """Stable Diffusion v1.4's exact architecture and tokenizer with random weights (benchmarks: cost does not depend
+    on values)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = build_word_tokenizer()
+    tokenizer = build_clip_tokenizer()
     torch.manual_seed(seed)
     with torch.device(device):  # initialize in place: 860M UNet parameters are slow to build on CPU and copy
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)

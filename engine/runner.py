@@ -93,7 +93,13 @@ def _copy_unet(unet: nn.Module, dtype: torch.dtype | None, channels_last: bool) 
         memo.setdefault(id(p), p)
     for b in unet.buffers():
         memo.setdefault(id(b), b)
-    return copy.deepcopy(unet, memo)
+    clone = copy.deepcopy(unet, memo)
+    for module in clone.modules():  # hooks a caller put on pipe.unet (e.g. to count its calls) stay with it
+        for name in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_backward_hooks",
+                     "_backward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+            if isinstance(getattr(module, name, None), dict):
+                getattr(module, name).clear()
+    return clone
 
 
 def prepared_unet(pipe, config: NTIConfig) -> PreparedUNet:

@@ -1,8 +1,5 @@
 """Prompt-to-prompt: token alignment on real tokenizer output, the SDPA forms of the attention edits, and edits on
 the tiny model (reference and batched fast path)."""
-import gzip
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,20 +66,9 @@ def shapes_tok():
 
 @pytest.fixture(scope="module")
 def sd_tok():
-    """SD v1.4's tokenizer: CLIP's BPE (49408 tokens), built from the merges that ship in the open-clip-torch wheel
-    (bpe_simple_vocab_16e6.txt.gz; the package is found, not imported)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None:
-        pytest.skip("open-clip-torch is not installed; its wheel carries CLIP's BPE merges")
-    from transformers import CLIPTokenizer
-    from engine.models import _bytes_to_unicode
-    path = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
-    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # CLIP keeps the first 48894
-    alphabet = list(_bytes_to_unicode().values())
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, model_max_length=77)
+    """SD v1.4's tokenizer: CLIP's BPE (49408 tokens), which the project builds offline (engine/assets/clip)."""
+    from engine.models import build_clip_tokenizer
+    tok = build_clip_tokenizer()
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]  # SD v1.4's token ids
     return tok
 
