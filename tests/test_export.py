@@ -341,6 +341,8 @@ def test_bench_forward_smoke(tiny_pipe, export_dir, onnx_fp32, aoti_pkg):
     for backend in ("eager", "onnx", "aoti"):
         for batch in (1, 2):
             row = rows[(backend, batch)]
-            assert row["median_ms"] > 0 and row["rel_err_vs_eager_fp32"] < 1e-4
+            assert row["median_ms"] > 0
+            if backend != "eager":  # the eager row's error is against itself: nothing to check there
+                assert row["rel_err_vs_eager_fp32"] < 1e-4  # measured ~1e-6
     if trt_skip_reason():
         assert "tensorrt" in rows[("tensorrt", None)]["skipped"]
