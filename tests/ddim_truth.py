@@ -2,9 +2,10 @@
 
 Written here from the papers, in a different algebraic form from both engine/ddim.py and kernels/ddim.py (which
 predict x0 first), so a test comparing either with it compares two implementations, not one with itself:
-  DDIM, Song et al. 2021 Eq. 12 (eta = 0):  x_to = sqrt(a_to / a_from) x + (sqrt(1 - a_to) - sqrt(a_to (1 - a_from) / a_from)) eps
-  CFG, Ho & Salimans 2022:                  eps = eps_u + w (eps_c - eps_u)
-  null-text loss, Mokady et al. 2023:       mean over the image of (x_prev - target)^2
+  DDIM, Song et al. 2021 Eq. 12 (eta = 0):
+      x_to = sqrt(a_to / a_from) x + (sqrt(1 - a_to) - sqrt(a_to (1 - a_from) / a_from)) eps
+  CFG, Ho & Salimans 2022:               eps = eps_u + w (eps_c - eps_u)
+  null-text loss, Mokady et al. 2023:    mean over the image of (x_prev - target)^2
 Gradients come from autograd through these float64 formulas.
 """
 import torch

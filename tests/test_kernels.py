@@ -198,7 +198,8 @@ def test_parity_step_grads(kernel_calls, dtype):
     for op, ref, want_fn, ins, ins64 in [
         (guided_ddim_step, guided_ddim_step_ref, truth.guided_ddim, (x, eps_u, eps_c, d["w"], d["a_t"], d["a_prev"]),
          (x64, eps_u64, eps_c64, d["w"], d["a_t"], d["a_prev"])),
-        (ddim_step, ddim_step_ref, truth.ddim, (x, eps_u, d["a_t"], d["a_next"]), (x64, eps_u64, d["a_t"], d["a_next"])),
+        (ddim_step, ddim_step_ref, truth.ddim, (x, eps_u, d["a_t"], d["a_next"]),
+         (x64, eps_u64, d["a_t"], d["a_next"])),
     ]:
         leaves = [t for t in ins if t.requires_grad]
         got = torch.autograd.grad((op(*ins) * up).sum(), leaves)

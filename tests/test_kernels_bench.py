@@ -80,4 +80,5 @@ def test_bench_inner_loss_fwd_bwd(benchmark, impl):
     torch.testing.assert_close(loss, want_loss.detach().float(), rtol=1e-5, atol=0.0)
     # both rows' gradients come back in eps_u's dtype, bf16: 2 ulp (2^-6) of the float64 truth
     assert grad.dtype == torch.bfloat16
-    torch.testing.assert_close(grad.float(), want_grad.float(), rtol=2 ** -6, atol=2 ** -6 * float(want_grad.abs().max()))
+    torch.testing.assert_close(grad.float(), want_grad.float(), rtol=2 ** -6,
+                               atol=2 ** -6 * float(want_grad.abs().max()))
