@@ -13,6 +13,13 @@ def tiny_pipe():
 
 
 @pytest.fixture(scope="session")
+def shapes_pipe():
+    """The default model (the trained shapes model), through the diffusers folder loader; shared by every file."""
+    from engine.models import load_pipeline
+    return load_pipeline(None, device="cpu")
+
+
+@pytest.fixture(scope="session")
 def cat_image():
     from engine.images import load_image
     return load_image("skimage:chelsea")

@@ -1,4 +1,5 @@
 """Saved inversions: round trip, keys, and refusing what would give a silently wrong image."""
+import dataclasses
 import json
 
 import pytest
@@ -7,6 +8,7 @@ from safetensors.torch import save_file
 
 import engine
 from engine import NTIConfig, NTIError, load_inversion, save_inversion
+from engine.artifact import Inversion
 
 PROMPT = "a cat sitting on a mat"
 
@@ -16,18 +18,55 @@ def inversion(tiny_pipe, cat_image):
     return engine.invert(tiny_pipe, cat_image, PROMPT, NTIConfig(steps=6, inner_steps=3), progress=False)[0]
 
 
-def test_round_trip_gives_identical_edits(tiny_pipe, inversion, tmp_path):
-    path = save_inversion(inversion, tmp_path / "cat.safetensors")
+def assert_same_inversion(loaded: Inversion, original: Inversion) -> None:
+    """Every field of the dataclass, whatever fields it grows: tensors bit-equal (dtype and shape too), the rest ==."""
+    for field in dataclasses.fields(Inversion):
+        got, want = getattr(loaded, field.name), getattr(original, field.name)
+        if isinstance(want, torch.Tensor):
+            assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want), field.name
+        else:
+            assert got == want and type(got) is type(want), (field.name, got, want)
+
+
+def distinctive(inv: Inversion) -> Inversion:
+    """The inversion with every field set apart from its default and from the other fields, so a loader that drops
+    a field (falls back to its default) or reads one field into another cannot pass the round trip."""
+    g = torch.Generator().manual_seed(7)
+    steps = inv.settings["steps"]
+    return dataclasses.replace(inv, fp32_retries=[-1, 2], model_name="tiny-renamed",
+                               versions={**inv.versions, "torch": "0.0-where-it-was-made"},
+                               pivots=torch.randn((steps + 1, *inv.z_T.shape), generator=g),
+                               timings={**inv.timings, "extra_s": 0.125})
+
+
+@pytest.mark.parametrize("case", ["as inverted", "every field distinctive"])
+def test_round_trip_keeps_every_field(inversion, tmp_path, case):
+    inv = inversion if case == "as inverted" else distinctive(inversion)
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(Inversion)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    if case == "every field distinctive":  # the premise: nothing equals what a dropped field would come back as
+        for name, default in defaults.items():
+            value = getattr(inv, name)
+            assert value is not None and (isinstance(value, torch.Tensor) or value != default), name
+    # the real inversion: z_T, z_0 and the embeddings differ from each other, the per-step records are filled in
+    assert not torch.equal(inv.z_T, inv.z_0) and inv.null_embeddings.shape == (6, 77, 32)
+    assert len(inv.iterations) == len(inv.losses) == 6 and inv.timings and inv.model_name
+    path = save_inversion(inv, tmp_path / "cat.safetensors")
     loaded = load_inversion(path)
-    assert torch.equal(loaded.z_T, inversion.z_T) and torch.equal(loaded.null_embeddings, inversion.null_embeddings)
-    assert loaded.key == inversion.key and loaded.settings == inversion.settings
+    assert_same_inversion(loaded, inv)
+    assert loaded.key == inv.key
+    # the JSON written beside it is the same metadata record
+    assert json.loads(path.with_suffix(".json").read_text()) == json.loads(json.dumps(inv.metadata()))
+    if case == "as inverted":
+        assert inv.versions["torch"] == torch.__version__ and inv.settings["guidance"] == 7.5
+
+
+def test_round_trip_gives_identical_edits(tiny_pipe, inversion, tmp_path):
+    loaded = load_inversion(save_inversion(inversion, tmp_path / "cat.safetensors"))
     a = engine.edit_latents(tiny_pipe, [inversion], "a tiger sitting on a mat", progress=False)
     b = engine.edit_latents(tiny_pipe, [loaded], "a tiger sitting on a mat", progress=False)
     assert torch.equal(a, b)
-    meta = json.loads(path.with_suffix(".json").read_text())
-    for field in ("source_prompt", "image_hash", "model_fingerprint", "settings", "versions", "iterations"):
-        assert field in meta
-    assert meta["settings"]["guidance"] == 7.5 and meta["versions"]["torch"] == torch.__version__
 
 
 def test_key_covers_prompt_settings_and_pixels(tiny_pipe, inversion):

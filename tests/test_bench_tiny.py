@@ -33,6 +33,8 @@ def test_bench_benchmark_script_quick(tmp_path):
     result = json.loads(out.read_text())
     rows = {r["variant"]: r for r in result["rows"]}
     assert "error" not in str(result["rows"])
-    assert rows["reference fp32 b1"]["parity_embeddings_rel"] == 0.0
-    assert rows["fast fp32 b1"]["parity_embeddings_rel"] < 1e-4
+    # the parity column measures something: fp32 agrees with the reference to float noise, bf16 autocast does not
+    # (the reference row's own parity, 0 by construction, is no check and is not asserted)
+    fp32, bf16 = rows["fast fp32 b1"]["parity_embeddings_rel"], rows["+ bf16 autocast b1"]["parity_embeddings_rel"]
+    assert fp32 < 1e-4 and bf16 > 10 * fp32, (fp32, bf16)
     assert result["unet_gflop"]["fwd_bwd_b1"] > result["unet_gflop"]["fwd_b1"] > 0

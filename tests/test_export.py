@@ -201,10 +201,12 @@ def test_engine_ddim_inversion_matches_eager_and_reuses_cache(tiny_pipe, export_
     for _ in range(2):
         export.clear_loaded()  # each call reads the cache from disk again
         out = engine.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
-        assert tiny_pipe.forward_fn is None  # the hook is undone after the run
+        assert getattr(tiny_pipe, "forward_fn", None) is None  # nothing of the run is left on the pipeline
         for o, r in zip(out, ref):
             assert rel_err(o.z_T, r.z_T) < 1e-4  # measured onnx 7.2e-6 / 1.4e-5, aoti 7.9e-6 / 1.4e-5
     assert calls == [2] * DDIM.steps * 2  # every DDIM inversion step ran through the export, both runs
+    engine.invert(tiny_pipe, IMAGES[:1], PROMPTS[:1], DDIM, progress=False)
+    assert len(calls) == DDIM.steps * 2  # and a run without forward_backend is eager again
     assert export_cache.BUILDS == builds and built.path.stat().st_mtime_ns == mtime  # no rebuild
 
 
@@ -240,7 +242,7 @@ def test_missing_tensorrt_is_a_clear_error(tiny_pipe, tmp_path, monkeypatch):
     with pytest.raises(NTIError, match="tensorrt"):  # through the engine: an NTIError, not a crash
         engine.invert(tiny_pipe, IMAGES[:1], PROMPTS[:1], DDIM.replace(forward_backend="tensorrt",
                                                                        export_cache=str(tmp_path)), progress=False)
-    assert tiny_pipe.forward_fn is None and not list(tmp_path.iterdir())  # nothing half-built
+    assert getattr(tiny_pipe, "forward_fn", None) is None and not list(tmp_path.iterdir())  # nothing half-built
 
 
 def test_missing_onnxruntime_is_a_clear_error(tiny_pipe, tmp_path, monkeypatch):
@@ -341,6 +343,8 @@ def test_bench_forward_smoke(tiny_pipe, export_dir, onnx_fp32, aoti_pkg):
     for backend in ("eager", "onnx", "aoti"):
         for batch in (1, 2):
             row = rows[(backend, batch)]
-            assert row["median_ms"] > 0 and row["rel_err_vs_eager_fp32"] < 1e-4
+            assert row["median_ms"] > 0
+            if backend != "eager":  # the eager row's error is against itself: nothing to check there
+                assert row["rel_err_vs_eager_fp32"] < 1e-4  # measured ~1e-6
     if trt_skip_reason():
         assert "tensorrt" in rows[("tensorrt", None)]["skipped"]

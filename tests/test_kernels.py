@@ -1,8 +1,12 @@
-"""The nti:: custom ops (kernels/ddim.py) against the plain torch fp32 reference, per input dtype x shape.
+"""The nti:: custom ops (kernels/ddim.py) against an independent float64 truth (tests/ddim_truth.py), per input
+dtype x shape.
 
-In this process CPU tensors take the torch path. `test_triton_interpreter_subprocess` reruns the `parity` and
-`interp` tests in a child process with TRITON_INTERPRET=1 (it must be set before triton is imported), where the same
-tests run the Triton kernels on CPU and assert that they did.
+In this process CPU tensors take the torch path, so the ops run their own `*_ref` functions: comparing them with
+those would compare a function with itself. Every parity test therefore compares with the float64 truth (another
+implementation, in another algebraic form, with autograd for the gradients), and with the `*_ref` functions only
+where the Triton kernels really ran. `test_triton_interpreter_subprocess` reruns the `parity` and `interp` tests in
+a child process with TRITON_INTERPRET=1 (it must be set before triton is imported), where the same tests run the
+Triton kernels on CPU and assert that they did.
 """
 import os
 import re
@@ -25,6 +29,7 @@ from kernels import (
     triton_enabled,
 )
 from kernels import ddim as K
+from tests import ddim_truth as truth
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 REPO = Path(__file__).resolve().parents[1]
@@ -35,12 +40,12 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 4, 7, 9), (16, 4, 7, 9), (1, 4, 64, 64)]
 SHAPE_IDS = ["1x4x7x9", "16x4x7x9", "1x4x64x64"]
 
-# Tolerances. The op and the reference both do fp32 math on the same (already rounded) inputs, so the input dtype
-# does not widen forward tolerances: only fp32 op order / FMA contraction differs, amplified up to ~15x by
+# Tolerances. The ops do fp32 math on the (already rounded) inputs and the truth does float64 math on the same
+# rounded values, so the input dtype does not widen forward tolerances: only fp32 rounding, amplified up to ~15x by
 # 1/sqrt(a_t) at t=999 -> rtol=atol=1e-5 on outputs scaled O(1..20). The loss is a positive mean (no cancellation),
-# only the summation order differs -> rtol 1e-5. Gradients are stored in the input dtype: an fp32 difference near a
-# rounding boundary (or the interpreter's bf16 conversion) may flip one ulp -> 2 ulp of the dtype: bf16 2^-6, fp16
-# 2^-9; fp32 as the forward.
+# only fp32 summation differs -> rtol 1e-5. Gradients are stored in the input dtype: rounding the fp32 gradient
+# (or the interpreter's bf16 conversion) costs up to one ulp -> 2 ulp of the dtype: bf16 2^-6, fp16 2^-9; fp32 as
+# the forward.
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -6, torch.float16: 2 ** -9}
 
 interp_only = pytest.mark.skipif(
@@ -111,9 +116,11 @@ def test_parity_ddim_step(kernel_calls, dtype, shape, direction):
     a_from, a_to = (d["a_t"], d["a_prev"]) if direction == "denoise" else (d["a_prev"], d["a_t"])
     out = ddim_step(d["x"], d["eps_u"], a_from, a_to)
     assert out.dtype == torch.float32 and out.shape == d["x"].shape
-    assert_close(out, ddim_step_ref(d["x"], d["eps_u"], a_from, a_to), 1e-5, atol_scale=1.0)
+    assert_close(out, truth.ddim(d["x"], d["eps_u"], a_from, a_to), 1e-5, atol_scale=1.0)
     # and the engine's own eager DDIM (engine/ddim.py), which the inversion reference uses
     assert_close(out, engine_ddim.ddim_step(d["x"], d["eps_u"], a_from, a_to), 1e-5, atol_scale=1.0)
+    if triton_enabled(d["x"]):  # the kernel against the torch path (on the torch path this would be itself)
+        assert_close(out, ddim_step_ref(d["x"], d["eps_u"], a_from, a_to), 1e-5, atol_scale=1.0)
     expect_path(kernel_calls, d["x"], ["_triton_step"])
 
 
@@ -124,9 +131,11 @@ def test_parity_guided_ddim_step(kernel_calls, dtype, shape):
     args = (d["x"], d["eps_u"], d["eps_c"], d["w"], d["a_t"], d["a_prev"])
     out = guided_ddim_step(*args)
     assert out.dtype == torch.float32
-    assert_close(out, guided_ddim_step_ref(*args), 1e-5, atol_scale=1.0)
+    assert_close(out, truth.guided_ddim(*args), 1e-5, atol_scale=1.0)
     eps = engine_ddim.guided_eps(d["eps_u"], d["eps_c"], d["w"])
     assert_close(out, engine_ddim.ddim_step(d["x"], eps, d["a_t"], d["a_prev"]), 1e-5, atol_scale=1.0)
+    if triton_enabled(d["x"]):
+        assert_close(out, guided_ddim_step_ref(*args), 1e-5, atol_scale=1.0)
     expect_path(kernel_calls, d["x"], ["_triton_step"])
 
 
@@ -137,18 +146,24 @@ def test_parity_mse_and_grad(kernel_calls, dtype, shape):
     x = d["x"].clone().requires_grad_()
     eps_u = d["eps_u"].clone().requires_grad_()
     eps_c = d["eps_c"].clone().requires_grad_()
-    args = lambda: (x, eps_u, eps_c, d["w"], d["a_t"], d["a_prev"], d["target"])  # noqa: E731
-    loss = guided_ddim_step_mse(*args())
-    ref = guided_ddim_step_mse_ref(*args())
+    coefficients = (d["w"], d["a_t"], d["a_prev"], d["target"])
+    loss = guided_ddim_step_mse(x, eps_u, eps_c, *coefficients)
+    x64, eps_u64, eps_c64 = truth.leaves64(x, eps_u, eps_c)
+    want_loss = truth.null_text_loss(x64, eps_u64, eps_c64, *coefficients)
     assert loss.dtype == torch.float32 and loss.shape == (shape[0],)
-    assert_close(loss, ref, 1e-5, atol_scale=0.0)
+    assert_close(loss, want_loss, 1e-5, atol_scale=0.0)
     # distinct per-image upstream grads, so a kernel indexing g by the wrong image fails
     gw = torch.linspace(0.5, 2.0, shape[0])
     got = torch.autograd.grad((loss * gw).sum(), [eps_u, x, eps_c])
-    want = torch.autograd.grad((ref * gw).sum(), [eps_u, x, eps_c])
-    for g, r, name in zip(got, want, ["eps_u", "x", "eps_c"]):
-        assert g.dtype == r.dtype, name
+    want = torch.autograd.grad((want_loss * gw.double()).sum(), [eps_u64, x64, eps_c64])
+    for g, r, leaf, name in zip(got, want, [eps_u, x, eps_c], ["eps_u", "x", "eps_c"]):
+        assert g.dtype == leaf.dtype, name  # each gradient in its input's dtype
         assert_close(g, r, GRAD_RTOL[g.dtype])
+    if triton_enabled(x):  # the kernels against the torch path
+        ref = guided_ddim_step_mse_ref(x, eps_u, eps_c, *coefficients)
+        assert_close(loss, ref, 1e-5, atol_scale=0.0)
+        for g, r in zip(got, torch.autograd.grad((ref * gw).sum(), [eps_u, x, eps_c])):
+            assert_close(g, r, GRAD_RTOL[g.dtype])
     expect_path(kernel_calls, x, ["_triton_mse", "_triton_bwd"])
 
 
@@ -159,15 +174,16 @@ def test_parity_mse_grad_eps_u_only(kernel_calls, dtype):
     eps_u = d["eps_u"].clone().requires_grad_()
     args = (d["x"], eps_u, d["eps_c"], d["w"], d["a_t"], d["a_prev"], d["target"])
     (g,) = torch.autograd.grad(guided_ddim_step_mse(*args).sum(), eps_u)
-    (r,) = torch.autograd.grad(guided_ddim_step_mse_ref(*args).sum(), eps_u)
+    (eps_u64,) = truth.leaves64(eps_u)
+    (r,) = torch.autograd.grad(truth.null_text_loss(d["x"], eps_u64, *args[2:]).sum(), eps_u64)
     assert g.dtype == dtype
     assert_close(g, r, GRAD_RTOL[dtype])
-    # the closed form of the brief: g_b * 2/N * (x_prev - target) * c2 * (1 - w)
-    a_t, a_p, w = (v.view(-1, 1, 1, 1) for v in (d["a_t"], d["a_prev"], d["w"]))
+    # the closed form of the brief: g_b * 2/N * (x_prev - target) * c2 * (1 - w), in float64
+    a_t, a_p, w = (v.double().view(-1, 1, 1, 1) for v in (d["a_t"], d["a_prev"], d["w"]))
     c2 = (1 - a_p).sqrt() - a_p.sqrt() * (1 - a_t).sqrt() / a_t.sqrt()
-    x_prev = guided_ddim_step_ref(*args[:6])
-    closed = 2 / d["x"][0].numel() * (x_prev - d["target"]) * c2 * (1 - w)
-    assert_close(g, closed.to(dtype), GRAD_RTOL[dtype])
+    x_prev = truth.guided_ddim(*args[:6]).detach()
+    closed = 2 / d["x"][0].numel() * (x_prev - d["target"].double()) * c2 * (1 - w)
+    assert_close(g, closed, GRAD_RTOL[dtype])
     expect_path(kernel_calls, d["x"], ["_triton_bwd"])
 
 
@@ -178,16 +194,22 @@ def test_parity_step_grads(kernel_calls, dtype):
     eps_u = d["eps_u"].clone().requires_grad_()
     eps_c = d["eps_c"].clone().requires_grad_()
     up = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
-    for op, ref, ins in [
-        (guided_ddim_step, guided_ddim_step_ref, (x, eps_u, eps_c, d["w"], d["a_t"], d["a_prev"])),
-        (ddim_step, ddim_step_ref, (x, eps_u, d["a_t"], d["a_next"])),
+    x64, eps_u64, eps_c64 = truth.leaves64(x, eps_u, eps_c)
+    for op, ref, want_fn, ins, ins64 in [
+        (guided_ddim_step, guided_ddim_step_ref, truth.guided_ddim, (x, eps_u, eps_c, d["w"], d["a_t"], d["a_prev"]),
+         (x64, eps_u64, eps_c64, d["w"], d["a_t"], d["a_prev"])),
+        (ddim_step, ddim_step_ref, truth.ddim, (x, eps_u, d["a_t"], d["a_next"]),
+         (x64, eps_u64, d["a_t"], d["a_next"])),
     ]:
         leaves = [t for t in ins if t.requires_grad]
         got = torch.autograd.grad((op(*ins) * up).sum(), leaves)
-        want = torch.autograd.grad((ref(*ins) * up).sum(), leaves)
-        for g, r in zip(got, want):
-            assert g.dtype == r.dtype
+        want = torch.autograd.grad((want_fn(*ins64) * up.double()).sum(), [t for t in ins64 if t.requires_grad])
+        for g, r, leaf in zip(got, want, leaves):
+            assert g.dtype == leaf.dtype
             assert_close(g, r, GRAD_RTOL[g.dtype])
+        if triton_enabled(x):
+            for g, r in zip(got, torch.autograd.grad((ref(*ins) * up).sum(), leaves)):
+                assert_close(g, r, GRAD_RTOL[g.dtype])
     expect_path(kernel_calls, x, ["_triton_step", "_triton_bwd"])
 
 
@@ -198,11 +220,11 @@ def test_parity_noncontiguous_and_scalar_coefficients(kernel_calls):
     w = torch.stack([d["w"], d["w"]], 1)[:, 0]  # stride-2 coefficient vector
     assert not x.is_contiguous() and not eps_u.is_contiguous() and not w.is_contiguous()
     args = (x, eps_u, d["eps_c"], w, d["a_t"], d["a_prev"])
-    assert_close(guided_ddim_step(*args), guided_ddim_step_ref(*args), 1e-5, atol_scale=1.0)
-    assert_close(guided_ddim_step_mse(*args, d["target"]), guided_ddim_step_mse_ref(*args, d["target"]), 1e-5, 0.0)
+    assert_close(guided_ddim_step(*args), truth.guided_ddim(*args), 1e-5, atol_scale=1.0)
+    assert_close(guided_ddim_step_mse(*args, d["target"]), truth.null_text_loss(*args, d["target"]), 1e-5, 0.0)
     # python floats and 0-d tensors broadcast to every image
     full = lambda v: torch.full((4,), v)  # noqa: E731
-    assert_close(ddim_step(x, eps_u, 0.3, torch.tensor(0.5)), ddim_step_ref(x, eps_u, full(0.3), full(0.5)), 1e-5, 1.0)
+    assert_close(ddim_step(x, eps_u, 0.3, torch.tensor(0.5)), truth.ddim(x, eps_u, full(0.3), full(0.5)), 1e-5, 1.0)
     expect_path(kernel_calls, d["x"], ["_triton_step", "_triton_mse"])
 
 
@@ -214,7 +236,7 @@ def test_parity_disable_env_forces_torch(kernel_calls, monkeypatch):
     args = (d["x"], eps_u, d["eps_c"], d["w"], d["a_t"], d["a_prev"], d["target"])
     loss = guided_ddim_step_mse(*args)
     loss.sum().backward()
-    assert_close(loss, guided_ddim_step_mse_ref(*args), 1e-5, 0.0)
+    assert_close(loss, truth.null_text_loss(*args), 1e-5, 0.0)
     assert not kernel_calls, "NTI_DISABLE_TRITON=1 must keep every op on the torch path"
 
 
@@ -246,7 +268,7 @@ def test_interp_loss_split_over_programs():
     assert min(blocks, K._MSE_PROGRAMS // b) > 1
     d = make_inputs((2, 4, 64, 64), torch.float32, seed=5)  # batch 2: both images split, the sums kept apart
     args = (d["x"], d["eps_u"], d["eps_c"], d["w"], d["a_t"], d["a_prev"], d["target"])
-    assert_close(K._triton_mse(*args), guided_ddim_step_mse_ref(*args), 1e-5, 0.0)
+    assert_close(K._triton_mse(*args), truth.null_text_loss(*args), 1e-5, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -317,19 +339,23 @@ def test_compile_fullgraph(backend):
     torch._dynamo.reset()
     d = make_inputs((2, 4, 7, 9), torch.bfloat16)
     args = [d[k] for k in ("x", "eps_u", "eps_c", "w", "a_t", "a_prev", "target")]
-    results = []
+    upstream = torch.tensor([1.0, 3.0])
+    (eps_u64,) = truth.leaves64(args[1])
+    want_loss = truth.null_text_loss(args[0], eps_u64, *args[2:])
+    (want_grad,) = torch.autograd.grad((want_loss * upstream.double()).sum(), eps_u64)
+    want_step = truth.guided_ddim(*args[:6])
     for fn in (torch.compile(_inner_step, backend=backend, fullgraph=True), _inner_step):
         eps_u = args[1].clone().requires_grad_()
         loss, x_prev = fn(args[0], eps_u, *args[2:])
-        (loss * torch.tensor([1.0, 3.0])).sum().backward()  # through the compiled backward graph
-        results.append((loss.detach(), x_prev, eps_u.grad))
-    for got, want in zip(*results):
-        assert got.dtype == want.dtype
-        assert_close(got, want, GRAD_RTOL[got.dtype])
+        (loss * upstream).sum().backward()  # through the compiled backward graph
+        assert loss.dtype == x_prev.dtype == torch.float32 and eps_u.grad.dtype == torch.bfloat16
+        assert_close(loss.detach(), want_loss, 1e-5, atol_scale=0.0)
+        assert_close(x_prev, want_step, 1e-5, atol_scale=1.0)
+        assert_close(eps_u.grad, want_grad, GRAD_RTOL[torch.bfloat16])
     # inversion direction, forward only, through the other op
     inv = torch.compile(lambda x, e, a, b: ddim_step(x, e, a, b) * 2, backend=backend, fullgraph=True)
     assert_close(inv(d["x"], d["eps_c"], d["a_prev"], d["a_t"]),
-                 2 * ddim_step_ref(d["x"], d["eps_c"], d["a_prev"], d["a_t"]), 1e-5, 1.0)
+                 2 * truth.ddim(d["x"], d["eps_c"], d["a_prev"], d["a_t"]), 1e-5, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
