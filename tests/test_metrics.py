@@ -158,18 +158,21 @@ def test_global_and_windowed_ssim_differ(photo):
     assert ssim_global(photo, noisy) > 0.9 > ssim_windowed(photo, noisy)
 
 
-def test_lpips_is_skipped_cleanly_when_unavailable(photo, caplog):
+def test_lpips_is_skipped_cleanly_when_unavailable(photo, caplog, monkeypatch):
     try:
         import lpips  # noqa: F401
         pytest.skip("lpips is installed here; this test checks the fallback")
     except ImportError:
         pass
+    from engine import metrics
+    monkeypatch.setattr(metrics, "_lpips_models", {})  # as in a fresh process: the message must come, once
+    monkeypatch.setattr(metrics, "_lpips_warned", False)
     with caplog.at_level(logging.WARNING, logger="nti"):
         assert lpips_distance(photo, photo) is None
         assert lpips_distance(photo, photo) is None
         assert seed_scores(photo, photo).lpips is None
-    # one message per process, however often it is asked (the module may have warned in an earlier test already)
-    assert sum("LPIPS skipped" in r.message for r in caplog.records) <= 1
+    # one message per process, however often it is asked
+    assert sum(metrics.LPIPS_SKIPPED in r.message for r in caplog.records) == 1
 
 
 # --- CLIP ------------------------------------------------------------------------------------------------------
