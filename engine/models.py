@@ -143,6 +143,33 @@ def check_model_folder(path: Path) -> None:
         raise NTIError(f"model folder {path} is incomplete: missing {', '.join(missing)}")
 
 
+def check_supported_model(path: Path) -> None:
+    """Refuse, before any weight is read, a model this engine cannot invert correctly: the DDIM step (Eq. 12) and the
+    null-text loss are written for epsilon prediction, one CLIP text encoder and a plain 4-channel latent UNet."""
+    def config(*parts):
+        file = path.joinpath(*parts)
+        try:
+            return json.loads(file.read_text()) if file.is_file() else {}
+        except (OSError, ValueError) as err:
+            raise NTIError(f"model folder {path}: {file.relative_to(path)} is not valid JSON ({err})") from None
+    pipeline_class = str(config("model_index.json").get("_class_name", ""))
+    unet, scheduler = config("unet", "config.json"), config("scheduler", "scheduler_config.json")
+    why = []
+    if "XL" in pipeline_class or (path / "text_encoder_2").is_dir() or unet.get("addition_embed_type"):
+        why.append("it is an SDXL-type model (two text encoders, pooled embeddings, time ids), which is not "
+                   "supported yet")
+    prediction = scheduler.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        why.append(f"its scheduler predicts {prediction!r} (SD 2.x 768 px models predict 'v_prediction'); only "
+                   f"epsilon-prediction models are supported yet, and running it would give a wrong image")
+    if unet and unet.get("in_channels", 4) != unet.get("out_channels", 4):
+        why.append(f"its UNet takes {unet['in_channels']} input channels for {unet.get('out_channels', 4)} output "
+                   f"channels (an inpainting or depth model), not a plain text-to-image UNet")
+    if why:
+        raise NTIError(f"model folder {path} cannot be inverted by this engine: {'; '.join(why)}. Use a Stable "
+                       f"Diffusion v1.x or 2.x (512 px, epsilon) folder")
+
+
 def fingerprint_folder(path: Path) -> str:
     """Fast model identity: configs in full, weight files by size and their first and last MiB."""
     digest = hashlib.sha256()
@@ -202,6 +229,7 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
 
     path = resolve_model_path(model)
     check_model_folder(path)
+    check_supported_model(path)
     kw = dict(local_files_only=True, torch_dtype=dtype)
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)

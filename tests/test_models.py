@@ -1,4 +1,5 @@
 """Model loading through the real diffusers/transformers path, offline, with clear errors."""
+import json
 import shutil
 
 import pytest
@@ -63,3 +64,45 @@ def test_unavailable_device_is_a_clear_error():
         load_pipeline(None, device="cuda")
     with pytest.raises(NTIError, match="unknown device"):
         load_pipeline(None, device="tpu9")
+
+
+def _edit_json(file, **changes):
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("kind", ["v_prediction", "sample", "sdxl_index", "sdxl_encoder", "sdxl_unet", "inpainting"])
+def test_unsupported_model_kinds_are_refused_at_load(saved_folder, tmp_path, kind):
+    """A model the DDIM/NTI math here does not fit is refused in one line before any weight loads, never run."""
+    folder = tmp_path / kind
+    shutil.copytree(saved_folder, folder)
+    if kind in ("v_prediction", "sample"):
+        _edit_json(folder / "scheduler" / "scheduler_config.json", prediction_type=kind)
+        match = f"predicts '{kind}'"
+    elif kind == "sdxl_index":
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+        match = "SDXL"
+    elif kind == "sdxl_encoder":
+        shutil.copytree(folder / "text_encoder", folder / "text_encoder_2")
+        match = "SDXL"
+    elif kind == "sdxl_unet":
+        _edit_json(folder / "unet" / "config.json", addition_embed_type="text_time")
+        match = "SDXL"
+    else:
+        _edit_json(folder / "unet" / "config.json", in_channels=9)
+        match = "9 input channels"
+    with pytest.raises(NTIError, match=match):
+        load_pipeline(folder, device="cpu")
+
+
+def test_unsupported_model_exits_2_on_the_cli(saved_folder, tmp_path, capsys):
+    from engine.cli import main
+
+    folder = tmp_path / "v-pred"
+    shutil.copytree(saved_folder, folder)
+    _edit_json(folder / "scheduler" / "scheduler_config.json", prediction_type="v_prediction")
+    code = main(["edit", "skimage:chelsea", "--model", str(folder), "--prompt", "a cat", "--target", "a dog",
+                 "--out", str(tmp_path / "out.png"), "--steps", "2", "--inner-steps", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "v_prediction" in err and "Traceback" not in err
+    assert not (tmp_path / "out.png").exists()
