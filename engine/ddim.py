@@ -8,6 +8,26 @@ import torch
 from diffusers import DDIMScheduler
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what a UNet's output means (scheduler_config)
+
+
+def eps_from_prediction(output: torch.Tensor, x: torch.Tensor, a, prediction_type: str) -> torch.Tensor:
+    """The noise eps that a UNet output implies at x with alpha_bar a: epsilon as is; v (Salimans & Ho 2022, Eq. 9
+    inverted) eps = sqrt(a) v + sqrt(1 - a) x; a predicted sample x0: eps = (x - sqrt(a) x0) / sqrt(1 - a).
+    Linear in the output, so guidance on converted outputs equals guidance on the raw ones."""
+    if prediction_type == "epsilon":
+        return output
+    a = torch.as_tensor(a, dtype=torch.float32, device=x.device)
+    if a.ndim == 1:
+        a = a.view(-1, 1, 1, 1)
+    output, x = output.float(), x.float()
+    if prediction_type == "v_prediction":
+        return a.sqrt() * output + (1 - a).sqrt() * x
+    if prediction_type == "sample":
+        return (x - a.sqrt() * output) / (1 - a).sqrt()
+    raise ValueError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
 @dataclass
 class DDIMSchedule:
     """Timesteps and cumulative alphas of one DDIM run; `alpha(t)` is alpha_bar_t with t < 0 -> final alpha."""
@@ -16,6 +36,12 @@ class DDIMSchedule:
     timesteps: list[int]  # denoising order, e.g. 981, 961, ..., 1 (SD v1.4's steps_offset=1)
     step_ratio: int
     final_alpha: float  # alpha_bar for t < 0; set_alpha_to_one=False -> alphas_cumprod[0] (SD v1.x, notebook)
+    prediction_type: str = "epsilon"  # the UNet's output: eps (SD v1.x, 2.x base), v (SD 2.x 768 px) or x0
+
+    def eps(self, output: torch.Tensor, x: torch.Tensor, a) -> torch.Tensor:
+        """The UNet's output at x as noise eps, with a = the alpha_bar the DDIM step takes x at (as diffusers'
+        DDIMScheduler and DDIMInverseScheduler do); the identity for epsilon models."""
+        return eps_from_prediction(output, x, a, self.prediction_type)
 
     @property
     def steps(self) -> int:
@@ -40,15 +66,19 @@ def make_schedule(scheduler_config: dict, steps: int, steps_offset: int | None =
     steps_offset None = the config's own (SD v1.4: 1, t = 981..1)."""
     if steps_offset is None:
         steps_offset = int(scheduler_config.get("steps_offset", 0))
+    prediction_type = scheduler_config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
     scheduler = DDIMScheduler.from_config(
         scheduler_config, clip_sample=False, set_alpha_to_one=False, steps_offset=steps_offset,
-        timestep_spacing="leading", prediction_type="epsilon")
+        timestep_spacing="leading", prediction_type=prediction_type)
     scheduler.set_timesteps(steps)
     return DDIMSchedule(
         alphas_cumprod=scheduler.alphas_cumprod.to(torch.float32),
         timesteps=[int(t) for t in scheduler.timesteps],
         step_ratio=scheduler.config.num_train_timesteps // steps,
         final_alpha=float(scheduler.final_alpha_cumprod),
+        prediction_type=prediction_type,
     )
 
 

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import NTIConfig, NTIError
-from .ddim import DDIMSchedule, ddim_step, guided_eps
+from .ddim import DDIMSchedule, ddim_step, eps_from_prediction, guided_eps
 from .models import Pipeline
 from .runner import UNetRunner, capture_graph
 
@@ -115,7 +115,7 @@ def ddim_invert_batch(runner: UNetRunner, z0, conds, schedule, ops=None) -> list
     pivots, z = [z0], z0
     for i in range(schedule.steps):
         t, a_from, a_to = schedule.invert_alphas(i)
-        z = _ddim(ops, z, runner.forward(z, t, conds), a_from, a_to)
+        z = _ddim(ops, z, schedule.eps(runner.forward(z, t, conds), z, a_from), a_from, a_to)
         pivots.append(z)
     return pivots
 
@@ -261,7 +261,7 @@ def inner_iteration(runner: UNetRunner, ws: Workspace, ops) -> None:
     guided DDIM step's MSE to the pivot, Adam; then the notebook's early-stop test, on the device."""
     uncond = ws.uncond.detach().requires_grad_(True)
     with torch.enable_grad():
-        eps_u = runner.eps(ws.z, ws.t, uncond)
+        eps_u = eps_from_prediction(runner.eps(ws.z, ws.t, uncond), ws.z, ws.a_t, runner.prediction_type)
         loss = _per_image_loss(ops, ws.z, eps_u, ws.eps_c, ws.w, ws.a_t, ws.a_prev, ws.target)
         # sum, not mean: each image gets exactly its own gradient; inactive rows weigh 0
         (grad,) = torch.autograd.grad((loss * ws.active).sum(), uncond)
@@ -327,7 +327,7 @@ def null_text_step(runner: UNetRunner, z, conds, uncond, target, i, schedule, w,
     b, dev = z.shape[0], z.device
     t = schedule.timesteps[i]
     a_t, a_prev = schedule.denoise_alphas(i)
-    eps_c = runner.forward(z, t, conds)  # once per step, shared by the inner loop and the move-on step
+    eps_c = schedule.eps(runner.forward(z, t, conds), z, a_t)  # once per step: the inner loop and the move-on
     static = runner.graphs or runner.compiled  # fixed shapes: pad to power-of-two buckets
     n = bucket_size(b, max(b, config.batch_size)) if static else b
     # results per chunk row, plus one spare row per workspace row for padding rows to write to
@@ -373,7 +373,7 @@ def null_text_step(runner: UNetRunner, z, conds, uncond, target, i, schedule, w,
             ws = smaller
     _write_back(ws, out_uncond, out_iterations, out_loss)
     uncond = out_uncond[:b].clone()
-    z_next = _guided(ops, z, runner.forward(z, t, uncond), eps_c, w, a_t, a_prev)
+    z_next = _guided(ops, z, schedule.eps(runner.forward(z, t, uncond), z, a_t), eps_c, w, a_t, a_prev)
     finite = torch.isfinite(z_next).flatten(1).all(1) & torch.isfinite(uncond).flatten(1).all(1)
     finite &= torch.isfinite(out_loss[:b]) | (out_iterations[:b] == 0)
     records = torch.stack([out_iterations[:b], out_loss[:b], finite.float()]).cpu()  # one sync per outer step
@@ -431,7 +431,9 @@ def sample_batch(pipe: Pipeline, jobs: list[dict], config: NTIConfig, progress: 
                       disable=not progress, leave=False):
             null = _per_step(nulls, i, schedule.steps)
             a_t, a_prev = schedule.denoise_alphas(i)
-            eps_u, eps_c = runner.forward(torch.cat([z, z]), schedule.timesteps[i], torch.cat([null, cond])).chunk(2)
+            zz = torch.cat([z, z])
+            eps_u, eps_c = schedule.eps(runner.forward(zz, schedule.timesteps[i], torch.cat([null, cond])), zz,
+                                        a_t).chunk(2)
             z = _guided(ops, z, eps_u, eps_c, weights[i], a_t, a_prev)
             if direct is not None:
                 pivots, mask = direct
@@ -479,8 +481,9 @@ def p2p_sample_batch(pipe: Pipeline, jobs: list[dict], config: NTIConfig, progre
                     controller.step = i
                 null = _per_step(nulls, i, schedule.steps)
                 a_t, a_prev = schedule.denoise_alphas(i)
-                eps_u, eps_c = runner.forward(torch.cat([z, z]), schedule.timesteps[i],
-                                              torch.cat([null, null, conds])).chunk(2)
+                zz = torch.cat([z, z])
+                eps_u, eps_c = schedule.eps(runner.forward(zz, schedule.timesteps[i], torch.cat([null, null, conds])),
+                                            zz, a_t).chunk(2)
                 z = _guided(ops, z, eps_u, eps_c, weights[i], a_t, a_prev)
                 if direct is not None:  # offset from the source branch's step to the pivot
                     pivots, mask = direct

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import NTIError
+from .ddim import PREDICTION_TYPES
 from .runner import RunStats
 
 COMPONENTS = {  # subfolder -> files that must be there (any one of each tuple)
@@ -90,7 +91,8 @@ def decode_latents(pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:
 
 
 def unet_eps(pipe: Pipeline, latents: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
-    """Noise prediction eps_theta(z_t, t, context) of the UNet."""
+    """The UNet's output at (z_t, t, context): the noise eps_theta for epsilon models, else what the scheduler config's
+    prediction_type names (DDIMSchedule.eps turns it into eps)."""
     return pipe.unet(latents, t, encoder_hidden_states=context).sample
 
 
@@ -145,7 +147,8 @@ def check_model_folder(path: Path) -> None:
 
 def check_supported_model(path: Path) -> None:
     """Refuse, before any weight is read, a model this engine cannot invert correctly: the DDIM step (Eq. 12) and the
-    null-text loss are written for epsilon prediction, one CLIP text encoder and a plain 4-channel latent UNet."""
+    null-text loss take a UNet output that DDIMSchedule.eps can read as noise, one CLIP text encoder and a plain
+    4-channel latent UNet."""
     def config(*parts):
         file = path.joinpath(*parts)
         try:
@@ -159,9 +162,11 @@ def check_supported_model(path: Path) -> None:
         why.append("it is an SDXL-type model (two text encoders, pooled embeddings, time ids), which is not "
                    "supported yet")
     prediction = scheduler.get("prediction_type", "epsilon")
-    if prediction != "epsilon":
-        why.append(f"its scheduler predicts {prediction!r} (SD 2.x 768 px models predict 'v_prediction'); only "
-                   f"epsilon-prediction models are supported yet, and running it would give a wrong image")
+    if prediction not in PREDICTION_TYPES:
+        why.append(f"its scheduler predicts {prediction!r}, which is none of {', '.join(PREDICTION_TYPES)}")
+    if scheduler.get("rescale_betas_zero_snr"):  # alpha_bar_T = 0: needs 'trailing' timesteps, not the notebook's
+        why.append("its scheduler rescales betas to zero terminal SNR, which the notebook's 'leading' DDIM "
+                   "timesteps do not support")
     if unet and unet.get("in_channels", 4) != unet.get("out_channels", 4):
         why.append(f"its UNet takes {unet['in_channels']} input channels for {unet.get('out_channels', 4)} output "
                    f"channels (an inpainting or depth model), not a plain text-to-image UNet")

@@ -26,7 +26,7 @@ def ddim_invert(pipe: Pipeline, z0: torch.Tensor, cond: torch.Tensor, schedule: 
     z = z0.clone()
     for i in tqdm(range(schedule.steps), desc="DDIM inversion", disable=not progress, leave=False):
         t, a_from, a_to = schedule.invert_alphas(i)
-        z = ddim_step(z, unet_eps(pipe, z, t, cond), a_from, a_to)
+        z = ddim_step(z, schedule.eps(unet_eps(pipe, z, t, cond), z, a_from), a_from, a_to)
         latents.append(z)
     return latents
 
@@ -37,7 +37,8 @@ def guided_step(pipe: Pipeline, z: torch.Tensor, i: int, schedule: DDIMSchedule,
     """One CFG denoising step z_t -> z_{t-1}, the UNet run on [uncond, cond] as one batch of 2 (notebook)."""
     t = schedule.timesteps[i]
     a_t, a_prev = schedule.denoise_alphas(i)
-    eps_u, eps_c = unet_eps(pipe, torch.cat([z, z]), t, torch.cat([uncond, cond])).chunk(2)
+    eps_u, eps_c = schedule.eps(unet_eps(pipe, torch.cat([z, z]), t, torch.cat([uncond, cond])), torch.cat([z, z]),
+                                a_t).chunk(2)
     return ddim_step(z, guided_eps(eps_u, eps_c, w), a_t, a_prev)
 
 
@@ -58,10 +59,10 @@ def null_text_optimize(pipe: Pipeline, pivots: list[torch.Tensor], cond: torch.T
         uncond = uncond.clone().detach().requires_grad_(True)
         optimizer = torch.optim.Adam([uncond], lr=lr * (1.0 - i / 100.0))
         with torch.no_grad():
-            eps_c = unet_eps(pipe, z, t, cond)  # computed once per step, reused by every inner iteration
+            eps_c = schedule.eps(unet_eps(pipe, z, t, cond), z, a_t)  # once per step, reused by every iteration
         done, loss_value = 0, float("nan")
         for _ in range(inner_steps):
-            eps_u = unet_eps(pipe, z, t, uncond)
+            eps_u = schedule.eps(unet_eps(pipe, z, t, uncond), z, a_t)
             z_prev = ddim_step(z, guided_eps(eps_u, eps_c, weights[i]), a_t, a_prev)
             loss = F.mse_loss(z_prev, target)
             optimizer.zero_grad()
@@ -136,7 +137,8 @@ def p2p_sample(pipe: Pipeline, z_T: torch.Tensor, cond_source: torch.Tensor, con
             a_t, a_prev = schedule.denoise_alphas(i)
             null = _null_at(uncond, i, schedule.steps)
             context = torch.cat([null, null, cond_source, cond_target])
-            eps_u, eps_c = unet_eps(pipe, torch.cat([z, z]), t, context).chunk(2)
+            zz = torch.cat([z, z])
+            eps_u, eps_c = schedule.eps(unet_eps(pipe, zz, t, context), zz, a_t).chunk(2)
             z = ddim_step(z, guided_eps(eps_u, eps_c, weights[i]), a_t, a_prev)
             if pivots is not None:
                 offset = _pivot(pivots, i) - z[:1]

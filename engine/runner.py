@@ -178,6 +178,7 @@ class UNetRunner:
         self.module = self.prepared.module
         self.attention = set_attention(self.module, config.attention)
         self.stats = pipe.fast_stats  # accumulates over runs; benchmarks reset it
+        self.prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")  # see ddim.eps_from_prediction
         cuda = pipe.device.type == "cuda"
         if config.cuda_graphs and not cuda:
             warnings.warn("CUDA graphs need a CUDA device; running without them")

@@ -70,14 +70,14 @@ def _edit_json(file, **changes):
     file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
 
 
-@pytest.mark.parametrize("kind", ["v_prediction", "sample", "sdxl_index", "sdxl_encoder", "sdxl_unet", "inpainting"])
+@pytest.mark.parametrize("kind", ["zero_snr", "sdxl_index", "sdxl_encoder", "sdxl_unet", "inpainting"])
 def test_unsupported_model_kinds_are_refused_at_load(saved_folder, tmp_path, kind):
     """A model the DDIM/NTI math here does not fit is refused in one line before any weight loads, never run."""
     folder = tmp_path / kind
     shutil.copytree(saved_folder, folder)
-    if kind in ("v_prediction", "sample"):
-        _edit_json(folder / "scheduler" / "scheduler_config.json", prediction_type=kind)
-        match = f"predicts '{kind}'"
+    if kind == "zero_snr":
+        _edit_json(folder / "scheduler" / "scheduler_config.json", rescale_betas_zero_snr=True)
+        match = "zero terminal SNR"
     elif kind == "sdxl_index":
         (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
         match = "SDXL"
@@ -97,12 +97,12 @@ def test_unsupported_model_kinds_are_refused_at_load(saved_folder, tmp_path, kin
 def test_unsupported_model_exits_2_on_the_cli(saved_folder, tmp_path, capsys):
     from engine.cli import main
 
-    folder = tmp_path / "v-pred"
+    folder = tmp_path / "sdxl"
     shutil.copytree(saved_folder, folder)
-    _edit_json(folder / "scheduler" / "scheduler_config.json", prediction_type="v_prediction")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     code = main(["edit", "skimage:chelsea", "--model", str(folder), "--prompt", "a cat", "--target", "a dog",
                  "--out", str(tmp_path / "out.png"), "--steps", "2", "--inner-steps", "1"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "v_prediction" in err and "Traceback" not in err
+    assert "SDXL" in err and "Traceback" not in err
     assert not (tmp_path / "out.png").exists()
