@@ -1,5 +1,6 @@
 """Inversion methods on the tiny model: negative-prompt and direct inversion beside DDIM and null-text, and every
 method x edit mode reconstructing, under the source prompt, as its inversion does."""
+import dataclasses
 import json
 
 import pytest
@@ -59,15 +60,13 @@ def test_direct_inversion_reconstructs_exactly(tiny_pipe, invs):
 
 def test_direct_source_branch_stays_on_the_pivots_while_editing(tiny_pipe, invs):
     inv, pipe = invs["direct"], tiny_pipe
-    job = engine.api._edit_job(pipe, inv, "a tiger sitting on a mat")
-    cond_source = encode_prompts(pipe, [PROMPT])
     config = BASE.replace(edit="p2p-replace")
-    plan = p2p.make_plan(pipe.tokenizer, PROMPT, "a tiger sitting on a mat", config)
+    job = engine.api.edit_job(pipe, inv, "a tiger sitting on a mat", config)
+    assert job.two_branch and job.plan is not None and job.pivots is not None
     runs = {}
     for share in (False, True):
-        controller = p2p.P2PController([plan], config, 5, pipe.device)
-        runs[share] = reference.p2p_sample(pipe, job["z_T"], cond_source, job["cond"], job["null"], job["schedule"],
-                                           job["weights"], controller, job["pivots"], offset_target=share)
+        controller = p2p.P2PController([job.plan], config, 5, pipe.device)
+        runs[share] = reference.p2p_sample(pipe, dataclasses.replace(job, offset_target=share), controller)
         assert rel_err(runs[share][0][0], inv.z_0) < 1e-6  # the source branch ends on z*_0 = z_0
     # the paper leaves the target alone; the 'add-source' variant pulls it towards the source
     assert rel_err(runs[True][1], runs[False][1]) > 1e-2
