@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import engine
 from engine import NTIConfig
 from engine.api import null_embedding
 from engine.models import build_sd14_shaped_pipeline, load_pipeline
+from engine.provenance import git_commit
 
 PHOTOS = [("skimage:chelsea", "a cat lying on a mat", "a tiger lying on a mat"),
           ("skimage:astronaut", "a woman astronaut", "a man astronaut"),
@@ -122,14 +122,6 @@ def waterfall(args) -> list[tuple[str, NTIConfig, int]]:
     rows.append((f"DDIM invert+edit fast bf16 b{top}", base.replace(method="ddim", backend="fast", batch_size=top,
                                                                     precision="bf16"), top))
     return rows
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except Exception:
-        return None
 
 
 def main(argv=None) -> int:

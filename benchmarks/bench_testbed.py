@@ -32,10 +32,10 @@ import torch
 from PIL import Image
 from engine import api, scenes
 from engine.config import NTIConfig
-from engine.evaluate import git_commit
 from engine.images import to_pil
 from engine.metrics import clear_of, psnr, ssim
 from engine.models import decode_latents, encode_images, load_pipeline
+from engine.provenance import git_commit
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from engine.provenance import git_commit
+
 STAGES = {  # name -> (seconds allowed on a GPU, what it measures); run in this order
     "env": (45, "versions, GPU, Triton, matmul rate and copy bandwidth"),
     "parity": (80, "fast paths vs the eager fp32 reference (strict fp32)"),
@@ -480,14 +482,6 @@ def stage_ops(st: Stage) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------- driver
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except Exception:
-        return None
-
 
 def run_stage(args) -> int:
     st = Stage(args)

@@ -22,7 +22,7 @@ def library_versions() -> dict:
     import diffusers
     import transformers
 
-    from . import __version__
+    from .version import __version__
     return {"nti-engine": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__}
 

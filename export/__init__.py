@@ -12,14 +12,17 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.config import NTIError
-from engine.models import Pipeline
 
 from . import cache
 from .components import COMPONENTS, Component
+
+if TYPE_CHECKING:  # the type only: a runtime import would make engine.models -> runner -> export -> models a circle
+    from engine.models import Pipeline
 
 KINDS = ("onnx", "aoti", "tensorrt")
 ARTIFACTS = {"onnx": "model.onnx", "aoti": "model.pt2", "tensorrt": "model.plan"}

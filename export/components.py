@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 
-from engine.models import Pipeline
+if TYPE_CHECKING:  # the type only: a runtime import would make engine.models -> runner -> export -> models a circle
+    from engine.models import Pipeline
+
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

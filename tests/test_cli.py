@@ -98,3 +98,21 @@ def test_console_script_runs_in_a_fresh_process(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "engine.cli", "edit", "nope.png", "--prompt", "a", "--target",
                            "b", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == EXIT_BAD_INPUT and proc.stderr.strip().endswith("nope.png does not exist")
+
+
+def test_edit_reads_a_prompts_jsonl_as_eval_does(tmp_path, capsys):
+    """`nti edit FILE.jsonl` and `nti eval --data FILE.jsonl` share one reader: the bundled photo prompts (which name
+    their photos as {"skimage": NAME}) edit as written, one output per record id."""
+    from engine.data import SAMPLE_PROMPTS, load_dataset
+
+    code, stdout, err = run_cli(["edit", str(SAMPLE_PROMPTS), "--out", str(tmp_path / "out"), "--steps", "2",
+                                 "--method", "ddim", "--quiet", "--device", "cpu", "--model", "tiny"], capsys)
+    assert code == 0, err
+    ids = sorted(s.id for s in load_dataset("sample"))
+    assert sorted(p.stem for p in (tmp_path / "out").iterdir()) == ids and len(ids) >= 5
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("nti-engine ")

@@ -320,7 +320,7 @@ def test_tensorrt_engine_matches_torch(tmp_path, precision, tol):
 
 @needs_onnx
 def test_nti_export_prints_the_cached_path(onnx_fp32, export_dir, capsys):
-    from engine.export_cli import main
+    from engine.cli import main
 
     builds = dict(export_cache.BUILDS)
     assert main(["export", "--kind", "onnx", "--out", str(export_dir), "--device", "cpu",
