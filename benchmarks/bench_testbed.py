@@ -1,4 +1,4 @@
-"""Fidelity of the built-in shapes model, graded from pixels by the scene oracle (engine/scenes.py).
+"""Fidelity of the built-in shapes model, graded from pixels by the scene oracle (engine/testbed/scenes.py).
 
     python -m benchmarks.bench_testbed            # CPU, 2 cores: see "seconds" in the JSON; writes JSON + PNG
     python -m benchmarks.bench_testbed --quick    # a smaller sample, same sections
@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from engine import api, scenes
+from engine import api
+from engine.testbed import scenes
 from engine.config import NTIConfig
 from engine.images import to_pil
 from engine.metrics import clear_of, psnr, ssim

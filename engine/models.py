@@ -23,7 +23,7 @@ COMPONENTS = {  # subfolder -> files that must be there (any one of each tuple)
     "scheduler": (("scheduler_config.json",),),
 }
 TINY = "tiny"  # the built-in random SD-shaped model (no files; edits are not meaningful)
-SHAPES = "shapes"  # the built-in trained test-bed model (engine/assets/shapes, see engine/testbed.py); the default
+SHAPES = "shapes"  # the built-in trained test-bed model (engine/assets/shapes, see engine/testbed/); the default
 SHAPES_FOLDER = Path(__file__).parent / "assets" / "shapes"
 VOCABULARY_FILE = "vocabulary.json"  # optional in a model folder: {"words": [...], "example": "a caption"}
 

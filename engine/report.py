@@ -203,7 +203,7 @@ def safe_name(text: str) -> str:
 
 COMMON_DEFINITIONS = (
     "`recon_*`: the reconstruction (source prompt) vs the source photo; `edit_*`: the edit (target prompt) vs the "
-    "source photo. `oracle` (shapes model only): 1 when the scene oracle (engine/scenes.py) reads the "
+    "source photo. `oracle` (shapes model only): 1 when the scene oracle (engine/testbed/scenes.py) reads the "
     "output as its prompt. `inner_iterations`: Adam iterations summed over steps; `s_per_sample`: inversion + edit seconds (the "
     "inversion's own per-image time, its share of a batch on the fast backend). The baseline generates from the "
     "target prompt and seeded noise: no inversion, so no reconstruction.")
@@ -295,7 +295,7 @@ def report_text(df, summary, headline, manifest, model_name, plots, grids, by_ty
                   "about the paper's or the seed report's claims. Run with `--model` pointing at SD v1.4 for that.",
                   ""]
     elif model_name == SHAPES:
-        lines += ["> **Built-in shapes model** (engine/testbed.py): a small Stable Diffusion architecture trained on "
+        lines += ["> **Built-in shapes model** (engine/testbed/): a small Stable Diffusion architecture trained on "
                   "32 px scenes of coloured shapes. Its numbers are real for that model, which is not SD v1.4. "
                   "`oracle` is the share of outputs the scene oracle reads as their prompt: the one score here "
                   "that reads what an edit did (`python -m benchmarks.bench_testbed` grades more edits).", ""]

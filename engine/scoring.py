@@ -76,7 +76,7 @@ class Scorer:
 
 def oracle_reads(image, caption: str) -> float | None:
     """1.0 when the scene oracle reads the image as the caption, 0.0 when not, None if it is no scene caption."""
-    from .scenes import read_scene
+    from .testbed.scenes import read_scene
 
     try:
         return float(read_scene(image).matches(caption))

@@ -256,7 +256,7 @@ def test_shapes_model_report_has_the_oracle_and_n_spreads_over_scenes(tmp_path, 
     every output (1 = it reads the output as its prompt)."""
     from PIL import Image
 
-    from engine.scenes import read_scene
+    from engine.testbed.scenes import read_scene
 
     out = tmp_path / "eval"
     assert main(["eval", "--out", str(out), "--n", "2", "--methods", "ddim", "--steps", "3", "--quiet",

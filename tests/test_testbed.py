@@ -11,7 +11,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from engine import api, scenes
+from engine import api
+from engine.testbed import scenes
 from engine.config import NTIConfig, NTIError
 from engine.metrics import clear_of, psnr, ssim
 from engine.models import SHAPES_FOLDER, load_pipeline
@@ -83,7 +84,7 @@ def test_scene_edits_name_their_target_and_what_may_change():
 
 
 def test_held_out_captions_never_in_training_batches():
-    from engine.testbed import scene_batch
+    from engine.testbed.train import scene_batch
     _, captions = scene_batch(random.Random(3), 2000)
     assert not any(scenes.is_held_out(c) for c in captions)
     drawn = [scenes.random_scene(random.Random(i)).caption for i in range(3000)]
@@ -234,7 +235,7 @@ def test_add_and_remove_edits_reach_the_target_caption(shapes_pipe):
 # ---------------------------------------------------------------------------------------------------------- training
 
 def test_training_runs_resumes_and_loads(tmp_path):
-    from engine.testbed import TrainConfig, train
+    from engine.testbed.train import TrainConfig, train
     config = TrainConfig(vae_steps=2, unet_steps=2, batch_size=4, vae_batch=4, checkpoint_every=1, warmup=1)
     out = train(config, tmp_path / "model", tmp_path / "work")
     first = load_pipeline(out, device="cpu")
