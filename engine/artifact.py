@@ -29,7 +29,7 @@ def library_versions() -> dict:
 
 @dataclass
 class Inversion:
-    """One inverted image: edit it under any prompt with `engine.edit` without inverting again."""
+    """One inverted image: edit it under any prompt with `nti.edit` without inverting again."""
 
     z_T: torch.Tensor  # (4, h, w) fp32: the end of the DDIM pivot trajectory, where editing starts
     z_0: torch.Tensor  # (4, h, w) fp32: the VAE latent of the source image (for reconstruction error)

@@ -25,7 +25,7 @@ def add_export_arguments(p) -> None:
 
 def run_export(args):
     """Build or find the export that args name; returns export's BuiltBackend record (path, built, seconds)."""
-    from export import build_forward_backend
+    from nti.export import build_forward_backend
 
     from .models import load_pipeline, parse_device
 

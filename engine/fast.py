@@ -49,7 +49,7 @@ def fused_ops(config: NTIConfig, device: torch.device):
     if want is False:
         return None
     try:
-        import kernels.ddim as ops
+        import nti.kernels.ddim as ops
     except Exception as err:  # no triton, an older torch without custom ops, ...
         if want:
             warnings.warn(f"fused DDIM step unavailable ({type(err).__name__}: {err}); using plain torch")

@@ -193,7 +193,7 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
     if model is None or str(model) == SHAPES:
         if not (SHAPES_FOLDER / "unet").is_dir():
             raise NTIError(f"the built-in shapes model is missing from {SHAPES_FOLDER} (a broken install?); "
-                           f"reinstall, retrain it with `python -m engine.testbed`, or pass --model PATH")
+                           f"reinstall, retrain it with `python -m nti.testbed`, or pass --model PATH")
         pipe = load_pipeline(SHAPES_FOLDER, dev, dtype, seed)
         pipe.name = SHAPES
         return pipe

@@ -298,7 +298,7 @@ def report_text(df, summary, headline, manifest, model_name, plots, grids, by_ty
         lines += ["> **Built-in shapes model** (engine/testbed/): a small Stable Diffusion architecture trained on "
                   "32 px scenes of coloured shapes. Its numbers are real for that model, which is not SD v1.4. "
                   "`oracle` is the share of outputs the scene oracle reads as their prompt: the one score here "
-                  "that reads what an edit did (`python -m benchmarks.bench_testbed` grades more edits).", ""]
+                  "that reads what an edit did (`python -m nti.benchmarks.bench_testbed` grades more edits).", ""]
     config = manifest["config"]
     schedules = list(df["schedule"].cat.categories)
     # only a decaying schedule has a guidance_min; "constant (decay to ...)" would contradict itself

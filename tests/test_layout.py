@@ -97,9 +97,9 @@ def test_no_import_circle_between_modules():
 
 
 def test_edit_help_lists_every_config_field(capsys):
-    from engine.cli import main
-    from engine.config import NTIConfig
-    from engine.options import flag_of
+    from nti.cli import main
+    from nti.config import NTIConfig
+    from nti.options import flag_of
 
     with pytest.raises(SystemExit) as exit_:
         main(["edit", "--help"])
@@ -117,10 +117,10 @@ def test_edit_help_lists_every_config_field(capsys):
 
 
 def test_every_flag_reaches_the_config():
-    from engine.cli import build_parser
-    from engine.config import NTIConfig
-    from engine.models import parse_device
-    from engine.options import config_from_args
+    from nti.cli import build_parser
+    from nti.config import NTIConfig
+    from nti.models import parse_device
+    from nti.options import config_from_args
 
     args = build_parser().parse_args(["edit", "x.png", "--out", "o.png", "--lr", "0.02", "--guidance-min", "2",
                                       "--early-stop-eps", "1e-4", "--no-early-stop", "--blend-start", "0.3",
@@ -136,8 +136,8 @@ def test_every_flag_reaches_the_config():
 
 
 def test_cache_key_comes_from_the_result_changing_fields_and_kept_its_values():
-    from engine.artifact import inversion_key
-    from engine.config import NTIConfig
+    from nti.artifact import inversion_key
+    from nti.config import NTIConfig
 
     config = NTIConfig()
     assert sorted(config.result_settings({})) == ["early_stop", "early_stop_eps", "guidance", "guidance_min",

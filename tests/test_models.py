@@ -4,8 +4,8 @@ import shutil
 import pytest
 import torch
 
-from engine import NTIError, load_pipeline, save_pipeline_folder
-from engine.models import encode_prompts, unet_eps
+from nti import NTIError, load_pipeline, save_pipeline_folder
+from nti.models import encode_prompts, unet_eps
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""`python -m engine.testbed --out DIR`: train the shapes model (engine/testbed/train.py)."""
+"""`python -m nti.testbed --out DIR`: train the shapes model (engine/testbed/train.py)."""
 from .train import main
 
 main()

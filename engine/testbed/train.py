@@ -2,10 +2,10 @@
 
 Same components and layout as SD v1.4 (AutoencoderKL, UNet2DConditionModel with cross-attention, CLIP text encoder
 and tokenizer, DDIM scheduler config), scaled down: 32 px images, 8x8x4 latents (VAE factor 4), 16-token prompts.
-Trained in two stages on scenes from `engine.testbed.scenes`, reproducibly (seeded, config recorded next to the
+Trained in two stages on scenes from `nti.testbed.scenes`, reproducibly (seeded, config recorded next to the
 weights):
 
-    python -m engine.testbed --out engine/assets/shapes            # resumes from --work if interrupted
+    python -m nti.testbed --out engine/assets/shapes            # resumes from --work if interrupted
 
 1. VAE: L1 + MSE reconstruction with a tiny KL term (SD's recipe without the GAN/LPIPS terms); the latent scaling
    factor is then set to 1 / std of the latents, as SD's 0.18215 was.
@@ -229,7 +229,7 @@ def train(config: TrainConfig, out: Path, work: Path, device: str = "auto") -> P
     (out / "train_config.json").write_text(json.dumps({
         **asdict(config), "scaling_factor": scale, "torch": torch.__version__,
         "seconds_this_run": round(time.time() - started), "final_losses": log[-3:], "device": str(dev),
-        "command": "python -m engine.testbed --out " + str(out)}, indent=2))
+        "command": "python -m nti.testbed --out " + str(out)}, indent=2))
     return out
 
 
