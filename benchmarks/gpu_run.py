@@ -4,6 +4,17 @@
     python -m nti.benchmarks.gpu_run --out runs/cpu --quick    # the same stages on CPU with the tiny model (CI test)
     python -m nti.benchmarks.gpu_run --summarize runs/gpu      # remake summary.md from the JSON lines
 
+The lent GPU machines have no network and no diffusers, and run the tree without installing it. Build the wheels
+here (the project's and diffusers'; .whl/ is git-ignored, so carry it):
+
+    .venv/bin/pip wheel -q --no-deps -w .whl . && .venv/bin/pip download -q --no-deps --only-binary=:all: \
+        --python-version 3.12 -d .whl diffusers==0.42.1
+
+and there, from the tree:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+        PYTHONPATH=/tmp/site python3 -m nti.benchmarks.gpu_run --out $OUT/run
+
 Each stage appends JSON lines to OUT/gpu_run.jsonl as it measures, so a killed run keeps what it finished; the
 driver gives every stage a time limit and skips what no longer fits the overall budget (default 450 s), and writes
 OUT/summary.md (the README table). Timing rows run null-text inversion + edit with early stop off at `steps` DDIM

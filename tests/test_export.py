@@ -149,7 +149,7 @@ FRESH_PROCESS = textwrap.dedent("""
     for z, t, c, ref in data:
         out = model(z, t, c)
         errs.append(float((out - ref).norm() / ref.norm()))
-    print(json.dumps({"errs": errs, "load_s": load_s, "engine_imported": "engine" in sys.modules}))
+    print(json.dumps({"errs": errs, "load_s": load_s, "engine_imported": "nti" in sys.modules}))
 """)
 
 
