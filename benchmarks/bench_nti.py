@@ -1,7 +1,7 @@
 """Waterfall benchmark of null-text inversion + edit: each technique added in turn, quality next to speed.
 
-    python -m benchmarks.bench_nti --model sd14-shaped --device cuda          # the protocol (DESIGN.md section 6)
-    python -m benchmarks.bench_nti --quick                                    # CPU smoke run on the tiny model
+    python -m nti.benchmarks.bench_nti --model sd14-shaped --device cuda          # the protocol (DESIGN.md section 6)
+    python -m nti.benchmarks.bench_nti --quick                                    # CPU smoke run on the tiny model
 
 Rows: reference fp32 b1 -> fast fp32 b1 -> bf16 b1 -> bf16 at each batch size -> + compile -> + CUDA graphs ->
 + fused DDIM step, then the same last row with early stop on, and DDIM inversion + edit rows. The eager reference
@@ -13,17 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-import engine
-from engine import NTIConfig
-from engine.api import null_embedding
-from engine.models import build_sd14_shaped_pipeline, load_pipeline
+import nti
+from nti import NTIConfig
+from nti.api import null_embedding
+from nti.models import build_sd14_shaped_pipeline, load_pipeline
+from nti.provenance import git_commit
 
 PHOTOS = [("skimage:chelsea", "a cat lying on a mat", "a tiger lying on a mat"),
           ("skimage:astronaut", "a woman astronaut", "a man astronaut"),
@@ -64,23 +64,23 @@ def run_variant(pipe, config: NTIConfig, n_images: int, warmup: bool) -> dict:
     warmup_s = None
     if warmup:  # compile / graph capture / autotune on the same shapes, timed apart from steady state
         start = time.perf_counter()
-        invs = engine.invert(pipe, list(images), list(sources), config.replace(steps=2), progress=False)
-        engine.edit_latents(pipe, invs, list(targets), config, progress=False)
+        invs = nti.invert(pipe, list(images), list(sources), config.replace(steps=2), progress=False)
+        nti.edit_latents(pipe, invs, list(targets), config, progress=False)
         sync(pipe.device)
         warmup_s = time.perf_counter() - start
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    invs = engine.invert(pipe, list(images), list(sources), config, progress=False)
+    invs = nti.invert(pipe, list(images), list(sources), config, progress=False)
     sync(pipe.device)
     invert_s = time.perf_counter() - start
     start = time.perf_counter()
-    edited = engine.edit_latents(pipe, invs, list(targets), config, progress=False)
+    edited = nti.edit_latents(pipe, invs, list(targets), config, progress=False)
     sync(pipe.device)
     edit_s = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if pipe.device.type == "cuda" else None
     # quality that stays meaningful when trajectories differ (bf16): image 0's reconstruction error, untimed
-    recon = engine.edit_latents(pipe, invs[:1], [sources[0]], config, progress=False)[0]
+    recon = nti.edit_latents(pipe, invs[:1], [sources[0]], config, progress=False)[0]
     recon_mse = float(((recon.cpu() - invs[0].z_0) ** 2).mean())
     return {"recon_mse": recon_mse, "invs": invs, "edited": edited, "invert_s": invert_s, "edit_s": edit_s, "warmup_s": warmup_s,
             "peak_gib": peak}
@@ -124,14 +124,6 @@ def waterfall(args) -> list[tuple[str, NTIConfig, int]]:
     return rows
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except Exception:
-        return None
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny", help="tiny | sd14-shaped (random weights) | a diffusers folder")
@@ -146,7 +138,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.inner_steps, args.batch_sizes = 5, 3, "2,4"
-    args.device_obj = engine.models.parse_device(args.device)
+    args.device_obj = nti.models.parse_device(args.device)
     torch.manual_seed(0)
     start = time.perf_counter()
     pipe = (build_sd14_shaped_pipeline(device=args.device_obj) if args.model == "sd14-shaped"

@@ -1,7 +1,7 @@
-"""Fidelity of the built-in shapes model, graded from pixels by the scene oracle (engine/scenes.py).
+"""Fidelity of the built-in shapes model, graded from pixels by the scene oracle (engine/testbed/scenes.py).
 
-    python -m benchmarks.bench_testbed            # CPU, 2 cores: see "seconds" in the JSON; writes JSON + PNG
-    python -m benchmarks.bench_testbed --quick    # a smaller sample, same sections
+    python -m nti.benchmarks.bench_testbed            # CPU, 2 cores: see "seconds" in the JSON; writes JSON + PNG
+    python -m nti.benchmarks.bench_testbed --quick    # a smaller sample, same sections
 
 1. Text-to-image (DDIM 50 steps, w=7.5) on held-out captions (never shown in training) and on training captions:
    the share whose rendering the oracle reads back as the caption.
@@ -30,12 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from engine import api, scenes
-from engine.config import NTIConfig
-from engine.evaluate import git_commit
-from engine.images import to_pil
-from engine.metrics import clear_of, psnr, ssim
-from engine.models import decode_latents, encode_images, load_pipeline
+from nti import api
+from nti.testbed import scenes
+from nti.config import NTIConfig
+from nti.images import to_pil
+from nti.metrics import clear_of, psnr, ssim
+from nti.models import decode_latents, encode_images, load_pipeline
+from nti.provenance import git_commit
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -226,7 +227,7 @@ def main(argv=None) -> dict:
               "fingerprint": pipe.fingerprint, "device": args.device, "cpu": platform.processor() or platform.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
               "commit": git_commit(),
-              "command": "python -m benchmarks.bench_testbed" + (" --quick" if args.quick else "")}
+              "command": "python -m nti.benchmarks.bench_testbed" + (" --quick" if args.quick else "")}
     result["text_to_image"] = text_to_image(pipe, n_captions, args.seed)
     print(json.dumps({k: {m: v[m] for m in ("n", "agreement")} for k, v in result["text_to_image"].items()}))
     scene_rng = random.Random(args.seed + 100)

@@ -1,14 +1,25 @@
 """The prepared GPU run: every figure of the README's GPU table in one command, each stage in its own process.
 
-    python -m benchmarks.gpu_run --out runs/gpu            # H100/H200: SD v1.4-shaped random weights, 512 px
-    python -m benchmarks.gpu_run --out runs/cpu --quick    # the same stages on CPU with the tiny model (CI test)
-    python -m benchmarks.gpu_run --summarize runs/gpu      # remake summary.md from the JSON lines
+    python -m nti.benchmarks.gpu_run --out runs/gpu            # H100/H200: SD v1.4-shaped random weights, 512 px
+    python -m nti.benchmarks.gpu_run --out runs/cpu --quick    # the same stages on CPU with the tiny model (CI test)
+    python -m nti.benchmarks.gpu_run --summarize runs/gpu      # remake summary.md from the JSON lines
+
+The lent GPU machines have no network and no diffusers, and run the tree without installing it. Build the wheels
+here (the project's and diffusers'; .whl/ is git-ignored, so carry it):
+
+    .venv/bin/pip wheel -q --no-deps -w .whl . && .venv/bin/pip download -q --no-deps --only-binary=:all: \
+        --python-version 3.12 -d .whl diffusers==0.42.1
+
+and there, from the tree:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+        PYTHONPATH=/tmp/site python3 -m nti.benchmarks.gpu_run --out $OUT/run
 
 Each stage appends JSON lines to OUT/gpu_run.jsonl as it measures, so a killed run keeps what it finished; the
 driver gives every stage a time limit and skips what no longer fits the overall budget (default 540 s), and writes
 OUT/summary.md (the README table). Timing rows run null-text inversion + edit with early stop off at `steps` DDIM
 steps and scale to 50 (every step then costs the same); warm-up (compile, graph capture) is timed apart. Every
-stage runs with TF32 off (the engine's fp32 is strict fp32, engine.models.strict_fp32) and says so.
+stage runs with TF32 off (the engine's fp32 is strict fp32, nti.models.strict_fp32) and says so.
 """
 from __future__ import annotations
 
@@ -23,6 +34,8 @@ import traceback
 from pathlib import Path
 
 import torch
+
+from nti.provenance import git_commit
 
 STAGES = {  # name -> (seconds allowed on a GPU, what it measures); run in this order, the costly compile last
     "env": (45, "versions, GPU, Triton, matmul rate and copy bandwidth"),
@@ -69,7 +82,7 @@ class Stage:
 
     def model(self):
         if self.pipe is None:
-            from engine.models import build_sd14_shaped_pipeline, build_tiny_pipeline
+            from nti.models import build_sd14_shaped_pipeline, build_tiny_pipeline
             self.pipe = build_sd14_shaped_pipeline(device=self.device) if self.cuda else build_tiny_pipeline()
         return self.pipe
 
@@ -94,7 +107,7 @@ def unet_flops(pipe) -> tuple[float, float]:
     """FLOPs of one UNet forward, and of one forward + backward to the text embedding, batch 1."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from engine.api import null_embedding
+    from nti.api import null_embedding
     z = torch.randn((1, *pipe.latent_shape), device=pipe.device)
     ctx = null_embedding(pipe).clone()
     with FlopCounterMode(display=False) as fwd, torch.no_grad():
@@ -107,15 +120,15 @@ def unet_flops(pipe) -> tuple[float, float]:
 
 def timed_run(st: Stage, config, n: int, warmup: bool = True) -> dict:
     """Invert + edit n photos: warm-up (1 step: compile, capture, cuDNN plans) apart, then the timed run."""
-    import engine
+    import nti
 
     pipe = st.model()
     images, sources, targets = zip(*jobs(n))
     warm_s = None
     if warmup:
         start = time.perf_counter()
-        invs = engine.invert(pipe, list(images), list(sources), config.replace(steps=1), progress=False)
-        engine.edit_latents(pipe, invs, list(targets), config.replace(steps=1), progress=False)
+        invs = nti.invert(pipe, list(images), list(sources), config.replace(steps=1), progress=False)
+        nti.edit_latents(pipe, invs, list(targets), config.replace(steps=1), progress=False)
         sync(st.device)
         warm_s = time.perf_counter() - start
     if st.cuda:
@@ -123,11 +136,11 @@ def timed_run(st: Stage, config, n: int, warmup: bool = True) -> dict:
     stats = pipe.fast_stats
     before = (stats.forward_rows, stats.backward_rows, stats.captures, stats.capture_s)
     start = time.perf_counter()
-    invs = engine.invert(pipe, list(images), list(sources), config, progress=False)
+    invs = nti.invert(pipe, list(images), list(sources), config, progress=False)
     sync(st.device)
     invert_s = time.perf_counter() - start
     start = time.perf_counter()
-    edited = engine.edit_latents(pipe, invs, list(targets), config, progress=False)
+    edited = nti.edit_latents(pipe, invs, list(targets), config, progress=False)
     sync(st.device)
     edit_s = time.perf_counter() - start
     return {"invs": invs, "edited": edited, "invert_s": invert_s, "edit_s": edit_s, "warmup_s": warm_s,
@@ -199,7 +212,7 @@ def stage_env(st: Stage) -> None:
         info["cpu"] = platform.processor() or platform.machine()
         info["threads"] = torch.get_num_threads()
     try:
-        import kernels.ddim as ops
+        import nti.kernels.ddim as ops
         probe = torch.randn(4, 4, 8, 8, device=st.device)
         info["triton_runs"] = bool(ops.triton_enabled(probe))
         if info["triton_runs"]:
@@ -228,14 +241,14 @@ def cuda_time(fn, repeat: int = 10) -> float:
 
 
 def stage_parity(st: Stage) -> None:
-    import engine
-    from engine import NTIConfig
+    import nti
+    from nti import NTIConfig
 
     pipe = st.model()
     base = NTIConfig(steps=3, inner_steps=3, early_stop=False)
     images, sources, targets = zip(*jobs(2))
-    ref = engine.invert(pipe, list(images), list(sources), base, progress=False)
-    ref_edit = engine.edit_latents(pipe, ref, list(targets), base, progress=False)
+    ref = nti.invert(pipe, list(images), list(sources), base, progress=False)
+    ref_edit = nti.edit_latents(pipe, ref, list(targets), base, progress=False)
     fast = base.replace(backend="fast", batch_size=1)
     rows = {"fast fp32 b1": fast, "fast fp32 b2": fast.replace(batch_size=2),
             "fast bf16 autocast over fp32 weights b1": fast.replace(precision="bf16", half_weights=False),
@@ -249,8 +262,8 @@ def stage_parity(st: Stage) -> None:
     for name, config in rows.items():
         n = config.batch_size
         try:
-            invs = engine.invert(pipe, list(images[:n]), list(sources[:n]), config, progress=False)
-            edit = engine.edit_latents(pipe, invs, list(targets[:n]), config, progress=False)
+            invs = nti.invert(pipe, list(images[:n]), list(sources[:n]), config, progress=False)
+            edit = nti.edit_latents(pipe, invs, list(targets[:n]), config, progress=False)
         except Exception as err:
             st.emit("parity", variant=name, error=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-1500:])
             continue
@@ -271,7 +284,7 @@ def stage_parity(st: Stage) -> None:
 
 
 def _waterfall(st: Stage, stage: str, rows: list, n: int, method: str = "null-text", reference: bool = False):
-    from engine import NTIConfig
+    from nti import NTIConfig
 
     pipe = st.model()
     flops = unet_flops(pipe)
@@ -322,7 +335,7 @@ def stage_compile(st: Stage) -> None:
 
 
 def stage_kernels(st: Stage) -> None:
-    import kernels.ddim as ops
+    import nti.kernels.ddim as ops
 
     if not ops.triton_enabled(torch.empty(0, device=st.device)):
         st.emit("kernels", skipped="Triton kernels run only on CUDA here (the CPU op is the torch reference itself)")
@@ -353,8 +366,8 @@ def stage_kernels(st: Stage) -> None:
 
 def stage_profile(st: Stage) -> None:
     """One outer null-text step (10 inner iterations) under the profiler: GPU kernel time vs wall, by kernel class."""
-    import engine
-    from engine import NTIConfig
+    import nti
+    from nti import NTIConfig
 
     if not st.cuda:
         st.emit("profile", skipped="needs CUDA (GPU-busy time)")
@@ -366,11 +379,11 @@ def stage_profile(st: Stage) -> None:
         config = NTIConfig(steps=1, inner_steps=st.inner, early_stop=False, backend="fast", precision="bf16",
                            batch_size=n, cuda_graphs=graphs)
         images, sources, _ = zip(*jobs(n))
-        engine.invert(pipe, list(images), list(sources), config, progress=False)  # warm-up / capture
+        nti.invert(pipe, list(images), list(sources), config, progress=False)  # warm-up / capture
         sync(st.device)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             start = time.perf_counter()
-            engine.invert(pipe, list(images), list(sources), config, progress=False)
+            nti.invert(pipe, list(images), list(sources), config, progress=False)
             sync(st.device)
             wall = time.perf_counter() - start
         classes: dict = {}
@@ -400,11 +413,11 @@ def kernel_class(name: str) -> str:
 
 def stage_passes(st: Stage) -> None:
     """UNet rows per image that null-text inversion + edit costs on the shapes model, early stop off and on."""
-    import engine
-    from engine import NTIConfig
+    import nti
+    from nti import NTIConfig
 
-    pipe = engine.load_pipeline(None, st.device)
-    scenes = Path(engine.__file__).parent / "assets" / "scenes"
+    pipe = nti.load_pipeline(None, st.device)
+    scenes = Path(nti.__file__).parent / "assets" / "scenes"
     records = [json.loads(line) for line in (scenes / "prompts.jsonl").read_text().splitlines() if line.strip()]
     records = list({r["image"]: r for r in records}.values())[:2 if st.quick else 6]
     images = [str(scenes / r["image"]) for r in records]
@@ -424,8 +437,8 @@ def stage_passes(st: Stage) -> None:
         before = (stats.forward_rows, stats.backward_rows)
         hook = pipe.unet.register_forward_hook(count, with_kwargs=True)  # the reference calls pipe.unet
         try:
-            invs = engine.invert(pipe, images, sources, config, progress=False)
-            engine.edit_latents(pipe, invs, targets, config, progress=False)
+            invs = nti.invert(pipe, images, sources, config, progress=False)
+            nti.edit_latents(pipe, invs, targets, config, progress=False)
         finally:
             hook.remove()
         n = len(images)
@@ -444,10 +457,10 @@ def stage_ops(st: Stage) -> None:
     not depend on the resolution)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from engine import NTIConfig
-    from engine.api import null_embedding
-    from engine.models import build_sd14_shaped_pipeline
-    from engine.runner import UNetRunner
+    from nti import NTIConfig
+    from nti.api import null_embedding
+    from nti.models import build_sd14_shaped_pipeline
+    from nti.runner import UNetRunner
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -483,14 +496,6 @@ def stage_ops(st: Stage) -> None:
 
 # -------------------------------------------------------------------------------------------------------- driver
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except Exception:
-        return None
-
-
 def run_stage(args) -> int:
     st = Stage(args)
     torch.manual_seed(0)
@@ -511,7 +516,7 @@ def drive(args) -> int:
             record(out, {"stage": name, "status": "skipped", "reason": f"budget: {left:.0f} s left"})
             continue
         limit = min(allowed * (5 if args.quick else 1), left)  # quick: a slow shared CPU
-        cmd = [sys.executable, "-m", "benchmarks.gpu_run", "--stage", name, "--out", str(out)]
+        cmd = [sys.executable, "-m", "nti.benchmarks.gpu_run", "--stage", name, "--out", str(out)]
         if args.quick:
             cmd.append("--quick")
         t0 = time.perf_counter()

@@ -1,6 +1,5 @@
 """nti-engine: fast, faithful null-text inversion for Stable Diffusion editing."""
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: F401
 from .config import NTIConfig, NTIError  # noqa: E402
 from .models import Pipeline, load_pipeline, build_tiny_pipeline, save_pipeline_folder  # noqa: E402
 from .artifact import Inversion, load_inversion, save_inversion  # noqa: E402

@@ -1,8 +1,9 @@
 """Python API: invert images, then edit or reconstruct them from the saved inversion."""
 from __future__ import annotations
 
-import sys
+import logging
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -12,8 +13,11 @@ from .artifact import Inversion
 from .config import NTIConfig, NTIError
 from .ddim import guidance_weights, make_schedule
 from .images import center_square, load_image, pixel_hash, to_pil, to_tensor
+from .methods import DIRECT, EditJob, InversionResult, from_pivots, optimizes_null_text
 from .models import Pipeline, decode_latents, encode_images, encode_prompts, strict_fp32
-from . import reference
+from . import p2p, reference
+
+log = logging.getLogger("nti")
 
 
 def _check_prompts(prompts: Sequence[str], n: int | None, what: str, pipe: Pipeline | None = None) -> list[str]:
@@ -85,15 +89,14 @@ def invert(pipe: Pipeline, images, source_prompts: Sequence[str] | str, config: 
 
     inversions = []
     for k, res in enumerate(results):
-        res["timings"]["encode_s"] = encode_s
+        res.timings["encode_s"] = encode_s
         inversions.append(Inversion(
-            z_T=res["z_T"].reshape(z0.shape[1:]).float().cpu(), z_0=z0[k].float().cpu(),
-            null_embeddings=None if res["embeddings"] is None else res["embeddings"].float().cpu(),
-            pivots=None if res.get("pivots") is None else res["pivots"].reshape(-1, *z0.shape[1:]).float().cpu(),
+            z_T=res.z_T.reshape(z0.shape[1:]).float().cpu(), z_0=z0[k].float().cpu(),
+            null_embeddings=None if res.null_embeddings is None else res.null_embeddings.float().cpu(),
+            pivots=None if res.pivots is None else res.pivots.reshape(-1, *z0.shape[1:]).float().cpu(),
             source_prompt=prompts[k], image_hash=pixel_hash(squares[k]), model_name=pipe.name,
             model_fingerprint=pipe.fingerprint, settings=config.result_settings(pipe.scheduler_config),
-            iterations=res["iterations"],
-            losses=res["losses"], fp32_retries=res.get("fp32_retries", []), timings=res["timings"]))
+            iterations=res.iterations, losses=res.losses, fp32_retries=res.fp32_retries, timings=res.timings))
     return inversions
 
 
@@ -103,8 +106,6 @@ def invert_cached(pipe: Pipeline, images, source_prompts: Sequence[str], config:
 
     Jobs with the same pixels and source prompt (several edits of one image) share one inversion.
     """
-    from pathlib import Path
-
     from .artifact import inversion_key, load_inversion, save_inversion
 
     squares, _ = prepare_images(pipe, images)  # load each image once: its pixels key the cache and feed invert
@@ -128,30 +129,24 @@ def invert_cached(pipe: Pipeline, images, source_prompts: Sequence[str], config:
             if paths[k] is not None:
                 save_inversion(inv, paths[k])
         if progress and len(missing) > chunk:
-            print(f"inverted {min(start + chunk, len(missing))}/{len(missing)} images", file=sys.stderr)
+            log.info("inverted %d/%d images", min(start + chunk, len(missing)), len(missing))
     return [inv if inv is not None else inversions[first[keys[k]]] for k, inv in enumerate(inversions)]
 
 
-def _invert_reference(pipe, z0, cond, schedule, weights, config, progress) -> dict:
+def _invert_reference(pipe, z0, cond, schedule, weights, config, progress) -> InversionResult:
     """The faithful batch-1 path (engine/reference.py) for one image."""
     start = time.perf_counter()
     pivots = reference.ddim_invert(pipe, z0, cond, schedule, progress)
     timings = {"ddim_invert_s": time.perf_counter() - start}
-    if config.method == "ddim":
-        return {"z_T": pivots[-1], "embeddings": None, "iterations": [], "losses": [], "timings": timings}
-    if config.method == "negative-prompt":  # Miyake et al. 2023: the null text is the source prompt, no optimization
-        return {"z_T": pivots[-1], "embeddings": cond.clone(), "iterations": [0] * schedule.steps, "losses": [],
-                "timings": timings}
-    if config.method == "direct":  # Ju et al. 2023: editing works against the pivots themselves
-        return {"z_T": pivots[-1], "embeddings": None, "pivots": torch.cat(pivots), "iterations": [], "losses": [],
-                "timings": timings}
+    if not optimizes_null_text(config.method):
+        return from_pivots(config.method, pivots, cond, schedule.steps, timings=timings)[0]
     start = time.perf_counter()
     embeddings, iterations, losses = reference.null_text_optimize(
         pipe, pivots, cond, null_embedding(pipe), schedule, weights, config.inner_steps, config.lr,
         config.early_stop, config.early_stop_eps, progress)
     timings["null_text_s"] = time.perf_counter() - start
-    return {"z_T": pivots[-1], "embeddings": embeddings, "iterations": iterations, "losses": losses,
-            "timings": timings}
+    return InversionResult(z_T=pivots[-1], null_embeddings=embeddings, iterations=iterations, losses=losses,
+                           timings=timings)
 
 
 def check_compatible(pipe: Pipeline, inv: Inversion) -> None:
@@ -161,27 +156,14 @@ def check_compatible(pipe: Pipeline, inv: Inversion) -> None:
                        f"not the loaded {pipe.name!r} ({pipe.fingerprint}); load that model or invert again")
 
 
-def _method(inv: Inversion) -> str:
+def method_of(inv: Inversion) -> str:
+    """The inversion method of an artifact (artifacts older than the setting: null-text if it has embeddings)."""
     return inv.settings.get("method", "null-text" if inv.null_embeddings is not None else "ddim")
 
 
-def _edit_job(pipe: Pipeline, inv: Inversion, prompt: str) -> dict:
-    """What editing one inversion needs, on the pipeline's device."""
-    s = inv.settings
-    direct = _method(inv) == "direct"
-    if direct and inv.pivots is None:
-        raise NTIError("this direct inversion has no pivots (an artifact written without them); invert again")
-    null = inv.null_embeddings if inv.null_embeddings is not None else null_embedding(pipe).cpu()
-    return {"z_T": inv.z_T[None].to(pipe.device), "cond": encode_prompts(pipe, [prompt]),
-            "null": null.to(pipe.device), "pivots": inv.pivots.to(pipe.device) if direct else None,
-            "schedule": make_schedule(pipe.scheduler_config, s["steps"], s["steps_offset"]),
-            "weights": guidance_weights(s["guidance"], s["steps"], s["guidance_schedule"], s["guidance_min"])}
-
-
-@strict_fp32
-def edit_latents(pipe: Pipeline, inversions: Sequence[Inversion], target_prompts: Sequence[str] | str,
-                 config: NTIConfig | None = None, progress: bool = True) -> torch.Tensor:
-    """Edit each inversion under its target prompt, as config.edit says; (B, 4, h, w) latents of the edits.
+def edit_job(pipe: Pipeline, inv: Inversion, prompt: str, config: NTIConfig) -> EditJob:
+    """What editing one inversion under `prompt` needs, on the pipeline's device; every per-method and per-mode
+    choice of an edit is made here.
 
     'regenerate': the target prompt alone from z_T with the inversion's nulls. P2P modes: the source and the target
     branch together (engine/p2p.py). Direct inversion always runs the source branch beside the target and adds back
@@ -191,59 +173,63 @@ def edit_latents(pipe: Pipeline, inversions: Sequence[Inversion], target_prompts
     the target branch of a P2P pair would lack the offsets that keep the source exact. (For the other methods both
     branches of such an edit agree to float error, so they are simply run.)
     """
+    s = inv.settings
+    direct = method_of(inv) == DIRECT
+    if direct and inv.pivots is None:
+        raise NTIError("this direct inversion has no pivots (an artifact written without them); invert again")
+    reconstruction = direct and p2p.is_identity(pipe.tokenizer, inv.source_prompt, prompt, config)
+    two_branch = not reconstruction and (config.edit != "regenerate" or direct)
+    plan = p2p.make_plan(pipe.tokenizer, inv.source_prompt, prompt, config) if (
+        two_branch and config.edit != "regenerate") else None
+    null = inv.null_embeddings if inv.null_embeddings is not None else null_embedding(pipe).cpu()
+    job = EditJob(z_T=inv.z_T[None].to(pipe.device), cond=encode_prompts(pipe, [prompt]), null=null.to(pipe.device),
+                  schedule=make_schedule(pipe.scheduler_config, s["steps"], s["steps_offset"]),
+                  weights=guidance_weights(s["guidance"], s["steps"], s["guidance_schedule"], s["guidance_min"]),
+                  pivots=inv.pivots.to(pipe.device) if direct else None)
+    if two_branch:
+        job.two_branch, job.plan = True, plan
+        job.cond_source = encode_prompts(pipe, [inv.source_prompt])
+        # the target's share of direct inversion's offset: always without attention control, else as configured
+        job.offset_target = plan is None or config.direct_target_offset == "source"
+    return job
+
+
+@strict_fp32
+def edit_latents(pipe: Pipeline, inversions: Sequence[Inversion], target_prompts: Sequence[str] | str,
+                 config: NTIConfig | None = None, progress: bool = True) -> torch.Tensor:
+    """Edit each inversion under its target prompt, as config.edit says (edit_job decides how); (B, 4, h, w)
+    latents of the edits."""
     inversions = list(inversions)
     prompts = _check_prompts(target_prompts, len(inversions), "target prompts", pipe)
     for inv in inversions:
         check_compatible(pipe, inv)
     config = config or NTIConfig()
-    from . import p2p
-    plans: dict = {}  # image index -> P2P plan (None: two branches without attention control); errors come first
-    for k, (inv, prompt) in enumerate(zip(inversions, prompts)):
-        direct = _method(inv) == "direct"
-        if direct and p2p.is_identity(pipe.tokenizer, inv.source_prompt, prompt, config):
-            continue
-        if config.edit != "regenerate":
-            plans[k] = p2p.make_plan(pipe.tokenizer, inv.source_prompt, prompt, config)
-        elif direct:
-            plans[k] = None
-    jobs = [_edit_job(pipe, inv, prompt) for inv, prompt in zip(inversions, prompts)]
+    jobs = [edit_job(pipe, inv, prompt, config) for inv, prompt in zip(inversions, prompts)]  # errors come first
     out: list = [None] * len(jobs)
-    single = [k for k in range(len(jobs)) if k not in plans]
-    if single:
-        for k, z in zip(single, _regenerate(pipe, [jobs[k] for k in single], config, progress)):
-            out[k] = z
-    if plans:
-        ks = sorted(plans)
-        for k in ks:
-            jobs[k]["cond_source"] = encode_prompts(pipe, [inversions[k].source_prompt])
-            jobs[k]["plan"] = plans[k]
-            # the target's share of direct inversion's offset: always without attention control, else as configured
-            jobs[k]["offset_target"] = plans[k] is None or config.direct_target_offset == "source"
-        for k, z in zip(ks, _two_branch(pipe, [jobs[k] for k in ks], config, progress)):
-            out[k] = z
+    for two_branch, sampler in ((False, _regenerate), (True, _two_branch)):
+        ks = [k for k, job in enumerate(jobs) if job.two_branch == two_branch]
+        if ks:
+            for k, z in zip(ks, sampler(pipe, [jobs[k] for k in ks], config, progress)):
+                out[k] = z
     return torch.cat(out)
 
 
-def _regenerate(pipe: Pipeline, jobs: list[dict], config: NTIConfig, progress: bool) -> list[torch.Tensor]:
+def _regenerate(pipe: Pipeline, jobs: list[EditJob], config: NTIConfig, progress: bool) -> list[torch.Tensor]:
     if config.backend == "fast":
         from . import fast
         return list(fast.sample_batch(pipe, jobs, config, progress).split(1))
-    return [reference.sample(pipe, j["z_T"], j["cond"], j["null"], j["schedule"], j["weights"], progress,
-                             j["pivots"]) for j in jobs]
+    return [reference.sample(pipe, job, progress) for job in jobs]
 
 
-def _two_branch(pipe: Pipeline, jobs: list[dict], config: NTIConfig, progress: bool) -> list[torch.Tensor]:
+def _two_branch(pipe: Pipeline, jobs: list[EditJob], config: NTIConfig, progress: bool) -> list[torch.Tensor]:
     if config.backend == "fast":
         from . import fast
         return list(fast.p2p_sample_batch(pipe, jobs, config, progress).split(1))
-    from .p2p import P2PController
     out = []
-    for j in jobs:
-        controller = None if j["plan"] is None else P2PController([j["plan"]], config, j["schedule"].steps,
-                                                                   pipe.device, explicit=True)
-        _, target = reference.p2p_sample(pipe, j["z_T"], j["cond_source"], j["cond"], j["null"], j["schedule"],
-                                         j["weights"], controller, j["pivots"], j["offset_target"], progress)
-        out.append(target)
+    for job in jobs:
+        controller = None if job.plan is None else p2p.P2PController([job.plan], config, job.schedule.steps,
+                                                                     pipe.device, explicit=True)
+        out.append(reference.p2p_sample(pipe, job, controller, progress)[1])
     return out
 
 
@@ -275,6 +261,7 @@ def generate(pipe: Pipeline, prompts: Sequence[str] | str, config: NTIConfig | N
     out = []
     for prompt in prompts:
         z = torch.randn((1, *pipe.latent_shape), generator=generator).to(pipe.device)
-        out.append(reference.sample(pipe, z, encode_prompts(pipe, [prompt]), null_embedding(pipe), schedule,
-                                    weights, progress))
+        job = EditJob(z_T=z, cond=encode_prompts(pipe, [prompt]), null=null_embedding(pipe), schedule=schedule,
+                      weights=weights)
+        out.append(reference.sample(pipe, job, progress))
     return to_pil(decode_latents(pipe, torch.cat(out)))

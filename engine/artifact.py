@@ -22,14 +22,14 @@ def library_versions() -> dict:
     import diffusers
     import transformers
 
-    from . import __version__
+    from .version import __version__
     return {"nti-engine": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__}
 
 
 @dataclass
 class Inversion:
-    """One inverted image: edit it under any prompt with `engine.edit` without inverting again."""
+    """One inverted image: edit it under any prompt with `nti.edit` without inverting again."""
 
     z_T: torch.Tensor  # (4, h, w) fp32: the end of the DDIM pivot trajectory, where editing starts
     z_0: torch.Tensor  # (4, h, w) fp32: the VAE latent of the source image (for reconstruction error)

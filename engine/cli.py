@@ -1,101 +1,22 @@
-"""`nti` command line: invert, edit, reconstruct. Exit codes: 0 ok, 2 bad input, 1 internal error, 130 interrupted."""
+"""`nti` command line: invert, edit, reconstruct, eval, export. Exit codes: 0 ok, 2 bad input, 1 internal error,
+130 interrupted. The only module that prints; flags come from NTIConfig (engine/options.py)."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
 
-from .config import (ATTENTION, DIRECT_TARGET_OFFSETS, EDIT_MODES, FORWARD_BACKENDS, GUIDANCE_SCHEDULES, METHODS,
-                     PRECISIONS, NTIConfig, NTIError)
+from .version import __version__
+from .config import NTIError
+from .data import PromptRecord, read_prompts_jsonl
+from .options import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, ArgumentParser,  # noqa: F401
+                      add_common, config_from_args)
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one readable line and exit 2, like every other bad input
-        self.print_usage(sys.stderr)
-        print(f"nti: error: {message}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-
-
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    return parse
-
-
-positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
-
-
-def word_factor(text: str) -> tuple[str, float]:
-    """--reweight WORD=FACTOR"""
-    word, sep, factor = text.partition("=")
-    try:
-        if not sep or not word.strip():
-            raise ValueError
-        return word.strip(), float(factor)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WORD=FACTOR (e.g. tiger=2), got {text!r}") from None
-
-
-def add_common(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and algorithm")
-    g.add_argument("--model", default=None, help="local diffusers SD v1.x folder or cached repo id; default: the "
-                   "built-in 'shapes' model (32 px scenes of coloured shapes, trained); 'tiny': random weights")
-    g.add_argument("--method", choices=METHODS, default="null-text")
-    g.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance weight (default 7.5)")
-    g.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default="constant")
-    g.add_argument("--steps-offset", type=non_negative_int, default=None,
-                   help="DDIM timestep offset (default: the model's scheduler config; SD v1.4: 1, t = 981..1)")
-    g.add_argument("--inner-steps", type=non_negative_int, default=10, help="Adam iterations per step (default 10)")
-    g.add_argument("--no-early-stop", action="store_true", help="always run every inner iteration")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    e = p.add_argument_group("editing (prompt-to-prompt)")
-    e.add_argument("--edit", choices=EDIT_MODES, default="regenerate",
-                   help="regenerate = target prompt alone (default); p2p-* = prompt-to-prompt attention control")
-    e.add_argument("--cross-replace", type=float, default=0.8, help="fraction of steps whose cross-attention the "
-                   "target takes from the source (default 0.8)")
-    e.add_argument("--self-replace", type=float, default=0.5, help="fraction of steps whose self-attention the "
-                   "target takes from the source (default 0.5, NTI notebook; P2P used 0.4)")
-    e.add_argument("--reweight", type=word_factor, action="append", default=[], metavar="WORD=FACTOR",
-                   help="scale the target's cross-attention to WORD (repeatable), e.g. --reweight tiger=2")
-    e.add_argument("--blend-word", action="append", default=[], metavar="WORD",
-                   help="confine the edit to WORD's attention mask in source and target (repeatable)")
-    e.add_argument("--direct-target-offset", choices=DIRECT_TARGET_OFFSETS, default="none",
-                   help="direct inversion: 'source' also adds the source branch's offset to the target")
-    f = p.add_argument_group("speed (fast backend)")
-    f.add_argument("--backend", choices=("reference", "fast"), default=None,
-                   help="reference = eager fp32 batch 1 (default on CPU); fast = batched engine (default on CUDA)")
-    f.add_argument("--batch-size", type=positive_int, default=8)
-    f.add_argument("--precision", choices=PRECISIONS, default=None, help="UNet precision (fast backend; default "
-                   "bf16 on CUDA, fp32 elsewhere)")
-    f.add_argument("--attention", choices=ATTENTION, default="sdpa")
-    f.add_argument("--no-half-weights", action="store_true", help="bf16/fp16: autocast over the fp32 weights "
-                   "instead of a UNet copy with pre-cast weights (same numbers, more ops and memory)")
-    f.add_argument("--compile", action="store_true", help="torch.compile the UNet's repeated blocks")
-    f.add_argument("--cuda-graphs", action="store_true", help="capture each UNet call and each inner iteration as "
-                   "a CUDA graph (CUDA only)")
-    f.add_argument("--channels-last", action="store_true")
-    f.add_argument("--forward-backend", choices=FORWARD_BACKENDS, default="torch",
-                   help="exported UNet for forward-only passes (fast backend; built once, cached)")
-    f.add_argument("--export-cache", default=None, help="folder for exported UNets (default ~/.cache/nti/export)")
-    p.add_argument("--cache", default=None, help="folder of saved inversions: reuse a matching one, save new ones "
-                   "(an interrupted batch resumes from here)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+log = logging.getLogger("nti")
 
 
 def add_inputs(p: argparse.ArgumentParser, target: bool) -> None:
@@ -107,7 +28,11 @@ def add_inputs(p: argparse.ArgumentParser, target: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluate import add_eval_arguments
+    from .export_cli import add_export_arguments
+
     parser = ArgumentParser(prog="nti", description="Null-text inversion and text-guided editing of real images.")
+    parser.add_argument("--version", action="version", version=f"nti-engine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     p = sub.add_parser("invert", help="invert image(s) and save the inversion(s) for later edits")
     add_inputs(p, target=False)
@@ -122,82 +47,45 @@ def build_parser() -> argparse.ArgumentParser:
     add_inputs(p, target=False)
     p.add_argument("--out", required=True, help="output .png (one image) or folder")
     add_common(p)
-    from .evaluate import add_eval_parser  # `nti eval`: the evaluation harness (engine/evaluate.py)
-    add_eval_parser(sub, add_common)
-    from .export_cli import add_export_parser  # `nti export`: ONNX / AOTInductor / TensorRT UNets (export/)
-    add_export_parser(sub, add_common)
+    p = sub.add_parser("eval", help="evaluate methods x guidance settings on a data set: CSVs, plots, report.md")
+    add_eval_arguments(p)  # engine/evaluate.py
+    add_common(p)
+    p = sub.add_parser("export", help="export the UNet for --forward-backend (built once, cached) and print its path",
+                       description="Build an ONNX / AOTInductor / TensorRT UNet into the export cache that "
+                                   "`--forward-backend KIND --export-cache DIR` reads. An up-to-date entry is reused.")
+    add_export_arguments(p)  # engine/export_cli.py
     return parser
 
 
-def config_from_args(args, device) -> NTIConfig:
-    cuda = device.type == "cuda"
-    backend = args.backend or ("fast" if cuda else "reference")
-    precision = args.precision or ("bf16" if cuda and backend == "fast" else "fp32")
-    return NTIConfig(method=args.method, steps=args.steps, guidance=args.guidance,
-                     guidance_schedule=args.guidance_schedule, inner_steps=args.inner_steps,
-                     steps_offset=args.steps_offset,
-                     early_stop=not args.no_early_stop, seed=args.seed, backend=backend, batch_size=args.batch_size,
-                     precision=precision, half_weights=not args.no_half_weights, attention=args.attention,
-                     compile=args.compile,
-                     cuda_graphs=args.cuda_graphs, channels_last=args.channels_last,
-                     forward_backend=args.forward_backend, export_cache=args.export_cache,
-                     edit=getattr(args, "edit", "regenerate"), cross_replace=getattr(args, "cross_replace", 0.8),
-                     self_replace=getattr(args, "self_replace", 0.5), reweight=tuple(getattr(args, "reweight", ())),
-                     blend_words=tuple(getattr(args, "blend_word", ())),
-                     direct_target_offset=getattr(args, "direct_target_offset", "none"))
-
-
-def collect_jobs(args, need_target: bool) -> list[dict]:
-    """Expand positional inputs into jobs {name, image, source_prompt, target_prompt}."""
-    jobs = []
+def collect_jobs(args, need_target: bool) -> list[PromptRecord]:
+    """Expand positional inputs (files, folders, JSONL, skimage:NAME) into records with both prompts filled in."""
+    jobs: list[PromptRecord] = []
     for item in args.images:
         path = Path(item)
         if item.endswith(".jsonl"):
-            jobs += read_jsonl(path, need_target)
+            jobs += read_prompts_jsonl(path)  # the same reader as `nti eval --data FILE.jsonl`
         elif path.is_dir():
             files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 raise NTIError(f"folder {path} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            jobs += [{"name": f.stem, "image": str(f)} for f in files]
+            jobs += [PromptRecord(f.stem, str(f), None, None) for f in files]
         else:
-            jobs.append({"name": path.stem if ":" not in item else item.split(":", 1)[1], "image": item})
+            jobs.append(PromptRecord(path.stem if ":" not in item else item.split(":", 1)[1], item, None, None))
     for job in jobs:
-        job.setdefault("source_prompt", args.prompt)
+        job.source_prompt = job.source_prompt or args.prompt
         if need_target:
-            job.setdefault("target_prompt", args.target)
-        if job["source_prompt"] is None:
-            raise NTIError(f"no source prompt for {job['image']}: pass --prompt or give one in the JSONL")
-        if need_target and job["target_prompt"] is None:
-            raise NTIError(f"no target prompt for {job['image']}: pass --target or give one in the JSONL")
+            job.target_prompt = job.target_prompt or args.target
+        if job.source_prompt is None:
+            raise NTIError(f"no source prompt for {job.image}: pass --prompt or give one in the JSONL")
+        if need_target and job.target_prompt is None:
+            raise NTIError(f"no target prompt for {job.image}: pass --target or give one in the JSONL")
         # a missing file is reported before the model loads, not after
-        if not job["image"].startswith("skimage:") and not Path(job["image"]).expanduser().exists():
-            raise NTIError(f"image {job['image']} does not exist")
-    names = [j["name"] for j in jobs]
-    for j in jobs:  # distinct output names when two inputs share a stem
-        if names.count(j["name"]) > 1:
-            j["name"] = f"{j['name']}-{jobs.index(j)}"
-    return jobs
-
-
-def read_jsonl(path: Path, need_target: bool) -> list[dict]:
-    if not path.is_file():
-        raise NTIError(f"JSONL file {path} does not exist")
-    jobs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise NTIError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-        if not isinstance(rec, dict) or "image" not in rec:
-            raise NTIError(f"{path}:{n}: each line needs an object with an 'image' field")
-        image = rec["image"] if str(rec["image"]).startswith("skimage:") else str(path.parent / rec["image"])
-        job = {"name": str(rec.get("id", Path(rec["image"]).stem)), "image": image}
-        for key in ("source_prompt", "target_prompt"):
-            if key in rec:
-                job[key] = rec[key]
-        jobs.append(job)
+        if not job.image.startswith("skimage:") and not Path(job.image).expanduser().exists():
+            raise NTIError(f"image {job.image} does not exist")
+    names = [job.id for job in jobs]
+    for k, job in enumerate(jobs):  # distinct output names when two inputs share a stem
+        if names.count(job.id) > 1:
+            job.id = f"{job.id}-{k}"
     return jobs
 
 
@@ -215,10 +103,16 @@ def output_paths(out: str, names: list[str], suffix: str) -> list[Path]:
 def run(args) -> int:
     if args.command == "eval":
         from .evaluate import run_eval
-        return run_eval(args)
+        print(run_eval(args))  # the summary table; the files are named on stderr
+        return EXIT_OK
     if args.command == "export":
         from .export_cli import run_export
-        return run_export(args)
+        built = run_export(args)
+        if not args.quiet:
+            what = "built" if built.built else "found in cache"
+            log.info("%s: %s %s (%s) in %.1f s", what, built.kind, built.component, built.precision, built.seconds)
+        print(built.path)
+        return EXIT_OK
     from . import api
     from .artifact import load_inversion, save_inversion
     from .images import save_png
@@ -237,24 +131,23 @@ def run(args) -> int:
         raise NTIError("--inversion needs --target PROMPT")
     pipe = load_pipeline(args.model, device, seed=0)
     # every prompt checked before any inversion runs: a word the shapes model never saw fails in a second, not after
-    api.check_vocabulary(pipe, [j[k] for j in jobs for k in ("source_prompt", "target_prompt") if j.get(k)]
+    api.check_vocabulary(pipe, [p for job in jobs for p in (job.source_prompt, job.target_prompt) if p]
                          + ([args.target] if loaded and need_target else []))
     start = time.perf_counter()
 
+    inversions = []
     if jobs:  # saved inversions in --cache are reused, new ones saved batch by batch: an interrupted run resumes
-        inversions = api.invert_cached(pipe, [j["image"] for j in jobs], [j["source_prompt"] for j in jobs], config,
-                                       args.cache, progress)
-        for job, inv in zip(jobs, inversions):
-            job["inversion"] = inv
+        inversions = api.invert_cached(pipe, [job.image for job in jobs], [job.source_prompt for job in jobs],
+                                       config, args.cache, progress)
 
     if args.command == "invert":
-        for job, path in zip(jobs, output_paths(args.out, [j["name"] for j in jobs], ".safetensors")):
-            save_inversion(job["inversion"], path)
+        for inv, path in zip(inversions, output_paths(args.out, [job.id for job in jobs], ".safetensors")):
+            save_inversion(inv, path)
             print(path)
     else:
-        names = [j["name"] for j in jobs] + [Path(p).stem for p in inversion_paths]
-        inversions = [j["inversion"] for j in jobs] + loaded
-        targets = ([j["target_prompt"] for j in jobs] + [args.target] * len(loaded) if need_target
+        names = [job.id for job in jobs] + [Path(p).stem for p in inversion_paths]
+        inversions = inversions + loaded
+        targets = ([job.target_prompt for job in jobs] + [args.target] * len(loaded) if need_target
                    else [inv.source_prompt for inv in inversions])
         paths = output_paths(args.out, names, ".png")
         chunk = config.batch_size if config.backend == "fast" else 1
@@ -263,15 +156,29 @@ def run(args) -> int:
             for img, path in zip(images, paths[k:k + chunk]):
                 save_png(img, path)
                 print(path)
-    if progress:
-        print(f"done in {time.perf_counter() - start:.1f} s on {device} ({config.backend} backend, "
-              f"{config.method})", file=sys.stderr)
+    log.info("done in %.1f s on %s (%s backend, %s)", time.perf_counter() - start, device, config.backend,
+             config.method)
     return EXIT_OK
+
+
+def setup_logging(quiet: bool) -> None:
+    """The engine's messages ('nti' logger) on stderr as 'nti: ...': progress notes unless --quiet, warnings always."""
+    logger = logging.getLogger("nti")
+    if not any(getattr(h, "nti_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("nti: %(message)s"))
+        handler.nti_cli = True
+        logger.addHandler(handler)
+        logger.propagate = False
+    for h in logger.handlers:
+        if getattr(h, "nti_cli", False):
+            h.stream = sys.stderr  # the current stderr (pytest swaps it per test)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="nti: %(message)s")
+    setup_logging(args.quiet)
     if not args.debug:  # library chatter (diffusers/transformers loading notices) would bury our one line
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -281,7 +188,8 @@ def main(argv=None) -> int:
         print(f"nti: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("nti: interrupted" + (" (finished inversions are in --cache)" if args.cache else ""), file=sys.stderr)
+        print("nti: interrupted" + (" (finished inversions are in --cache)" if getattr(args, "cache", None) else ""),
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:  # a bug, not bad input: one line, the traceback only with --debug
         if args.debug:

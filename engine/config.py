@@ -1,9 +1,18 @@
-"""One config for the whole engine: the algorithm's settings and the fast path's switches."""
+"""One config for the whole engine: the algorithm's settings, the edit's, and the fast path's switches.
+
+Each field says its group (algorithm, editing, speed) and whether it changes an inversion's result; its docstring
+is the documentation. The command line (engine/options.py) and the saved-inversion cache key
+(NTIConfig.result_settings) are derived from these fields, so a new setting is added in one place.
+"""
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import json
-from dataclasses import dataclass
+import textwrap
+from dataclasses import dataclass, field
 
 METHODS = ("ddim", "null-text", "negative-prompt", "direct")
 EDIT_MODES = ("regenerate", "p2p-replace", "p2p-refine", "p2p-reweight")
@@ -15,115 +24,129 @@ ATTENTION = ("sdpa", "xformers", "plain")
 FORWARD_BACKENDS = ("torch", "onnx", "aoti", "tensorrt")
 
 
+ALGORITHM, EDITING, SPEED = "algorithm", "editing", "speed"
+GROUPS = {ALGORITHM: "inversion algorithm", EDITING: "editing (prompt-to-prompt)", SPEED: "speed (fast backend)"}
+
+
 class NTIError(Exception):
     """A user-facing error: bad input or a missing resource; the message says what to do."""
+
+
+def setting(default, group: str, *, changes_inversion: bool = False, choices: tuple | None = None,
+            minimum: int | None = None, flag: str | None = None, metavar: str | None = None):
+    """A config field. `changes_inversion`: part of an inversion's result settings (its cache key and its record);
+    `choices`, `minimum`, `flag` (default --field-name) and `metavar` shape its command-line flag."""
+    return field(default=default, metadata={"group": group, "changes_inversion": changes_inversion,
+                                            "choices": choices, "minimum": minimum, "flag": flag, "metavar": metavar})
 
 
 @dataclass
 class NTIConfig:
     """Settings of one inversion/edit. Defaults are the official null-text notebook (Mokady et al. 2023)."""
 
-    method: str = "null-text"
+    method: str = setting("null-text", ALGORITHM, changes_inversion=True, choices=METHODS)
     """Inversion method: 'ddim' (DDIM inversion only), 'null-text' (per-step null embeddings optimized, Mokady et al.
     2023), 'negative-prompt' (null embedding := the source prompt's embedding, no optimization, Miyake et al. 2023;
     the source branch's CFG then collapses to the conditional prediction, so it reconstructs as DDIM at w=1), or
     'direct' (Direct/PnP inversion, Ju et al. 2023: keeps the DDIM pivots; while editing, the source branch runs
     beside the target and after each step the offset from its guided step to the pivot z*_{t-1} is added back, so
     it stays on the inversion trajectory; no optimization, one extra branch per edit step)."""
-    steps: int = 50
+    steps: int = setting(50, ALGORITHM, changes_inversion=True, minimum=1)
     """DDIM steps for inversion, optimization and editing."""
-    guidance: float = 7.5
+    guidance: float = setting(7.5, ALGORITHM, changes_inversion=True)
     """Classifier-free guidance weight w (at the first denoising step when a schedule decays it)."""
-    guidance_schedule: str = "constant"
+    guidance_schedule: str = setting("constant", ALGORITHM, changes_inversion=True, choices=GUIDANCE_SCHEDULES)
     """'constant', 'linear' or 'cosine' decay of w from `guidance` at t=T to `guidance_min` at the last step."""
-    guidance_min: float = 1.0
+    guidance_min: float = setting(1.0, ALGORITHM, changes_inversion=True)
     """End point of a decaying guidance schedule (1.0 = conditional prediction only, no extrapolation)."""
-    inner_steps: int = 10
+    inner_steps: int = setting(10, ALGORITHM, changes_inversion=True, minimum=0)
     """Adam iterations per DDIM step in null-text optimization (upper bound when early stop is on)."""
-    lr: float = 1e-2
+    lr: float = setting(1e-2, ALGORITHM, changes_inversion=True)
     """Adam learning rate at step 0; step i uses lr * (1 - i/100), as the notebook."""
-    early_stop: bool = True
+    early_stop: bool = setting(True, ALGORITHM, changes_inversion=True)
     """Stop an image's inner loop once its loss < early_stop_eps + i * 2e-5 (notebook). Off for fixed-cost timing."""
-    early_stop_eps: float = 1e-5
+    early_stop_eps: float = setting(1e-5, ALGORITHM, changes_inversion=True)
     """Base threshold of the early stop."""
-    steps_offset: int | None = None
+    steps_offset: int | None = setting(None, ALGORITHM, changes_inversion=True, minimum=0)
     """DDIM timestep offset; None = the model's scheduler_config.json (1 for SD v1.4 and the shapes model, so
     t = 981, 961, ..., 1). That is what the notebook really runs: StableDiffusionPipeline.from_pretrained sets
     steps_offset=1 on the DDIMScheduler it is handed. Risk of 0 (t = 980..0): the first inversion step and the last
     denoising step become identities, and the last null-text step has zero gradient (10 wasted passes)."""
-    seed: int = 0
+    seed: int = setting(0, ALGORITHM)
     """Seed for anything random (baseline generation from noise). Inversion itself is deterministic."""
 
-    # --- editing (issue 7). Not part of an inversion's result: one saved inversion serves every edit mode.
-    edit: str = "regenerate"
+    # --- editing. Not part of an inversion's result: one saved inversion serves every edit mode.
+    edit: str = setting("regenerate", EDITING, choices=EDIT_MODES)
     """'regenerate': sample the target prompt alone from z_T. 'p2p-replace' / 'p2p-refine' / 'p2p-reweight':
     prompt-to-prompt (Hertz et al. 2022) as the NTI notebook runs it: the source branch (source prompt) and the
     target branch sample together from z_T with the inversion's per-step nulls, and the target's attention is taken
     from the source: replace maps word to word (same word count), refine aligns the token sequences (new words keep
     their own attention), reweight scales the cross-attention of `reweight` words. Costs one extra branch (2x UNet
     batch) plus a little attention work."""
-    cross_replace: float = 0.8
+    cross_replace: float = setting(0.8, EDITING)
     """Fraction of denoising steps whose cross-attention the target takes from the source: steps
     i < int(cross_replace * (steps + 1)), as P2P's `cross_replace_steps` (0.8 in the P2P and NTI notebooks)."""
-    self_replace: float = 0.5
+    self_replace: float = setting(0.5, EDITING)
     """Fraction of denoising steps whose self-attention map the target takes from the source: steps
     i < int(self_replace * steps). 0.5 is the NTI notebook's cat->tiger edit; the P2P notebook uses 0.4 and
     PIE-Bench's P2P runs 0.6. Higher keeps more of the source layout, lower lets the edit change shape."""
-    self_replace_max_tokens: int = 1024
+    self_replace_max_tokens: int = setting(1024, EDITING, minimum=0)
     """Self-attention is only replaced in layers with at most this many queries: 32*32 as the NTI notebook (every
     SD v1.4 layer but the 64x64 ones); the P2P notebook used 16*16."""
-    reweight: tuple = ()
+    reweight: tuple = setting((), EDITING, flag="--reweight", metavar="WORD=FACTOR")
     """((word, factor), ...): scale the target's cross-attention to these words of the target prompt during the
     cross-replace steps (P2P attention re-weighting; the NTI notebook uses 2.0). A dict is accepted. Composes with
     replace/refine; 'p2p-reweight' = refine alignment + these factors. Risk: large factors oversaturate."""
-    blend_words: tuple = ()
+    blend_words: tuple = setting((), EDITING, flag="--blend-word", metavar="WORD")
     """Words whose cross-attention mask confines the edit (P2P local blend): the target latent is reset to the
     source's outside the union of the words' masks in source and target prompt, after every step from
     `blend_start`. Words are looked up in both prompts; one config serves a batch, so a word may be missing from
     an image's prompts, but not all of them. The same tolerance holds for `reweight` words."""
-    blend_threshold: float = 0.3
+    blend_threshold: float = setting(0.3, EDITING)
     """Local blend mask threshold on the max-normalized, 3x3-max-pooled attention map (NTI notebook: 0.3)."""
-    blend_start: float = 0.2
+    blend_start: float = setting(0.2, EDITING)
     """Local blending starts after int(blend_start * steps) steps (NTI notebook: 0.2; the P2P notebook: 0)."""
-    direct_target_offset: str = "none"
+    direct_target_offset: str = setting("none", EDITING, choices=DIRECT_TARGET_OFFSETS)
     """Direct inversion, P2P edits: which offset the *target* branch gets. 'none' = the paper and its official code
     (offset on the source branch only; the target follows through the shared attention). 'source' = the official
     code's 'add-source' ablation (the source branch's offset added to both: more faithful, weaker edits). With
     'regenerate' there is no shared attention, so there the target always gets the source branch's offset."""
 
-    # --- fast path (issue: batched engine). None of these change the math in fp32; precision does, slightly.
-    backend: str = "reference"
-    """'reference' = eager fp32 batch-1 loop (the truth); 'fast' = batched engine with the switches below."""
-    batch_size: int = 8
+    # --- speed (the fast backend). None of these change the math in fp32; precision does, slightly.
+    backend: str = setting("reference", SPEED, choices=BACKENDS)
+    """'reference' = eager fp32 batch-1 loop (the truth); 'fast' = batched engine with the switches below. The
+    command line picks 'fast' on CUDA and 'reference' elsewhere unless told."""
+    batch_size: int = setting(8, SPEED, minimum=1)
     """Images optimized together in the fast path. Memory grows linearly; numerics are batch-independent in fp32."""
-    precision: str = "fp32"
+    precision: str = setting("fp32", SPEED, changes_inversion=True, choices=PRECISIONS)
     """UNet compute precision in the fast path. bf16/fp16 autocast the UNet only; embeddings, Adam state, latents
-    and the DDIM update stay fp32. Risk: fp16 overflow gives non-finite steps (retried in fp32 and recorded)."""
-    half_weights: bool = True
+    and the DDIM update stay fp32. Risk: fp16 overflow gives non-finite steps (retried in fp32 and recorded). The
+    command line picks bf16 for the fast backend on CUDA and fp32 elsewhere unless told."""
+    half_weights: bool = setting(True, SPEED)
     """bf16/fp16: run a copy of the UNet whose Linear/Conv weights are pre-cast to that dtype, under autocast. Gives
     autocast's own results (it casts each weight to exactly that tensor) without re-casting every weight on every
     call and saving the casts for backward. Costs a half-size copy of those weights. False = autocast over the
     fp32 weights (the kill switch)."""
-    attention: str = "sdpa"
+    attention: str = setting("sdpa", SPEED, choices=ATTENTION)
     """Attention kernel: torch SDPA (default), xformers where it imports, or plain matmul-softmax."""
-    compile: bool = False
+    compile: bool = setting(False, SPEED)
     """torch.compile (fullgraph, static shapes) of the UNet's repeated transformer blocks (regional). The first call
     of each shape pays the compile time. A compile failure (graph break, dynamo's recompile limit) is reported with
     a warning and that UNet runs eager from then on. NTI_DISABLE_COMPILE=1 turns it off."""
-    cuda_graphs: bool = False
+    cuda_graphs: bool = setting(False, SPEED)
     """Capture whole calls as CUDA graphs (CUDA only; ignored with a warning elsewhere): each forward-only UNet call
     per batch size, and each inner iteration (UNet forward + backward, loss, Adam) per bucket size. Captured once
     per process and model, after two warm-up runs; memory: one private pool per captured shape.
     NTI_DISABLE_CUDA_GRAPHS=1 turns it off."""
-    channels_last: bool = False
+    channels_last: bool = setting(False, SPEED)
     """Run the UNet in channels_last memory format (CUDA convolution layout)."""
-    fused_step: bool | None = None
+    fused_step: bool | None = setting(None, SPEED)
     """Use the fused DDIM-step/loss custom ops from kernels/. None = on where Triton runs (CUDA)."""
-    forward_backend: str = "torch"
+    forward_backend: str = setting("torch", SPEED, choices=FORWARD_BACKENDS)
     """UNet for the forward-only passes (DDIM inversion, cached cond pass, move-on step, editing): 'torch', or an
     exported 'onnx' / 'aoti' / 'tensorrt' UNet built once and cached (export/). The optimized uncond pass needs
     gradients and always runs in torch. Risk: fp16 engines differ from torch by more than fp32 rounding."""
-    export_cache: str | None = None
+    export_cache: str | None = setting(None, SPEED)
     """Folder for exported UNets (default: ~/.cache/nti/export)."""
 
     def __post_init__(self) -> None:
@@ -194,14 +217,26 @@ class NTIConfig:
         return int(scheduler_config.get("steps_offset", 0))
 
     def result_settings(self, scheduler_config: dict) -> dict:
-        """The settings that change an inversion's result (the cache key and the artifact's record), with the
-        timestep offset resolved against the model's scheduler config."""
-        keys = ("method", "steps", "guidance", "guidance_schedule", "guidance_min", "inner_steps", "lr",
-                "early_stop", "early_stop_eps", "precision")
-        return {**{k: getattr(self, k) for k in keys}, "steps_offset": self.timestep_offset(scheduler_config)}
+        """The settings that change an inversion's result (its cache key and the artifact's record): the fields
+        marked changes_inversion, with the timestep offset resolved against the model's scheduler config."""
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["changes_inversion"]}
+        return {**settings, "steps_offset": self.timestep_offset(scheduler_config)}
 
     def replace(self, **changes) -> "NTIConfig":
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+@functools.cache
+def field_docs() -> dict[str, str]:
+    """Each NTIConfig field's docstring (the string literal under it), whitespace-normalized: the CLI's help."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(NTIConfig)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs

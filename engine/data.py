@@ -222,16 +222,34 @@ def spread_over_sources(samples: list[EditSample], sources: list[str]) -> list[E
     return [group[k] for k in range(rounds) for group in groups.values() if k < len(group)]
 
 
-def load_folder(path: str | os.PathLike, limit: int | None = None) -> list[EditSample]:
-    """Samples from a prompts.jsonl (in a folder, or given directly): one {"image"|"skimage", prompts...} per line;
-    with a limit, the first `limit` of them spread over distinct images (spread_over_sources)."""
-    limit = _check_limit(limit)
-    path = Path(path).expanduser()
-    jsonl = path / "prompts.jsonl" if path.is_dir() else path
+@dataclass
+class PromptRecord:
+    """One line of a prompts JSONL: the one reader behind `nti edit FILE.jsonl` and `nti eval --data FILE.jsonl`."""
+
+    id: str
+    image: str  # a path (relative paths resolved against the file's folder) or 'skimage:NAME'
+    source_prompt: str | None  # optional here; `nti edit` falls back to --prompt, `nti eval` requires it
+    target_prompt: str | None
+    mask: Path | None = None  # HxW image, bright = the region the edit should change
+    instruction: str | None = None
+    edit_type: str | None = None
+    meta: dict = field(default_factory=dict)  # the line's other fields
+    where: str = ""  # "FILE, line N", for error messages
+    line: int = 0
+
+
+RECORD_FIELDS = {"id", "image", "skimage", "mask", "source_prompt", "target_prompt", "instruction"}
+
+
+def read_prompts_jsonl(path: str | os.PathLike, require_prompts: bool = False) -> list[PromptRecord]:
+    """Records of a prompts JSONL: one {"image": PATH or "skimage:NAME" | "skimage": NAME, "source_prompt",
+    "target_prompt", "id", "mask", "instruction", ...} object per line (blank lines skipped). Errors name the line.
+    The prompts are optional unless `require_prompts` (evaluation); `nti edit` fills them from --prompt/--target."""
+    jsonl = Path(path).expanduser()
     if not jsonl.is_file():
         raise NTIError(f"{jsonl} does not exist (a folder needs a prompts.jsonl, or give the .jsonl path)")
     base = jsonl.parent
-    samples, sources, ids = [], [], set()
+    records, ids = [], set()
     with jsonl.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -243,41 +261,60 @@ def load_folder(path: str | os.PathLike, limit: int | None = None) -> list[EditS
                 raise NTIError(f"{where}: not valid JSON ({err})") from None
             if not isinstance(record, dict):
                 raise NTIError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            missing = [key for key in ("source_prompt", "target_prompt")
-                       if not isinstance(record.get(key), str) or not record[key].strip()]
-            if missing:
-                raise NTIError(f"{where}: missing or empty field(s) {', '.join(missing)}")
+            empty = [key for key in ("source_prompt", "target_prompt") if (key in record or require_prompts)
+                     and (not isinstance(record.get(key), str) or not record[key].strip())]
+            if empty:
+                raise NTIError(f"{where}: missing or empty field(s) {', '.join(empty)}")
             if ("image" in record) == ("skimage" in record):
                 raise NTIError(f"{where}: give exactly one of 'image' (a path) or 'skimage' (a scikit-image photo)")
-            if "skimage" in record:
+            name = str(record["skimage"]) if "skimage" in record else str(record["image"])
+            if "skimage" in record or name.startswith(SKIMAGE_PREFIX):
                 import skimage.data
 
-                name = str(record["skimage"])
+                name = name.removeprefix(SKIMAGE_PREFIX)
                 if not callable(getattr(skimage.data, name, None)):
                     raise NTIError(f"{where}: scikit-image has no bundled image {name!r}")
-                image, default_id, source = partial(load_image, SKIMAGE_PREFIX + name), name, SKIMAGE_PREFIX + name
+                image, default_id = SKIMAGE_PREFIX + name, name
             else:
-                image_path = base / str(record["image"])
+                image_path = base / name
                 if not image_path.is_file():
                     raise NTIError(f"{where}: image {image_path} does not exist")
-                image, default_id, source = partial(load_image, image_path), image_path.stem, str(image_path.resolve())
+                image, default_id = str(image_path), image_path.stem
             mask = None
             if record.get("mask"):
-                mask_path = base / str(record["mask"])
-                if not mask_path.is_file():
-                    raise NTIError(f"{where}: mask {mask_path} does not exist")
-                mask = _load_mask_file(mask_path)
+                mask = base / str(record["mask"])
+                if not mask.is_file():
+                    raise NTIError(f"{where}: mask {mask} does not exist")
             sample_id = str(record.get("id") or default_id)
             if sample_id in ids:
                 raise NTIError(f"{where}: duplicate id {sample_id!r} (give each line a unique 'id')")
             ids.add(sample_id)
-            known = {"id", "image", "skimage", "mask", "source_prompt", "target_prompt", "instruction"}
-            meta = {"dataset": "folder", "line": number, **{k: v for k, v in record.items() if k not in known}}
             edit_type = record.get("edit_type") or record.get("edit")  # the bundled sets' names for it
-            samples.append(EditSample(sample_id, image, record["source_prompt"].strip(),
-                                      record["target_prompt"].strip(), record.get("instruction") or None, mask, meta,
-                                      None if edit_type is None else str(edit_type)))
-            sources.append(source)
+            records.append(PromptRecord(
+                sample_id, image, _stripped(record.get("source_prompt")), _stripped(record.get("target_prompt")),
+                mask, record.get("instruction") or None, None if edit_type is None else str(edit_type),
+                {k: v for k, v in record.items() if k not in RECORD_FIELDS}, where, number))
+    return records
+
+
+def _stripped(prompt: str | None) -> str | None:
+    return None if prompt is None else prompt.strip()
+
+
+def load_folder(path: str | os.PathLike, limit: int | None = None) -> list[EditSample]:
+    """Samples from a prompts.jsonl (in a folder, or given directly; read_prompts_jsonl), each with both prompts;
+    with a limit, the first `limit` of them spread over distinct images (spread_over_sources)."""
+    limit = _check_limit(limit)
+    path = Path(path).expanduser()
+    samples, sources = [], []
+    for record in read_prompts_jsonl(path / "prompts.jsonl" if path.is_dir() else path, require_prompts=True):
+        source = record.image if record.image.startswith(SKIMAGE_PREFIX) else str(Path(record.image).resolve())
+        meta = {"dataset": "folder", "line": record.line, **record.meta}
+        samples.append(EditSample(record.id, partial(load_image, record.image), record.source_prompt,
+                                  record.target_prompt, record.instruction,
+                                  None if record.mask is None else _load_mask_file(record.mask), meta,
+                                  record.edit_type))
+        sources.append(source)
     # several edits of one image (the bundled scenes: a colour and a shape edit each) would otherwise make
     # `--n 2` two edits of the same image, whose reconstructions are the same inversion: no spread at all
     return spread_over_sources(samples, sources)[:limit]

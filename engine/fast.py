@@ -1,6 +1,10 @@
 """The fast path: the reference algorithm over many images at once, with mixed precision and optional accelerators.
 
-Same math as engine/reference.py; what changes is only how it is scheduled:
+Why a second implementation beside engine/reference.py, on purpose: the reference is the readable truth (one image,
+torch.optim.Adam, plain loops); this module is the same math reorganized for throughput, and is only trusted
+because it is tested against the reference (tests/test_fast.py: fp32 parity of latents, embeddings and iteration
+counts). What each inversion method keeps is decided once, in engine/methods.py, for both.
+What changes here is only how the work is scheduled:
 - B images share every UNet call; each image keeps its own prompt, null embedding, Adam state and early stop
   (per-image losses are summed, so each embedding gets exactly its own gradient; Adam runs batched and masked, so
   an image that stopped keeps its embedding and moments exactly, as if it had been optimized alone);
@@ -29,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .config import NTIConfig, NTIError
 from .ddim import DDIMSchedule, ddim_step, eps_from_prediction, guided_eps
+from .methods import EditJob, InversionResult, from_pivots, optimizes_null_text
 from .models import Pipeline
 from .runner import UNetRunner, capture_graph
 
@@ -44,7 +49,7 @@ def fused_ops(config: NTIConfig, device: torch.device):
     if want is False:
         return None
     try:
-        import kernels.ddim as ops
+        import nti.kernels.ddim as ops
     except Exception as err:  # no triton, an older torch without custom ops, ...
         if want:
             warnings.warn(f"fused DDIM step unavailable ({type(err).__name__}: {err}); using plain torch")
@@ -98,8 +103,8 @@ def _per_image_loss(ops, z, eps_u, eps_c, w, a_t, a_prev, target):
 # ---------------------------------------------------------------------------------------------------------- invert
 
 def invert_batch(pipe: Pipeline, z0: torch.Tensor, conds: torch.Tensor, null: torch.Tensor, schedule: DDIMSchedule,
-                 weights: list[float], config: NTIConfig, progress: bool = True) -> list[dict]:
-    """Invert B images in chunks of config.batch_size; one result dict per image, as the reference path returns."""
+                 weights: list[float], config: NTIConfig, progress: bool = True) -> list[InversionResult]:
+    """Invert B images in chunks of config.batch_size; one result per image, as the reference path returns."""
     runner = UNetRunner(pipe, config)
     ops = fused_ops(config, pipe.device)
     results = []
@@ -125,7 +130,7 @@ def _finite_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.isfinite(x).flatten(1).all(1) for x in tensors]).all(0).cpu()
 
 
-def _invert_chunk(runner, z0, conds, null, schedule, weights, config, ops, progress) -> list[dict]:
+def _invert_chunk(runner, z0, conds, null, schedule, weights, config, ops, progress) -> list[InversionResult]:
     b = z0.shape[0]
     retries: list[list[int]] = [[] for _ in range(b)]  # -1: the DDIM inversion pass; i >= 0: null-text step i
     start = time.perf_counter()
@@ -145,16 +150,8 @@ def _invert_chunk(runner, z0, conds, null, schedule, weights, config, ops, progr
         raise NTIError(f"DDIM inversion produced non-finite values for image(s) {bad.nonzero().flatten().tolist()} "
                        f"even in fp32; check the input image and prompt")
     ddim_s = (time.perf_counter() - start) / b
-    if config.method == "ddim":
-        return [{"z_T": pivots[-1][k:k + 1], "embeddings": None, "iterations": [], "losses": [],
-                 "fp32_retries": retries[k], "timings": {"ddim_invert_s": ddim_s}} for k in range(b)]
-    if config.method == "negative-prompt":  # the null text is the source prompt: nothing to optimize
-        return [{"z_T": pivots[-1][k:k + 1], "embeddings": conds[k:k + 1].clone(), "iterations": [0] * schedule.steps,
-                 "losses": [], "fp32_retries": retries[k], "timings": {"ddim_invert_s": ddim_s}} for k in range(b)]
-    if config.method == "direct":  # editing works against the pivots themselves (Ju et al. 2023)
-        trajectory = torch.stack(pivots, dim=1)  # (B, steps + 1, 4, h, w)
-        return [{"z_T": pivots[-1][k:k + 1], "embeddings": None, "pivots": trajectory[k], "iterations": [],
-                 "losses": [], "fp32_retries": retries[k], "timings": {"ddim_invert_s": ddim_s}} for k in range(b)]
+    if not optimizes_null_text(config.method):
+        return from_pivots(config.method, pivots, conds, schedule.steps, retries, {"ddim_invert_s": ddim_s})
 
     start = time.perf_counter()
     z = pivots[-1]
@@ -186,9 +183,10 @@ def _invert_chunk(runner, z0, conds, null, schedule, weights, config, ops, progr
         bar.update()
     bar.close()
     nti_s = (time.perf_counter() - start) / b
-    return [{"z_T": pivots[-1][k:k + 1], "embeddings": embeddings[:, k], "iterations": iterations[:, k].tolist(),
-             "losses": losses[:, k].tolist(), "fp32_retries": retries[k],
-             "timings": {"ddim_invert_s": ddim_s, "null_text_s": nti_s}} for k in range(b)]
+    return [InversionResult(z_T=pivots[-1][k:k + 1], null_embeddings=embeddings[:, k],
+                            iterations=iterations[:, k].tolist(), losses=losses[:, k].tolist(),
+                            fp32_retries=retries[k], timings={"ddim_invert_s": ddim_s, "null_text_s": nti_s})
+            for k in range(b)]
 
 
 # ------------------------------------------------------------------------------------------- the inner loop
@@ -388,48 +386,48 @@ def _write_back(ws: Workspace, out_uncond, out_iterations, out_loss) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- sample
 
-def _groups(jobs: list[dict], size: int, extra: str | None = None) -> list[list[int]]:
+def _groups(jobs: list[EditJob], size: int, controlled: bool = False) -> list[list[int]]:
     """Chunks of at most `size` job indices; images batch together only when they share timesteps and weights
-    (and the job field `extra`, if given)."""
+    (and, with `controlled`, whether P2P attention control runs: a chunk runs with it or without)."""
     groups: dict = {}
     for k, job in enumerate(jobs):
-        key = (tuple(job["schedule"].timesteps), tuple(job["weights"]), job[extra] if extra else None)
+        key = (tuple(job.schedule.timesteps), tuple(job.weights), job.plan is not None if controlled else None)
         groups.setdefault(key, []).append(k)
     return [ks[i:i + size] for ks in groups.values() for i in range(0, len(ks), size)]
 
 
-def _per_step(tensors: list[torch.Tensor], i: int, steps: int) -> torch.Tensor:
-    """Step i's null embedding of each job: per-step (steps, 77, D) or one for all steps (1, 77, D)."""
-    return torch.cat([n[i:i + 1] if n.shape[0] == steps else n[:1] for n in tensors])
+def _per_step(jobs: list[EditJob], i: int) -> torch.Tensor:
+    """Step i's null embedding of each job, (B, 77, D)."""
+    return torch.cat([job.null_at(i) for job in jobs])
 
 
-def _pivots(jobs: list[dict], z: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _pivots(jobs: list[EditJob], z: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Direct inversion's pivots of the jobs as (steps + 1, B, 4, h, w) and a (B, 1, 1, 1) mask of the jobs that
     have them (zeros elsewhere), or None if no job has."""
-    if all(job["pivots"] is None for job in jobs):
+    if all(job.pivots is None for job in jobs):
         return None
     zero = torch.zeros((steps + 1, *z.shape[1:]), dtype=z.dtype, device=z.device)
-    pivots = torch.stack([zero if job["pivots"] is None else job["pivots"] for job in jobs], dim=1)
-    mask = torch.tensor([job["pivots"] is not None for job in jobs], dtype=z.dtype, device=z.device)
+    pivots = torch.stack([zero if job.pivots is None else job.pivots for job in jobs], dim=1)
+    mask = torch.tensor([job.pivots is not None for job in jobs], dtype=z.dtype, device=z.device)
     return pivots, mask.view(-1, 1, 1, 1)
 
 
 @torch.no_grad()
-def sample_batch(pipe: Pipeline, jobs: list[dict], config: NTIConfig, progress: bool = True) -> torch.Tensor:
-    """Batched CFG sampling of jobs {z_T, cond, null (1 or steps, 77, D), schedule, weights, pivots}; uncond and
-    cond in one call. Jobs with pivots (direct inversion, source prompt) get the offset to them after each step."""
+def sample_batch(pipe: Pipeline, jobs: list[EditJob], config: NTIConfig, progress: bool = True) -> torch.Tensor:
+    """Batched CFG sampling of single-branch edit jobs (reference.sample); uncond and cond in one call. Jobs with
+    pivots (direct inversion, source prompt) get the offset to them after each step."""
     runner = UNetRunner(pipe, config)
     ops = fused_ops(config, pipe.device)
     results = [None] * len(jobs)
     for part in _groups(jobs, config.batch_size):
-        schedule, weights = jobs[part[0]]["schedule"], jobs[part[0]]["weights"]
-        z = torch.cat([jobs[k]["z_T"] for k in part])
-        cond = torch.cat([jobs[k]["cond"] for k in part])
-        nulls = [jobs[k]["null"] for k in part]
-        direct = _pivots([jobs[k] for k in part], z, schedule.steps)
+        chunk = [jobs[k] for k in part]
+        schedule, weights = chunk[0].schedule, chunk[0].weights
+        z = torch.cat([job.z_T for job in chunk])
+        cond = torch.cat([job.cond for job in chunk])
+        direct = _pivots(chunk, z, schedule.steps)
         for i in tqdm(range(schedule.steps), desc=f"DDIM sampling ({len(part)} images)",
                       disable=not progress, leave=False):
-            null = _per_step(nulls, i, schedule.steps)
+            null = _per_step(chunk, i)
             a_t, a_prev = schedule.denoise_alphas(i)
             zz = torch.cat([z, z])
             eps_u, eps_c = schedule.eps(runner.forward(zz, schedule.timesteps[i], torch.cat([null, cond])), zz,
@@ -444,10 +442,10 @@ def sample_batch(pipe: Pipeline, jobs: list[dict], config: NTIConfig, progress: 
 
 
 @torch.no_grad()
-def p2p_sample_batch(pipe: Pipeline, jobs: list[dict], config: NTIConfig, progress: bool = True) -> torch.Tensor:
+def p2p_sample_batch(pipe: Pipeline, jobs: list[EditJob], config: NTIConfig, progress: bool = True) -> torch.Tensor:
     """Source and target branches of many images at once (reference.p2p_sample): per chunk of B images one UNet
-    call of 4B rows [uncond src, uncond tgt, cond src, cond tgt] per step, attention edits folded into SDPA. Jobs as
-    sample_batch's plus cond_source, plan (None: no attention control) and offset_target. Returns the targets."""
+    call of 4B rows [uncond src, uncond tgt, cond src, cond tgt] per step, attention edits folded into SDPA.
+    Returns the targets."""
     from .p2p import P2PController, attention_control
 
     if config.compile or config.cuda_graphs or config.forward_backend != "torch":
@@ -457,21 +455,19 @@ def p2p_sample_batch(pipe: Pipeline, jobs: list[dict], config: NTIConfig, progre
     runner = UNetRunner(pipe, config)
     ops = fused_ops(config, pipe.device)
     results = [None] * len(jobs)
-    keyed = [dict(job, controlled=job["plan"] is not None) for job in jobs]  # a chunk is controlled or not
-    for part in _groups(keyed, config.batch_size, extra="controlled"):
+    for part in _groups(jobs, config.batch_size, controlled=True):
         b = len(part)
         chunk = [jobs[k] for k in part]
-        schedule, weights = chunk[0]["schedule"], chunk[0]["weights"]
-        z_T = torch.cat([job["z_T"] for job in chunk])
+        schedule, weights = chunk[0].schedule, chunk[0].weights
+        z_T = torch.cat([job.z_T for job in chunk])
         z = torch.cat([z_T, z_T])  # [source (B), target (B)]
-        conds = torch.cat([job["cond_source"] for job in chunk] + [job["cond"] for job in chunk])
-        nulls = [job["null"] for job in chunk]
+        conds = torch.cat([job.cond_source for job in chunk] + [job.cond for job in chunk])
         direct = _pivots(chunk, z_T, schedule.steps)
-        share = torch.tensor([job["offset_target"] for job in chunk], dtype=z.dtype, device=z.device)
+        share = torch.tensor([job.offset_target for job in chunk], dtype=z.dtype, device=z.device)
         controller = None
         control = contextlib.nullcontext()
-        if chunk[0]["plan"] is not None:
-            controller = P2PController([job["plan"] for job in chunk], config, schedule.steps, pipe.device,
+        if chunk[0].plan is not None:
+            controller = P2PController([job.plan for job in chunk], config, schedule.steps, pipe.device,
                                        explicit=False)
             control = attention_control(runner.module, controller, z_T.shape[-1])
         with control:
@@ -479,7 +475,7 @@ def p2p_sample_batch(pipe: Pipeline, jobs: list[dict], config: NTIConfig, progre
                           leave=False):
                 if controller is not None:
                     controller.step = i
-                null = _per_step(nulls, i, schedule.steps)
+                null = _per_step(chunk, i)
                 a_t, a_prev = schedule.denoise_alphas(i)
                 zz = torch.cat([z, z])
                 eps_u, eps_c = schedule.eps(runner.forward(zz, schedule.timesteps[i], torch.cat([null, null, conds])),

@@ -24,7 +24,7 @@ COMPONENTS = {  # subfolder -> files that must be there (any one of each tuple)
     "scheduler": (("scheduler_config.json",),),
 }
 TINY = "tiny"  # the built-in random SD-shaped model (no files; edits are not meaningful)
-SHAPES = "shapes"  # the built-in trained test-bed model (engine/assets/shapes, see engine/testbed.py); the default
+SHAPES = "shapes"  # the built-in trained test-bed model (engine/assets/shapes, see engine/testbed/); the default
 SHAPES_FOLDER = Path(__file__).parent / "assets" / "shapes"
 VOCABULARY_FILE = "vocabulary.json"  # optional in a model folder: {"words": [...], "example": "a caption"}
 
@@ -225,7 +225,7 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
     if model is None or str(model) == SHAPES:
         if not (SHAPES_FOLDER / "unet").is_dir():
             raise NTIError(f"the built-in shapes model is missing from {SHAPES_FOLDER} (a broken install?); "
-                           f"reinstall, retrain it with `python -m engine.testbed`, or pass --model PATH")
+                           f"reinstall, retrain it with `python -m nti.testbed`, or pass --model PATH")
         pipe = load_pipeline(SHAPES_FOLDER, dev, dtype, seed)
         pipe.name = SHAPES
         return pipe

@@ -3,7 +3,11 @@ and its relatives on the same DDIM pivots: negative-prompt inversion (Miyake et 
 source prompt's, nothing to compute here), direct inversion (Ju et al. 2023), and prompt-to-prompt editing
 (Hertz et al. 2022) as the NTI notebook runs it.
 
-Written to be read, not to be fast. Every fast path in this project is tested against these functions.
+Why a second implementation beside engine/fast.py, on purpose: this one is written to be read against the paper and
+the notebook (one image, one loop per algorithm, torch.optim.Adam, no workspace, no masks), so it can be trusted
+by reading; the fast path reorganizes the same math for throughput (batches, masked Adam, CUDA graphs). Every fast
+path is tested against these functions (tests/test_fast.py, tests/test_p2p.py, tests/test_golden.py). What the
+methods keep is decided once, in engine/methods.py, for both.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .ddim import DDIMSchedule, ddim_step, guided_eps
+from .methods import EditJob
 from .models import Pipeline, unet_eps
 from .p2p import P2PController, attention_control
 
@@ -83,48 +88,41 @@ def null_text_optimize(pipe: Pipeline, pivots: list[torch.Tensor], cond: torch.T
     return torch.stack(embeddings), iterations, losses
 
 
-def _null_at(uncond: torch.Tensor, i: int, steps: int) -> torch.Tensor:
-    """Step i's null embedding: per-step (steps, 77, D) as null-text inversion, or one (1, 77, D) for every step."""
-    return uncond[i:i + 1] if uncond.shape[0] == steps else uncond[:1]
-
-
 def _pivot(pivots: torch.Tensor, i: int) -> torch.Tensor:
     """z*_{t-1} of denoising step i from the stored trajectory z*_0 .. z*_T."""
     return pivots[len(pivots) - i - 2][None]
 
 
 @torch.no_grad()
-def sample(pipe: Pipeline, z_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, schedule: DDIMSchedule,
-           weights: list[float], progress: bool = False, pivots: torch.Tensor | None = None) -> torch.Tensor:
-    """DDIM sampling with CFG from z_T; `uncond` is one null embedding (1, 77, D) or one per step (steps, 77, D).
+def sample(pipe: Pipeline, job: EditJob, progress: bool = False) -> torch.Tensor:
+    """DDIM sampling with CFG from job.z_T under job.cond, with the job's null embedding of each step.
 
-    `pivots` (steps + 1, 4, h, w), direct inversion under the source prompt: after each step the offset to the pivot
-    z*_{t-1} is added back (Ju et al. 2023), so the latent retraces the inversion: its reconstruction."""
-    z = z_T
-    for i in tqdm(range(schedule.steps), desc="DDIM sampling", disable=not progress, leave=False):
-        z = guided_step(pipe, z, i, schedule, _null_at(uncond, i, schedule.steps), cond, weights[i])
-        if pivots is not None:
-            z = z + (_pivot(pivots, i) - z)  # the offset z*_{t-1} - z~_{t-1}: z*_{t-1} up to rounding
+    With job.pivots (direct inversion under the source prompt) the offset to the pivot z*_{t-1} is added back after
+    each step (Ju et al. 2023), so the latent retraces the inversion: its reconstruction."""
+    z = job.z_T
+    for i in tqdm(range(job.schedule.steps), desc="DDIM sampling", disable=not progress, leave=False):
+        z = guided_step(pipe, z, i, job.schedule, job.null_at(i), job.cond, job.weights[i])
+        if job.pivots is not None:
+            z = z + (_pivot(job.pivots, i) - z)  # the offset z*_{t-1} - z~_{t-1}: z*_{t-1} up to rounding
     return z
 
 
 @torch.no_grad()
-def p2p_sample(pipe: Pipeline, z_T: torch.Tensor, cond_source: torch.Tensor, cond_target: torch.Tensor,
-               uncond: torch.Tensor, schedule: DDIMSchedule, weights: list[float],
-               controller: P2PController | None = None, pivots: torch.Tensor | None = None,
-               offset_target: bool = False, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt-to-prompt editing from z_T (NTI notebook): the source branch (source prompt) and the target branch
-    (target prompt) run as one UNet batch [uncond src, uncond tgt, cond src, cond tgt], both with the step's null
+def p2p_sample(pipe: Pipeline, job: EditJob, controller: P2PController | None = None,
+               progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt-to-prompt editing from z_T (NTI notebook): the source branch (job.cond_source) and the target branch
+    (job.cond) run as one UNet batch [uncond src, uncond tgt, cond src, cond tgt], both with the step's null
     embedding; the controller gives the target the source's attention and blends locally after each step (None:
     the branches only share the batch).
 
-    `pivots`: direct inversion (Ju et al. 2023). After each step the offset d = z*_{t-1} - z~src_{t-1} from the
+    job.pivots: direct inversion (Ju et al. 2023). After each step the offset d = z*_{t-1} - z~src_{t-1} from the
     source branch's guided step to the DDIM pivot is added to the source branch, which so stays on the inversion
-    trajectory; the target branch gets d too only with `offset_target` (the official code's 'add-source' ablation;
+    trajectory; the target branch gets d too only with job.offset_target (the official code's 'add-source' ablation;
     its main method leaves the target alone). The offset is formed here rather than stored at inversion: the same in
     exact arithmetic, and the source branch stays on the trajectory even when this batch rounds differently from
     the inversion's (the random tiny model at w=7.5 turns a 1e-7 change of z_T into a 3% error within 6 steps).
     Returns (source latent, target latent), each (1, 4, h, w)."""
+    schedule, z_T = job.schedule, job.z_T
     z = torch.cat([z_T, z_T])  # [source, target]
     control = contextlib.nullcontext()
     if controller is not None:
@@ -135,14 +133,14 @@ def p2p_sample(pipe: Pipeline, z_T: torch.Tensor, cond_source: torch.Tensor, con
                 controller.step = i
             t = schedule.timesteps[i]
             a_t, a_prev = schedule.denoise_alphas(i)
-            null = _null_at(uncond, i, schedule.steps)
-            context = torch.cat([null, null, cond_source, cond_target])
+            null = job.null_at(i)
+            context = torch.cat([null, null, job.cond_source, job.cond])
             zz = torch.cat([z, z])
             eps_u, eps_c = schedule.eps(unet_eps(pipe, zz, t, context), zz, a_t).chunk(2)
-            z = ddim_step(z, guided_eps(eps_u, eps_c, weights[i]), a_t, a_prev)
-            if pivots is not None:
-                offset = _pivot(pivots, i) - z[:1]
-                z = z + torch.cat([offset, offset if offset_target else torch.zeros_like(offset)])
+            z = ddim_step(z, guided_eps(eps_u, eps_c, job.weights[i]), a_t, a_prev)
+            if job.pivots is not None:
+                offset = _pivot(job.pivots, i) - z[:1]
+                z = z + torch.cat([offset, offset if job.offset_target else torch.zeros_like(offset)])
             if controller is not None:
                 z = controller.blend_latents(z)
     return z[:1], z[1:]

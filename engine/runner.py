@@ -197,7 +197,7 @@ class UNetRunner:
         self.prepared.set_compiled(compile_)
         self.forward_fn = None
         if config.forward_backend != "torch":
-            from export import load_forward_backend  # built once, cached on disk under a model/shape/precision key
+            from nti.export import load_forward_backend  # built once, cached on disk under a model/shape/precision key
 
             self.forward_fn = load_forward_backend(pipe, config.forward_backend, config.precision,
                                                    config.export_cache)

@@ -1,6 +1,6 @@
 """Exported UNets for the forward-only passes: ONNX (onnxruntime), AOTInductor and TensorRT, cached on disk.
 
-`load_forward_backend(pipe, kind, precision)` is what `engine.runner.UNetRunner` calls when
+`load_forward_backend(pipe, kind, precision)` is what `nti.runner.UNetRunner` calls when
 `NTIConfig.forward_backend != 'torch'`: it builds the export once (or finds it in the cache) and returns a callable
 `(z, t, context) -> eps` that `UNetRunner.forward` uses for every no-grad UNet call. Guards: a call whose shapes
 or device the export was not built for runs the eager UNet instead; NTI_DISABLE_EXPORT=1 turns exports off.
@@ -12,14 +12,17 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from engine.config import NTIError
-from engine.models import Pipeline
+from nti.config import NTIError
 
 from . import cache
 from .components import COMPONENTS, Component
+
+if TYPE_CHECKING:  # the type only: a runtime import would make nti.models -> runner -> export -> models a circle
+    from nti.models import Pipeline
 
 KINDS = ("onnx", "aoti", "tensorrt")
 ARTIFACTS = {"onnx": "model.onnx", "aoti": "model.pt2", "tensorrt": "model.plan"}
@@ -195,7 +198,7 @@ def load_forward_backend(pipe: Pipeline, kind: str, precision: str, cache_dir=No
 
 
 def load_decoder_backend(pipe: Pipeline, kind: str, precision: str = "fp32", cache_dir=None):
-    """Exported VAE decoder: scaled latents (B, 4, h, w) -> images in [0, 1], as engine.models.decode_latents."""
+    """Exported VAE decoder: scaled latents (B, 4, h, w) -> images in [0, 1], as nti.models.decode_latents."""
     built = build_forward_backend(pipe, kind, precision, cache_dir, component="vae_decoder")
     runner = load_runner(kind, built.path, COMPONENTS["vae_decoder"](pipe), pipe.device)
     n = built.max_batch

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import NTIError
+from nti.config import NTIError
 
 from .components import Component, dynamic_batch, export_ready
 

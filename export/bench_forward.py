@@ -1,6 +1,6 @@
 """Latency of one forward UNet call per backend and batch size, with its error against eager fp32; writes JSON.
 
-    python -m export.bench_forward --model /path/to/sd-v1-4 --device cuda --precision fp16 --out fwd.json
+    python -m nti.export.bench_forward --model /path/to/sd-v1-4 --device cuda --precision fp16 --out fwd.json
 
 Rows: backend x batch -> setup (build/compile/load) seconds apart from steady state, mean/median ms per call
 (CUDA events on GPU, perf_counter on CPU, after warm-up), images/s, peak memory, and the relative L2 error of the
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import NTIError
+from nti.config import NTIError
 
 BACKENDS = ("eager", "compile", "onnx", "aoti", "tensorrt")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,7 +56,7 @@ def make_forward(pipe, backend: str, precision: str, cache_dir=None):
             with torch.autocast(pipe.device.type, dtype=AUTOCAST[precision]):
                 return compiled(z, t, encoder_hidden_states=c).sample
         return run, 0.0, "torch.compile default mode, compile time in first_call_s"
-    from export import load_forward_backend
+    from nti.export import load_forward_backend
 
     fn = load_forward_backend(pipe, backend, precision, cache_dir)
     return fn, time.perf_counter() - start, f"{'built' if fn.built.built else 'cached'} {fn.built.path}"
@@ -133,7 +133,7 @@ def bench_forward(pipe, backends=BACKENDS, batches=(1, 2, 8), precision: str = "
 
 
 def main(argv=None) -> int:
-    from engine.models import load_pipeline, parse_device
+    from nti.models import load_pipeline, parse_device
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="local SD folder, 'shapes' or 'tiny' (default: the built-in shapes model)")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import NTIError
+from nti.config import NTIError
 
 BUILDS: dict[str, int] = {}  # kind -> artifacts built by this process (tests: "the second call did not rebuild")
 META = "meta.json"

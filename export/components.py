@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 
-from engine.models import Pipeline
+if TYPE_CHECKING:  # the type only: a runtime import would make nti.models -> runner -> export -> models a circle
+    from nti.models import Pipeline
+
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -32,7 +35,7 @@ class UNetIO(torch.nn.Module):
 
 
 class VAEDecoderIO(torch.nn.Module):
-    """Scaled latents (B, 4, h, w) -> images in [0, 1], (B, 3, H, W) fp32: `engine.models.decode_latents`."""
+    """Scaled latents (B, 4, h, w) -> images in [0, 1], (B, 3, H, W) fp32: `nti.models.decode_latents`."""
 
     def __init__(self, vae: torch.nn.Module, scaling_factor: float, dtype: torch.dtype):
         super().__init__()

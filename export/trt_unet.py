@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import NTIError
+from nti.config import NTIError
 
 from .components import Component
 

@@ -1,5 +1,5 @@
 """Fused DDIM / guidance / inner-loss kernels as `nti::` custom ops; Triton when available, torch otherwise."""
-from kernels.ddim import (
+from nti.kernels.ddim import (
     ddim_step,
     ddim_step_ref,
     guided_ddim_step,

@@ -8,20 +8,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    from engine.models import build_tiny_pipeline
+    from nti.models import build_tiny_pipeline
     return build_tiny_pipeline(seed=0, device="cpu")
 
 
 @pytest.fixture(scope="session")
 def shapes_pipe():
     """The default model (the trained shapes model), through the diffusers folder loader; shared by every file."""
-    from engine.models import load_pipeline
+    from nti.models import load_pipeline
     return load_pipeline(None, device="cpu")
 
 
 @pytest.fixture(scope="session")
 def cat_image():
-    from engine.images import load_image
+    from nti.images import load_image
     return load_image("skimage:chelsea")
 
 

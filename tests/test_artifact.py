@@ -6,16 +6,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import engine
-from engine import NTIConfig, NTIError, load_inversion, save_inversion
-from engine.artifact import Inversion
+import nti
+from nti import NTIConfig, NTIError, load_inversion, save_inversion
+from nti.artifact import Inversion
 
 PROMPT = "a cat sitting on a mat"
 
 
 @pytest.fixture(scope="module")
 def inversion(tiny_pipe, cat_image):
-    return engine.invert(tiny_pipe, cat_image, PROMPT, NTIConfig(steps=6, inner_steps=3), progress=False)[0]
+    return nti.invert(tiny_pipe, cat_image, PROMPT, NTIConfig(steps=6, inner_steps=3), progress=False)[0]
 
 
 def assert_same_inversion(loaded: Inversion, original: Inversion) -> None:
@@ -64,13 +64,13 @@ def test_round_trip_keeps_every_field(inversion, tmp_path, case):
 
 def test_round_trip_gives_identical_edits(tiny_pipe, inversion, tmp_path):
     loaded = load_inversion(save_inversion(inversion, tmp_path / "cat.safetensors"))
-    a = engine.edit_latents(tiny_pipe, [inversion], "a tiger sitting on a mat", progress=False)
-    b = engine.edit_latents(tiny_pipe, [loaded], "a tiger sitting on a mat", progress=False)
+    a = nti.edit_latents(tiny_pipe, [inversion], "a tiger sitting on a mat", progress=False)
+    b = nti.edit_latents(tiny_pipe, [loaded], "a tiger sitting on a mat", progress=False)
     assert torch.equal(a, b)
 
 
 def test_key_covers_prompt_settings_and_pixels(tiny_pipe, inversion):
-    from engine.artifact import inversion_key
+    from nti.artifact import inversion_key
     base = (inversion.image_hash, PROMPT, inversion.model_fingerprint, inversion.settings)
     assert inversion_key(*base) == inversion.key
     assert inversion_key(base[0], "a dog", *base[2:]) != inversion.key
@@ -92,6 +92,6 @@ def test_foreign_or_missing_files_are_refused(tmp_path):
 
 
 def test_editing_with_another_model_is_refused(inversion):
-    other = engine.build_tiny_pipeline(seed=1)
+    other = nti.build_tiny_pipeline(seed=1)
     with pytest.raises(NTIError, match="made with model"):
-        engine.edit(other, [inversion], "a tiger", progress=False)
+        nti.edit(other, [inversion], "a tiger", progress=False)

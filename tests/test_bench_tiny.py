@@ -2,8 +2,8 @@
 `pytest tests/test_bench_tiny.py --benchmark-enable` times them."""
 import pytest
 
-import engine
-from engine import NTIConfig
+import nti
+from nti import NTIConfig
 
 IMAGES = ["skimage:chelsea", "skimage:coffee"]
 PROMPTS = ["a cat", "a cup of coffee"]
@@ -14,8 +14,8 @@ def test_bench_null_text_invert_and_edit(benchmark, tiny_pipe, backend):
     config = NTIConfig(steps=4, inner_steps=3, early_stop=False, backend=backend, batch_size=2)
 
     def invert_and_edit():
-        invs = engine.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
-        return invs, engine.edit_latents(tiny_pipe, invs, ["a dog", "a cup of tea"], config, progress=False)
+        invs = nti.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
+        return invs, nti.edit_latents(tiny_pipe, invs, ["a dog", "a cup of tea"], config, progress=False)
 
     invs, edited = benchmark(invert_and_edit)
     assert edited.shape == (2, 4, 16, 16)
@@ -26,7 +26,7 @@ def test_bench_benchmark_script_quick(tmp_path):
     """The waterfall script runs end to end on CPU and writes its JSON (rows, parity, flops)."""
     import json
 
-    from benchmarks.bench_nti import main
+    from nti.benchmarks.bench_nti import main
     out = tmp_path / "bench.json"
     assert main(["--device", "cpu", "--no-compile", "--steps", "2", "--inner-steps", "1", "--batch-sizes", "2",
                  "--out", str(out)]) == 0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.cli import EXIT_BAD_INPUT, main
+from nti.cli import EXIT_BAD_INPUT, main
 
 FAST = ["--steps", "3", "--inner-steps", "2", "--quiet", "--device", "cpu", "--model", "tiny"]  # photo prompts
 
@@ -90,11 +90,29 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case, message):
 
 def test_console_script_runs_in_a_fresh_process(tmp_path):
     out = tmp_path / "r.png"
-    proc = subprocess.run([sys.executable, "-m", "engine.cli", "reconstruct", "skimage:chelsea", "--prompt",
+    proc = subprocess.run([sys.executable, "-m", "nti.cli", "reconstruct", "skimage:chelsea", "--prompt",
                            "a cat", "--out", str(out), "--method", "ddim", *FAST],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert out.is_file()
-    proc = subprocess.run([sys.executable, "-m", "engine.cli", "edit", "nope.png", "--prompt", "a", "--target",
+    proc = subprocess.run([sys.executable, "-m", "nti.cli", "edit", "nope.png", "--prompt", "a", "--target",
                            "b", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == EXIT_BAD_INPUT and proc.stderr.strip().endswith("nope.png does not exist")
+
+
+def test_edit_reads_a_prompts_jsonl_as_eval_does(tmp_path, capsys):
+    """`nti edit FILE.jsonl` and `nti eval --data FILE.jsonl` share one reader: the bundled photo prompts (which name
+    their photos as {"skimage": NAME}) edit as written, one output per record id."""
+    from nti.data import SAMPLE_PROMPTS, load_dataset
+
+    code, stdout, err = run_cli(["edit", str(SAMPLE_PROMPTS), "--out", str(tmp_path / "out"), "--steps", "2",
+                                 "--method", "ddim", "--quiet", "--device", "cpu", "--model", "tiny"], capsys)
+    assert code == 0, err
+    ids = sorted(s.id for s in load_dataset("sample"))
+    assert sorted(p.stem for p in (tmp_path / "out").iterdir()) == ids and len(ids) >= 5
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("nti-engine ")

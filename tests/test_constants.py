@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import engine
-from engine import NTIConfig
-from engine.p2p import Layer, P2PController, make_plan
+import nti
+from nti import NTIConfig
+from nti.p2p import Layer, P2PController, make_plan
 
 SOURCE, TARGET = "a cat sitting on a mat", "a dog sitting on a mat"
 
@@ -116,8 +116,8 @@ def test_adam_learning_rate_decays_per_step_as_the_notebook(tiny_pipe, cat_image
     both backends). A decay-free lr is 1%, 2%, 3% off at steps 1-3, a per-fraction decay (1 - i / steps) 25%.
     """
     config = NTIConfig(steps=4, inner_steps=10, early_stop_eps=1e9, backend=backend, batch_size=1)
-    inv = engine.invert(tiny_pipe, cat_image, SOURCE, config, progress=False)[0]
+    inv = nti.invert(tiny_pipe, cat_image, SOURCE, config, progress=False)[0]
     assert inv.iterations == [1, 1, 1, 1]
-    start = torch.cat([engine.api.null_embedding(tiny_pipe).cpu(), inv.null_embeddings[:-1]])
+    start = torch.cat([nti.api.null_embedding(tiny_pipe).cpu(), inv.null_embeddings[:-1]])
     moves = [float((inv.null_embeddings[i] - start[i]).abs().max()) for i in range(4)]
     assert moves == pytest.approx([1e-2 * (1 - i / 100) for i in range(4)], rel=2e-3)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.config import NTIError
-from engine.data import (EditSample, decode_pie_mask, load_bundled, load_dataset, load_folder,
+from nti.config import NTIError
+from nti.data import (EditSample, decode_pie_mask, load_bundled, load_dataset, load_folder,
                          load_genai_bench, load_pie_bench, spread_over_sources, strip_brackets)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-from engine.ddim import ddim_step, guidance_weights, guided_eps, make_schedule
+from nti.ddim import ddim_step, guidance_weights, guided_eps, make_schedule
 from tests.conftest import rel_err
 
 SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,

@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-import engine.api
-from engine.cli import EXIT_BAD_INPUT, main
-from engine.evaluate import PIE_BENCH, SAMPLES, SEED
-from engine.metrics import CLIP_SKIPPED
+import nti.api
+from nti.cli import EXIT_BAD_INPUT, main
+from nti.evaluate import PIE_BENCH, SAMPLES, SEED
+from nti.metrics import CLIP_SKIPPED
 # fixtures: random tiny CLIP / LPIPS (SqueezeNet) / DINO ViT saved to folders
 from test_metrics import tiny_clip_folder, tiny_dino_folder, tiny_lpips_folder  # noqa: F401
 from test_metrics import write_pie_folder
@@ -28,15 +28,15 @@ def finite(row, columns):
 
 @pytest.fixture
 def count_inversions(monkeypatch):
-    """Count images passed to engine.api.invert (what eval must not redo on resume)."""
+    """Count images passed to nti.api.invert (what eval must not redo on resume)."""
     calls = []
-    real = engine.api.invert
+    real = nti.api.invert
 
     def counting(pipe, images, prompts, config=None, progress=True):
         calls.extend((p, config.method, config.guidance, config.guidance_schedule) for p in prompts)
         return real(pipe, images, prompts, config, progress)
 
-    monkeypatch.setattr(engine.api, "invert", counting)
+    monkeypatch.setattr(nti.api, "invert", counting)
     return calls
 
 
@@ -207,7 +207,7 @@ def test_pie_bench_protocol_end_to_end(tmp_path, capsys, caplog, count_inversion
     import numpy as np
     from PIL import Image
 
-    from engine.data import load_pie_bench
+    from nti.data import load_pie_bench
 
     data = tmp_path / "pie"
     write_pie_folder(data)
@@ -256,7 +256,7 @@ def test_shapes_model_report_has_the_oracle_and_n_spreads_over_scenes(tmp_path, 
     every output (1 = it reads the output as its prompt)."""
     from PIL import Image
 
-    from engine.scenes import read_scene
+    from nti.testbed.scenes import read_scene
 
     out = tmp_path / "eval"
     assert main(["eval", "--out", str(out), "--n", "2", "--methods", "ddim", "--steps", "3", "--quiet",

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine
-import export
-from engine import NTIConfig, NTIError
-from export import cache as export_cache
-from export.components import COMPONENTS
+import nti
+import nti.export as export
+from nti import NTIConfig, NTIError
+from nti.export import cache as export_cache
+from nti.export.components import COMPONENTS
 from tests.conftest import rel_err
 
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
@@ -127,7 +127,7 @@ def test_onnx_fp16_export_builds_passes_checker_and_runs(tiny_pipe, export_dir):
 
 @needs_onnx
 def test_onnx_vae_decoder_matches_decode_latents(tiny_pipe, export_dir):
-    from engine.models import decode_latents
+    from nti.models import decode_latents
 
     decode = export.load_decoder_backend(tiny_pipe, "onnx", "fp32", export_dir)
     for batch in (1, 2):
@@ -149,7 +149,7 @@ FRESH_PROCESS = textwrap.dedent("""
     for z, t, c, ref in data:
         out = model(z, t, c)
         errs.append(float((out - ref).norm() / ref.norm()))
-    print(json.dumps({"errs": errs, "load_s": load_s, "engine_imported": "engine" in sys.modules}))
+    print(json.dumps({"errs": errs, "load_s": load_s, "engine_imported": "nti" in sys.modules}))
 """)
 
 
@@ -196,26 +196,26 @@ def test_engine_ddim_inversion_matches_eager_and_reuses_cache(tiny_pipe, export_
     built = request.getfixturevalue({"onnx": "onnx_fp32", "aoti": "aoti_pkg"}[kind])
     mtime, builds = built.path.stat().st_mtime_ns, dict(export_cache.BUILDS)
     calls = _count_calls(monkeypatch)
-    ref = engine.invert(tiny_pipe, IMAGES, PROMPTS, DDIM, progress=False)
+    ref = nti.invert(tiny_pipe, IMAGES, PROMPTS, DDIM, progress=False)
     config = DDIM.replace(forward_backend=kind, export_cache=str(export_dir))
     for _ in range(2):
         export.clear_loaded()  # each call reads the cache from disk again
-        out = engine.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
+        out = nti.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
         assert getattr(tiny_pipe, "forward_fn", None) is None  # nothing of the run is left on the pipeline
         for o, r in zip(out, ref):
             assert rel_err(o.z_T, r.z_T) < 1e-4  # measured onnx 7.2e-6 / 1.4e-5, aoti 7.9e-6 / 1.4e-5
     assert calls == [2] * DDIM.steps * 2  # every DDIM inversion step ran through the export, both runs
-    engine.invert(tiny_pipe, IMAGES[:1], PROMPTS[:1], DDIM, progress=False)
+    nti.invert(tiny_pipe, IMAGES[:1], PROMPTS[:1], DDIM, progress=False)
     assert len(calls) == DDIM.steps * 2  # and a run without forward_backend is eager again
     assert export_cache.BUILDS == builds and built.path.stat().st_mtime_ns == mtime  # no rebuild
 
 
 @needs_onnx
 def test_engine_editing_with_onnx_matches_eager(tiny_pipe, export_dir, onnx_fp32, monkeypatch):
-    invs = engine.invert(tiny_pipe, IMAGES, PROMPTS, DDIM, progress=False)
-    ref = engine.edit_latents(tiny_pipe, invs, ["a dog", "a cat"], DDIM, progress=False)
+    invs = nti.invert(tiny_pipe, IMAGES, PROMPTS, DDIM, progress=False)
+    ref = nti.edit_latents(tiny_pipe, invs, ["a dog", "a cat"], DDIM, progress=False)
     calls = _count_calls(monkeypatch)
-    out = engine.edit_latents(tiny_pipe, invs, ["a dog", "a cat"],
+    out = nti.edit_latents(tiny_pipe, invs, ["a dog", "a cat"],
                               DDIM.replace(forward_backend="onnx", export_cache=str(export_dir)), progress=False)
     assert calls == [4] * DDIM.steps  # CFG: uncond + cond of both images in one call
     assert rel_err(out, ref) < 1e-4  # measured 2e-6
@@ -240,7 +240,7 @@ def test_missing_tensorrt_is_a_clear_error(tiny_pipe, tmp_path, monkeypatch):
     with pytest.raises(NTIError, match="tensorrt package is not importable.*NVIDIA GPUs only"):
         export.load_forward_backend(tiny_pipe, "tensorrt", "fp16", tmp_path)
     with pytest.raises(NTIError, match="tensorrt"):  # through the engine: an NTIError, not a crash
-        engine.invert(tiny_pipe, IMAGES[:1], PROMPTS[:1], DDIM.replace(forward_backend="tensorrt",
+        nti.invert(tiny_pipe, IMAGES[:1], PROMPTS[:1], DDIM.replace(forward_backend="tensorrt",
                                                                        export_cache=str(tmp_path)), progress=False)
     assert getattr(tiny_pipe, "forward_fn", None) is None and not list(tmp_path.iterdir())  # nothing half-built
 
@@ -301,14 +301,14 @@ def test_default_cache_dir_respects_env(monkeypatch, tmp_path):
 @pytest.mark.parametrize("precision, tol", [("fp32", 1e-2), ("fp16", 2e-2)])
 def test_tensorrt_engine_matches_torch(tmp_path, precision, tol):
     # fp32 builds may use TF32 on Ampere+, hence 1e-2 and not 1e-4; tolerances not yet measured on a GPU
-    pipe = engine.build_tiny_pipeline(device="cuda")
+    pipe = nti.build_tiny_pipeline(device="cuda")
     fn = export.load_forward_backend(pipe, "tensorrt", precision, tmp_path)
     for batch in (1, 3):
         z, c = unet_inputs(pipe, batch)
         assert rel_err(fn(z, 981, c), eager_eps(pipe, z, 981, c)) < tol
-    out = engine.invert(pipe, IMAGES, PROMPTS, DDIM.replace(forward_backend="tensorrt", precision=precision,
+    out = nti.invert(pipe, IMAGES, PROMPTS, DDIM.replace(forward_backend="tensorrt", precision=precision,
                                                             export_cache=str(tmp_path)), progress=False)
-    ref = engine.invert(pipe, IMAGES, PROMPTS, DDIM, progress=False)
+    ref = nti.invert(pipe, IMAGES, PROMPTS, DDIM, progress=False)
     assert all(rel_err(o.z_T, r.z_T) < tol for o, r in zip(out, ref))
     builds = dict(export_cache.BUILDS)
     export.clear_loaded()
@@ -320,7 +320,7 @@ def test_tensorrt_engine_matches_torch(tmp_path, precision, tol):
 
 @needs_onnx
 def test_nti_export_prints_the_cached_path(onnx_fp32, export_dir, capsys):
-    from engine.export_cli import main
+    from nti.cli import main
 
     builds = dict(export_cache.BUILDS)
     assert main(["export", "--kind", "onnx", "--out", str(export_dir), "--device", "cpu",
@@ -334,7 +334,7 @@ def test_nti_export_prints_the_cached_path(onnx_fp32, export_dir, capsys):
 
 
 def test_bench_forward_smoke(tiny_pipe, export_dir, onnx_fp32, aoti_pkg):
-    from export.bench_forward import bench_forward
+    from nti.export.bench_forward import bench_forward
 
     result = bench_forward(tiny_pipe, ("eager", "onnx", "aoti", "tensorrt"), (1, 2), warmup=1, iters=2,
                            cache_dir=export_dir)

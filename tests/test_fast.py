@@ -4,10 +4,10 @@ import warnings
 import pytest
 import torch
 
-import engine
-import engine.fast as fast
-from engine import NTIConfig, NTIError
-from engine.runner import UNetRunner
+import nti
+import nti.fast as fast
+from nti import NTIConfig, NTIError
+from nti.runner import UNetRunner
 from tests.conftest import rel_err
 
 IMAGES = ["skimage:chelsea", "skimage:astronaut", "skimage:coffee"]
@@ -17,17 +17,17 @@ BASE = NTIConfig(steps=10, inner_steps=5)
 
 @pytest.fixture(scope="module")
 def reference(tiny_pipe):
-    return engine.invert(tiny_pipe, IMAGES, PROMPTS, BASE, progress=False)
+    return nti.invert(tiny_pipe, IMAGES, PROMPTS, BASE, progress=False)
 
 
 def recon_mse(pipe, invs, config):
-    z = engine.edit_latents(pipe, invs, PROMPTS[:len(invs)], config, progress=False)
+    z = nti.edit_latents(pipe, invs, PROMPTS[:len(invs)], config, progress=False)
     return [float(((z[k] - inv.z_0) ** 2).mean()) for k, inv in enumerate(invs)]
 
 
 def test_fp32_single_image_equals_reference(tiny_pipe):
-    ref = engine.invert(tiny_pipe, IMAGES[0], PROMPTS[0], BASE, progress=False)[0]
-    fast_inv = engine.invert(tiny_pipe, IMAGES[0], PROMPTS[0], BASE.replace(backend="fast", batch_size=1),
+    ref = nti.invert(tiny_pipe, IMAGES[0], PROMPTS[0], BASE, progress=False)[0]
+    fast_inv = nti.invert(tiny_pipe, IMAGES[0], PROMPTS[0], BASE.replace(backend="fast", batch_size=1),
                              progress=False)[0]
     assert fast_inv.iterations == ref.iterations
     assert torch.equal(fast_inv.z_T, ref.z_T)  # same inputs, same batch shape: bit-identical DDIM inversion
@@ -37,7 +37,7 @@ def test_fp32_single_image_equals_reference(tiny_pipe):
 
 def test_fp32_batch_equals_reference_runs(tiny_pipe, reference):
     config = BASE.replace(backend="fast", batch_size=4)
-    fast_invs = engine.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
+    fast_invs = nti.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
     for f, r in zip(fast_invs, reference):
         assert f.iterations == r.iterations
         assert rel_err(f.z_T, r.z_T) < 1e-4  # measured 1.1e-5..1.6e-5
@@ -45,14 +45,14 @@ def test_fp32_batch_equals_reference_runs(tiny_pipe, reference):
         # lr * sign(g), so coordinates with near-zero gradient flip on batch-size GEMM rounding. Measured
         # 4e-5..7.8e-5 with 1 thread and 4e-5..1.5e-4 with 2 (CI); the edited latents below stay under 1e-4.
         assert rel_err(f.null_embeddings, r.null_embeddings) < 3e-4
-    edited_fast = engine.edit_latents(tiny_pipe, fast_invs, PROMPTS, config, progress=False)
-    edited_ref = engine.edit_latents(tiny_pipe, reference, PROMPTS, BASE, progress=False)
+    edited_fast = nti.edit_latents(tiny_pipe, fast_invs, PROMPTS, config, progress=False)
+    edited_ref = nti.edit_latents(tiny_pipe, reference, PROMPTS, BASE, progress=False)
     assert rel_err(edited_fast, edited_ref) < 1e-4  # measured 4.9e-5 (1 thread), 6.2e-5 (2 threads)
 
 
 def test_batching_chunks_do_not_change_results(tiny_pipe):
-    a = engine.invert(tiny_pipe, IMAGES, PROMPTS, BASE.replace(backend="fast", batch_size=2, steps=4), progress=False)
-    b = engine.invert(tiny_pipe, IMAGES, PROMPTS, BASE.replace(backend="fast", batch_size=3, steps=4), progress=False)
+    a = nti.invert(tiny_pipe, IMAGES, PROMPTS, BASE.replace(backend="fast", batch_size=2, steps=4), progress=False)
+    b = nti.invert(tiny_pipe, IMAGES, PROMPTS, BASE.replace(backend="fast", batch_size=3, steps=4), progress=False)
     for x, y in zip(a, b):
         assert rel_err(x.null_embeddings, y.null_embeddings) < 1e-4
 
@@ -62,10 +62,10 @@ def test_mixed_precision_keeps_reconstruction_fidelity(tiny_pipe, reference, pre
     # On random weights at w=7.5 trajectories are chaotic, so fidelity is judged by reconstruction error vs the
     # source latent. Measured (10 steps): fp32 2.93/2.84/3.95, bf16 3.13/3.07/3.71, fp16 2.95/2.89/3.96, DDIM 4.0+.
     config = BASE.replace(backend="fast", precision=precision)
-    invs = engine.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
+    invs = nti.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
     assert all(inv.null_embeddings.dtype == torch.float32 for inv in invs)
     ours, ref = recon_mse(tiny_pipe, invs, config), recon_mse(tiny_pipe, reference, BASE)
-    ddim = recon_mse(tiny_pipe, engine.invert(tiny_pipe, IMAGES, PROMPTS, BASE.replace(method="ddim"),
+    ddim = recon_mse(tiny_pipe, nti.invert(tiny_pipe, IMAGES, PROMPTS, BASE.replace(method="ddim"),
                                               progress=False), BASE)
     for o, r, d in zip(ours, ref, ddim):
         assert o <= r * (1 + slack) and o < d
@@ -74,12 +74,12 @@ def test_mixed_precision_keeps_reconstruction_fidelity(tiny_pipe, reference, pre
 def test_per_image_early_stop_equals_running_alone(tiny_pipe):
     # a loose threshold makes images stop at different inner iterations
     config = BASE.replace(backend="fast", early_stop_eps=0.1, steps=6)
-    together = engine.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
+    together = nti.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
     counts = [inv.iterations for inv in together]
     assert len({tuple(c) for c in counts}) > 1 and min(min(c) for c in counts) < 5  # stops really differ
     for k, inv in enumerate(together):
-        alone = engine.invert(tiny_pipe, IMAGES[k], PROMPTS[k], config, progress=False)[0]
-        ref = engine.invert(tiny_pipe, IMAGES[k], PROMPTS[k], config.replace(backend="reference"), progress=False)[0]
+        alone = nti.invert(tiny_pipe, IMAGES[k], PROMPTS[k], config, progress=False)[0]
+        ref = nti.invert(tiny_pipe, IMAGES[k], PROMPTS[k], config.replace(backend="reference"), progress=False)[0]
         assert inv.iterations == alone.iterations == ref.iterations  # the early-stop decisions agree exactly
         # Embeddings agree to the algorithm's float floor: perturbing the reference's input latent by 1e-7
         # (relative) moves its own embeddings by 5.4e-5, since Adam's m/sqrt(v) amplifies rounding where
@@ -109,10 +109,10 @@ def _inject_nan(monkeypatch, row: int, t_bad: int, precisions=("bf16",), phase="
 
 def test_nan_in_one_image_is_retried_in_fp32_and_spares_the_others(tiny_pipe, monkeypatch):
     config = BASE.replace(backend="fast", precision="bf16", steps=5, inner_steps=3)
-    clean = engine.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
-    bad_t = engine.ddim.make_schedule(tiny_pipe.scheduler_config, 5).timesteps[2]
+    clean = nti.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
+    bad_t = nti.ddim.make_schedule(tiny_pipe.scheduler_config, 5).timesteps[2]
     _inject_nan(monkeypatch, row=1, t_bad=bad_t)
-    hurt = engine.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
+    hurt = nti.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
     assert hurt[1].fp32_retries == [2] and hurt[0].fp32_retries == hurt[2].fp32_retries == []
     assert torch.isfinite(hurt[1].null_embeddings).all() and torch.isfinite(hurt[1].z_T).all()
     for k in (0, 2):  # the other images are bit-identical to the clean run
@@ -122,17 +122,17 @@ def test_nan_in_one_image_is_retried_in_fp32_and_spares_the_others(tiny_pipe, mo
 
 def test_nan_that_survives_fp32_is_an_error_not_an_image(tiny_pipe, monkeypatch):
     config = BASE.replace(backend="fast", precision="bf16", steps=3, inner_steps=2)
-    bad_t = engine.ddim.make_schedule(tiny_pipe.scheduler_config, 3).timesteps[1]
+    bad_t = nti.ddim.make_schedule(tiny_pipe.scheduler_config, 3).timesteps[1]
     _inject_nan(monkeypatch, row=0, t_bad=bad_t, precisions=("bf16", "fp32"))
     with pytest.raises(NTIError, match=r"non-finite values for image\(s\) \[0\] at step 1"):
-        engine.invert(tiny_pipe, IMAGES[:2], PROMPTS[:2], config, progress=False)
+        nti.invert(tiny_pipe, IMAGES[:2], PROMPTS[:2], config, progress=False)
 
 
 def test_nan_in_ddim_inversion_is_retried_in_fp32(tiny_pipe, monkeypatch):
     config = BASE.replace(backend="fast", precision="bf16", method="ddim", steps=5)
-    clean = engine.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
+    clean = nti.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
     _inject_nan(monkeypatch, row=2, t_bad=401, phase="invert")  # t=401 is on the 5-step grid (1, 201, ..., 801)
-    hurt = engine.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
+    hurt = nti.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
     assert [inv.fp32_retries for inv in hurt] == [[], [], [-1]]
     assert torch.isfinite(hurt[2].z_T).all()
     assert torch.equal(hurt[0].z_T, clean[0].z_T) and torch.equal(hurt[1].z_T, clean[1].z_T)
@@ -140,12 +140,12 @@ def test_nan_in_ddim_inversion_is_retried_in_fp32(tiny_pipe, monkeypatch):
 
 def test_ddim_method_and_sampling_batched(tiny_pipe):
     config = BASE.replace(method="ddim")
-    ref = engine.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
-    fst = engine.invert(tiny_pipe, IMAGES, PROMPTS, config.replace(backend="fast"), progress=False)
+    ref = nti.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
+    fst = nti.invert(tiny_pipe, IMAGES, PROMPTS, config.replace(backend="fast"), progress=False)
     for r, f in zip(ref, fst):
         assert f.null_embeddings is None and rel_err(f.z_T, r.z_T) < 1e-4  # measured 1.3e-5
-    a = engine.edit_latents(tiny_pipe, ref, ["a dog"] * 3, config, progress=False)
-    b = engine.edit_latents(tiny_pipe, fst, ["a dog"] * 3, config.replace(backend="fast", batch_size=2),
+    a = nti.edit_latents(tiny_pipe, ref, ["a dog"] * 3, config, progress=False)
+    b = nti.edit_latents(tiny_pipe, fst, ["a dog"] * 3, config.replace(backend="fast", batch_size=2),
                             progress=False)
     assert rel_err(b, a) < 1e-4
 
@@ -155,10 +155,10 @@ def test_accelerator_switches_fall_back_and_restore(tiny_pipe):
     config = BASE.replace(backend="fast", steps=2, inner_steps=1, attention="xformers", cuda_graphs=True,
                           channels_last=True)
     with pytest.warns(UserWarning):
-        invs = engine.invert(tiny_pipe, IMAGES[:1], PROMPTS[:1], config, progress=False)
-    ref = engine.invert(tiny_pipe, IMAGES[:1], PROMPTS[:1], config.replace(backend="reference"), progress=False)
+        invs = nti.invert(tiny_pipe, IMAGES[:1], PROMPTS[:1], config, progress=False)
+    ref = nti.invert(tiny_pipe, IMAGES[:1], PROMPTS[:1], config.replace(backend="reference"), progress=False)
     assert rel_err(invs[0].null_embeddings, ref[0].null_embeddings) < 1e-4
-    plain = engine.invert(tiny_pipe, IMAGES[:1], PROMPTS[:1], config.replace(attention="plain", cuda_graphs=False,
+    plain = nti.invert(tiny_pipe, IMAGES[:1], PROMPTS[:1], config.replace(attention="plain", cuda_graphs=False,
                                                                             channels_last=False), progress=False)
     assert rel_err(plain[0].null_embeddings, ref[0].null_embeddings) < 1e-4
     assert {k: type(v).__name__ for k, v in tiny_pipe.unet.attn_processors.items()} == before
@@ -172,14 +172,14 @@ def test_bucket_sizes():
 def test_fused_step_ops_match_reference(tiny_pipe, reference):
     """Fast path with the kernels/ custom ops (torch fallback in-process on CPU) against the reference."""
     config = BASE.replace(backend="fast", fused_step=True)
-    invs = engine.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
+    invs = nti.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
     # The fused op rounds in another order than eager torch (each op matches torch to 1e-5 in test_kernels.py);
     # 10 steps x 5 Adam updates amplify that to 1.3e-4..5.4e-4 here (the algorithm's float floor, see
     # test_per_image_early_stop_equals_running_alone). A wrong coefficient or formula gives > 1e-2.
     for f, r in zip(invs, reference):
         assert f.iterations == r.iterations and rel_err(f.null_embeddings, r.null_embeddings) < 2e-3
-    edited = engine.edit_latents(tiny_pipe, invs, PROMPTS, config, progress=False)
-    assert rel_err(edited, engine.edit_latents(tiny_pipe, reference, PROMPTS, BASE, progress=False)) < 2e-3
+    edited = nti.edit_latents(tiny_pipe, invs, PROMPTS, config, progress=False)
+    assert rel_err(edited, nti.edit_latents(tiny_pipe, reference, PROMPTS, BASE, progress=False)) < 2e-3
 
 
 def test_fused_triton_kernels_in_the_engine_under_interpreter():
@@ -189,13 +189,13 @@ def test_fused_triton_kernels_in_the_engine_under_interpreter():
     import sys
     import textwrap
     script = textwrap.dedent("""
-        import torch, engine, kernels.ddim as ops
-        from engine import NTIConfig
+        import torch, nti, nti.kernels.ddim as ops
+        from nti import NTIConfig
         assert ops.triton_enabled(torch.zeros(1)), "Triton path not active under the interpreter"
-        pipe = engine.build_tiny_pipeline()
+        pipe = nti.build_tiny_pipeline()
         cfg = NTIConfig(steps=3, inner_steps=2, backend="fast")
-        a = engine.invert(pipe, ["skimage:chelsea", "skimage:coffee"], ["a cat", "a cup"], cfg.replace(fused_step=True), progress=False)
-        b = engine.invert(pipe, ["skimage:chelsea", "skimage:coffee"], ["a cat", "a cup"], cfg.replace(fused_step=False), progress=False)
+        a = nti.invert(pipe, ["skimage:chelsea", "skimage:coffee"], ["a cat", "a cup"], cfg.replace(fused_step=True), progress=False)
+        b = nti.invert(pipe, ["skimage:chelsea", "skimage:coffee"], ["a cat", "a cup"], cfg.replace(fused_step=False), progress=False)
         for x, y in zip(a, b):
             err = float((x.null_embeddings - y.null_embeddings).norm() / y.null_embeddings.norm())
             assert err < 1e-4, err
@@ -210,7 +210,7 @@ def test_failing_forward_backend_is_a_clear_error_and_restores_the_unet(tiny_pip
     before = {k: type(v).__name__ for k, v in tiny_pipe.unet.attn_processors.items()}
     config = BASE.replace(backend="fast", method="ddim", steps=2, attention="plain", forward_backend="tensorrt")
     with pytest.raises(NTIError, match="tensorrt"):
-        engine.invert(tiny_pipe, IMAGES[:1], PROMPTS[:1], config, progress=False)
+        nti.invert(tiny_pipe, IMAGES[:1], PROMPTS[:1], config, progress=False)
     assert {k: type(v).__name__ for k, v in tiny_pipe.unet.attn_processors.items()} == before
 
 
@@ -220,8 +220,8 @@ def test_half_weights_give_autocasts_results_with_fewer_ops(tiny_pipe):
     """The bf16 copy's pre-cast weights are what autocast casts to on every call: the same numbers (bit for bit on
     CPU; on the H200 both sit within bf16's run-to-run floor, benchmarks/results/gpu_run_h200.md)."""
     config = BASE.replace(backend="fast", precision="bf16", steps=4, inner_steps=3)
-    cast = engine.invert(tiny_pipe, IMAGES, PROMPTS, config.replace(half_weights=False), progress=False)
-    half = engine.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
+    cast = nti.invert(tiny_pipe, IMAGES, PROMPTS, config.replace(half_weights=False), progress=False)
+    half = nti.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
     for a, b in zip(cast, half):
         assert a.iterations == b.iterations and torch.equal(a.null_embeddings, b.null_embeddings)
     module = next(p.module for (prec, dtype, _), p in tiny_pipe.fast_unets.items() if dtype == torch.bfloat16)
@@ -231,7 +231,7 @@ def test_half_weights_give_autocasts_results_with_fewer_ops(tiny_pipe):
 
 
 def test_masked_adam_equals_torch_adam_and_leaves_stopped_rows_alone():
-    from engine.fast import Workspace, adam_step_, BETA1, BETA2
+    from nti.fast import Workspace, adam_step_, BETA1, BETA2
     gen = torch.Generator().manual_seed(0)
     ws = Workspace.zeros(3, (4, 2, 2), (5, 6), "cpu")
     ws.uncond.copy_(torch.randn(3, 5, 6, generator=gen))
@@ -281,7 +281,7 @@ def test_inner_iteration_host_syncs(tiny_pipe, early_stop, per_iteration):
     for inner in (2, 4):
         config = BASE.replace(backend="fast", steps=3, inner_steps=inner, early_stop=early_stop, batch_size=3)
         with SyncCounter() as counter:
-            invs = engine.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
+            invs = nti.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
         assert all(inv.iterations == [inner] * 3 for inv in invs)
         counts[inner] = counter.count
     assert (counts[4] - counts[2]) / (3 * 2) == per_iteration, counts
@@ -296,16 +296,16 @@ def test_regional_compile_stays_compiled_through_buckets(monkeypatch):
     """14+ graphs per block code object (shapes x buckets x grad mode) used to pass dynamo's default recompile limit
     of 8, after which it ran the blocks eager without a word. Dynamo only (backend 'eager'): inductor's codegen takes
     minutes on this CPU, and the limit is dynamo's."""
-    import engine.runner as runner
+    import nti.runner as runner
     monkeypatch.setattr(runner, "COMPILE_BACKEND", "eager")
     torch._dynamo.reset()
-    pipe = engine.build_tiny_pipeline()
+    pipe = nti.build_tiny_pipeline()
     config = BASE.replace(backend="fast", compile=True, early_stop_eps=0.1, steps=6, batch_size=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        invs = engine.invert(pipe, IMAGES, PROMPTS, config, progress=False)
+        invs = nti.invert(pipe, IMAGES, PROMPTS, config, progress=False)
     assert not [w for w in caught if "eager" in str(w.message)]  # no fallback, said or silent
-    ref = engine.invert(pipe, IMAGES, PROMPTS, config.replace(backend="reference", compile=False), progress=False)
+    ref = nti.invert(pipe, IMAGES, PROMPTS, config.replace(backend="reference", compile=False), progress=False)
     stats, breaks = _compile_counters()
     assert breaks == 0 and stats["unique_graphs"] > 8  # past the old limit, still compiled
     prepared = next(iter(pipe.fast_unets.values()))
@@ -317,16 +317,16 @@ def test_regional_compile_stays_compiled_through_buckets(monkeypatch):
 
 
 def test_compile_failure_says_so_and_runs_eager(monkeypatch):
-    import engine.runner as runner
+    import nti.runner as runner
     monkeypatch.setattr(runner, "COMPILE_BACKEND", "eager")
     monkeypatch.setattr(runner, "RECOMPILE_LIMIT", 1)
     torch._dynamo.reset()
-    pipe = engine.build_tiny_pipeline()
+    pipe = nti.build_tiny_pipeline()
     config = BASE.replace(backend="fast", compile=True, steps=2, inner_steps=2)
     with torch._dynamo.config.patch(recompile_limit=1, accumulated_recompile_limit=4):
         with pytest.warns(UserWarning, match="torch.compile failed"):
-            invs = engine.invert(pipe, IMAGES[:2], PROMPTS[:2], config, progress=False)
-    ref = engine.invert(pipe, IMAGES[:2], PROMPTS[:2], config.replace(backend="reference"), progress=False)
+            invs = nti.invert(pipe, IMAGES[:2], PROMPTS[:2], config, progress=False)
+    ref = nti.invert(pipe, IMAGES[:2], PROMPTS[:2], config.replace(backend="reference"), progress=False)
     for f, r in zip(invs, ref):
         assert rel_err(f.null_embeddings, r.null_embeddings) < 1e-4
     assert next(iter(pipe.fast_unets.values())).compile_failed

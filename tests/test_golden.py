@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-import engine
-from engine import NTIConfig
-from engine.data import SCENE_PROMPTS
-from engine.ddim import make_schedule
+import nti
+from nti import NTIConfig
+from nti.data import SCENE_PROMPTS
+from nti.ddim import make_schedule
 from tests.conftest import rel_err
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -65,7 +65,7 @@ def test_golden_prompt_and_timesteps_are_what_the_engine_runs(shapes_pipe, golde
 
 def assert_reproduces(pipe, golden, backend: str) -> None:
     config = golden["config"].replace(backend=backend, batch_size=1)
-    inv = engine.invert(pipe, SCENE0, golden["prompt"], config, progress=False)[0]
+    inv = nti.invert(pipe, SCENE0, golden["prompt"], config, progress=False)[0]
     # exact: one inner iteration more or less at any step is a different algorithm
     assert inv.iterations == golden["iters"]
     tol = golden["tol"]
@@ -77,7 +77,7 @@ def assert_reproduces(pipe, golden, backend: str) -> None:
     worst = max(rel_err(inv.null_embeddings[i], nulls[i]) for i in range(50))
     assert worst < tol["nulls_step"], worst
     # the reconstruction: regenerated from z_T with the nulls under the source prompt (notebook's text2image_ldm)
-    z_rec = engine.edit_latents(pipe, [inv], golden["prompt"], config, progress=False)
+    z_rec = nti.edit_latents(pipe, [inv], golden["prompt"], config, progress=False)
     assert rel_err(z_rec, golden["z_rec"]) < tol["z_rec"]
 
 

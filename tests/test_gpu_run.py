@@ -5,13 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.gpu_run import STAGES, load_rows
+from nti.benchmarks.gpu_run import STAGES, load_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_run_quick_on_cpu(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_run", "--quick", "--out", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "nti.benchmarks.gpu_run", "--quick", "--out", str(tmp_path),
                            "--budget", "1500"], capture_output=True, text=True, timeout=1600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = load_rows(tmp_path)

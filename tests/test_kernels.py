@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import ddim as engine_ddim
-from kernels import (
+from nti import ddim as engine_ddim
+from nti.kernels import (
     ddim_step,
     ddim_step_ref,
     guided_ddim_step,
@@ -28,7 +28,7 @@ from kernels import (
     guided_ddim_step_ref,
     triton_enabled,
 )
-from kernels import ddim as K
+from nti.kernels import ddim as K
 from tests import ddim_truth as truth
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -9,8 +9,8 @@ times (on CPU the op runs the `*_ref` functions, so op-vs-ref would compare a fu
 import pytest
 import torch
 
-from engine import ddim as engine_ddim
-from kernels import ddim_step, guided_ddim_step, guided_ddim_step_mse, triton_enabled
+from nti import ddim as engine_ddim
+from nti.kernels import ddim_step, guided_ddim_step, guided_ddim_step_mse, triton_enabled
 from tests import ddim_truth as truth
 
 SHAPE = (4, 4, 32, 32)

@@ -1,13 +1,14 @@
 """Inversion methods on the tiny model: negative-prompt and direct inversion beside DDIM and null-text, and every
 method x edit mode reconstructing, under the source prompt, as its inversion does."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
-import engine
-from engine import NTIConfig, NTIError, load_inversion, p2p, reference, save_inversion
-from engine.models import encode_prompts
+import nti
+from nti import NTIConfig, NTIError, load_inversion, p2p, reference, save_inversion
+from nti.models import encode_prompts
 from tests.conftest import rel_err
 
 PROMPT = "a cat sitting on a mat"
@@ -18,12 +19,12 @@ BASE = NTIConfig(steps=5, inner_steps=2)
 
 @pytest.fixture(scope="module")
 def invs(tiny_pipe):
-    return {m: engine.invert(tiny_pipe, "skimage:chelsea", PROMPT, BASE.replace(method=m), progress=False)[0]
+    return {m: nti.invert(tiny_pipe, "skimage:chelsea", PROMPT, BASE.replace(method=m), progress=False)[0]
             for m in METHODS}
 
 
 def recon_mse(pipe, inv, config=BASE) -> float:
-    z = engine.edit_latents(pipe, [inv], inv.source_prompt, config, progress=False)[0]
+    z = nti.edit_latents(pipe, [inv], inv.source_prompt, config, progress=False)[0]
     return float(((z - inv.z_0) ** 2).mean())
 
 
@@ -32,17 +33,17 @@ def test_negative_prompt_inversion_does_no_optimization(tiny_pipe, invs):
     assert inv.iterations == [0] * 5 and inv.losses == [] and "null_text_s" not in inv.timings
     assert torch.equal(inv.null_embeddings, encode_prompts(tiny_pipe, [PROMPT]))  # the null text IS the prompt
     assert torch.equal(inv.z_T, invs["ddim"].z_T)  # nothing but DDIM inversion ran
-    fast = engine.invert(tiny_pipe, "skimage:chelsea", PROMPT, BASE.replace(method="negative-prompt", backend="fast"),
+    fast = nti.invert(tiny_pipe, "skimage:chelsea", PROMPT, BASE.replace(method="negative-prompt", backend="fast"),
                          progress=False)[0]
     assert torch.equal(fast.null_embeddings, inv.null_embeddings) and fast.iterations == inv.iterations
 
 
 def test_negative_prompt_reconstructs_as_ddim_without_guidance(tiny_pipe, invs):
     # null = prompt makes eps_u = eps_c: CFG at w=7.5 collapses to the conditional prediction, i.e. DDIM at w=1
-    npi = engine.edit_latents(tiny_pipe, [invs["negative-prompt"]], PROMPT, BASE, progress=False)
-    ddim_w1 = engine.invert(tiny_pipe, "skimage:chelsea", PROMPT, BASE.replace(method="ddim", guidance=1.0),
+    npi = nti.edit_latents(tiny_pipe, [invs["negative-prompt"]], PROMPT, BASE, progress=False)
+    ddim_w1 = nti.invert(tiny_pipe, "skimage:chelsea", PROMPT, BASE.replace(method="ddim", guidance=1.0),
                             progress=False)
-    assert rel_err(npi, engine.edit_latents(tiny_pipe, ddim_w1, PROMPT, BASE, progress=False)) < 1e-5  # 4e-7
+    assert rel_err(npi, nti.edit_latents(tiny_pipe, ddim_w1, PROMPT, BASE, progress=False)) < 1e-5  # 4e-7
 
 
 def test_direct_inversion_reconstructs_exactly(tiny_pipe, invs):
@@ -50,41 +51,39 @@ def test_direct_inversion_reconstructs_exactly(tiny_pipe, invs):
     assert inv.pivots.shape == (6, 4, 16, 16) and inv.null_embeddings is None
     assert torch.equal(inv.pivots[0], inv.z_0) and torch.equal(inv.pivots[-1], inv.z_T)
     for backend in ("reference", "fast"):
-        z = engine.edit_latents(tiny_pipe, [inv], PROMPT, BASE.replace(backend=backend), progress=False)[0]
+        z = nti.edit_latents(tiny_pipe, [inv], PROMPT, BASE.replace(backend=backend), progress=False)[0]
         assert rel_err(z, inv.z_0) < 1e-6  # measured 0: z~ + (z* - z~) rounds to z* here
-    fast = engine.invert(tiny_pipe, "skimage:chelsea", PROMPT, BASE.replace(method="direct", backend="fast"),
+    fast = nti.invert(tiny_pipe, "skimage:chelsea", PROMPT, BASE.replace(method="direct", backend="fast"),
                          progress=False)[0]
     assert rel_err(fast.pivots, inv.pivots) < 1e-4  # measured 3.9e-6 (batched DDIM inversion)
 
 
 def test_direct_source_branch_stays_on_the_pivots_while_editing(tiny_pipe, invs):
     inv, pipe = invs["direct"], tiny_pipe
-    job = engine.api._edit_job(pipe, inv, "a tiger sitting on a mat")
-    cond_source = encode_prompts(pipe, [PROMPT])
     config = BASE.replace(edit="p2p-replace")
-    plan = p2p.make_plan(pipe.tokenizer, PROMPT, "a tiger sitting on a mat", config)
+    job = nti.api.edit_job(pipe, inv, "a tiger sitting on a mat", config)
+    assert job.two_branch and job.plan is not None and job.pivots is not None
     runs = {}
     for share in (False, True):
-        controller = p2p.P2PController([plan], config, 5, pipe.device)
-        runs[share] = reference.p2p_sample(pipe, job["z_T"], cond_source, job["cond"], job["null"], job["schedule"],
-                                           job["weights"], controller, job["pivots"], offset_target=share)
+        controller = p2p.P2PController([job.plan], config, 5, pipe.device)
+        runs[share] = reference.p2p_sample(pipe, dataclasses.replace(job, offset_target=share), controller)
         assert rel_err(runs[share][0][0], inv.z_0) < 1e-6  # the source branch ends on z*_0 = z_0
     # the paper leaves the target alone; the 'add-source' variant pulls it towards the source
     assert rel_err(runs[True][1], runs[False][1]) > 1e-2
     assert rel_err(runs[True][1], inv.z_0[None]) < rel_err(runs[False][1], inv.z_0[None])
-    edited = engine.edit_latents(pipe, [inv], "a tiger sitting on a mat", config, progress=False)
+    edited = nti.edit_latents(pipe, [inv], "a tiger sitting on a mat", config, progress=False)
     assert rel_err(edited, runs[False][1]) < 1e-6
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_edit_mode_reconstructs_as_the_inversion(tiny_pipe, invs, method):
     inv = invs[method]
-    regen = engine.edit_latents(tiny_pipe, [inv], PROMPT, BASE, progress=False)
-    assert torch.equal(regen, engine.edit_latents(tiny_pipe, [inv], PROMPT, BASE, progress=False))
+    regen = nti.edit_latents(tiny_pipe, [inv], PROMPT, BASE, progress=False)
+    assert torch.equal(regen, nti.edit_latents(tiny_pipe, [inv], PROMPT, BASE, progress=False))
     for mode, extra in MODES.items():
         for backend in ("reference", "fast"):
             config = BASE.replace(edit=mode, backend=backend, **extra)
-            z = engine.edit_latents(tiny_pipe, [inv], PROMPT, config, progress=False)
+            z = nti.edit_latents(tiny_pipe, [inv], PROMPT, config, progress=False)
             # measured <= 7.3e-6 (two branches in one batch, SDPA vs explicit maps: other rounding, which the random
             # model at w=7.5 amplifies); direct inversion: exactly z_0 (measured 0)
             assert rel_err(z, regen) < (1e-6 if method == "direct" else 1e-4), (mode, backend)
@@ -105,14 +104,14 @@ def test_direct_artifact_keeps_the_pivots(tiny_pipe, invs, tmp_path):
     loaded = load_inversion(path)
     assert torch.equal(loaded.pivots, inv.pivots)
     config = BASE.replace(edit="p2p-refine")
-    a = engine.edit_latents(tiny_pipe, [inv], "a red cat sitting on a mat", config, progress=False)
-    b = engine.edit_latents(tiny_pipe, [loaded], "a red cat sitting on a mat", config, progress=False)
+    a = nti.edit_latents(tiny_pipe, [inv], "a red cat sitting on a mat", config, progress=False)
+    b = nti.edit_latents(tiny_pipe, [loaded], "a red cat sitting on a mat", config, progress=False)
     assert torch.equal(a, b)
     other = save_inversion(invs["null-text"], tmp_path / "nti.safetensors")  # older readers still read these
     assert json.loads(other.with_suffix(".json").read_text())["format_version"] == 1
     assert load_inversion(other).pivots is None
-    broken = engine.Inversion(**{**inv.__dict__, "pivots": None})
+    broken = nti.Inversion(**{**inv.__dict__, "pivots": None})
     with pytest.raises(NTIError, match="without its pivots"):
         load_inversion(save_inversion(broken, tmp_path / "broken.safetensors"))
     with pytest.raises(NTIError, match="no pivots"):
-        engine.edit_latents(tiny_pipe, [broken], PROMPT, BASE, progress=False)
+        nti.edit_latents(tiny_pipe, [broken], PROMPT, BASE, progress=False)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.config import NTIError
-from engine.metrics import (CLIP_SKIPPED, DINO_SKIPPED, PIE_LPIPS_SKIPPED, ClipScorer, PieModels, SeedScores,
+from nti.config import NTIError
+from nti.metrics import (CLIP_SKIPPED, DINO_SKIPPED, PIE_LPIPS_SKIPPED, ClipScorer, PieModels, SeedScores,
                             load_clip_scorer, load_dino, load_pie_lpips, lpips_distance, mse, pie_clip_score,
                             pie_edit_mask, pie_lpips, pie_mse, pie_psnr, pie_scores, pie_ssim, psnr, seed_scores,
                             ssim_global, ssim_windowed, to_array)
@@ -164,7 +164,7 @@ def test_lpips_is_skipped_cleanly_when_unavailable(photo, caplog, monkeypatch):
         pytest.skip("lpips is installed here; this test checks the fallback")
     except ImportError:
         pass
-    from engine import metrics
+    from nti import metrics
     monkeypatch.setattr(metrics, "_lpips_models", {})  # as in a fresh process: the message must come, once
     monkeypatch.setattr(metrics, "_lpips_warned", False)
     with caplog.at_level(logging.WARNING, logger="nti"):
@@ -320,7 +320,7 @@ def write_pie_folder(root) -> dict:
 def pie_pairs(tmp_path_factory):
     """The PIE-Bench fixture entries as loaded, each with an "edited" output: the edited region recoloured, the
     background with faint noise and a shifted strip; (source, output, mask, mask code) per entry."""
-    from engine.data import load_pie_bench
+    from nti.data import load_pie_bench
 
     root = tmp_path_factory.mktemp("pie")
     mapping = write_pie_folder(root)

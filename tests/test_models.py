@@ -5,8 +5,8 @@ import shutil
 import pytest
 import torch
 
-from engine import NTIError, load_pipeline, save_pipeline_folder
-from engine.models import encode_prompts, unet_eps
+from nti import NTIError, load_pipeline, save_pipeline_folder
+from nti.models import encode_prompts, unet_eps
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_unsupported_model_kinds_are_refused_at_load(saved_folder, tmp_path, kin
 
 
 def test_unsupported_model_exits_2_on_the_cli(saved_folder, tmp_path, capsys):
-    from engine.cli import main
+    from nti.cli import main
 
     folder = tmp_path / "sdxl"
     shutil.copytree(saved_folder, folder)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-import engine
-from engine import NTIConfig, NTIError, p2p
-from engine.cli import main as cli_main
-from engine.models import build_word_tokenizer
+import nti
+from nti import NTIConfig, NTIError, p2p
+from nti.cli import main as cli_main
+from nti.models import build_word_tokenizer
 from tests.conftest import rel_err
 
 IMAGES = ["skimage:chelsea", "skimage:coffee"]
@@ -25,7 +25,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def invs(tiny_pipe):
-    return engine.invert(tiny_pipe, IMAGES, SOURCES, BASE, progress=False)
+    return nti.invert(tiny_pipe, IMAGES, SOURCES, BASE, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------ token alignment
@@ -60,14 +60,14 @@ def refinement(size: int, pairs, target_len: int) -> tuple[torch.Tensor, torch.T
 def shapes_tok():
     """The built-in shapes model's own tokenizer (16 positions, one token per word)."""
     from transformers import CLIPTokenizer
-    from engine.models import SHAPES_FOLDER
+    from nti.models import SHAPES_FOLDER
     return CLIPTokenizer.from_pretrained(SHAPES_FOLDER, subfolder="tokenizer")
 
 
 @pytest.fixture(scope="module")
 def sd_tok():
     """SD v1.4's tokenizer: CLIP's BPE (49408 tokens), which the project builds offline (engine/assets/clip)."""
-    from engine.models import build_clip_tokenizer
+    from nti.models import build_clip_tokenizer
     tok = build_clip_tokenizer()
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]  # SD v1.4's token ids
     return tok
@@ -200,12 +200,12 @@ def test_windows_follow_the_official_step_counts(tok):
 
 def test_p2p_edit_changes_the_image_and_is_not_plain_regeneration(tiny_pipe, invs):
     config = BASE.replace(edit="p2p-replace")
-    edited = engine.edit_latents(tiny_pipe, invs[:1], TARGETS[:1], config, progress=False)
-    recon = engine.edit_latents(tiny_pipe, invs[:1], SOURCES[:1], BASE, progress=False)
-    regen = engine.edit_latents(tiny_pipe, invs[:1], TARGETS[:1], BASE, progress=False)
+    edited = nti.edit_latents(tiny_pipe, invs[:1], TARGETS[:1], config, progress=False)
+    recon = nti.edit_latents(tiny_pipe, invs[:1], SOURCES[:1], BASE, progress=False)
+    regen = nti.edit_latents(tiny_pipe, invs[:1], TARGETS[:1], BASE, progress=False)
     assert rel_err(edited, recon) > 0.05 and rel_err(edited, regen) > 0.01  # measured 0.31 and 0.06
     before = {k: type(v).__name__ for k, v in tiny_pipe.unet.attn_processors.items()}
-    images = engine.edit(tiny_pipe, invs[:1], TARGETS[:1], config.replace(reweight={"tiger": 2.0}), progress=False)
+    images = nti.edit(tiny_pipe, invs[:1], TARGETS[:1], config.replace(reweight={"tiger": 2.0}), progress=False)
     assert images[0].size == (32, 32)
     assert {k: type(v).__name__ for k, v in tiny_pipe.unet.attn_processors.items()} == before  # restored
 
@@ -219,28 +219,28 @@ def test_fast_batch_equals_reference_one_at_a_time(tiny_pipe, invs, extra):
     targets = TARGETS if extra["edit"] == "p2p-replace" else (
         ["a red cat sitting on a mat", "a big cup of coffee on a table"] if extra["edit"] == "p2p-refine" else SOURCES)
     config = BASE.replace(**extra)
-    ref = torch.cat([engine.edit_latents(tiny_pipe, [inv], [t], config, progress=False)
+    ref = torch.cat([nti.edit_latents(tiny_pipe, [inv], [t], config, progress=False)
                      for inv, t in zip(invs, targets)])
-    fast = engine.edit_latents(tiny_pipe, invs, targets, config.replace(backend="fast", batch_size=2), progress=False)
+    fast = nti.edit_latents(tiny_pipe, invs, targets, config.replace(backend="fast", batch_size=2), progress=False)
     assert rel_err(fast, ref) < 1e-4  # measured 3.5e-6 .. 4.6e-6 (explicit maps vs SDPA with folded values)
-    assert rel_err(ref, engine.edit_latents(tiny_pipe, invs, SOURCES, BASE, progress=False)) > 1e-3
+    assert rel_err(ref, nti.edit_latents(tiny_pipe, invs, SOURCES, BASE, progress=False)) > 1e-3
 
 
 def test_local_blend_extremes(tiny_pipe, invs):
     config = BASE.replace(edit="p2p-replace", blend_words=("cat",), blend_start=0.0)
-    plain = engine.edit_latents(tiny_pipe, invs[:1], TARGETS[:1], config.replace(blend_words=()), progress=False)
+    plain = nti.edit_latents(tiny_pipe, invs[:1], TARGETS[:1], config.replace(blend_words=()), progress=False)
     # a threshold below every value: the mask covers everything, the edit is as without blending
-    everywhere = engine.edit_latents(tiny_pipe, invs[:1], TARGETS[:1], config.replace(blend_threshold=-1.0),
+    everywhere = nti.edit_latents(tiny_pipe, invs[:1], TARGETS[:1], config.replace(blend_threshold=-1.0),
                                      progress=False)
     assert rel_err(everywhere, plain) < 1e-5  # measured 1.8e-6: z_s + 1 * (z_t - z_s) rounds, then grows
     # above the max-normalized maximum: an empty mask resets the target to the source branch after every step
-    nowhere = engine.edit_latents(tiny_pipe, invs[:1], TARGETS[:1], config.replace(blend_threshold=1.0),
+    nowhere = nti.edit_latents(tiny_pipe, invs[:1], TARGETS[:1], config.replace(blend_threshold=1.0),
                                   progress=False)
-    recon = engine.edit_latents(tiny_pipe, invs[:1], SOURCES[:1], BASE, progress=False)
+    recon = nti.edit_latents(tiny_pipe, invs[:1], SOURCES[:1], BASE, progress=False)
     assert rel_err(nowhere, recon) < 1e-4
     # the random model's attention is nearly uniform (normalized maps span 0.86..1), so only a high threshold
     # gives a partial mask here; it keeps part of the edit
-    partial = engine.edit_latents(tiny_pipe, invs[:1], TARGETS[:1], config.replace(blend_threshold=0.94),
+    partial = nti.edit_latents(tiny_pipe, invs[:1], TARGETS[:1], config.replace(blend_threshold=0.94),
                                   progress=False)
     assert rel_err(partial, plain) > 1e-3 and rel_err(partial, recon) > 1e-3
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-import engine
-from engine import NTIConfig, load_inversion, load_pipeline, save_inversion, save_pipeline_folder
-from engine.ddim import ddim_step, make_schedule
+import nti
+from nti import NTIConfig, load_inversion, load_pipeline, save_inversion, save_pipeline_folder
+from nti.ddim import ddim_step, make_schedule
 from tests.conftest import rel_err
 
 SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -52,25 +52,25 @@ def v_model(tiny_pipe, tmp_path_factory):
 
 def test_v_model_fast_path_equals_reference(v_model, tiny_pipe, cat_image):
     pipe = load_pipeline(v_model, device="cpu")
-    ref = engine.invert(pipe, cat_image, PROMPT, CONFIG, progress=False)[0]
-    fast = engine.invert(pipe, [cat_image] * 2, PROMPT, CONFIG.replace(backend="fast", batch_size=2),
+    ref = nti.invert(pipe, cat_image, PROMPT, CONFIG, progress=False)[0]
+    fast = nti.invert(pipe, [cat_image] * 2, PROMPT, CONFIG.replace(backend="fast", batch_size=2),
                          progress=False)
     for inv in fast:
         assert inv.iterations == ref.iterations and rel_err(inv.z_T, ref.z_T) < 1e-4
         assert rel_err(inv.null_embeddings, ref.null_embeddings) < 3e-4
-    edit_ref = engine.edit_latents(pipe, [ref], TARGET, CONFIG, progress=False)
-    edit_fast = engine.edit_latents(pipe, fast[:1], TARGET, CONFIG.replace(backend="fast"), progress=False)
+    edit_ref = nti.edit_latents(pipe, [ref], TARGET, CONFIG, progress=False)
+    edit_fast = nti.edit_latents(pipe, fast[:1], TARGET, CONFIG.replace(backend="fast"), progress=False)
     assert rel_err(edit_fast, edit_ref) < 1e-4
     # the conversion is not a no-op: the same weights read as an epsilon model invert to another z_T
-    as_eps = engine.invert(tiny_pipe, cat_image, PROMPT, CONFIG, progress=False)[0]
+    as_eps = nti.invert(tiny_pipe, cat_image, PROMPT, CONFIG, progress=False)[0]
     assert rel_err(as_eps.z_T, ref.z_T) > 1e-2
     # and a saved inversion edits as the in-memory one
     loaded = load_inversion(save_inversion(ref, v_model.parent / "v.safetensors"))
-    assert torch.equal(engine.edit_latents(pipe, [loaded], TARGET, CONFIG, progress=False), edit_ref)
+    assert torch.equal(nti.edit_latents(pipe, [loaded], TARGET, CONFIG, progress=False), edit_ref)
 
 
 def test_cli_edits_with_a_v_model(v_model, tmp_path):
-    from engine.cli import main
+    from nti.cli import main
 
     out = tmp_path / "edit.png"
     assert main(["edit", "skimage:chelsea", "--model", str(v_model), "--prompt", PROMPT, "--target", TARGET,
@@ -83,5 +83,5 @@ def test_unknown_prediction_type_is_refused(v_model, tmp_path):
     shutil.copytree(v_model, folder)
     config_file = folder / "scheduler" / "scheduler_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": "flow"}))
-    with pytest.raises(engine.NTIError, match="predicts 'flow'"):
+    with pytest.raises(nti.NTIError, match="predicts 'flow'"):
         load_pipeline(folder, device="cpu")

@@ -3,17 +3,17 @@ import numpy as np
 import pytest
 import torch
 
-import engine
-from engine import NTIConfig
-from engine.ddim import guidance_weights, make_schedule
-from engine.reference import ddim_invert, null_text_optimize
+import nti
+from nti import NTIConfig
+from nti.ddim import guidance_weights, make_schedule
+from nti.reference import ddim_invert, null_text_optimize
 
 PROMPT = "a cat sitting on a mat"
 
 
 def recon_mse(pipe, image, config):
-    inv = engine.invert(pipe, image, PROMPT, config, progress=False)[0]
-    z = engine.edit_latents(pipe, [inv], PROMPT, config, progress=False)[0]
+    inv = nti.invert(pipe, image, PROMPT, config, progress=False)[0]
+    z = nti.edit_latents(pipe, [inv], PROMPT, config, progress=False)[0]
     return float(((z - inv.z_0) ** 2).mean()), inv
 
 
@@ -43,7 +43,7 @@ def test_null_text_records_one_embedding_per_step(recon, tiny_pipe):
     assert len(inv.iterations) == 50 and all(1 <= n <= 10 for n in inv.iterations)
     assert inv.null_embeddings.dtype == torch.float32
     # the optimized embeddings moved away from the empty-prompt embedding they started from
-    null = engine.api.null_embedding(tiny_pipe)[0]
+    null = nti.api.null_embedding(tiny_pipe)[0]
     assert float((inv.null_embeddings[0] - null).abs().max()) > 1e-3
 
 
@@ -51,9 +51,9 @@ def test_early_stop_and_lr_schedule_follow_the_notebook(tiny_pipe, cat_image):
     pipe = tiny_pipe
     sched = make_schedule(pipe.scheduler_config, 4)
     weights = guidance_weights(7.5, 4)
-    z0 = engine.models.encode_images(pipe, engine.api.prepare_images(pipe, [cat_image])[1])
-    cond = engine.models.encode_prompts(pipe, [PROMPT])
-    null = engine.api.null_embedding(pipe)
+    z0 = nti.models.encode_images(pipe, nti.api.prepare_images(pipe, [cat_image])[1])
+    cond = nti.models.encode_prompts(pipe, [PROMPT])
+    null = nti.api.null_embedding(pipe)
     pivots = ddim_invert(pipe, z0, cond, sched)
     assert len(pivots) == 5
     # a huge epsilon stops every step after one iteration, and that one Adam update is kept (notebook order)
@@ -73,9 +73,9 @@ def test_early_stop_and_lr_schedule_follow_the_notebook(tiny_pipe, cat_image):
 
 def test_source_prompt_edit_equals_reconstruct(tiny_pipe, cat_image):
     config = NTIConfig(steps=5, inner_steps=2)
-    inv = engine.invert(tiny_pipe, cat_image, PROMPT, config, progress=False)
-    a = engine.reconstruct(tiny_pipe, inv, progress=False)[0]
-    b = engine.edit(tiny_pipe, inv, PROMPT, progress=False)[0]
+    inv = nti.invert(tiny_pipe, cat_image, PROMPT, config, progress=False)
+    a = nti.reconstruct(tiny_pipe, inv, progress=False)[0]
+    b = nti.edit(tiny_pipe, inv, PROMPT, progress=False)[0]
     assert a.size == (32, 32) and np.array_equal(np.asarray(a), np.asarray(b))
-    c = engine.edit(tiny_pipe, inv, "a tiger sitting on a mat", progress=False)[0]
+    c = nti.edit(tiny_pipe, inv, "a tiger sitting on a mat", progress=False)[0]
     assert not np.array_equal(np.asarray(c), np.asarray(a))

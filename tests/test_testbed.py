@@ -11,10 +11,11 @@ import pytest
 import torch
 from scipy import ndimage
 
-from engine import api, scenes
-from engine.config import NTIConfig, NTIError
-from engine.metrics import clear_of, psnr, ssim
-from engine.models import SHAPES_FOLDER, load_pipeline
+from nti import api
+from nti.testbed import scenes
+from nti.config import NTIConfig, NTIError
+from nti.metrics import clear_of, psnr, ssim
+from nti.models import SHAPES_FOLDER, load_pipeline
 
 
 # ------------------------------------------------------------------------------------------------------------ oracle
@@ -83,7 +84,7 @@ def test_scene_edits_name_their_target_and_what_may_change():
 
 
 def test_held_out_captions_never_in_training_batches():
-    from engine.testbed import scene_batch
+    from nti.testbed.train import scene_batch
     _, captions = scene_batch(random.Random(3), 2000)
     assert not any(scenes.is_held_out(c) for c in captions)
     drawn = [scenes.random_scene(random.Random(i)).caption for i in range(3000)]
@@ -234,7 +235,7 @@ def test_add_and_remove_edits_reach_the_target_caption(shapes_pipe):
 # ---------------------------------------------------------------------------------------------------------- training
 
 def test_training_runs_resumes_and_loads(tmp_path):
-    from engine.testbed import TrainConfig, train
+    from nti.testbed.train import TrainConfig, train
     config = TrainConfig(vae_steps=2, unet_steps=2, batch_size=4, vae_batch=4, checkpoint_every=1, warmup=1)
     out = train(config, tmp_path / "model", tmp_path / "work")
     first = load_pipeline(out, device="cpu")
@@ -255,8 +256,8 @@ def test_training_runs_resumes_and_loads(tmp_path):
 
 def test_cli_edits_the_bundled_scenes_with_the_default_model(tmp_path, capsys, monkeypatch):
     """The README's main command (fewer steps): one PNG per edit, each scene inverted once for its two edits."""
-    from engine.cli import main
-    from engine.data import SCENE_PROMPTS
+    from nti.cli import main
+    from nti.data import SCENE_PROMPTS
 
     inverted = []
     real = api.invert
@@ -274,8 +275,8 @@ def test_cli_edits_the_bundled_scenes_with_the_default_model(tmp_path, capsys, m
 
 
 def test_cli_refuses_words_the_shapes_model_never_saw(tmp_path, capsys):
-    from engine.cli import EXIT_BAD_INPUT, main
-    from engine.data import SCENE_PROMPTS
+    from nti.cli import EXIT_BAD_INPUT, main
+    from nti.data import SCENE_PROMPTS
 
     code = main(["edit", str(SCENE_PROMPTS.parent / "scene0.png"), "--prompt", "a cat on a mat", "--target",
                  "a tiger on a mat", "--out", str(tmp_path / "x.png"), "--quiet", "--device", "cpu"])
@@ -286,8 +287,8 @@ def test_cli_refuses_words_the_shapes_model_never_saw(tmp_path, capsys):
 def test_eval_defaults_to_the_bundled_scenes_with_background_metrics(tmp_path, capsys):
     import csv
 
-    from engine.cli import main
-    from engine.data import SCENE_PROMPTS
+    from nti.cli import main
+    from nti.data import SCENE_PROMPTS
     out = tmp_path / "eval"
     assert main(["eval", "--out", str(out), "--n", "2", "--methods", "ddim", "--steps", "3", "--quiet",
                  "--device", "cpu"]) == 0

@@ -2,9 +2,10 @@
 
 Same components and layout as SD v1.4 (AutoencoderKL, UNet2DConditionModel with cross-attention, CLIP text encoder
 and tokenizer, DDIM scheduler config), scaled down: 32 px images, 8x8x4 latents (VAE factor 4), 16-token prompts.
-Trained in two stages on scenes from `engine.scenes`, reproducibly (seeded, config recorded next to the weights):
+Trained in two stages on scenes from `nti.testbed.scenes`, reproducibly (seeded, config recorded next to the
+weights):
 
-    python -m engine.testbed --out engine/assets/shapes            # resumes from --work if interrupted
+    python -m nti.testbed --out engine/assets/shapes            # resumes from --work if interrupted
 
 1. VAE: L1 + MSE reconstruction with a tiny KL term (SD's recipe without the GAN/LPIPS terms); the latent scaling
    factor is then set to 1 / std of the latents, as SD's 0.18215 was.
@@ -29,8 +30,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import scenes
-from .ddim import make_schedule
-from .models import (SHAPES_FOLDER, VOCABULARY_FILE, _assemble, build_word_tokenizer, fingerprint_modules,
+from ..ddim import make_schedule
+from ..models import (SHAPES_FOLDER, VOCABULARY_FILE, _assemble, build_word_tokenizer, fingerprint_modules,
                      parse_device, save_pipeline_folder)
 
 MAX_TOKENS = 16  # longest caption is 11 words + start/end tokens
@@ -228,7 +229,7 @@ def train(config: TrainConfig, out: Path, work: Path, device: str = "auto") -> P
     (out / "train_config.json").write_text(json.dumps({
         **asdict(config), "scaling_factor": scale, "torch": torch.__version__,
         "seconds_this_run": round(time.time() - started), "final_losses": log[-3:], "device": str(dev),
-        "command": "python -m engine.testbed --out " + str(out)}, indent=2))
+        "command": "python -m nti.testbed --out " + str(out)}, indent=2))
     return out
 
 
@@ -238,7 +239,7 @@ def write_vocabulary(out: Path) -> None:
     (out / VOCABULARY_FILE).write_text(json.dumps({"words": list(scenes.SCENE_WORDS), "example": example}) + "\n")
 
 
-EXAMPLES_FOLDER = Path(__file__).parent / "assets" / "scenes"
+EXAMPLES_FOLDER = Path(__file__).parent.parent / "assets" / "scenes"
 
 
 def write_examples(folder: Path = EXAMPLES_FOLDER, n: int = 6, seed: int = 7) -> Path:
@@ -278,6 +279,3 @@ def main(argv=None) -> None:
     config = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
     print(train(config, args.out, args.work, args.device))
 
-
-if __name__ == "__main__":
-    main()
