@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub, add_common)
     from .export_cli import add_export_parser  # `nti export`: ONNX / AOTInductor / TensorRT UNets (export/)
     add_export_parser(sub, add_common)
+    from .serve_cli import add_serve_parser  # `nti serve`: the HTTP backend (engine/serve.py, the serve extra)
+    add_serve_parser(sub, positive_int)
     return parser
 
 
@@ -219,6 +221,9 @@ def run(args) -> int:
     if args.command == "export":
         from .export_cli import run_export
         return run_export(args)
+    if args.command == "serve":
+        from .serve_cli import run_serve
+        return run_serve(args)
     from . import api
     from .artifact import load_inversion, save_inversion
     from .images import save_png
