@@ -222,8 +222,10 @@ def read_image(data: bytes, settings: ServeSettings, param: str = "image") -> Im
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError,
-            ValueError, SyntaxError) as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise APIError(413, f"{param}: refused as a decompression bomb ({err}); the limit is {settings.max_pixels} "
+                            f"pixels", param) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise APIError(400, f"{param}: not a readable image ({', '.join(IMAGE_FORMATS)}): "
                             f"{type(err).__name__}", param) from None
     if img.format not in IMAGE_FORMATS:
