@@ -35,10 +35,14 @@ def server(tmp_path_factory):
     assert code == 0, f"graceful shutdown exited {code}: {srv.log()[-2000:]}"
 
 
+def scene_png(name: str) -> bytes:
+    with open(os.path.join(os.path.dirname(__file__), "..", "engine", "assets", "scenes", f"{name}.png"), "rb") as fh:
+        return fh.read()
+
+
 @pytest.fixture(scope="module")
 def scene0():
-    with open(os.path.join(os.path.dirname(__file__), "..", "engine", "assets", "scenes", "scene0.png"), "rb") as fh:
-        return fh.read()
+    return scene_png("scene0")
 
 
 def png_of(b64: str) -> Image.Image:
@@ -110,8 +114,7 @@ def test_native_flow_inverts_once_and_serves_three_edits(server, scene1_png):
 
 @pytest.fixture(scope="module")
 def scene1_png():
-    with open(os.path.join(os.path.dirname(__file__), "..", "engine", "assets", "scenes", "scene1.png"), "rb") as fh:
-        return fh.read()
+    return scene_png("scene1")
 
 
 def test_concurrent_edits_form_batches(server):
@@ -223,7 +226,13 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(server, tmp_path):
     st = shutil.which("st", path=os.path.dirname(sys.executable)) or shutil.which("st")
     if st is None:
         pytest.skip("schemathesis is not installed (pip install -e '.[test]')")
-    cmd = [st, "run", server.url + "/openapi.json", "-H", f"Authorization: Bearer {TOKEN}",
+    with client(server) as c:  # a real id for the {inversion_id} routes, else they only ever see 404
+        inv = c.post("/v1/inversions", files={"image": ("s.png", scene_png("scene2"), "image/png")},
+                     data={"source_prompt": "a red triangle on a white background"}).json()
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(f'[parameters]\n"path.inversion_id" = "{inv["id"]}"\n')
+    cmd = [st, "--config-file", str(config), "run", server.url + "/openapi.json",
+           "-H", f"Authorization: Bearer {TOKEN}",
            "--checks", "not_a_server_error,response_schema_conformance,status_code_conformance,"
            "content_type_conformance", "--max-examples", "6", "--phases", "examples,coverage,fuzzing",
            "--seed", "19", "--no-shrink", "--workers", "1", "--request-timeout", "60",
