@@ -29,10 +29,11 @@ from PIL import Image, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool  # decoding, hashing, fsync: off the event loop
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import GUIDANCE_SCHEDULES, METHODS, NTIConfig, NTIError
-from .serve_jobs import FINAL, Batcher, BatchPolicy, Job, JobStore, atomic_write, log_event, new_id
+from .serve_jobs import FINAL, Batcher, BatchPolicy, Job, JobStore, atomic_write, fsync_dir, log_event, new_id
 
 PAGE = Path(__file__).parent / "assets" / "serve" / "index.html"
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
@@ -336,12 +337,15 @@ class Service:
             for job in jobs:
                 self._run_batch(pipe, [job])
 
-    def _finish(self, job: Job, result: dict, output: Path | None) -> None:
-        state = self.store.finish(job.id, result)
-        if state == "cancelled" and output is not None:
-            output.unlink(missing_ok=True)
-        self.metrics.job_seconds.labels(job.kind).observe(time.time() - job.created_at)
-        log_event("job_" + state, job=job.id, kind=job.kind, batch_size=result.get("batch_size"))
+    def _finish(self, jobs: list[Job], results: list[dict], outputs: list[Path]) -> None:
+        """The batch's files are written and fsynced; make their renames durable, then mark the jobs done."""
+        fsync_dir(outputs[0].parent)
+        states = self.store.finish({job.id: result for job, result in zip(jobs, results)})
+        for job, output in zip(jobs, outputs):
+            if states[job.id] == "cancelled":
+                output.unlink(missing_ok=True)
+            self.metrics.job_seconds.labels(job.kind).observe(time.time() - job.created_at)
+            log_event("job_" + states[job.id], job=job.id, kind=job.kind, batch_size=len(jobs))
 
     def _invert(self, pipe, jobs: list[Job]) -> None:
         from . import invert, save_inversion
@@ -355,16 +359,17 @@ class Service:
         inversions = invert(pipe, images, [j.request["source_prompt"] for j in jobs], config, progress=False)
         seconds = time.perf_counter() - start
         log_event("batch", kind="invert", size=len(jobs), seconds=round(seconds, 3))
+        outputs = []
         for job, inv in zip(jobs, inversions):
-            tmp = self.store.folder / "tmp" / f"{job.id}.safetensors"
+            tmp = self.store.folder / "tmp" / f"{job.id}.safetensors"  # same file system: the rename is atomic
             save_inversion(inv, tmp)
             tmp.with_suffix(".json").unlink(missing_ok=True)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
-            final = self.store.path("inversions", job.id)
-            os.replace(tmp, final)
-            self._finish(job, {"invert_s": seconds, "batch_size": len(jobs),
-                               "inner_iterations": int(sum(inv.iterations))}, final)
+            outputs.append(self.store.path("inversions", job.id))
+            os.replace(tmp, outputs[-1])
+        self._finish(jobs, [{"invert_s": seconds, "batch_size": len(jobs),
+                             "inner_iterations": int(sum(inv.iterations))} for inv in inversions], outputs)
 
     def inversion(self, job_id: str):
         from . import load_inversion
@@ -385,10 +390,10 @@ class Service:
         images = edit(pipe, inversions, [j.request["target_prompt"] for j in jobs], config, progress=False)
         seconds = time.perf_counter() - start
         log_event("batch", kind="edit", size=len(jobs), seconds=round(seconds, 3))
-        for job, img in zip(jobs, images):
-            out = self.store.path("edits", job.id)
-            atomic_write(out, png_bytes(img))
-            self._finish(job, {"edit_s": seconds, "batch_size": len(jobs)}, out)
+        outputs = [self.store.path("edits", job.id) for job in jobs]
+        for out, img in zip(outputs, images):
+            atomic_write(out, png_bytes(img), sync_dir=False)
+        self._finish(jobs, [{"edit_s": seconds, "batch_size": len(jobs)}] * len(jobs), outputs)
 
     # --- the request side
     def pipe(self):
@@ -449,16 +454,26 @@ class Service:
         square = center_square(img, pipe.resolution)
         result_settings = config.result_settings(pipe.scheduler_config)
         key = inversion_key(pixel_hash(square), source_prompt, pipe.fingerprint, result_settings)
+        existing = self.store.find_inversion(key)
+        if existing is not None:
+            return existing, True
+        job = Job(id=new_id(), kind="invert", state="queued", key=key,
+                  request={"source_prompt": source_prompt, "settings": settings, "steps": config.steps,
+                           "result_settings": result_settings})
+        source = self.store.path("sources", job.id)
+        atomic_write(source, png_bytes(square))  # the file before the row (outside the lock: fsyncs overlap)
         with self.submit_lock:
-            existing = self.store.find_inversion(key)
-            if existing is not None:
-                return existing, True
-            self.check_room(1)
-            job = Job(id=new_id(), kind="invert", state="queued", key=key,
-                      request={"source_prompt": source_prompt, "settings": settings, "steps": config.steps,
-                               "result_settings": result_settings})
-            atomic_write(self.store.path("sources", job.id), png_bytes(square))  # the file before the row
-            self.store.add(job)
+            existing = self.store.find_inversion(key)  # the same image may have come in meanwhile
+            if existing is None:
+                try:
+                    self.check_room(1)
+                except APIError:
+                    source.unlink(missing_ok=True)
+                    raise
+                self.store.add(job)
+        if existing is not None:
+            source.unlink(missing_ok=True)
+            return existing, True
         log_event("job_accepted", job=job.id, kind="invert", key=key)
         self.batcher.wake()
         return job, False
@@ -663,11 +678,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
         if size not in (None, "auto", f"{side}x{side}"):
             raise APIError(400, f"size: this model makes {side}x{side} images; got {size!r}", "size")
         service.check_prompt(prompt, "prompt")
-        img = read_image(await upload_bytes(image, settings), settings)
-        inversion, _ = service.submit_inversion(img, source_prompt, {
+        img = await run_in_threadpool(read_image, await upload_bytes(image, settings), settings)
+        inversion, _ = await run_in_threadpool(service.submit_inversion, img, source_prompt, {
             "method": method, "steps": steps, "inner_steps": inner_steps, "guidance": guidance,
             "guidance_schedule": guidance_schedule})
-        job = service.submit_edit(inversion, prompt, {"edit": edit} if edit else {})
+        job = await run_in_threadpool(service.submit_edit, inversion, prompt, {"edit": edit} if edit else {})
         job = await service.wait(job, timeout_s)
         if job.state != "done":
             raise service.failed(job)
@@ -692,8 +707,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         """Queue an inversion (202 + id), or return the stored one for the same pixels, prompt, model and
         result-changing settings (200, reused=true)."""
         service.pipe()
-        img = read_image(await upload_bytes(image, settings), settings)
-        job, reused = service.submit_inversion(img, source_prompt, {
+        img = await run_in_threadpool(read_image, await upload_bytes(image, settings), settings)
+        job, reused = await run_in_threadpool(service.submit_inversion, img, source_prompt, {
             "method": method, "steps": steps, "inner_steps": inner_steps, "guidance": guidance,
             "guidance_schedule": guidance_schedule, "early_stop": early_stop})
         body = service.inversion_status(job, reused).model_dump(mode="json")
@@ -748,7 +763,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         edit_settings = {"edit": body.edit}
         if body.edit != "regenerate":
             edit_settings.update(cross_replace=body.cross_replace, self_replace=body.self_replace)
-        job = service.submit_edit(inversion, body.target_prompt, edit_settings)
+        job = await run_in_threadpool(service.submit_edit, inversion, body.target_prompt, edit_settings)
         if not body.wait:
             return JSONResponse(service.edit_status(job, False).model_dump(mode="json"), status_code=202)
         job = await service.wait(job, body.timeout_s)

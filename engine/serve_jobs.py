@@ -33,15 +33,17 @@ def new_id() -> str:
     return secrets.token_hex(16)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write beside the target, fsync, rename: a reader (or a restart after kill -9) sees the old file or the new."""
+def atomic_write(path: Path, data: bytes, sync_dir: bool = True) -> None:
+    """Write beside the target, fsync, rename: a reader (or a restart after kill -9) sees the old file or the new.
+    sync_dir=False leaves the folder's fsync (which makes the rename itself durable) to the caller: once per batch."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -160,13 +162,23 @@ class JobStore:
             self.db.executemany("UPDATE jobs SET state = 'running', started_at = ? WHERE id = ?",
                                 [(now, i) for i in ids])
 
-    def finish(self, job_id: str, result: dict) -> str:
-        """Done, unless a cancel came while it ran (then cancelled). Returns the final state."""
+    def finish(self, results: dict[str, dict]) -> dict[str, str]:
+        """Mark a batch's jobs done (each unless a cancel came while it ran: then cancelled), in one transaction:
+        one fsync for the batch. Returns each job's final state."""
+        states = {}
         with self.lock:
-            job = self.get(job_id)
-            state = "cancelled" if job is None or job.cancel else "done"
-            self.update(job_id, state=state, result=result, finished_at=time.time())
-        return state
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                now = time.time()
+                for job_id, result in results.items():
+                    job = self.get(job_id)
+                    states[job_id] = "cancelled" if job is None or job.cancel else "done"
+                    self.update(job_id, state=states[job_id], result=result, finished_at=now)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        return states
 
     def fail(self, job_id: str, message: str, param: str | None = None) -> None:
         self.update(job_id, state="failed", error=message, error_param=param, finished_at=time.time())

@@ -204,7 +204,7 @@ def test_token_is_required_on_every_route_but_health(server):
     assert httpx.get(server.url + "/readyz").json()["ready"] is True
 
 
-def test_full_queue_is_429_with_retry_after(server, scene0):
+def test_full_queue_is_429_with_retry_after_and_jobs_cancel(server, scene0):
     with client(server) as c:
         inv = c.post("/v1/inversions", files={"image": ("s.png", scene0, "image/png")},
                      data={"source_prompt": SOURCE}).json()
@@ -218,6 +218,9 @@ def test_full_queue_is_429_with_retry_after(server, scene0):
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and r.json()["error"]["message"]
         for edit_id in accepted:  # cancellation: queued ones go at once
             assert c.delete(f"/v1/edits/{edit_id}").json()["status"] in ("deleted", "cancelling")
+        # a request that waits past its timeout: 504, and its job is cancelled rather than left to run unseen
+        r = c.post(f"/v1/inversions/{inv['id']}/edits", json={"target_prompt": TARGET, "timeout_s": 0.001})
+        assert r.status_code == 504 and r.json()["error"]["param"] == "timeout_s", r.text
 
 
 # --------------------------------------------------------------------------------------------------- schema, page
