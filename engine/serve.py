@@ -273,7 +273,10 @@ class Guard:
                                             {"WWW-Authenticate": "Bearer"})(scope, receive, send)
         limit = self.settings.max_upload_bytes + 64 * 1024  # multipart framing and form fields on top
         length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
+        if length is not None and not length.isdigit():
+            return await error_response(400, f"content-length: not a byte count: {length!r}",
+                                        "content-length")(scope, receive, send)
+        if length is not None and int(length) > limit:
             return await error_response(413, f"request body of {length} bytes is over the limit of {limit}",
                                         "image")(scope, receive, send)
         seen = 0
