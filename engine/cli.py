@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build an ONNX / AOTInductor / TensorRT UNet into the export cache that "
                                    "`--forward-backend KIND --export-cache DIR` reads. An up-to-date entry is reused.")
     add_export_arguments(p)  # engine/export_cli.py
+    from .serve_cli import add_serve_parser  # `nti serve`: the HTTP backend (engine/serve.py, the serve extra)
+    add_serve_parser(sub)
     return parser
 
 
@@ -113,6 +115,9 @@ def run(args) -> int:
             log.info("%s: %s %s (%s) in %.1f s", what, built.kind, built.component, built.precision, built.seconds)
         print(built.path)
         return EXIT_OK
+    if args.command == "serve":
+        from .serve_cli import run_serve
+        return run_serve(args)
     from . import api
     from .artifact import load_inversion, save_inversion
     from .images import save_png

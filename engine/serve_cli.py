@@ -1,0 +1,51 @@
+"""`nti serve` flags. Kept apart from engine/serve.py so the core CLI parses without FastAPI installed."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from .config import NTIError
+from .options import positive_int
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP backend: OpenAI-compatible /v1/images/edits and the native inversion API "
+                       "(needs the serve extra: pip install -e '.[serve]')")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data", default="nti-serve-data", help="folder for the job table (SQLite) and artifacts; "
+                   "a restart re-runs the jobs it holds that were accepted but not finished")
+    p.add_argument("--model", default=None, help="as for the other commands (default: the built-in shapes model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="most jobs in one fast-path batch")
+    p.add_argument("--max-delay-ms", type=float, default=50.0, help="how long the oldest job waits for a batch to "
+                   "fill before it runs with what is there")
+    p.add_argument("--max-queue", type=positive_int, default=256, help="queued jobs before 429 + Retry-After")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a waiting request waits at most")
+    p.add_argument("--token", default=None, help="bearer token required on every route but /healthz, /readyz and "
+                   "the page (default: $NTI_SERVE_TOKEN; none: no auth)")
+    p.add_argument("--max-upload-bytes", type=positive_int, default=10 * 2**20)
+    p.add_argument("--max-pixels", type=positive_int, default=4096 * 4096, help="decoded image size limit")
+    p.add_argument("--max-prompt-chars", type=positive_int, default=500)
+    p.add_argument("--max-steps", type=positive_int, default=100)
+    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps of requests that do not say")
+    p.add_argument("--inner-steps", type=int, default=10, help="Adam iterations per step of requests that do not "
+                   "say")
+    p.add_argument("--drain", type=float, default=30.0, help="seconds a shutdown keeps batching queued jobs")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("--cache", default=None, help=argparse.SUPPRESS)  # read by the CLI's interrupt message
+
+
+def run_serve(args) -> int:
+    try:
+        from .serve import ServeSettings, serve
+    except ImportError as err:
+        raise NTIError(f"nti serve needs the serve extra ({err.name} is missing): pip install -e '.[serve]'") from None
+    settings = ServeSettings(
+        data=args.data, model=args.model, device=args.device, batch_size=args.batch_size,
+        max_delay_ms=args.max_delay_ms, max_queue=args.max_queue, request_timeout_s=args.request_timeout,
+        token=args.token or os.environ.get("NTI_SERVE_TOKEN") or None, max_upload_bytes=args.max_upload_bytes,
+        max_pixels=args.max_pixels, max_prompt_chars=args.max_prompt_chars, max_steps=args.max_steps,
+        steps=args.steps, inner_steps=args.inner_steps, drain_s=args.drain)
+    serve(settings, args.host, args.port)
+    return 0

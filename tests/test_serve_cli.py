@@ -1,0 +1,21 @@
+"""`nti serve` is one subcommand of the core CLI, which must parse without the serve extra installed."""
+import sys
+
+import pytest
+
+from nti.cli import build_parser, main
+
+
+def test_serve_parses_without_fastapi_and_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if the serve extra were absent
+    monkeypatch.delitem(sys.modules, "nti.serve", raising=False)
+    args = build_parser().parse_args(["serve", "--port", "0", "--batch-size", "4"])
+    assert (args.host, args.batch_size, args.max_delay_ms) == ("127.0.0.1", 4, 50.0)  # loopback unless told
+    assert main(["serve", "--port", "0"]) == 2
+    assert "pip install -e '.[serve]'" in capsys.readouterr().err
+
+
+def test_serve_rejects_bad_flags_like_the_other_commands():
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", "--batch-size", "0"])
+    assert exit_info.value.code == 2
