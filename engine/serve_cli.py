@@ -32,6 +32,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--inner-steps", type=int, default=10, help="Adam iterations per step of requests that do not "
                    "say")
     p.add_argument("--drain", type=float, default=30.0, help="seconds a shutdown keeps batching queued jobs")
+    p.add_argument("--quiet", action="store_true", help="warnings and errors only in the log")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.add_argument("--cache", default=None, help=argparse.SUPPRESS)  # read by the CLI's interrupt message
 
