@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_inputs(p, target=False)
     p.add_argument("--out", required=True, help="output .png (one image) or folder")
     add_common(p)
+    from .distributed import add_ray_options  # --ray [ADDRESS], --num-workers: engine/distributed.py (no Ray import)
+    for name in ("invert", "edit", "reconstruct"):
+        add_ray_options(sub.choices[name])
     from .evaluate import add_eval_parser  # `nti eval`: the evaluation harness (engine/evaluate.py)
     add_eval_parser(sub, add_common)
     from .export_cli import add_export_parser  # `nti export`: ONNX / AOTInductor / TensorRT UNets (export/)
@@ -219,6 +222,9 @@ def run(args) -> int:
     if args.command == "export":
         from .export_cli import run_export
         return run_export(args)
+    if getattr(args, "ray", None) is not None:  # the same jobs on a Ray cluster (engine/distributed.py)
+        from .distributed import run_ray
+        return run_ray(args)
     from . import api
     from .artifact import load_inversion, save_inversion
     from .images import save_png
