@@ -331,6 +331,8 @@ def _pipeline(ray, args, batches: list[Batch], resolution: int, device: str, con
                                                 "config_json": json.dumps(dataclasses.asdict(config)),
                                                 "cache": cache, "resolution": resolution},
                          num_gpus=1 if cuda else 0, num_cpus=cpus_per_worker,
-                         # an actor that dies is restarted and the batch it held sent again; bounded, so a batch
-                         # that kills every actor it reaches (out of memory) fails the run instead of looping
-                         max_restarts=3, max_task_retries=3))
+                         # an actor that dies is restarted and the batch it held sent again: Ray Data's own
+                         # default for actor pools (max_restarts=-1, max_task_retries=-1); the crash hook is handed
+                         # over explicitly, as actors inherit the cluster's environment, not the driver's
+                         runtime_env={"env_vars": {CRASH_HOOK: os.environ[CRASH_HOOK]}} if CRASH_HOOK in os.environ
+                         else None))
