@@ -135,8 +135,9 @@ class EngineWorker:
 
         import ray
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-        if device == "cpu" and cpus:  # use what Ray gave this actor, no more: actors share the node's cores
-            torch.set_num_threads(max(1, round(cpus)))
+        if device == "cpu" and cpus:  # the whole CPUs Ray gave this actor, no more: OpenMP threads beyond the
+            # cores they share spin at barriers, which made a 2-thread actor several times slower on a busy 2-core box
+            torch.set_num_threads(max(1, int(cpus)))
         start = time.perf_counter()
         self.pipe = load_pipeline(model, device, seed=0)
         self.load_s = time.perf_counter() - start
@@ -322,9 +323,12 @@ def _pipeline(ray, args, batches: list[Batch], resolution: int, device: str, con
     # on GPUs an actor needs one core to drive its GPU; on CPU the actors share the cluster's cores (one torch thread
     # per whole CPU they get), less half a CPU kept for the image-loading tasks, which would otherwise never run
     cpus_per_worker = 1 if cuda else max(0.25, (ray.cluster_resources().get("CPU", 1) - LOAD_CPUS) / workers)
+    # one batch in flight per actor: batches are seconds to minutes of work, and a batch queued behind a busy actor
+    # while another actor idles would only lengthen the tail of the run
+    pool = ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1)
     return (ray.data.from_items(rows, override_num_blocks=len(rows))
             .map(load_stage, fn_kwargs={"resolution": resolution}, num_cpus=LOAD_CPUS)
-            .map_batches(EngineWorker, batch_size=1, concurrency=workers,
+            .map_batches(EngineWorker, batch_size=1, compute=pool,
                          # each actor sees only its own GPU, as cuda:0
                          fn_constructor_kwargs={"command": args.command, "model": args.model,
                                                 "device": "cuda" if cuda else device,
