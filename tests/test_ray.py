@@ -1,6 +1,7 @@
 """`--ray` batch runs (issue 20) on a local 2-CPU Ray cluster this file starts: the same files as the single-process
 run, an actor killed mid-run, a corrupt input among good ones, and no Ray needed without --ray."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,7 +34,16 @@ def files(folder: Path) -> dict:
 def cluster():
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # Ray starts workers at nice 15: on a busy shared machine the actors would crawl behind everything else
+    niceness = os.environ.get("RAY_worker_niceness")
+    os.environ["RAY_worker_niceness"] = "0"
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    finally:
+        if niceness is None:
+            os.environ.pop("RAY_worker_niceness")
+        else:
+            os.environ["RAY_worker_niceness"] = niceness
     yield ray
     ray.shutdown()
 
@@ -59,12 +69,24 @@ def single(tmp_path_factory, jobs):
     return files(out)
 
 
-def test_ray_edit_writes_the_single_process_files(cluster, jobs, single, tmp_path, capsys):
+def test_ray_edit_writes_the_single_process_files_and_skips_a_corrupt_input(cluster, jobs, single, tmp_path,
+                                                                             capsys):
+    """One run for two claims (a Ray run costs ~20 s of worker start-up here): the bundled scenes' edits come out
+    byte for byte as the single-process run writes them, and a corrupt file among them is reported, not fatal."""
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really an image")
+    records = [json.loads(line) for line in jobs.read_text().splitlines()]
+    records.insert(1, {"id": "broken", "image": str(bad), "source_prompt": "a red circle on a white background",
+                       "target_prompt": "a blue circle on a white background"})
     out, cache = tmp_path / "out", tmp_path / "cache"
-    assert main(["edit", str(jobs), "--out", str(out), "--cache", str(cache), *FAST, "--ray", "--num-workers",
-                 "2"]) == EXIT_OK
-    assert files(out) == single  # same names, same bytes
-    assert sorted(capsys.readouterr().out.split()) == sorted(str(out / name) for name in single)
+    code = main(["edit", str(write_jsonl(tmp_path / "jobs.jsonl", records)), "--out", str(out), "--cache",
+                 str(cache), *FAST, "--ray", "--num-workers", "2"])
+    stdout, err = capsys.readouterr()
+    assert code == EXIT_BAD_INPUT
+    assert "skipped broken" in err and str(bad) in err and "not a readable image" in err
+    assert "1 of 5 inputs failed" in err
+    assert files(out) == single  # the four good edits: same names, same bytes
+    assert sorted(stdout.split()) == sorted(str(out / name) for name in single)
     assert len(list(cache.glob("*.safetensors"))) == 2  # one inversion per scene, shared by its two edits
 
 
@@ -86,22 +108,6 @@ def test_an_actor_killed_mid_run_loses_nothing_and_writes_nothing_twice(cluster,
         assert load_inversion(path).key == path.stem  # whole, readable, under its content key
     # the dead actor's inversion was saved before it died and reused by the retry, not redone
     assert any(p.stat().st_mtime_ns <= flag.stat().st_mtime_ns for p in cache.glob("*.safetensors"))
-
-
-def test_a_corrupt_input_is_reported_and_the_rest_finish(cluster, single, tmp_path, capsys):
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"\x89PNG not really an image")
-    records = scene_records(1)
-    records.insert(1, {"id": "broken", "image": str(bad), "source_prompt": "a red circle on a white background",
-                       "target_prompt": "a blue circle on a white background"})
-    out = tmp_path / "out"
-    code = main(["edit", str(write_jsonl(tmp_path / "jobs.jsonl", records)), "--out", str(out), *FAST, "--ray",
-                 "--num-workers", "1"])
-    err = capsys.readouterr().err
-    assert code == EXIT_BAD_INPUT
-    assert "skipped broken" in err and str(bad) in err and "not a readable image" in err
-    assert "1 of 3 inputs failed" in err
-    assert files(out) == {name: data for name, data in single.items() if name.startswith("scene0")}
 
 
 def test_ray_without_ray_installed_says_how_to_install_it(tmp_path, monkeypatch, capsys):
