@@ -29,11 +29,13 @@ LOAD_CPUS = 0.5  # logical CPUs of one image-loading task (decode + resize: ligh
 
 def add_ray_options(p) -> None:
     """The --ray option group of invert / edit / reconstruct."""
+    from .cli import positive_int
+
     g = p.add_argument_group("scale-out on Ray (pip install -e '.[ray]'; docs/ray.md)")
     g.add_argument("--ray", nargs="?", const=LOCAL, default=None, metavar="ADDRESS",
                    help="run on a Ray cluster: ADDRESS of its head (e.g. auto, 10.0.0.1:6379, ray://host:10001) or "
                    "none for a local one; --cache must then be a folder every node sees")
-    g.add_argument("--num-workers", type=int, default=None, metavar="N",
+    g.add_argument("--num-workers", type=positive_int, default=None, metavar="N",
                    help="engine actors (default: one per GPU of the cluster; on CPU one per node)")
 
 
@@ -243,19 +245,23 @@ def run_batch(args) -> RunReport:
     jobs = collect_jobs(args, need_target)
     if not jobs:
         raise NTIError("no inputs: give image paths (or skimage:chelsea), a folder or a JSONL")
+    for job in jobs:  # workers resolve paths in their own folder, on their own node: give them absolute ones
+        if not job["image"].startswith("skimage:"):
+            job["image"] = str(Path(job["image"]).expanduser().resolve())
     suffix = ".safetensors" if args.command == "invert" else ".png"
     for job, path in zip(jobs, output_paths(args.out, [j["name"] for j in jobs], suffix)):
         job["out"] = str(path)
     resolution, words, example = model_facts(args.model)
     check_vocabulary(_Vocabulary(args.model or "shapes", words, example),
                      [j[k] for j in jobs for k in ("source_prompt", "target_prompt") if j.get(k)])
-    if args.num_workers is not None and args.num_workers < 1:
-        raise NTIError(f"--num-workers must be at least 1, got {args.num_workers}")
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=None if args.ray == LOCAL else args.ray, include_dashboard=False,
-                 log_to_driver=args.debug, logging_level="ERROR")
+        try:
+            ray.init(address=None if args.ray == LOCAL else args.ray, include_dashboard=False,
+                     log_to_driver=args.debug, logging_level="ERROR")
+        except (ConnectionError, ValueError, RuntimeError) as err:  # no cluster there, or a malformed address
+            raise NTIError(f"could not start or reach the Ray cluster at {args.ray!r}: {err}") from None
     try:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
@@ -268,6 +274,8 @@ def run_batch(args) -> RunReport:
         report = RunReport(workers=workers, device=device)
         per_call = config.batch_size if config.backend == "fast" else 1  # what the single-process run inverts at once
         batches = make_batches(jobs, per_call)
+        workers = min(workers, len(batches))  # an actor with no batch to run would only load the model
+        report.workers = workers
         cache = str(Path(args.cache).resolve()) if args.cache else None
         start = time.perf_counter()
         dataset = _pipeline(ray, args, batches, resolution, device, config, cache, workers)
@@ -276,7 +284,7 @@ def run_batch(args) -> RunReport:
             if row["out"] in seen:  # a retried batch can never write an output twice
                 continue
             seen.add(row["out"])
-            report.actor_load_s.setdefault(row["actor"], row["load_s"]) if row["actor"] else None
+            report.actor_load_s.setdefault(row["actor"], row["load_s"])
             if row["error"]:
                 report.failed.append((row["name"], row["image"], row["error"]))
             else:
