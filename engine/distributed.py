@@ -41,7 +41,7 @@ def add_ray_options(p) -> None:
 
 @dataclass
 class Batch:
-    """What one actor call gets: `groups` distinct (image, source prompt) pairs and the jobs that use them."""
+    """What one actor call gets: the jobs of up to --batch-size distinct (image, source prompt) pairs."""
 
     index: int
     jobs: list  # [{name, image, source_prompt, target_prompt?, out}], grouped by (image, source_prompt)
