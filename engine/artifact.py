@@ -4,12 +4,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .config import NTIError
 
@@ -72,15 +73,33 @@ def save_inversion(inv: Inversion, path: str | os.PathLike) -> Path:
     if path.suffix != ".safetensors":
         path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
+    data, readable = inversion_bytes(inv)
+    write_atomic(path.with_suffix(".json"), readable.encode())
+    write_atomic(path, data)  # last: a cache reader only looks for the .safetensors, so it never sees half an entry
+    return path
+
+
+def inversion_bytes(inv: Inversion) -> tuple[bytes, str]:
+    """The .safetensors file's bytes and its readable .json twin, as save_inversion writes them (a worker that
+    makes an inversion can hand these to whoever writes the file)."""
     tensors = {"z_T": inv.z_T.detach().cpu().float().contiguous(), "z_0": inv.z_0.detach().cpu().float().contiguous()}
     if inv.null_embeddings is not None:
         tensors["null_embeddings"] = inv.null_embeddings.detach().cpu().float().contiguous()
     if inv.pivots is not None:
         tensors["pivots"] = inv.pivots.detach().cpu().float().contiguous()
     meta = json.dumps(inv.metadata(), sort_keys=True)
-    save_file(tensors, str(path), metadata={"nti": meta})
-    path.with_suffix(".json").write_text(json.dumps(inv.metadata(), indent=2, sort_keys=True))
-    return path
+    return save(tensors, metadata={"nti": meta}), json.dumps(inv.metadata(), indent=2, sort_keys=True)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name beside `path`, then rename: a reader (another worker sharing --cache, a rerun after
+    a crash) sees the whole file or none, and two writers of the same entry leave one whole file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_inversion(path: str | os.PathLike) -> Inversion:

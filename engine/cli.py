@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_inputs(p, target=False)
     p.add_argument("--out", required=True, help="output .png (one image) or folder")
     add_common(p)
+    from .distributed import add_ray_options  # --ray [ADDRESS], --num-workers: engine/distributed.py (no Ray import)
+    for name in ("invert", "edit", "reconstruct"):
+        add_ray_options(sub.choices[name])
     p = sub.add_parser("eval", help="evaluate methods x guidance settings on a data set: CSVs, plots, report.md")
     add_eval_arguments(p)  # engine/evaluate.py
     add_common(p)
@@ -118,6 +121,9 @@ def run(args) -> int:
     if args.command == "serve":
         from .serve_cli import run_serve
         return run_serve(args)
+    if getattr(args, "ray", None) is not None:  # the same jobs on a Ray cluster (engine/distributed.py)
+        from .distributed import run_ray
+        return run_ray(args)
     from . import api
     from .artifact import load_inversion, save_inversion
     from .images import save_png

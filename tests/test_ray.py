@@ -1,0 +1,127 @@
+"""`--ray` batch runs (issue 20) on a local 2-CPU Ray cluster this file starts: the same files as the single-process
+run, an actor killed mid-run, a corrupt input among good ones, and no Ray needed without --ray."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nti.cli import EXIT_BAD_INPUT, EXIT_OK, main
+
+SCENES = Path(__file__).resolve().parents[1] / "engine" / "assets" / "scenes"
+FAST = ["--steps", "3", "--inner-steps", "1", "--quiet", "--device", "cpu"]  # the shapes model, reference backend
+
+
+def scene_records(n_images: int) -> list[dict]:
+    """The first n_images bundled scenes, both edits of each, with absolute image paths."""
+    records = [json.loads(line) for line in (SCENES / "prompts.jsonl").read_text().splitlines() if line.strip()]
+    records = [r for r in records if int(r["id"][5]) < n_images]
+    return [{**r, "image": str(SCENES / r["image"])} for r in records]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def files(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    # Ray starts workers at nice 15: on a busy shared machine the actors would crawl behind everything else
+    niceness = os.environ.get("RAY_worker_niceness")
+    os.environ["RAY_worker_niceness"] = "0"
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    finally:
+        if niceness is None:
+            os.environ.pop("RAY_worker_niceness")
+        else:
+            os.environ["RAY_worker_niceness"] = niceness
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("jobs") / "scenes.jsonl", scene_records(2))
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, jobs):
+    """The single-process run: 4 edits of 2 scenes. One torch thread, as each of the two actors gets one of the 2
+    CPUs (the reference path runs one image at a time, so batch composition cannot change its rounding)."""
+    out = tmp_path_factory.mktemp("single")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(sys.modules, "ray", None)  # the single-process path runs as if Ray were not installed
+            assert main(["edit", str(jobs), "--out", str(out), *FAST]) == EXIT_OK
+    finally:
+        torch.set_num_threads(threads)
+    return files(out)
+
+
+def test_ray_edit_writes_the_single_process_files_and_skips_a_corrupt_input(cluster, jobs, single, tmp_path,
+                                                                             capsys):
+    """One run for two claims (a Ray run costs ~20 s of worker start-up here): the bundled scenes' edits come out
+    byte for byte as the single-process run writes them, and a corrupt file among them is reported, not fatal."""
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really an image")
+    records = [json.loads(line) for line in jobs.read_text().splitlines()]
+    records.insert(1, {"id": "broken", "image": str(bad), "source_prompt": "a red circle on a white background",
+                       "target_prompt": "a blue circle on a white background"})
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    code = main(["edit", str(write_jsonl(tmp_path / "jobs.jsonl", records)), "--out", str(out), "--cache",
+                 str(cache), *FAST, "--ray", "--num-workers", "2"])
+    stdout, err = capsys.readouterr()
+    assert code == EXIT_BAD_INPUT
+    assert "skipped broken" in err and str(bad) in err and "not a readable image" in err
+    assert "1 of 5 inputs failed" in err
+    assert files(out) == single  # the four good edits: same names, same bytes
+    assert sorted(stdout.split()) == sorted(str(out / name) for name in single)
+    assert len(list(cache.glob("*.safetensors"))) == 2  # one inversion per scene, shared by its two edits
+
+
+def test_an_actor_killed_mid_run_loses_nothing_and_writes_nothing_twice(cluster, jobs, single, tmp_path,
+                                                                          monkeypatch):
+    from nti.artifact import load_inversion
+    from nti.distributed import CRASH_HOOK
+
+    out, cache, flag = tmp_path / "out", tmp_path / "cache", tmp_path / "crashed"
+    # the first actor to reach its first batch exits hard after that batch's inversion is in the cache
+    monkeypatch.setenv(CRASH_HOOK, f"1:{flag}")
+    assert main(["edit", str(jobs), "--out", str(out), "--cache", str(cache), *FAST, "--ray", "--num-workers",
+                 "2"]) == EXIT_OK
+    assert flag.is_file()  # an actor did die
+    assert files(out) == single  # every output, once, exactly the single-process file; no temporary files
+    entries = sorted(cache.iterdir())
+    assert [p.suffix for p in entries].count(".safetensors") == 2 and len(entries) == 4  # + the .json twins
+    for path in cache.glob("*.safetensors"):
+        assert load_inversion(path).key == path.stem  # whole, readable, under its content key
+    # the dead actor's inversion was saved before it died and reused by the retry, not redone
+    assert any(p.stat().st_mtime_ns <= flag.stat().st_mtime_ns for p in cache.glob("*.safetensors"))
+
+
+def test_ray_without_ray_installed_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed (the single-process run without
+    # Ray is the `single` fixture)
+    code = main(["edit", str(SCENES / "scene0.png"), "--prompt", "a", "--target", "b", "--out",
+                 str(tmp_path / "o.png"), *FAST, "--ray"])
+    assert code == EXIT_BAD_INPUT and "pip install -e '.[ray]'" in capsys.readouterr().err
+
+
+def test_batches_group_the_edits_of_one_inversion():
+    from nti.distributed import make_batches
+
+    jobs = [{"name": n, "image": img, "source_prompt": p} for n, img, p in
+            [("a1", "a.png", "x"), ("b", "b.png", "x"), ("a2", "a.png", "x"), ("a3", "a.png", "y"), ("c", "c.png", "x")]]
+    batches = make_batches(jobs, 2)
+    assert [[j["name"] for j in b.jobs] for b in batches] == [["a1", "a2", "b"], ["a3", "c"]]
