@@ -15,10 +15,10 @@ FAST = ["--steps", "3", "--inner-steps", "1", "--quiet", "--device", "cpu"]  # t
 
 
 def scene_records(n_images: int) -> list[dict]:
-    """The first n_images bundled scenes, both edits of each, with absolute image paths."""
+    """The first n_images bundled scenes, both edits of each, with absolute image (and edit mask) paths."""
     records = [json.loads(line) for line in (SCENES / "prompts.jsonl").read_text().splitlines() if line.strip()]
     records = [r for r in records if int(r["id"][5]) < n_images]
-    return [{**r, "image": str(SCENES / r["image"])} for r in records]
+    return [{**r, **{k: str(SCENES / r[k]) for k in ("image", "mask") if k in r}} for r in records]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
