@@ -2,18 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import time
-from pathlib import Path
 
 from .config import (ATTENTION, DIRECT_TARGET_OFFSETS, EDIT_MODES, FORWARD_BACKENDS, GUIDANCE_SCHEDULES, METHODS,
                      PRECISIONS, NTIConfig, NTIError)
+from .validate import explicit_options
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -104,6 +101,8 @@ def add_inputs(p: argparse.ArgumentParser, target: bool) -> None:
     p.add_argument("--prompt", help="source prompt describing the image(s)")
     if target:
         p.add_argument("--target", help="target prompt of the edit")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first bad input (default: finish the "
+                   "good ones, list every bad one at the end, exit 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,71 +146,6 @@ def config_from_args(args, device) -> NTIConfig:
                      direct_target_offset=getattr(args, "direct_target_offset", "none"))
 
 
-def collect_jobs(args, need_target: bool) -> list[dict]:
-    """Expand positional inputs into jobs {name, image, source_prompt, target_prompt}."""
-    jobs = []
-    for item in args.images:
-        path = Path(item)
-        if item.endswith(".jsonl"):
-            jobs += read_jsonl(path, need_target)
-        elif path.is_dir():
-            files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise NTIError(f"folder {path} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            jobs += [{"name": f.stem, "image": str(f)} for f in files]
-        else:
-            jobs.append({"name": path.stem if ":" not in item else item.split(":", 1)[1], "image": item})
-    for job in jobs:
-        job.setdefault("source_prompt", args.prompt)
-        if need_target:
-            job.setdefault("target_prompt", args.target)
-        if job["source_prompt"] is None:
-            raise NTIError(f"no source prompt for {job['image']}: pass --prompt or give one in the JSONL")
-        if need_target and job["target_prompt"] is None:
-            raise NTIError(f"no target prompt for {job['image']}: pass --target or give one in the JSONL")
-        # a missing file is reported before the model loads, not after
-        if not job["image"].startswith("skimage:") and not Path(job["image"]).expanduser().exists():
-            raise NTIError(f"image {job['image']} does not exist")
-    names = [j["name"] for j in jobs]
-    for j in jobs:  # distinct output names when two inputs share a stem
-        if names.count(j["name"]) > 1:
-            j["name"] = f"{j['name']}-{jobs.index(j)}"
-    return jobs
-
-
-def read_jsonl(path: Path, need_target: bool) -> list[dict]:
-    if not path.is_file():
-        raise NTIError(f"JSONL file {path} does not exist")
-    jobs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise NTIError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-        if not isinstance(rec, dict) or "image" not in rec:
-            raise NTIError(f"{path}:{n}: each line needs an object with an 'image' field")
-        image = rec["image"] if str(rec["image"]).startswith("skimage:") else str(path.parent / rec["image"])
-        job = {"name": str(rec.get("id", Path(rec["image"]).stem)), "image": image}
-        for key in ("source_prompt", "target_prompt"):
-            if key in rec:
-                job[key] = rec[key]
-        jobs.append(job)
-    return jobs
-
-
-def output_paths(out: str, names: list[str], suffix: str) -> list[Path]:
-    out_path = Path(out)
-    if len(names) == 1 and out_path.suffix:
-        if out_path.suffix != suffix:
-            raise NTIError(f"--out {out}: expected a {suffix} file or a folder")
-        return [out_path]
-    if out_path.suffix and not out_path.is_dir():
-        raise NTIError(f"--out {out}: several inputs need a folder, not a {out_path.suffix} file")
-    return [out_path / f"{name}{suffix}" for name in names]
-
-
 def run(args) -> int:
     if args.command == "eval":
         from .evaluate import run_eval
@@ -219,63 +153,29 @@ def run(args) -> int:
     if args.command == "export":
         from .export_cli import run_export
         return run_export(args)
-    from . import api
-    from .artifact import load_inversion, save_inversion
-    from .images import save_png
-    from .models import load_pipeline, parse_device
+    from .batch import run_jobs
+    from .models import parse_device
 
-    progress = not args.quiet
     device = parse_device(args.device)
-    config = config_from_args(args, device)
-    inversion_paths = getattr(args, "inversion", [])
-    loaded = [load_inversion(p) for p in inversion_paths]
-    need_target = args.command == "edit"
-    jobs = collect_jobs(args, need_target)
-    if not jobs and not loaded:
-        raise NTIError("no inputs: give image paths (or skimage:chelsea), a folder, a JSONL, or --inversion FILE")
-    if loaded and need_target and not args.target:
-        raise NTIError("--inversion needs --target PROMPT")
-    pipe = load_pipeline(args.model, device, seed=0)
-    # every prompt checked before any inversion runs: a word the shapes model never saw fails in a second, not after
-    api.check_vocabulary(pipe, [j[k] for j in jobs for k in ("source_prompt", "target_prompt") if j.get(k)]
-                         + ([args.target] if loaded and need_target else []))
-    start = time.perf_counter()
-
-    if jobs:  # saved inversions in --cache are reused, new ones saved batch by batch: an interrupted run resumes
-        inversions = api.invert_cached(pipe, [j["image"] for j in jobs], [j["source_prompt"] for j in jobs], config,
-                                       args.cache, progress)
-        for job, inv in zip(jobs, inversions):
-            job["inversion"] = inv
-
-    if args.command == "invert":
-        for job, path in zip(jobs, output_paths(args.out, [j["name"] for j in jobs], ".safetensors")):
-            save_inversion(job["inversion"], path)
-            print(path)
-    else:
-        names = [j["name"] for j in jobs] + [Path(p).stem for p in inversion_paths]
-        inversions = [j["inversion"] for j in jobs] + loaded
-        targets = ([j["target_prompt"] for j in jobs] + [args.target] * len(loaded) if need_target
-                   else [inv.source_prompt for inv in inversions])
-        paths = output_paths(args.out, names, ".png")
-        chunk = config.batch_size if config.backend == "fast" else 1
-        for k in range(0, len(inversions), chunk):
-            images = api.edit(pipe, inversions[k:k + chunk], targets[k:k + chunk], config, progress)
-            for img, path in zip(images, paths[k:k + chunk]):
-                save_png(img, path)
-                print(path)
-    if progress:
-        print(f"done in {time.perf_counter() - start:.1f} s on {device} ({config.backend} backend, "
-              f"{config.method})", file=sys.stderr)
-    return EXIT_OK
+    return run_jobs(args, config_from_args(args, device), device)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:  # a Ctrl-C while the libraries import is an interruption too, not a traceback
+        args = build_parser().parse_args(argv)
+        args.explicit = explicit_options(build_parser, argv)  # flags typed, not defaulted (--inversion conflicts)
+    except KeyboardInterrupt:
+        print("nti: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     logging.basicConfig(level=logging.WARNING, format="nti: %(message)s")
     if not args.debug:  # library chatter (diffusers/transformers loading notices) would bury our one line
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
+        if args.quiet:
+            from .models import quiet_loading
+            quiet_loading()
         return run(args)
     except NTIError as err:
         print(f"nti: error: {err}", file=sys.stderr)

@@ -5,7 +5,6 @@ Everything reads local files; the bundled sample uses photos that ship inside sc
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -15,10 +14,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .config import NTIError
-from .images import SKIMAGE_PREFIX, load_image
+from .images import SKIMAGE_PREFIX, load_image, open_image
 
 SAMPLE_PROMPTS = Path(__file__).parent / "assets" / "sample" / "prompts.jsonl"
 SCENE_PROMPTS = Path(__file__).parent / "assets" / "scenes" / "prompts.jsonl"  # for the built-in shapes model
@@ -61,12 +60,7 @@ def _check_limit(limit: int | None) -> int | None:
 
 def _decode_image_bytes(data: bytes, label: str) -> Image.Image:
     """An RGB PIL image from encoded bytes (PNG, JPEG, ...); the error names where the bytes came from."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise NTIError(f"{label}: image bytes are not a readable image ({err})") from None
+    return open_image(data, f"{label}: image bytes")
 
 
 # --- GenAI-Bench (TIGER-Lab image-edition parquet) -------------------------------------------------------------
@@ -207,8 +201,7 @@ def load_pie_bench(root: str | os.PathLike, limit: int | None = None,
 
 def _load_mask_file(path: Path) -> np.ndarray:
     """HxW bool from a mask image: pixels brighter than half scale are the edited region."""
-    with Image.open(path) as img:
-        return np.asarray(img.convert("L")) > 127
+    return np.asarray(open_image(path, f"mask {path}").convert("L")) > 127
 
 
 def spread_over_sources(samples: list[EditSample], sources: list[str]) -> list[EditSample]:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 
+from .config import NTIError
+
 
 @dataclass
 class DDIMSchedule:
@@ -43,7 +45,13 @@ def make_schedule(scheduler_config: dict, steps: int, steps_offset: int | None =
     scheduler = DDIMScheduler.from_config(
         scheduler_config, clip_sample=False, set_alpha_to_one=False, steps_offset=steps_offset,
         timestep_spacing="leading", prediction_type="epsilon")
+    train_steps = scheduler.config.num_train_timesteps
+    if steps > train_steps:
+        raise NTIError(f"{steps} DDIM steps, but the model was trained on {train_steps} timesteps")
     scheduler.set_timesteps(steps)
+    if max(int(t) for t in scheduler.timesteps) >= train_steps:  # alphas_cumprod[t] would index past its end
+        raise NTIError(f"steps offset {steps_offset} with {steps} steps reaches timestep "
+                       f"{max(int(t) for t in scheduler.timesteps)}; the model has {train_steps} (0..{train_steps - 1})")
     return DDIMSchedule(
         alphas_cumprod=scheduler.alphas_cumprod.to(torch.float32),
         timesteps=[int(t) for t in scheduler.timesteps],

@@ -170,6 +170,21 @@ def fingerprint_modules(*modules: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def quiet_loading() -> None:
+    """--quiet: no weight-loading or download bars from diffusers, transformers or huggingface_hub either."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    except ImportError:
+        pass
+
+
 def parse_device(device: str | torch.device | None) -> torch.device:
     """'auto'/None -> cuda if available else cpu; a clear error for a device this machine lacks."""
     if device in (None, "auto"):
