@@ -172,7 +172,6 @@ def fingerprint_modules(*modules: torch.nn.Module) -> str:
 
 def quiet_loading() -> None:
     """--quiet: no weight-loading or download bars from diffusers, transformers or huggingface_hub either."""
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     import diffusers.utils.logging
     import transformers.utils.logging
 

@@ -65,7 +65,7 @@ class OutputPlan:
     sidecar_suffixes: tuple[str, ...] = ()  # extra files written beside each path (".json" for inversions)
 
     def all_files(self) -> list[Path]:
-        return [p.with_suffix(s) for p in self.paths for s in ("", *self.sidecar_suffixes)]
+        return self.paths + [p.with_suffix(s) for p in self.paths for s in self.sidecar_suffixes]
 
 
 def plan_outputs(out: str, names: list[str], suffix: str, inputs: Iterable[Path] = (),

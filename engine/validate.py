@@ -89,13 +89,16 @@ FILE_SETTINGS = {
 
 
 def check_flags_against_inversion(args, explicit: set[str], settings: dict, path) -> None:
-    """An inversion is edited with the settings it was made with. A flag the user typed that says otherwise would be
-    silently ignored: refuse it, naming the file's value."""
+    """An inversion is edited with the settings it was made with. Flags the user typed that say otherwise would be
+    silently ignored: refuse them, naming the file's values."""
+    conflicts = []
     for dest, (key, convert) in FILE_SETTINGS.items():
         if dest in explicit and key in settings and getattr(args, dest, None) is not None:
-            wanted = convert(getattr(args, dest))
-            if wanted != settings[key]:
-                flag = "--" + dest.replace("_", "-")
-                raise NTIError(f"{flag} {getattr(args, dest)} conflicts with inversion {path}, made with {key}="
-                               f"{settings[key]!r}: a saved inversion is edited with its own settings; drop {flag} "
-                               f"or invert again with it")
+            if convert(getattr(args, dest)) != settings[key]:
+                conflicts.append(("--" + dest.replace("_", "-"), getattr(args, dest), key, settings[key]))
+    if conflicts:
+        given = ", ".join(f"{flag} {value}" if not isinstance(value, bool) else flag
+                          for flag, value, _, _ in conflicts)
+        made = ", ".join(f"{key}={recorded!r}" for _, _, key, recorded in conflicts)
+        raise NTIError(f"{given} conflict(s) with inversion {path}, made with {made}: a saved inversion is edited "
+                       f"with its own settings; drop {' and '.join(c[0] for c in conflicts)} or invert again with them")
