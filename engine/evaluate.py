@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import platform
-import re
 import shutil
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from .config import GUIDANCE_SCHEDULES, METHODS, NTIError
 from .metrics import ClipScorer, PieModels, PieScores, SeedScores, pie_scores, seed_scores
+from .outputs import safe_name
 
 log = logging.getLogger("nti")
 
@@ -234,10 +234,6 @@ def square_mask(mask):
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     return mask[top:top + side, left:left + side]
-
-
-def safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text) or "_"
 
 
 @dataclass

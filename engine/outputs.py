@@ -91,7 +91,7 @@ def plan_outputs(out: str, names: list[str], suffix: str, inputs: Iterable[Path]
             raise NTIError(f"--out {out}: {len(names)} inputs need a folder, not a {out_path.suffix} file")
         folder, paths = out_path, [out_path / f"{name}{suffix}" for name in unique_names(names)]
         for photo in photos:
-            if is_inside(photo, folder):
+            if photo.exists() and is_inside(photo, folder):
                 raise NTIError(f"--out {out} holds the input {photo}; write the results to a folder of their own "
                                f"so no original can be replaced")
     plan = OutputPlan(out_path, paths, sidecar_suffixes)
