@@ -101,7 +101,7 @@ def collect_jobs(args, need_target: bool, problems: Problems) -> tuple[list[Job]
 def read_jsonl(path: Path, problems: Problems, photos: list[Path]) -> list[Job]:
     """One job per line {"image", "source_prompt", "target_prompt", "id"}; a bad line is reported with its number."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not JSON
     except FileNotFoundError:
         problems.add(None, f"JSONL file {path} does not exist")
         return []

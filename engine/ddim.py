@@ -49,9 +49,10 @@ def make_schedule(scheduler_config: dict, steps: int, steps_offset: int | None =
     if steps > train_steps:
         raise NTIError(f"{steps} DDIM steps, but the model was trained on {train_steps} timesteps")
     scheduler.set_timesteps(steps)
-    if max(int(t) for t in scheduler.timesteps) >= train_steps:  # alphas_cumprod[t] would index past its end
-        raise NTIError(f"steps offset {steps_offset} with {steps} steps reaches timestep "
-                       f"{max(int(t) for t in scheduler.timesteps)}; the model has {train_steps} (0..{train_steps - 1})")
+    last = max(int(t) for t in scheduler.timesteps)
+    if last >= train_steps:  # alphas_cumprod[t] would index past its end
+        raise NTIError(f"steps offset {steps_offset} with {steps} steps reaches timestep {last}; the model has "
+                       f"{train_steps} (0..{train_steps - 1})")
     return DDIMSchedule(
         alphas_cumprod=scheduler.alphas_cumprod.to(torch.float32),
         timesteps=[int(t) for t in scheduler.timesteps],

@@ -192,8 +192,14 @@ def parse_device(device: str | torch.device | None) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise NTIError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda", "mps"):  # meta, xpu, ...: torch knows the name, the engine cannot run there
+        raise NTIError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise NTIError(f"device {device} requested but CUDA is not available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise NTIError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise NTIError(f"device {device} requested but MPS is not available here; use --device cpu")
     return dev
 
 
