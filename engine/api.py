@@ -134,6 +134,13 @@ def check_compatible(pipe: Pipeline, inv: Inversion) -> None:
     if inv.model_fingerprint != pipe.fingerprint:
         raise NTIError(f"this inversion was made with model {inv.model_name!r} ({inv.model_fingerprint}), "
                        f"not the loaded {pipe.name!r} ({pipe.fingerprint}); load that model or invert again")
+    # the same model, yet tensors of other shapes: a damaged or hand-edited file
+    width = (pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
+    if tuple(inv.z_T.shape) != tuple(pipe.latent_shape) or (
+            inv.null_embeddings is not None and tuple(inv.null_embeddings.shape[1:]) != width):
+        raise NTIError(f"this inversion's tensors (z_T {tuple(inv.z_T.shape)}, null embeddings "
+                       f"{None if inv.null_embeddings is None else tuple(inv.null_embeddings.shape)}) do not fit the "
+                       f"model (latent {tuple(pipe.latent_shape)}, embeddings (steps, *{width})); invert again")
 
 
 def _method(inv: Inversion) -> str:

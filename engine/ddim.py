@@ -7,8 +7,6 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 
-from .config import NTIError
-
 
 @dataclass
 class DDIMSchedule:
@@ -45,14 +43,7 @@ def make_schedule(scheduler_config: dict, steps: int, steps_offset: int | None =
     scheduler = DDIMScheduler.from_config(
         scheduler_config, clip_sample=False, set_alpha_to_one=False, steps_offset=steps_offset,
         timestep_spacing="leading", prediction_type="epsilon")
-    train_steps = scheduler.config.num_train_timesteps
-    if steps > train_steps:
-        raise NTIError(f"{steps} DDIM steps, but the model was trained on {train_steps} timesteps")
     scheduler.set_timesteps(steps)
-    last = max(int(t) for t in scheduler.timesteps)
-    if last >= train_steps:  # alphas_cumprod[t] would index past its end
-        raise NTIError(f"steps offset {steps_offset} with {steps} steps reaches timestep {last}; the model has "
-                       f"{train_steps} (0..{train_steps - 1})")
     return DDIMSchedule(
         alphas_cumprod=scheduler.alphas_cumprod.to(torch.float32),
         timesteps=[int(t) for t in scheduler.timesteps],
