@@ -198,6 +198,17 @@ def test_guidance_out_of_range_is_refused(capsys, tmp_path, no_model, value):
     assert code == EXIT_BAD_INPUT and "guidance must be a number in [0, 100]" in error_line(err)
 
 
+@pytest.mark.parametrize("option, message", [
+    (["--steps-offset", "5000"], "reaches timestep"),
+    (["--device", "meta"], "not supported"),
+    (["--seed", "99999999999999999999"], "seed must be an integer"),
+])
+def test_other_options_out_of_range_exit_2(capsys, tmp_path, option, message):
+    code, _, err = run_cli(["edit", "skimage:chelsea", "--prompt", "a", "--target", "b", "--out",
+                            tmp_path / "o.png", *TINY, *option], capsys)
+    assert code == EXIT_BAD_INPUT and message in error_line(err) and not (tmp_path / "o.png").exists()
+
+
 def test_a_result_that_is_not_finite_is_never_written(tmp_path, capsys, monkeypatch):
     from engine import api
     real = api.edit_latents
@@ -301,9 +312,11 @@ def test_a_prompt_past_the_token_limit_is_refused(tmp_path, capsys):
 
 def test_non_string_prompts_in_a_jsonl_exit_2(tmp_path, capsys, no_model):
     jsonl = tmp_path / "jobs.jsonl"
-    jsonl.write_text(json.dumps({"image": "skimage:chelsea", "source_prompt": ["a", "cat"], "target_prompt": 3}))
+    # a byte-order mark first (Windows editors write one): skipped, the line itself is what is wrong
+    jsonl.write_text("\ufeff" + json.dumps({"image": "skimage:chelsea", "source_prompt": ["a", "cat"],
+                                            "target_prompt": 3}), encoding="utf-8")
     code, _, err = run_cli(["edit", jsonl, "--out", tmp_path / "out"], capsys)
-    assert code == EXIT_BAD_INPUT and "must be text" in error_line(err)
+    assert code == EXIT_BAD_INPUT and "source_prompt, target_prompt must be text" in error_line(err)
 
 
 # ------------------------------------------------------------------------------------------ exit codes and messages
