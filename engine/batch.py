@@ -63,14 +63,20 @@ def collect_jobs(args, need_target: bool, problems: Problems) -> tuple[list[Job]
     jobs, photos = [], []
     for item in args.images:
         path = Path(item).expanduser()
-        if item.startswith(SKIMAGE_PREFIX):
+        if not item.strip():  # Path("") is ".": an empty argument must not mean "every image here"
+            problems.add(None, "an input is an empty string; give an image, a folder, a JSONL or skimage:NAME")
+        elif item.startswith(SKIMAGE_PREFIX):
             jobs.append(Job(label=item, name=item[len(SKIMAGE_PREFIX):], image=item))
         elif item.endswith(".jsonl"):
             photos.append(path)
             jobs += read_jsonl(path, problems, photos)
         elif path.is_dir():
             photos.append(path)
-            files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            try:
+                files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            except OSError as err:
+                problems.add(None, f"folder {path} could not be read: {err.strerror or err}")
+                continue
             if not files:
                 problems.add(None, f"folder {path} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             photos += files
