@@ -1,10 +1,22 @@
 """nti-engine: fast, faithful null-text inversion for Stable Diffusion editing."""
 from .version import __version__  # noqa: F401
-from .config import NTIConfig, NTIError  # noqa: E402
-from .models import Pipeline, load_pipeline, build_tiny_pipeline, save_pipeline_folder  # noqa: E402
-from .artifact import Inversion, load_inversion, save_inversion  # noqa: E402
-from .api import edit, edit_latents, generate, invert, reconstruct  # noqa: E402
 
-__all__ = ["NTIConfig", "NTIError", "Pipeline", "load_pipeline", "build_tiny_pipeline", "save_pipeline_folder",
-           "Inversion", "load_inversion", "save_inversion", "invert", "edit", "edit_latents", "reconstruct",
-           "generate"]
+# The public API, imported on first use (PEP 562): `nti` starts without loading torch, so a Ctrl-C in its first
+# seconds is handled by the CLI (exit 130, one line) instead of interrupting an import with a traceback.
+_EXPORTS = {
+    "NTIConfig": "config", "NTIError": "config",
+    "Pipeline": "models", "load_pipeline": "models", "build_tiny_pipeline": "models", "save_pipeline_folder": "models",
+    "Inversion": "artifact", "load_inversion": "artifact", "save_inversion": "artifact",
+    "invert": "api", "edit": "api", "edit_latents": "api", "generate": "api", "reconstruct": "api",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -15,6 +15,7 @@ from .ddim import guidance_weights, make_schedule
 from .images import center_square, load_image, pixel_hash, to_pil, to_tensor
 from .methods import DIRECT, EditJob, InversionResult, from_pivots, optimizes_null_text
 from .models import Pipeline, decode_latents, encode_images, encode_prompts, strict_fp32
+from .validate import check_prompt_length, prompt_words
 from . import p2p, reference
 
 log = logging.getLogger("nti")
@@ -31,6 +32,7 @@ def _check_prompts(prompts: Sequence[str], n: int | None, what: str, pipe: Pipel
             raise NTIError(f"{what} must be strings, got {type(p).__name__}")
     if pipe is not None:
         check_vocabulary(pipe, prompts)
+        check_prompt_length(pipe.tokenizer, prompts)
     return prompts
 
 
@@ -39,7 +41,7 @@ def check_vocabulary(pipe: Pipeline, prompts: Sequence[str]) -> None:
     if not pipe.vocabulary:
         return
     known = set(pipe.vocabulary)
-    unknown = sorted({w for p in prompts for w in p.lower().replace(",", " ").split() if w not in known})
+    unknown = sorted({w for p in prompts for w in prompt_words(p) if w not in known})
     if unknown:
         like = f" captions like {pipe.prompt_example!r}" if pipe.prompt_example else ""
         raise NTIError(f"the {pipe.name} model does not know the word(s) {', '.join(map(repr, unknown))}; it was "
@@ -102,35 +104,10 @@ def invert(pipe: Pipeline, images, source_prompts: Sequence[str] | str, config: 
 
 def invert_cached(pipe: Pipeline, images, source_prompts: Sequence[str], config: NTIConfig,
                   cache=None, progress: bool = True) -> list[Inversion]:
-    """invert(), reusing saved inversions in a `cache` folder and saving new ones there batch by batch (resumable).
-
-    Jobs with the same pixels and source prompt (several edits of one image) share one inversion.
-    """
-    from .artifact import inversion_key, load_inversion, save_inversion
-
-    squares, _ = prepare_images(pipe, images)  # load each image once: its pixels key the cache and feed invert
-    prompts = _check_prompts(source_prompts, len(squares), "source prompts", pipe)
-    keys = [(pixel_hash(sq), p) for sq, p in zip(squares, prompts)]  # (pixels, prompt): the same job twice shares one
-    paths = [None] * len(squares)
-    if cache is not None:
-        settings = config.result_settings(pipe.scheduler_config)
-        paths = [Path(cache) / f"{inversion_key(h, p, pipe.fingerprint, settings)}.safetensors" for h, p in keys]
-    inversions = [load_inversion(path) if path is not None and path.is_file() else None for path in paths]
-    first = {}  # (pixels, prompt) -> index of its first job
-    for k, key in enumerate(keys):
-        first.setdefault(key, k)
-    missing = [k for k, inv in enumerate(inversions) if inv is None and first[keys[k]] == k]
-    chunk = config.batch_size if config.backend == "fast" else 1
-    for start in range(0, len(missing), chunk):
-        part = missing[start:start + chunk]
-        for k, inv in zip(part, invert(pipe, [squares[k] for k in part], [prompts[k] for k in part], config,
-                                       progress)):
-            inversions[k] = inv
-            if paths[k] is not None:
-                save_inversion(inv, paths[k])
-        if progress and len(missing) > chunk:
-            log.info("inverted %d/%d images", min(start + chunk, len(missing)), len(missing))
-    return [inv if inv is not None else inversions[first[keys[k]]] for k, inv in enumerate(inversions)]
+    """invert(), reusing saved inversions in a `cache` folder and saving new ones there batch by batch (resumable;
+    runs sharing the folder share the work; damaged entries are moved aside and redone): engine/cache.py."""
+    from .cache import invert_cached as run
+    return run(pipe, images, source_prompts, config, cache, progress)
 
 
 def _invert_reference(pipe, z0, cond, schedule, weights, config, progress) -> InversionResult:
@@ -154,6 +131,13 @@ def check_compatible(pipe: Pipeline, inv: Inversion) -> None:
     if inv.model_fingerprint != pipe.fingerprint:
         raise NTIError(f"this inversion was made with model {inv.model_name!r} ({inv.model_fingerprint}), "
                        f"not the loaded {pipe.name!r} ({pipe.fingerprint}); load that model or invert again")
+    # the same model, yet tensors of other shapes: a damaged or hand-edited file
+    width = (pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
+    if tuple(inv.z_T.shape) != tuple(pipe.latent_shape) or (
+            inv.null_embeddings is not None and tuple(inv.null_embeddings.shape[1:]) != width):
+        raise NTIError(f"this inversion's tensors (z_T {tuple(inv.z_T.shape)}, null embeddings "
+                       f"{None if inv.null_embeddings is None else tuple(inv.null_embeddings.shape)}) do not fit the "
+                       f"model (latent {tuple(pipe.latent_shape)}, embeddings (steps, *{width})); invert again")
 
 
 def method_of(inv: Inversion) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -12,7 +11,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .config import NTIError
+from .config import NTIConfig, NTIError
+from .outputs import atomic_write
 
 FORMAT_VERSION = 1  # written when the inversion stores no pivots: older readers still load it
 FORMAT_VERSION_PIVOTS = 2  # with pivots (direct inversion): older readers refuse it rather than edit without them
@@ -92,19 +92,22 @@ def inversion_bytes(inv: Inversion) -> tuple[bytes, str]:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name beside `path`, then rename: a reader (another worker sharing --cache, a rerun after
-    a crash) sees the whole file or none, and two writers of the same entry leave one whole file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write bytes through outputs.atomic_write (temp file beside it, fsync, rename): a reader (another worker
+    sharing --cache, a rerun after a crash) sees the whole file or none, and two writers leave one whole file."""
+    atomic_write(path, lambda temp: temp.write_bytes(data))
+
+
+REQUIRED_FIELDS = {"source_prompt": str, "image_hash": str, "model_name": str, "model_fingerprint": str,
+                   "settings": dict}
+OPTIONAL_FIELDS = {"versions": dict, "iterations": list, "losses": list, "fp32_retries": list, "timings": dict}
 
 
 def load_inversion(path: str | os.PathLike) -> Inversion:
-    """Read an artifact written by `save_inversion`; clear errors for missing or foreign files."""
+    """Read an artifact written by `save_inversion`; clear errors (NTIError) for missing, foreign, damaged or
+    self-contradicting files, so a bad file is refused before any model runs instead of editing garbage."""
     path = Path(path)
+    if path.is_dir():
+        raise NTIError(f"inversion {path} is a folder; give the .safetensors file(s) in it")
     if not path.is_file():
         raise NTIError(f"inversion file {path} does not exist")
     try:
@@ -112,17 +115,68 @@ def load_inversion(path: str | os.PathLike) -> Inversion:
         from safetensors import safe_open
         with safe_open(str(path), framework="pt") as fh:
             header = fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise NTIError(f"inversion file {path} is not a readable safetensors file: {err}") from None
-    if "nti" not in header or "z_T" not in tensors:
+    if "nti" not in header:
         raise NTIError(f"{path} is a safetensors file but not an nti inversion (no 'nti' metadata)")
-    meta = json.loads(header["nti"])
+    if "z_T" not in tensors or "z_0" not in tensors:
+        raise NTIError(f"{path} lacks its latents (z_T and z_0); the file is damaged, invert again")
+    try:
+        meta = json.loads(header["nti"])
+    except ValueError as err:
+        raise NTIError(f"{path}: its nti metadata is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise NTIError(f"{path}: its nti metadata is not a JSON object")
     if meta.get("format_version") not in READABLE_FORMATS:
-        raise NTIError(f"{path} has inversion format {meta.get('format_version')}, this engine reads "
+        raise NTIError(f"{path} has inversion format {meta.get('format_version')!r}, this engine reads "
                        f"{', '.join(map(str, READABLE_FORMATS))}")
+    for name, kind in {**REQUIRED_FIELDS, **OPTIONAL_FIELDS}.items():
+        if (name in REQUIRED_FIELDS or name in meta) and not isinstance(meta.get(name), kind):
+            raise NTIError(f"{path}: metadata field {name!r} is missing or not a {kind.__name__}")
     if meta["settings"].get("method") == "direct" and "pivots" not in tensors:
         raise NTIError(f"{path} is a direct inversion without its pivots; it cannot be edited, invert again")
-    fields = {k: meta[k] for k in ("source_prompt", "image_hash", "model_name", "model_fingerprint", "settings",
-                                   "versions", "iterations", "losses", "fp32_retries", "timings")}
-    return Inversion(z_T=tensors["z_T"], z_0=tensors["z_0"], null_embeddings=tensors.get("null_embeddings"),
-                     pivots=tensors.get("pivots"), **fields)
+    fields = {k: meta[k] for k in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS) if k in meta}
+    inv = Inversion(z_T=tensors["z_T"], z_0=tensors["z_0"],
+                    null_embeddings=tensors.get("null_embeddings"), pivots=tensors.get("pivots"), **fields)
+    try:
+        check_inversion(inv)
+    except NTIError as err:
+        raise NTIError(f"{path}: {err}") from None
+    return inv
+
+
+SETTING_KEYS = ("method", "steps", "guidance", "guidance_schedule", "guidance_min", "inner_steps", "lr", "early_stop",
+                "early_stop_eps", "precision", "steps_offset")
+
+
+def check_inversion(inv: Inversion) -> None:
+    """An inversion is usable only when it agrees with itself: valid settings, a finite latent of the right rank,
+    one null embedding per step (or one for all), one pivot per step plus z_T, finite tensors. Raises NTIError."""
+    missing = [k for k in SETTING_KEYS if k not in inv.settings]
+    if missing:
+        raise NTIError(f"settings lack {', '.join(missing)}")
+    settings = {k: inv.settings[k] for k in SETTING_KEYS}
+    if not all(isinstance(settings[k], int) and not isinstance(settings[k], bool)
+               for k in ("steps", "inner_steps")) or not isinstance(settings["steps_offset"], int):
+        raise NTIError(f"settings hold a non-integer step count: {settings}")
+    try:
+        NTIConfig(**settings)  # the same ranges a fresh run is held to (finite guidance, known method, ...)
+    except (NTIError, TypeError, ValueError) as err:
+        raise NTIError(f"invalid settings: {err}") from None
+    steps = settings["steps"]
+    if inv.z_T.ndim != 3 or inv.z_0.shape != inv.z_T.shape:
+        raise NTIError(f"z_T has shape {tuple(inv.z_T.shape)} and z_0 {tuple(inv.z_0.shape)}; expected two equal "
+                       f"(channels, height, width) latents")
+    nulls = inv.null_embeddings
+    if nulls is not None and (nulls.ndim != 3 or nulls.shape[0] not in (1, steps)):
+        raise NTIError(f"null embeddings have shape {tuple(nulls.shape)}, but the inversion records {steps} steps "
+                       f"(expected ({steps} or 1, tokens, width))")
+    if settings["method"] == "null-text" and (nulls is None or nulls.shape[0] != steps):
+        raise NTIError(f"a null-text inversion of {steps} steps needs {steps} null embeddings, found "
+                       f"{0 if nulls is None else nulls.shape[0]}")
+    if inv.pivots is not None and tuple(inv.pivots.shape) != (steps + 1, *inv.z_T.shape):
+        raise NTIError(f"pivots have shape {tuple(inv.pivots.shape)}, expected {(steps + 1, *inv.z_T.shape)}")
+    for name in ("z_T", "z_0", "null_embeddings", "pivots"):
+        tensor = getattr(inv, name)
+        if tensor is not None and (not tensor.is_floating_point() or not torch.isfinite(tensor).all()):
+            raise NTIError(f"{name} holds non-finite values (NaN or inf): the file is damaged; invert again")

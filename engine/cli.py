@@ -6,16 +6,13 @@ import argparse
 import logging
 import os
 import sys
-import time
-from pathlib import Path
 
 from .version import __version__
 from .config import NTIError
-from .data import PromptRecord, read_prompts_jsonl
 from .options import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, ArgumentParser,  # noqa: F401
                       add_common, config_from_args)
+from .validate import explicit_options
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 log = logging.getLogger("nti")
 
 
@@ -25,6 +22,8 @@ def add_inputs(p: argparse.ArgumentParser, target: bool) -> None:
     p.add_argument("--prompt", help="source prompt describing the image(s)")
     if target:
         p.add_argument("--target", help="target prompt of the edit")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first bad input (default: finish the "
+                   "good ones, list every bad one at the end, exit 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,49 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def collect_jobs(args, need_target: bool) -> list[PromptRecord]:
-    """Expand positional inputs (files, folders, JSONL, skimage:NAME) into records with both prompts filled in."""
-    jobs: list[PromptRecord] = []
-    for item in args.images:
-        path = Path(item)
-        if item.endswith(".jsonl"):
-            jobs += read_prompts_jsonl(path)  # the same reader as `nti eval --data FILE.jsonl`
-        elif path.is_dir():
-            files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise NTIError(f"folder {path} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            jobs += [PromptRecord(f.stem, str(f), None, None) for f in files]
-        else:
-            jobs.append(PromptRecord(path.stem if ":" not in item else item.split(":", 1)[1], item, None, None))
-    for job in jobs:
-        job.source_prompt = job.source_prompt or args.prompt
-        if need_target:
-            job.target_prompt = job.target_prompt or args.target
-        if job.source_prompt is None:
-            raise NTIError(f"no source prompt for {job.image}: pass --prompt or give one in the JSONL")
-        if need_target and job.target_prompt is None:
-            raise NTIError(f"no target prompt for {job.image}: pass --target or give one in the JSONL")
-        # a missing file is reported before the model loads, not after
-        if not job.image.startswith("skimage:") and not Path(job.image).expanduser().exists():
-            raise NTIError(f"image {job.image} does not exist")
-    names = [job.id for job in jobs]
-    for k, job in enumerate(jobs):  # distinct output names when two inputs share a stem
-        if names.count(job.id) > 1:
-            job.id = f"{job.id}-{k}"
-    return jobs
-
-
-def output_paths(out: str, names: list[str], suffix: str) -> list[Path]:
-    out_path = Path(out)
-    if len(names) == 1 and out_path.suffix:
-        if out_path.suffix != suffix:
-            raise NTIError(f"--out {out}: expected a {suffix} file or a folder")
-        return [out_path]
-    if out_path.suffix and not out_path.is_dir():
-        raise NTIError(f"--out {out}: several inputs need a folder, not a {out_path.suffix} file")
-    return [out_path / f"{name}{suffix}" for name in names]
-
-
 def run(args) -> int:
     if args.command == "eval":
         from .evaluate import run_eval
@@ -124,52 +80,11 @@ def run(args) -> int:
     if getattr(args, "ray", None) is not None:  # the same jobs on a Ray cluster (engine/distributed.py)
         from .distributed import run_ray
         return run_ray(args)
-    from . import api
-    from .artifact import load_inversion, save_inversion
-    from .images import save_png
-    from .models import load_pipeline, parse_device
+    from .batch import run_jobs
+    from .models import parse_device
 
-    progress = not args.quiet
     device = parse_device(args.device)
-    config = config_from_args(args, device)
-    inversion_paths = getattr(args, "inversion", [])
-    loaded = [load_inversion(p) for p in inversion_paths]
-    need_target = args.command == "edit"
-    jobs = collect_jobs(args, need_target)
-    if not jobs and not loaded:
-        raise NTIError("no inputs: give image paths (or skimage:chelsea), a folder, a JSONL, or --inversion FILE")
-    if loaded and need_target and not args.target:
-        raise NTIError("--inversion needs --target PROMPT")
-    pipe = load_pipeline(args.model, device, seed=0)
-    # every prompt checked before any inversion runs: a word the shapes model never saw fails in a second, not after
-    api.check_vocabulary(pipe, [p for job in jobs for p in (job.source_prompt, job.target_prompt) if p]
-                         + ([args.target] if loaded and need_target else []))
-    start = time.perf_counter()
-
-    inversions = []
-    if jobs:  # saved inversions in --cache are reused, new ones saved batch by batch: an interrupted run resumes
-        inversions = api.invert_cached(pipe, [job.image for job in jobs], [job.source_prompt for job in jobs],
-                                       config, args.cache, progress)
-
-    if args.command == "invert":
-        for inv, path in zip(inversions, output_paths(args.out, [job.id for job in jobs], ".safetensors")):
-            save_inversion(inv, path)
-            print(path)
-    else:
-        names = [job.id for job in jobs] + [Path(p).stem for p in inversion_paths]
-        inversions = inversions + loaded
-        targets = ([job.target_prompt for job in jobs] + [args.target] * len(loaded) if need_target
-                   else [inv.source_prompt for inv in inversions])
-        paths = output_paths(args.out, names, ".png")
-        chunk = config.batch_size if config.backend == "fast" else 1
-        for k in range(0, len(inversions), chunk):
-            images = api.edit(pipe, inversions[k:k + chunk], targets[k:k + chunk], config, progress)
-            for img, path in zip(images, paths[k:k + chunk]):
-                save_png(img, path)
-                print(path)
-    log.info("done in %.1f s on %s (%s backend, %s)", time.perf_counter() - start, device, config.backend,
-             config.method)
-    return EXIT_OK
+    return run_jobs(args, config_from_args(args, device), device)
 
 
 def setup_logging(quiet: bool) -> None:
@@ -188,12 +103,21 @@ def setup_logging(quiet: bool) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:  # a Ctrl-C while the libraries import is an interruption too, not a traceback
+        args = build_parser().parse_args(argv)
+        args.explicit = explicit_options(build_parser, argv)  # flags typed, not defaulted (--inversion conflicts)
+    except KeyboardInterrupt:
+        print("nti: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     setup_logging(args.quiet)
     if not args.debug:  # library chatter (diffusers/transformers loading notices) would bury our one line
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
+        if args.quiet:
+            from .models import quiet_loading
+            quiet_loading()
         return run(args)
     except NTIError as err:
         print(f"nti: error: {err}", file=sys.stderr)

@@ -26,6 +26,12 @@ FORWARD_BACKENDS = ("torch", "onnx", "aoti", "tensorrt")
 
 ALGORITHM, EDITING, SPEED = "algorithm", "editing", "speed"
 GROUPS = {ALGORITHM: "inversion algorithm", EDITING: "editing (prompt-to-prompt)", SPEED: "speed (fast backend)"}
+GUIDANCE_MAX = 100.0  # SD images saturate past w ~ 20; past 100 the guided step is numerical garbage, not an edit
+SEED_RANGE = (0, 2 ** 63 - 1)  # what torch.Generator.manual_seed takes without wrapping
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class NTIError(Exception):
@@ -202,13 +208,19 @@ class NTIConfig:
             raise NTIError(f"steps must be at most 1000 (the model's training timesteps); got {self.steps}")
         if not isinstance(self.inner_steps, int) or self.inner_steps < 0:
             raise NTIError(f"inner_steps must be a non-negative integer; got {self.inner_steps!r}")
-        if not self.guidance >= 0:
-            raise NTIError(f"guidance must be >= 0; got {self.guidance!r}")
+        for name in ("guidance", "guidance_min"):  # inf or 1e30 would pass ">= 0" and write an all-black image
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 <= value <= GUIDANCE_MAX:
+                raise NTIError(f"{name} must be a number in [0, {GUIDANCE_MAX:g}]; got {value!r}")
+        if not _is_number(self.early_stop_eps) or not 0 <= self.early_stop_eps < float("inf"):
+            raise NTIError(f"early_stop_eps must be finite and >= 0; got {self.early_stop_eps!r}")
+        if not isinstance(self.seed, int) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise NTIError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]; got {self.seed!r}")
         if self.steps_offset is not None and (not isinstance(self.steps_offset, int) or self.steps_offset < 0):
             raise NTIError(f"steps_offset must be a non-negative integer or None (the model's); "
                            f"got {self.steps_offset!r}")
-        if not self.lr > 0:
-            raise NTIError(f"lr must be > 0; got {self.lr!r}")
+        if not _is_number(self.lr) or not 0 < self.lr < float("inf"):
+            raise NTIError(f"lr must be finite and > 0; got {self.lr!r}")
 
     def timestep_offset(self, scheduler_config: dict) -> int:
         """The DDIM steps_offset this config runs with a model's scheduler config (diffusers' default: 0)."""

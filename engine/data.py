@@ -5,7 +5,6 @@ Everything reads local files; the bundled sample uses photos that ship inside sc
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -15,10 +14,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .config import NTIError
-from .images import SKIMAGE_PREFIX, load_image
+from .images import SKIMAGE_PREFIX, load_image, open_image
 
 SAMPLE_PROMPTS = Path(__file__).parent / "assets" / "sample" / "prompts.jsonl"
 SCENE_PROMPTS = Path(__file__).parent / "assets" / "scenes" / "prompts.jsonl"  # for the built-in shapes model
@@ -61,12 +60,7 @@ def _check_limit(limit: int | None) -> int | None:
 
 def _decode_image_bytes(data: bytes, label: str) -> Image.Image:
     """An RGB PIL image from encoded bytes (PNG, JPEG, ...); the error names where the bytes came from."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise NTIError(f"{label}: image bytes are not a readable image ({err})") from None
+    return open_image(data, f"{label}: image bytes")
 
 
 # --- GenAI-Bench (TIGER-Lab image-edition parquet) -------------------------------------------------------------
@@ -207,8 +201,7 @@ def load_pie_bench(root: str | os.PathLike, limit: int | None = None,
 
 def _load_mask_file(path: Path) -> np.ndarray:
     """HxW bool from a mask image: pixels brighter than half scale are the edited region."""
-    with Image.open(path) as img:
-        return np.asarray(img.convert("L")) > 127
+    return np.asarray(open_image(path, f"mask {path}").convert("L")) > 127
 
 
 def spread_over_sources(samples: list[EditSample], sources: list[str]) -> list[EditSample]:
@@ -241,60 +234,86 @@ class PromptRecord:
 RECORD_FIELDS = {"id", "image", "skimage", "mask", "source_prompt", "target_prompt", "instruction"}
 
 
-def read_prompts_jsonl(path: str | os.PathLike, require_prompts: bool = False) -> list[PromptRecord]:
+def read_prompts_jsonl(path: str | os.PathLike, require_prompts: bool = False,
+                       on_error: Callable[[str], None] | None = None) -> list[PromptRecord]:
     """Records of a prompts JSONL: one {"image": PATH or "skimage:NAME" | "skimage": NAME, "source_prompt",
     "target_prompt", "id", "mask", "instruction", ...} object per line (blank lines skipped). Errors name the line.
-    The prompts are optional unless `require_prompts` (evaluation); `nti edit` fills them from --prompt/--target."""
+    The prompts are optional unless `require_prompts` (evaluation); `nti edit` fills them from --prompt/--target.
+    Without `on_error` the first bad line raises NTIError; with it, each bad line is handed to it and skipped (a
+    batch finishes the good lines and lists every bad one)."""
+    def fail(message: str) -> None:
+        if on_error is None:
+            raise NTIError(message)
+        on_error(message)
+
     jsonl = Path(path).expanduser()
     if not jsonl.is_file():
-        raise NTIError(f"{jsonl} does not exist (a folder needs a prompts.jsonl, or give the .jsonl path)")
-    base = jsonl.parent
+        fail(f"{jsonl} does not exist (a folder needs a prompts.jsonl, or give the .jsonl path)")
+        return []
+    try:
+        text = jsonl.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not JSON
+    except (OSError, UnicodeDecodeError) as err:
+        fail(f"JSONL file {jsonl} could not be read: {err}")
+        return []
     records, ids = [], set()
-    with jsonl.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{jsonl}, line {number}"
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                raise NTIError(f"{where}: not valid JSON ({err})") from None
-            if not isinstance(record, dict):
-                raise NTIError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            empty = [key for key in ("source_prompt", "target_prompt") if (key in record or require_prompts)
-                     and (not isinstance(record.get(key), str) or not record[key].strip())]
-            if empty:
-                raise NTIError(f"{where}: missing or empty field(s) {', '.join(empty)}")
-            if ("image" in record) == ("skimage" in record):
-                raise NTIError(f"{where}: give exactly one of 'image' (a path) or 'skimage' (a scikit-image photo)")
-            name = str(record["skimage"]) if "skimage" in record else str(record["image"])
-            if "skimage" in record or name.startswith(SKIMAGE_PREFIX):
-                import skimage.data
-
-                name = name.removeprefix(SKIMAGE_PREFIX)
-                if not callable(getattr(skimage.data, name, None)):
-                    raise NTIError(f"{where}: scikit-image has no bundled image {name!r}")
-                image, default_id = SKIMAGE_PREFIX + name, name
-            else:
-                image_path = base / name
-                if not image_path.is_file():
-                    raise NTIError(f"{where}: image {image_path} does not exist")
-                image, default_id = str(image_path), image_path.stem
-            mask = None
-            if record.get("mask"):
-                mask = base / str(record["mask"])
-                if not mask.is_file():
-                    raise NTIError(f"{where}: mask {mask} does not exist")
-            sample_id = str(record.get("id") or default_id)
-            if sample_id in ids:
-                raise NTIError(f"{where}: duplicate id {sample_id!r} (give each line a unique 'id')")
-            ids.add(sample_id)
-            edit_type = record.get("edit_type") or record.get("edit")  # the bundled sets' names for it
-            records.append(PromptRecord(
-                sample_id, image, _stripped(record.get("source_prompt")), _stripped(record.get("target_prompt")),
-                mask, record.get("instruction") or None, None if edit_type is None else str(edit_type),
-                {k: v for k, v in record.items() if k not in RECORD_FIELDS}, where, number))
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = _prompt_record(line, f"{jsonl}, line {number}", number, jsonl.parent, require_prompts, ids)
+        except NTIError as err:
+            fail(str(err))
+            continue
+        ids.add(record.id)
+        records.append(record)
     return records
+
+
+def _prompt_record(line: str, where: str, number: int, base: Path, require_prompts: bool, ids: set) -> PromptRecord:
+    """One JSONL line as a record; NTIError naming the line if it is not one."""
+    try:
+        record = json.loads(line)
+    except ValueError as err:
+        raise NTIError(f"{where}: not valid JSON ({err})") from None
+    if not isinstance(record, dict):
+        raise NTIError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    empty = [key for key in ("source_prompt", "target_prompt") if (key in record or require_prompts)
+             and (not isinstance(record.get(key), str) or not record[key].strip())]
+    if empty:
+        raise NTIError(f"{where}: missing, empty or non-text field(s) {', '.join(empty)}")
+    if ("image" in record) == ("skimage" in record):
+        raise NTIError(f"{where}: give exactly one of 'image' (a path) or 'skimage' (a scikit-image photo)")
+    name = record["skimage"] if "skimage" in record else record["image"]
+    if not isinstance(name, str) or not name.strip():
+        raise NTIError(f"{where}: 'image' / 'skimage' must name a file or photo, got {name!r}")
+    if "skimage" in record or name.startswith(SKIMAGE_PREFIX):
+        import skimage.data
+
+        name = name.removeprefix(SKIMAGE_PREFIX)
+        if not callable(getattr(skimage.data, name, None)):
+            raise NTIError(f"{where}: scikit-image has no bundled image {name!r}")
+        image, default_id = SKIMAGE_PREFIX + name, name
+    else:
+        image_path = base / name
+        if not image_path.is_file():
+            raise NTIError(f"{where}: image {image_path} does not exist")
+        image, default_id = str(image_path), image_path.stem
+    mask = None
+    if record.get("mask"):
+        mask = base / str(record["mask"])
+        if not mask.is_file():
+            raise NTIError(f"{where}: mask {mask} does not exist")
+    record_id = record.get("id")
+    if record_id is not None and (isinstance(record_id, bool) or not isinstance(record_id, (str, int))):
+        raise NTIError(f"{where}: 'id' must be text or a number, got {type(record_id).__name__}")
+    sample_id = str(record_id if record_id not in (None, "") else default_id)
+    if sample_id in ids:
+        raise NTIError(f"{where}: duplicate id {sample_id!r} (give each line a unique 'id')")
+    edit_type = record.get("edit_type") or record.get("edit")  # the bundled sets' names for it
+    return PromptRecord(
+        sample_id, image, _stripped(record.get("source_prompt")), _stripped(record.get("target_prompt")),
+        mask, record.get("instruction") or None, None if edit_type is None else str(edit_type),
+        {k: v for k, v in record.items() if k not in RECORD_FIELDS}, where, number)
 
 
 def _stripped(prompt: str | None) -> str | None:

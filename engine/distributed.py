@@ -216,7 +216,7 @@ class EngineWorker:
 
 def run_ray(args) -> int:
     """`--ray`: run the command's jobs on a Ray cluster; exit 2 if any input was bad (the rest still finish)."""
-    from .cli import EXIT_BAD_INPUT, EXIT_OK
+    from .options import EXIT_BAD_INPUT, EXIT_OK
 
     report = run_batch(args)
     if report.failed:
@@ -234,7 +234,9 @@ def run_batch(args) -> RunReport:
 
     from .api import check_vocabulary
     from .artifact import write_atomic
-    from .cli import collect_jobs, config_from_args, output_paths
+    from .batch import Problems, collect_jobs
+    from .options import config_from_args
+    from .outputs import plan_outputs
 
     if getattr(args, "inversion", None):
         raise NTIError("--inversion edits saved inversions in one process: run it without --ray")
@@ -242,16 +244,20 @@ def run_batch(args) -> RunReport:
     if args.ray != LOCAL and Path(args.ray).exists():  # `--ray scenes.jsonl`: an input, not a cluster address
         args.images, args.ray = [args.ray, *args.images], LOCAL
     need_target = args.command == "edit"
-    # rows that cross to Ray workers are plain JSON dicts; the records themselves come from the CLI's one reader
-    jobs = [{"name": r.id, "image": r.image, "source_prompt": r.source_prompt, "target_prompt": r.target_prompt}
-            for r in collect_jobs(args, need_target)]
+    # the single-process run's collection and output plan (bad inputs named before any work); the rows that cross
+    # to Ray workers are plain JSON dicts
+    records, photos = collect_jobs(args, need_target, Problems(fail_fast=True))
+    jobs = [{"name": r.name, "image": r.image, "source_prompt": r.source_prompt, "target_prompt": r.target_prompt}
+            for r in records]
     if not jobs:
         raise NTIError("no inputs: give image paths (or skimage:chelsea), a folder or a JSONL")
     for job in jobs:  # workers resolve paths in their own folder, on their own node: give them absolute ones
         if not job["image"].startswith("skimage:"):
             job["image"] = str(Path(job["image"]).expanduser().resolve())
     suffix = ".safetensors" if args.command == "invert" else ".png"
-    for job, path in zip(jobs, output_paths(args.out, [j["name"] for j in jobs], suffix)):
+    plan = plan_outputs(args.out, [j["name"] for j in jobs], suffix, photos=photos,
+                        sidecar_suffixes=(".json",) if args.command == "invert" else ())
+    for job, path in zip(jobs, plan.paths):
         job["out"] = str(path)
     resolution, words, example = model_facts(args.model)
     check_vocabulary(_Vocabulary(args.model or "shapes", words, example),

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import NTIError
+from .outputs import atomic_write
 
 SKIMAGE_PREFIX = "skimage:"  # e.g. "skimage:chelsea": a photo that ships inside scikit-image, needs no download
 
@@ -17,7 +20,7 @@ SKIMAGE_PREFIX = "skimage:"  # e.g. "skimage:chelsea": a photo that ships inside
 def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
     """An RGB PIL image from a path, 'skimage:NAME', a PIL image or an HxWx3 uint8 array; clear errors otherwise."""
     if isinstance(source, Image.Image):
-        return source.convert("RGB")
+        return to_rgb(source)
     if isinstance(source, np.ndarray):
         if source.ndim == 2 or (source.ndim == 3 and source.shape[2] in (3, 4)):
             return Image.fromarray(np.ascontiguousarray(source).astype(np.uint8)).convert("RGB")
@@ -36,14 +39,50 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Im
         raise NTIError(f"image {path} does not exist")
     if path.is_dir():
         raise NTIError(f"image {path} is a folder, not an image file")
+    return open_image(path, f"image {path}")
+
+
+def open_image(source: Path | bytes, label: str) -> Image.Image:
+    """Decode a file or encoded bytes to RGB the way a photo viewer shows it: EXIF orientation applied, 16-bit
+    greys scaled to 8 bits (not clipped to white). Refused with a clear NTIError: unreadable or truncated files,
+    decompression bombs (PIL's pixel limit), and animations (which frame the user meant is a guess)."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that: a bomb either way
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+                frames = getattr(img, "n_frames", 1)
+                if frames > 1:
+                    raise NTIError(f"{label} is animated ({frames} frames); save the frame to edit as a still image")
+                img.load()
+                return to_rgb(ImageOps.exif_transpose(img))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise NTIError(f"{label} is too large to decode safely ({err})") from None
     except UnidentifiedImageError:
-        raise NTIError(f"image {path} is not a readable image (corrupt or unsupported format)") from None
-    except OSError as err:
-        raise NTIError(f"image {path} could not be read: {err}") from None
+        raise NTIError(f"{label} is not a readable image (corrupt or unsupported format)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated data, broken chunks or EXIF
+        raise NTIError(f"{label} could not be read: {err}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, 8 bits per channel. PIL's own convert clips 16- and 32-bit greys at 255 (a white image); scale them by
+    their bit depth instead. Float images are taken as [0, 1] when they fit it, else as [0, 255]."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(array).all():
+            raise NTIError("image has non-finite pixel values")
+        if img.mode.startswith("I;16") or (img.mode == "I" and array.max(initial=0) > 255):
+            array = array / 257.0  # 65535 -> 255
+        elif img.mode == "F" and array.max(initial=0) <= 1.0:
+            array = array * 255.0
+        gray = np.clip(np.round(array), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # transparent pixels over white, as a viewer shows them (convert("RGB") keeps their hidden colour)
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def center_square(img: Image.Image, size: int) -> Image.Image:
@@ -75,10 +114,9 @@ def pixel_hash(img: Image.Image) -> str:
 
 
 def save_png(img: Image.Image, path: str | os.PathLike) -> Path:
-    """Write a PNG, creating parent folders; refuse a non-.png name rather than guess a format."""
+    """Write a PNG atomically (temp file + rename), creating parent folders; refuse a non-.png name rather than guess
+    a format."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise NTIError(f"output {path} must end in .png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
-    return path
+    return atomic_write(path, lambda temp: img.save(temp, format="PNG"))

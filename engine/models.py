@@ -202,6 +202,20 @@ def fingerprint_modules(*modules: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def quiet_loading() -> None:
+    """--quiet: no weight-loading or download bars from diffusers, transformers or huggingface_hub either."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    except ImportError:
+        pass
+
+
 def parse_device(device: str | torch.device | None) -> torch.device:
     """'auto'/None -> cuda if available else cpu; a clear error for a device this machine lacks."""
     if device in (None, "auto"):
@@ -210,8 +224,14 @@ def parse_device(device: str | torch.device | None) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise NTIError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda", "mps"):  # meta, xpu, ...: torch knows the name, the engine cannot run there
+        raise NTIError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise NTIError(f"device {device} requested but CUDA is not available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise NTIError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise NTIError(f"device {device} requested but MPS is not available here; use --device cpu")
     return dev
 
 

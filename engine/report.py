@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import shutil
 from pathlib import Path
 
+from .outputs import safe_name  # noqa: F401  (evaluate imports it from here)
 from .config import GUIDANCE_SCHEDULES, NTIError
 from .scoring import EVAL_METHODS, KEY, PIE_BENCH, PIE_TABLE, PROTOCOLS
 
@@ -194,11 +194,6 @@ def plot_grid(df, out: Path, guidance: float, schedule: str, path: Path) -> bool
     fig.suptitle(f"w = {guidance:g}, {schedule} schedule", fontsize=9)
     save_figure(fig, path)
     return True
-
-
-def safe_name(text: str) -> str:
-    """A sample id as a file name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text) or "_"
 
 
 COMMON_DEFINITIONS = (

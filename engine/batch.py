@@ -1,0 +1,274 @@
+"""`nti invert | edit | reconstruct` over many inputs: every input, option and output path checked before the first
+UNet call, the good inputs done, every bad one listed at the end (exit 2), or a stop at the first with --fail-fast.
+
+Order of work: inputs and inversion files are read and the outputs planned without a model (a typo costs no model
+load); then the model loads and each image is decoded and each prompt checked against it; only then does the UNet
+run. Results are checked finite before they are written, and written atomically (engine/outputs.py).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from .artifact import Inversion, check_inversion, load_inversion
+from .config import NTIConfig, NTIError
+from .data import read_prompts_jsonl
+from .images import SKIMAGE_PREFIX
+from .outputs import check_writable_folder, plan_outputs
+from .validate import check_finite_latents, check_flags_against_inversion, check_prompt_length
+
+log = logging.getLogger("nti")
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+JSONL_FIELDS = ("image", "source_prompt", "target_prompt", "id")
+
+
+@dataclass
+class Job:
+    """One input of the batch and what becomes of it."""
+
+    label: str  # how messages name it: the image path, "jobs.jsonl:3", or the inversion file
+    name: str  # the output file's stem before outputs.plan_outputs makes it safe and unique
+    image: str | None = None  # an image path or skimage:NAME (None: edit a saved inversion)
+    inversion_path: str | None = None
+    source_prompt: str | None = None
+    target_prompt: str | None = None
+    square: Image.Image | None = None  # the preprocessed image, once the model's resolution is known
+    inversion: Inversion | None = None
+    out: Path | None = None
+    error: str | None = None
+
+
+class Problems:
+    """Bad inputs found so far: each is kept for the list at the end, or stops the run at once with --fail-fast."""
+
+    def __init__(self, fail_fast: bool):
+        self.fail_fast, self.messages = fail_fast, []
+
+    def add(self, job: Job | None, message: str) -> None:
+        if self.fail_fast:
+            raise NTIError(message)
+        if job is not None:
+            job.error = message
+        self.messages.append(message)
+
+
+# ---------------------------------------------------------------------------------------------- inputs into jobs
+
+def collect_jobs(args, need_target: bool, problems: Problems) -> tuple[list[Job], list[Path]]:
+    """Jobs from the positional inputs and --inversion files, and the user's own files that --out must keep apart
+    from (images, image folders, JSONL files). Unusable inputs are reported, not fatal."""
+    jobs, photos = [], []
+    for item in args.images:
+        path = Path(item).expanduser()
+        if not item.strip():  # Path("") is ".": an empty argument must not mean "every image here"
+            problems.add(None, "an input is an empty string; give an image, a folder, a JSONL or skimage:NAME")
+        elif item.startswith(SKIMAGE_PREFIX):
+            jobs.append(Job(label=item, name=item[len(SKIMAGE_PREFIX):], image=item))
+        elif item.endswith(".jsonl"):
+            photos.append(path)
+            jobs += read_jsonl(path, problems, photos)
+        elif path.is_dir():
+            photos.append(path)
+            try:
+                files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            except OSError as err:
+                problems.add(None, f"folder {path} could not be read: {err.strerror or err}")
+                continue
+            if not files:
+                problems.add(None, f"folder {path} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            photos += files
+            jobs += [Job(label=str(f), name=f.stem, image=str(f)) for f in files]
+        else:
+            photos.append(path)
+            jobs.append(Job(label=item, name=path.stem, image=item))
+    for item in getattr(args, "inversion", None) or []:
+        jobs.append(Job(label=item, name=Path(item).stem, inversion_path=item))
+    for job in jobs:
+        if job.image is None:
+            continue
+        if job.source_prompt is None:
+            job.source_prompt = args.prompt
+        if need_target and job.target_prompt is None:
+            job.target_prompt = args.target
+        if not job.image.startswith(SKIMAGE_PREFIX) and not Path(job.image).expanduser().exists():
+            problems.add(job, f"image {job.image} does not exist")
+        elif job.source_prompt is None:
+            problems.add(job, f"no source prompt for {job.label}: pass --prompt or give one in the JSONL")
+        elif need_target and job.target_prompt is None:
+            problems.add(job, f"no target prompt for {job.label}: pass --target or give one in the JSONL")
+        if not need_target:  # reconstruct: the source prompt is the target; invert: no target at all
+            job.target_prompt = job.source_prompt
+    return jobs, photos
+
+
+def read_jsonl(path: Path, problems: Problems, photos: list[Path]) -> list[Job]:
+    """One job per record of a prompts JSONL, read by data.read_prompts_jsonl (the reader `nti eval` uses); each
+    bad line is reported with its number and skipped."""
+    jobs = []
+    for record in read_prompts_jsonl(path, on_error=lambda message: problems.add(None, message)):
+        if not record.image.startswith(SKIMAGE_PREFIX):
+            photos.append(Path(record.image))
+        # the id only names the output; outputs.plan_outputs makes it a safe file name inside --out
+        jobs.append(Job(label=f"{record.where} ({record.image})", name=record.id, image=record.image,
+                        source_prompt=record.source_prompt, target_prompt=record.target_prompt))
+    return jobs
+
+
+# --------------------------------------------------------------------------------------------------------- the run
+
+def run_jobs(args, config: NTIConfig, device) -> int:
+    """The invert / edit / reconstruct commands. Returns 0, or raises NTIError (exit 2) naming every bad input."""
+    from .models import TINY, load_pipeline
+
+    need_target = args.command == "edit"
+    progress = not args.quiet
+    problems = Problems(getattr(args, "fail_fast", False))
+    jobs, photos = collect_jobs(args, need_target, problems)
+    if not jobs and not problems.messages:
+        raise NTIError("no inputs: give image paths (or skimage:chelsea), a folder, a JSONL, or --inversion FILE")
+    saved = [j for j in jobs if j.inversion_path is not None]
+    if saved and need_target and not args.target:
+        raise NTIError("--inversion needs --target PROMPT")
+    for job in saved:
+        try:
+            job.inversion = load_inversion(job.inversion_path)
+        except NTIError as err:
+            problems.add(job, str(err))
+            continue
+        # a flag the file's settings override would be silently ignored: refuse the command
+        check_flags_against_inversion(args, getattr(args, "explicit", set()), job.inversion.settings,
+                                      job.inversion_path)
+        job.target_prompt = args.target if need_target else job.inversion.source_prompt
+
+    if not jobs:
+        return report(problems, 0)
+    suffix = ".safetensors" if args.command == "invert" else ".png"
+    plan = plan_outputs(args.out, [j.name for j in jobs], suffix, inputs=[Path(j.inversion_path) for j in saved],
+                        photos=photos, sidecar_suffixes=(".json",) if args.command == "invert" else ())
+    for job, path in zip(jobs, plan.paths):
+        job.out = path
+    if args.cache is not None:
+        check_writable_folder(Path(args.cache), "--cache")
+
+    start = time.perf_counter()
+    if any(j.error is None for j in jobs):
+        pipe = load_pipeline(args.model, device, seed=0)
+        if pipe.name == TINY:
+            log.warning("--model tiny is a small model with random weights: its images are colour noise (it exists "
+                        "to test the machinery; give --model PATH for Stable Diffusion)")
+        check_against_model(pipe, jobs, config, need_target, problems)
+        invert_jobs(pipe, [j for j in jobs if j.error is None and j.image is not None], config, args.cache,
+                    progress, problems)
+        ready = [j for j in jobs if j.error is None]
+        if args.command == "invert":
+            from .artifact import save_inversion
+            for job in ready:
+                save_inversion(job.inversion, job.out)
+                print(job.out)
+        else:
+            edit_config = config if need_target else config.replace(edit="regenerate", reweight=(), blend_words=())
+            chunk = config.batch_size if config.backend == "fast" else 1
+            for k in range(0, len(ready), chunk):
+                edit_and_save(pipe, ready[k:k + chunk], edit_config, progress, problems)
+        if progress:
+            log.info("done in %.1f s on %s (%s backend, %s)", time.perf_counter() - start, device, config.backend,
+                     config.method)
+    return report(problems, sum(j.error is None for j in jobs))
+
+
+def check_against_model(pipe, jobs: list[Job], config: NTIConfig, need_target: bool, problems: Problems) -> None:
+    """Everything that needs the model but not the UNet: the schedule, each image decoded at the model's resolution,
+    each prompt against the tokenizer (length, the shapes model's words), the inversion's model, P2P's word match."""
+    from . import api, p2p
+    from .ddim import make_schedule
+    from .images import center_square, load_image
+
+    schedule = make_schedule(pipe.scheduler_config, config.steps, config.timestep_offset(pipe.scheduler_config))
+    train_steps, last = len(schedule.alphas_cumprod), max(schedule.timesteps)
+    if last >= train_steps:  # the offset pushes the first timestep past the model's last one
+        raise NTIError(f"--steps-offset {config.timestep_offset(pipe.scheduler_config)} with {config.steps} steps "
+                       f"reaches timestep {last}; the model has {train_steps} (0..{train_steps - 1})")
+    for job in jobs:
+        if job.error is not None:
+            continue
+        try:
+            if job.image is not None:
+                job.square = center_square(load_image(job.image), pipe.resolution)
+            else:
+                api.check_compatible(pipe, job.inversion)
+        except NTIError as err:
+            problems.add(job, str(err) if job.image is not None else f"{job.label}: {err}")
+            continue
+        source = job.source_prompt if job.image is not None else job.inversion.source_prompt
+        prompts = [source] + ([job.target_prompt] if job.target_prompt is not None else [])
+        try:
+            api.check_vocabulary(pipe, prompts)
+            check_prompt_length(pipe.tokenizer, prompts)
+            if need_target and config.edit != "regenerate":
+                p2p.make_plan(pipe.tokenizer, source, job.target_prompt, config)
+        except NTIError as err:
+            problems.add(job, f"{job.label}: {err}")
+
+
+def invert_jobs(pipe, jobs: list[Job], config: NTIConfig, cache, progress: bool, problems: Problems) -> None:
+    """Inversions of the image jobs (through --cache when given); one that is not finite is a bad input."""
+    if not jobs:
+        return
+    from .cache import invert_cached
+    inversions = invert_cached(pipe, [j.square for j in jobs], [j.source_prompt for j in jobs], config, cache,
+                               progress)
+    for job, inv in zip(jobs, inversions):
+        try:
+            check_inversion(inv)
+        except NTIError as err:
+            problems.add(job, f"{job.label}: the inversion failed ({err}); lower --guidance")
+            continue
+        job.inversion = inv
+
+
+def edit_and_save(pipe, jobs: list[Job], config: NTIConfig, progress: bool, problems: Problems) -> None:
+    """Edit one batch, check each result, write it. A batch refused as a whole is retried image by image, so one
+    bad input does not cost the others their results."""
+    from . import api
+    from .images import save_png, to_pil
+    from .models import decode_latents
+
+    try:
+        latents = api.edit_latents(pipe, [j.inversion for j in jobs], [j.target_prompt for j in jobs], config,
+                                   progress)
+    except NTIError as err:
+        if len(jobs) == 1:
+            problems.add(jobs[0], f"{jobs[0].label}: {err}")
+        else:
+            for job in jobs:
+                edit_and_save(pipe, [job], config, progress, problems)
+        return
+    for job, z in zip(jobs, latents.split(1)):
+        try:
+            check_finite_latents(z, job.label)
+            pixels = decode_latents(pipe, z)
+            check_finite_latents(pixels, job.label)
+        except NTIError as err:
+            problems.add(job, str(err))
+            continue
+        save_png(to_pil(pixels)[0], job.out)
+        print(job.out)
+
+
+def report(problems: Problems, done: int) -> int:
+    """0 when every input worked; else every bad input listed, then one error line (exit 2)."""
+    messages = problems.messages
+    if not messages:
+        return 0
+    others = f" ({done} other input{'s' if done != 1 else ''} finished and written)" if done else ""
+    if len(messages) == 1:
+        raise NTIError(messages[0] + others)
+    for message in messages:
+        print(f"nti:   {message}", file=sys.stderr)
+    raise NTIError(f"{len(messages)} inputs failed, listed above{others}")

@@ -1,0 +1,149 @@
+"""Where results go: output paths planned and checked before any work, names made safe, files written atomically.
+
+Three rules (issue 18): every output path is known and checked before the first UNet call, so a bad --out costs
+seconds, not minutes of GPU work; nothing is written outside --out and nothing over an input; a file is either the
+old one or the complete new one (temp file in the same folder, then os.replace), never half-written.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .config import NTIError
+
+SAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_NAME_LENGTH = 120  # well under every filesystem's 255-byte limit, room for a suffix and a '-NN' counter
+
+
+def safe_name(text: str) -> str:
+    """A file name from an id, a stem or a prompt: letters, digits, '.', '_' and '-' only, never '.', '..' or
+    hidden, so no record field can name a path (or a parent folder) outside --out."""
+    name = SAFE_NAME_CHARS.sub("_", str(text)).strip("._") or "item"
+    return name[:MAX_NAME_LENGTH]
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """Safe names, made distinct (case-insensitively, for macOS and Windows folders) with a '-k' counter."""
+    safe = [safe_name(n) for n in names]
+    taken: set[str] = set()
+    out = []
+    for k, name in enumerate(safe):
+        candidate = name
+        if candidate.lower() in taken or sum(s.lower() == name.lower() for s in safe) > 1:
+            candidate = f"{name}-{k}"
+        while candidate.lower() in taken:
+            candidate += "_"
+        taken.add(candidate.lower())
+        out.append(candidate)
+    return out
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """True when two paths name one file (hard links and symlinks too); False when either does not exist."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(os.path.abspath(a)) == Path(os.path.abspath(b))
+
+
+def is_inside(path: Path, folder: Path) -> bool:
+    """True when path is folder or lies under it (after resolving symlinks)."""
+    path, folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    return path == folder or folder in path.parents
+
+
+@dataclass
+class OutputPlan:
+    """Every file a run will write, decided before it runs: paths[k] for input k, plus sidecars."""
+
+    out: Path  # what --out names (a file for one input, else a folder)
+    paths: list[Path]  # the main output of each input, in input order
+    sidecar_suffixes: tuple[str, ...] = ()  # extra files written beside each path (".json" for inversions)
+
+    def all_files(self) -> list[Path]:
+        return self.paths + [p.with_suffix(s) for p in self.paths for s in self.sidecar_suffixes]
+
+
+def plan_outputs(out: str, names: list[str], suffix: str, inputs: Iterable[Path] = (),
+                 photos: Iterable[Path] = (), sidecar_suffixes: tuple[str, ...] = ()) -> OutputPlan:
+    """Output paths for `names` under --out, checked now: the suffix, one file for several inputs, a parent that is a
+    file, a folder that cannot be written, an output that would replace any of `inputs`, and an --out folder that
+    holds any of `photos` (the user's source images, input folders and JSONL files: --out is the engine's to write
+    in, the originals stay apart). Raises NTIError naming the problem."""
+    if not str(out).strip():
+        raise NTIError("--out is empty: give an output file or folder")
+    out_path = Path(out).expanduser()
+    photos = [Path(p) for p in photos]
+    inputs = [Path(p) for p in inputs] + photos
+    one_file = len(names) == 1 and bool(out_path.suffix) and not out_path.is_dir()
+    if one_file:
+        if out_path.suffix.lower() != suffix:
+            raise NTIError(f"--out {out}: expected a {suffix} file or a folder")
+        folder, paths = out_path.parent, [out_path]
+    else:
+        if out_path.exists() and not out_path.is_dir():
+            raise NTIError(f"--out {out} is a file; {len(names)} inputs need a folder")
+        if out_path.suffix and not out_path.is_dir():
+            raise NTIError(f"--out {out}: {len(names)} inputs need a folder, not a {out_path.suffix} file")
+        folder, paths = out_path, [out_path / f"{name}{suffix}" for name in unique_names(names)]
+        for photo in photos:
+            if photo.exists() and is_inside(photo, folder):
+                raise NTIError(f"--out {out} holds the input {photo}; write the results to a folder of their own "
+                               f"so no original can be replaced")
+    plan = OutputPlan(out_path, paths, sidecar_suffixes)
+    for path in plan.all_files():
+        for source in inputs:
+            if same_file(path, source):
+                raise NTIError(f"--out {out} would overwrite the input {source}; choose another output")
+        if path.is_dir():
+            raise NTIError(f"output {path} is a folder; choose another --out")
+    check_writable_folder(folder, "--out")
+    return plan
+
+
+def check_writable_folder(folder: Path, what: str) -> None:
+    """The folder exists and can be written, or can be created: its nearest existing ancestor is a writable folder on
+    a filesystem mounted read-write. Checked without writing anything."""
+    folder = Path(os.path.abspath(Path(folder).expanduser()))
+    existing = folder
+    while not existing.exists():
+        if existing.is_symlink():  # a dangling link: mkdir would fail on it
+            raise NTIError(f"{what} {folder}: {existing} is a broken symbolic link")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NTIError(f"{what} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise NTIError(f"{what} {folder}: no permission to write in {existing}")
+    try:
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            raise NTIError(f"{what} {folder}: {existing} is on a read-only filesystem")
+    except (AttributeError, OSError):  # no statvfs (Windows) or an odd mount: the write itself will tell
+        pass
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write `path` through write(temp_path) and rename it into place: readers (and a Ctrl-C) see the old file or
+    the whole new one, never a part. The temp file sits in the same folder, so the rename stays on one filesystem."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        os.close(fd)
+    except OSError as err:
+        raise NTIError(f"could not write {path}: {err.strerror or err}") from None
+    temp = Path(temp)
+    try:
+        write(temp)
+        with open(temp, "rb+") as fh:  # on disk before the rename: a crash cannot leave an empty file in place
+            os.fsync(fh.fileno())
+        os.replace(temp, path)
+    except OSError as err:
+        raise NTIError(f"could not write {path}: {err.strerror or err}") from None
+    finally:  # an error or a Ctrl-C while writing leaves no .part file behind
+        if temp.exists():
+            temp.unlink(missing_ok=True)
+    return path
