@@ -277,10 +277,14 @@ def _prompt_record(line: str, where: str, number: int, base: Path, require_promp
         raise NTIError(f"{where}: not valid JSON ({err})") from None
     if not isinstance(record, dict):
         raise NTIError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    wrong = [key for key in ("source_prompt", "target_prompt") if key in record and not isinstance(record[key], str)]
+    if wrong:
+        raise NTIError(f"{where}: {', '.join(wrong)} must be text, got "
+                       f"{', '.join(type(record[key]).__name__ for key in wrong)}")
     empty = [key for key in ("source_prompt", "target_prompt") if (key in record or require_prompts)
-             and (not isinstance(record.get(key), str) or not record[key].strip())]
+             and not str(record.get(key) or "").strip()]
     if empty:
-        raise NTIError(f"{where}: missing, empty or non-text field(s) {', '.join(empty)}")
+        raise NTIError(f"{where}: missing or empty field(s) {', '.join(empty)}")
     if ("image" in record) == ("skimage" in record):
         raise NTIError(f"{where}: give exactly one of 'image' (a path) or 'skimage' (a scikit-image photo)")
     name = record["skimage"] if "skimage" in record else record["image"]
