@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -106,8 +105,11 @@ def invert_cached(pipe: Pipeline, images, source_prompts: Sequence[str], config:
                   cache=None, progress: bool = True) -> list[Inversion]:
     """invert(), reusing saved inversions in a `cache` folder and saving new ones there batch by batch (resumable;
     runs sharing the folder share the work; damaged entries are moved aside and redone): engine/cache.py."""
-    from .cache import invert_cached as run
-    return run(pipe, images, source_prompts, config, cache, progress)
+    from .cache import invert_through_cache
+
+    squares, _ = prepare_images(pipe, images)  # load each image once: its pixels key the cache and feed invert
+    prompts = _check_prompts(source_prompts, len(squares), "source prompts", pipe)
+    return invert_through_cache(pipe, squares, prompts, config, cache, progress, invert)
 
 
 def _invert_reference(pipe, z0, cond, schedule, weights, config, progress) -> InversionResult:

@@ -220,7 +220,7 @@ def invert_jobs(pipe, jobs: list[Job], config: NTIConfig, cache, progress: bool,
     """Inversions of the image jobs (through --cache when given); one that is not finite is a bad input."""
     if not jobs:
         return
-    from .cache import invert_cached
+    from .api import invert_cached
     inversions = invert_cached(pipe, [j.square for j in jobs], [j.source_prompt for j in jobs], config, cache,
                                progress)
     for job, inv in zip(jobs, inversions):

@@ -12,7 +12,6 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Sequence
 
 from .artifact import Inversion, check_inversion, inversion_key, load_inversion, save_inversion
 from .config import NTIConfig, NTIError
@@ -87,16 +86,12 @@ def read_entry(path: Path, key: str, quarantine: bool) -> Inversion | None:
         return None
 
 
-def invert_cached(pipe, images, source_prompts: Sequence[str], config: NTIConfig, cache=None,
-                  progress: bool = True) -> list[Inversion]:
-    """api.invert over images, reusing entries of the `cache` folder and saving new ones batch by batch, so an
-    interrupted run resumes and concurrent runs share the work. Jobs with the same pixels and source prompt (several
-    edits of one image) share one inversion. Results that are not finite are returned but never saved."""
-    from .api import _check_prompts, invert, prepare_images
+def invert_through_cache(pipe, squares: list, prompts: list[str], config: NTIConfig, cache, progress: bool,
+                         invert) -> list[Inversion]:
+    """The cache's part of api.invert_cached, for images already loaded and prompts already checked: `invert` (api's)
+    runs only for entries no run has saved, claimed one by one (see the module docstring)."""
     from .images import pixel_hash
 
-    squares, _ = prepare_images(pipe, images)  # load each image once: its pixels key the cache and feed invert
-    prompts = _check_prompts(source_prompts, len(squares), "source prompts", pipe)
     pairs = [(pixel_hash(sq), p) for sq, p in zip(squares, prompts)]
     first = {}  # (pixels, prompt) -> index of its first job
     for k, pair in enumerate(pairs):

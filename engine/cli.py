@@ -2,10 +2,18 @@
 130 interrupted. The only module that prints; flags come from NTIConfig (engine/options.py)."""
 from __future__ import annotations
 
-import argparse
-import logging
 import os
+import signal
 import sys
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "nti":  # the program itself, not a library import:
+    # a Ctrl-C while the modules below import is an interruption too (exit 130, one line), not a traceback;
+    # main() hands SIGINT back to Python's KeyboardInterrupt once it runs
+    signal.signal(signal.SIGINT, lambda *_: (print("nti: interrupted", file=sys.stderr), os._exit(130)))
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import threading  # noqa: E402
 
 from .version import __version__
 from .config import NTIError
@@ -104,6 +112,9 @@ def setup_logging(quiet: bool) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler and \
+            threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here KeyboardInterrupt, caught below
     try:  # a Ctrl-C while the libraries import is an interruption too, not a traceback
         args = build_parser().parse_args(argv)
         args.explicit = explicit_options(build_parser, argv)  # flags typed, not defaulted (--inversion conflicts)

@@ -172,7 +172,7 @@ def test_runs_sharing_a_cache_share_the_work(tiny_pipe, tmp_path, monkeypatch):
         pipe, images, *a, **k))
     monkeypatch.setattr(cache_module, "POLL_S", 0.05)
     result = {}
-    worker = threading.Thread(target=lambda: result.update(invs=cache_module.invert_cached(
+    worker = threading.Thread(target=lambda: result.update(invs=api.invert_cached(
         tiny_pipe, squares, ["a cat"] * 2, config, tmp_path, progress=False)))
     worker.start()
     for _ in range(400):  # wait until this run has done its own image
