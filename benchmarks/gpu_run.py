@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from nti.benchmarks.bench_nti import PHOTOS, rel, sync, unet_flops  # the waterfall's photos and helpers
 from nti.provenance import git_commit
 
 STAGES = {  # name -> (seconds allowed on a GPU, what it measures); run in this order, the costly compile last
@@ -49,10 +50,6 @@ STAGES = {  # name -> (seconds allowed on a GPU, what it measures); run in this 
     "passes": (60, "UNet passes per image (shapes model, device-independent)"),
     "compile": (150, "regional torch.compile + CUDA graphs, batch 16"),
 }
-PHOTOS = [("skimage:chelsea", "a cat lying on a mat", "a tiger lying on a mat"),
-          ("skimage:astronaut", "a woman astronaut", "a man astronaut"),
-          ("skimage:coffee", "a cup of coffee", "a cup of tea"),
-          ("skimage:rocket", "a rocket on a launch pad", "a tower on a launch pad")]
 GOALS = {"nti_b1": 6.0, "nti_b16": 2.0, "ddim_b16": 0.25}  # s/image at 50 steps (issue 13)
 
 
@@ -87,35 +84,8 @@ class Stage:
         return self.pipe
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def rel(a, b) -> float | None:
-    if a is None or b is None:
-        return None
-    a, b = a.float().cpu(), b.float().cpu()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def jobs(n: int):
     return [PHOTOS[k % len(PHOTOS)] for k in range(n)]
-
-
-def unet_flops(pipe) -> tuple[float, float]:
-    """FLOPs of one UNet forward, and of one forward + backward to the text embedding, batch 1."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from nti.api import null_embedding
-    z = torch.randn((1, *pipe.latent_shape), device=pipe.device)
-    ctx = null_embedding(pipe).clone()
-    with FlopCounterMode(display=False) as fwd, torch.no_grad():
-        pipe.unet(z, 500, encoder_hidden_states=ctx)
-    ctx.requires_grad_(True)
-    with FlopCounterMode(display=False) as both:
-        pipe.unet(z, 500, encoder_hidden_states=ctx).sample.square().mean().backward()
-    return float(fwd.get_total_flops()), float(both.get_total_flops())
 
 
 def timed_run(st: Stage, config, n: int, warmup: bool = True) -> dict:
