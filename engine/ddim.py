@@ -11,15 +11,19 @@ from diffusers import DDIMScheduler
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what a UNet's output means (scheduler_config)
 
 
+def _coefficient(value, like: torch.Tensor) -> torch.Tensor:
+    """A scalar, or one value per image as (B, 1, 1, 1), fp32 on `like`'s device: what broadcasts against latents."""
+    value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    return value.view(-1, 1, 1, 1) if value.ndim == 1 else value
+
+
 def eps_from_prediction(output: torch.Tensor, x: torch.Tensor, a, prediction_type: str) -> torch.Tensor:
     """The noise eps that a UNet output implies at x with alpha_bar a: epsilon as is; v (Salimans & Ho 2022, Eq. 9
     inverted) eps = sqrt(a) v + sqrt(1 - a) x; a predicted sample x0: eps = (x - sqrt(a) x0) / sqrt(1 - a).
     Linear in the output, so guidance on converted outputs equals guidance on the raw ones."""
     if prediction_type == "epsilon":
         return output
-    a = torch.as_tensor(a, dtype=torch.float32, device=x.device)
-    if a.ndim == 1:
-        a = a.view(-1, 1, 1, 1)
+    a = _coefficient(a, x)
     output, x = output.float(), x.float()
     if prediction_type == "v_prediction":
         return a.sqrt() * output + (1 - a).sqrt() * x
@@ -84,10 +88,7 @@ def make_schedule(scheduler_config: dict, steps: int, steps_offset: int | None =
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_from, a_to) -> torch.Tensor:
     """DDIM update, Song et al. 2021 Eq. 12 (eta=0): predict x0 at a_from, move it to a_to along eps."""
-    a_from = torch.as_tensor(a_from, dtype=torch.float32, device=x.device)
-    a_to = torch.as_tensor(a_to, dtype=torch.float32, device=x.device)
-    if a_from.ndim == 1:  # per-image coefficients
-        a_from, a_to = a_from.view(-1, 1, 1, 1), a_to.view(-1, 1, 1, 1)
+    a_from, a_to = _coefficient(a_from, x), _coefficient(a_to, x)  # scalars or per-image
     eps = eps.float()
     x0 = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
     return a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
@@ -95,9 +96,7 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_from, a_to) -> torch.Tensor:
 
 def guided_eps(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, w) -> torch.Tensor:
     """Classifier-free guidance, Ho & Salimans 2022: eps_u + w (eps_c - eps_u)."""
-    w = torch.as_tensor(w, dtype=torch.float32, device=eps_uncond.device)
-    if w.ndim == 1:
-        w = w.view(-1, 1, 1, 1)
+    w = _coefficient(w, eps_uncond)
     eps_uncond, eps_cond = eps_uncond.float(), eps_cond.float()
     return eps_uncond + w * (eps_cond - eps_uncond)
 
