@@ -22,6 +22,7 @@ import torch
 import nti
 from nti import NTIConfig
 from nti.api import null_embedding
+from nti.conditioning import unet_inputs
 from nti.models import build_sd14_shaped_pipeline, load_pipeline
 from nti.provenance import git_commit
 
@@ -50,10 +51,10 @@ def unet_flops(pipe) -> tuple[float, float]:
     z = torch.randn((1, *pipe.latent_shape), device=pipe.device)
     ctx = null_embedding(pipe).clone()
     with FlopCounterMode(display=False) as fwd, torch.no_grad():
-        pipe.unet(z, 500, encoder_hidden_states=ctx)
+        pipe.unet(z, 500, **unet_inputs(pipe.pooled, ctx))
     ctx.requires_grad_(True)
     with FlopCounterMode(display=False) as both:
-        pipe.unet(z, 500, encoder_hidden_states=ctx).sample.square().mean().backward()
+        pipe.unet(z, 500, **unet_inputs(pipe.pooled, ctx)).sample.square().mean().backward()
     return float(fwd.get_total_flops()), float(both.get_total_flops())
 
 

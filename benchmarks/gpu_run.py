@@ -44,6 +44,7 @@ STAGES = {  # name -> (seconds allowed on a GPU, what it measures); run in this 
     "nti_b1": (100, "null-text inversion + edit, one image"),
     "nti_b16": (110, "null-text inversion + edit, batch 16"),
     "ddim_b16": (60, "DDIM inversion + edit, batch 16"),
+    "sdxl": (130, "SDXL-shaped null-text inversion + edit at 1024 px, the largest batch that fits"),
     "kernels": (40, "fused Triton DDIM ops vs torch"),
     "profile": (75, "GPU-busy vs wall time of one outer step, by kernel class"),
     "ops": (40, "aten ops and bytes saved for backward per inner iteration (device-independent)"),
@@ -51,6 +52,7 @@ STAGES = {  # name -> (seconds allowed on a GPU, what it measures); run in this 
     "compile": (150, "regional torch.compile + CUDA graphs, batch 16"),
 }
 GOALS = {"nti_b1": 6.0, "nti_b16": 2.0, "ddim_b16": 0.25}  # s/image at 50 steps (issue 13)
+SDXL_BATCH = 8  # first try of the sdxl stage, halved on out-of-memory (docs/sdxl-memory.md: the 80 GB plan)
 
 
 # ------------------------------------------------------------------------------------------------------ plumbing
@@ -295,6 +297,31 @@ def stage_ddim_b16(st: Stage) -> None:
         rows.append(("DDIM + CUDA graphs", {"cuda_graphs": True}))
     st.steps = 50 if st.cuda else st.steps  # forward-only: cheap enough to run all 50 steps
     _waterfall(st, "ddim_b16", rows, st.big, method="ddim")
+
+
+def stage_sdxl(st: Stage) -> None:
+    """SDXL base-shaped random weights at 1024 px (tiny-xl on CPU): bf16 half weights, eager and with CUDA graphs,
+    at SDXL_BATCH images, halving the batch after an out-of-memory error; the rows record the batch that ran."""
+    from nti import NTIConfig
+    from nti.models import build_sdxl_shaped_pipeline, build_tiny_xl_pipeline
+
+    st.pipe = build_sdxl_shaped_pipeline(device=st.device) if st.cuda else build_tiny_xl_pipeline()
+    flops = unet_flops(st.pipe)
+    st.emit("sdxl", model=st.pipe.name, resolution=st.pipe.resolution, unet_fwd_gflop=flops[0] / 1e9,
+            unet_fwd_bwd_gflop=flops[1] / 1e9, unet_params=sum(p.numel() for p in st.pipe.unet.parameters()))
+    base = NTIConfig(steps=st.steps, inner_steps=st.inner, early_stop=False, backend="fast", precision="bf16")
+    rows = [("SDXL bf16 half weights", {})] + ([("SDXL + CUDA graphs", {"cuda_graphs": True})] if st.cuda else [])
+    n = SDXL_BATCH if st.cuda else 2
+    for name, changes in rows:
+        while n >= 1:
+            try:
+                timing_row(st, "sdxl", name, base.replace(batch_size=n, **changes), n, flops)
+                break
+            except torch.OutOfMemoryError:
+                st.emit("sdxl", variant=name, batch=n, error=f"out of memory at batch {n}; halving")
+                st.pipe.fast_unets.clear()  # captured graphs and their pools go with the prepared UNet
+                torch.cuda.empty_cache()
+                n //= 2
 
 
 def stage_compile(st: Stage) -> None:

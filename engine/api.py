@@ -13,6 +13,7 @@ from .config import NTIConfig, NTIError
 from .ddim import guidance_weights, make_schedule
 from .images import center_square, load_image, pixel_hash, to_pil, to_tensor
 from .methods import DIRECT, EditJob, InversionResult, from_pivots, optimizes_null_text
+from .conditioning import conditioning_record, null_grad_mask
 from .models import Pipeline, decode_latents, encode_images, encode_prompts, strict_fp32
 from .validate import check_prompt_length, prompt_words
 from . import p2p, reference
@@ -49,9 +50,14 @@ def check_vocabulary(pipe: Pipeline, prompts: Sequence[str]) -> None:
 
 
 def null_embedding(pipe: Pipeline) -> torch.Tensor:
-    """Embedding of the empty prompt, (1, 77, D): the null text every optimization starts from."""
+    """The unconditional context, (1, *pipe.context_shape): every optimization starts from it. The empty prompt's
+    embedding (notebook); for SDXL what StableDiffusionXLPipeline feeds its unconditional branch: zeros (tokens and
+    pooled) when the model says force_zeros_for_empty_prompt (SDXL base does), else the empty prompt's."""
     if "" not in pipe.uncond_cache:
-        pipe.uncond_cache[""] = encode_prompts(pipe, [""])
+        if pipe.pooled is not None and pipe.pooled.zero_null:
+            pipe.uncond_cache[""] = torch.zeros(1, *pipe.context_shape, device=pipe.device)
+        else:
+            pipe.uncond_cache[""] = encode_prompts(pipe, [""])
     return pipe.uncond_cache[""]
 
 
@@ -97,7 +103,8 @@ def invert(pipe: Pipeline, images, source_prompts: Sequence[str] | str, config: 
             pivots=None if res.pivots is None else res.pivots.reshape(-1, *z0.shape[1:]).float().cpu(),
             source_prompt=prompts[k], image_hash=pixel_hash(squares[k]), model_name=pipe.name,
             model_fingerprint=pipe.fingerprint, settings=config.result_settings(pipe.scheduler_config),
-            iterations=res.iterations, losses=res.losses, fp32_retries=res.fp32_retries, timings=res.timings))
+            iterations=res.iterations, losses=res.losses, fp32_retries=res.fp32_retries, timings=res.timings,
+            conditioning=conditioning_record(pipe.pooled)))
     return inversions
 
 
@@ -122,7 +129,7 @@ def _invert_reference(pipe, z0, cond, schedule, weights, config, progress) -> In
     start = time.perf_counter()
     embeddings, iterations, losses = reference.null_text_optimize(
         pipe, pivots, cond, null_embedding(pipe), schedule, weights, config.inner_steps, config.lr,
-        config.early_stop, config.early_stop_eps, progress)
+        config.early_stop, config.early_stop_eps, progress, null_grad_mask(pipe, config.optimize_pooled))
     timings["null_text_s"] = time.perf_counter() - start
     return InversionResult(z_T=pivots[-1], null_embeddings=embeddings, iterations=iterations, losses=losses,
                            timings=timings)
@@ -134,12 +141,15 @@ def check_compatible(pipe: Pipeline, inv: Inversion) -> None:
         raise NTIError(f"this inversion was made with model {inv.model_name!r} ({inv.model_fingerprint}), "
                        f"not the loaded {pipe.name!r} ({pipe.fingerprint}); load that model or invert again")
     # the same model, yet tensors of other shapes: a damaged or hand-edited file
-    width = (pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
+    width = pipe.context_shape
     if tuple(inv.z_T.shape) != tuple(pipe.latent_shape) or (
             inv.null_embeddings is not None and tuple(inv.null_embeddings.shape[1:]) != width):
         raise NTIError(f"this inversion's tensors (z_T {tuple(inv.z_T.shape)}, null embeddings "
                        f"{None if inv.null_embeddings is None else tuple(inv.null_embeddings.shape)}) do not fit the "
                        f"model (latent {tuple(pipe.latent_shape)}, embeddings (steps, *{width})); invert again")
+    if inv.conditioning and inv.conditioning != conditioning_record(pipe.pooled):
+        raise NTIError(f"this inversion was made with SDXL conditioning {inv.conditioning}, the loaded model feeds "
+                       f"{conditioning_record(pipe.pooled)}; invert again")
 
 
 def method_of(inv: Inversion) -> str:

@@ -34,7 +34,7 @@ class Inversion:
 
     z_T: torch.Tensor  # (4, h, w) fp32: the end of the DDIM pivot trajectory, where editing starts
     z_0: torch.Tensor  # (4, h, w) fp32: the VAE latent of the source image (for reconstruction error)
-    null_embeddings: torch.Tensor | None  # (steps, 77, D) fp32 per-step null embeddings (null-text), or (1, 77, D)
+    null_embeddings: torch.Tensor | None  # (steps, L, D) fp32 per-step null contexts (null-text), or (1, L, D)
     # for every step (negative-prompt: the source prompt's embedding); None = the empty prompt's (ddim, direct)
     source_prompt: str
     image_hash: str  # sha256 of the preprocessed pixels
@@ -49,6 +49,8 @@ class Inversion:
     timings: dict = field(default_factory=dict)  # seconds per phase (this image's share of a batch)
     pivots: torch.Tensor | None = None  # (steps + 1, 4, h, w) fp32 DDIM trajectory z*_0 .. z*_T, kept for direct
     # inversion: editing adds back the offset from the source branch's step to z*_{t-1} (Ju et al. 2023)
+    conditioning: dict = field(default_factory=dict)  # SDXL: {"pooled_dim", "time_ids"} the null embeddings were
+    # made with (conditioning.PooledConditioning; null_embeddings' last row is the pooled null); {} for SD v1.x/2.x
 
     @property
     def key(self) -> str:
@@ -56,7 +58,7 @@ class Inversion:
 
     def metadata(self) -> dict:
         tensors = ("z_T", "z_0", "null_embeddings", "pivots")
-        meta = {k: v for k, v in asdict(self).items() if k not in tensors}
+        meta = {k: v for k, v in asdict(self).items() if k not in tensors and (k != "conditioning" or v)}
         version = FORMAT_VERSION if self.pivots is None else FORMAT_VERSION_PIVOTS
         return {"format_version": version, "key": self.key, **meta}
 
@@ -99,7 +101,8 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 REQUIRED_FIELDS = {"source_prompt": str, "image_hash": str, "model_name": str, "model_fingerprint": str,
                    "settings": dict}
-OPTIONAL_FIELDS = {"versions": dict, "iterations": list, "losses": list, "fp32_retries": list, "timings": dict}
+OPTIONAL_FIELDS = {"versions": dict, "iterations": list, "losses": list, "fp32_retries": list, "timings": dict,
+                   "conditioning": dict}
 
 
 def load_inversion(path: str | os.PathLike) -> Inversion:

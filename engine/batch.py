@@ -124,7 +124,7 @@ def read_jsonl(path: Path, problems: Problems, photos: list[Path]) -> list[Job]:
 
 def run_jobs(args, config: NTIConfig, device) -> int:
     """The invert / edit / reconstruct commands. Returns 0, or raises NTIError (exit 2) naming every bad input."""
-    from .models import TINY, load_pipeline
+    from .models import RANDOM_MODELS, load_pipeline
 
     need_target = args.command == "edit"
     progress = not args.quiet
@@ -159,9 +159,9 @@ def run_jobs(args, config: NTIConfig, device) -> int:
     start = time.perf_counter()
     if any(j.error is None for j in jobs):
         pipe = load_pipeline(args.model, device, seed=0)
-        if pipe.name == TINY:
-            log.warning("--model tiny is a small model with random weights: its images are colour noise (it exists "
-                        "to test the machinery; give --model PATH for Stable Diffusion)")
+        if pipe.name in RANDOM_MODELS:
+            log.warning(f"--model {pipe.name} is a small model with random weights: its images are colour noise (it "
+                        f"exists to test the machinery; give --model PATH for Stable Diffusion)")
         check_against_model(pipe, jobs, config, need_target, problems)
         invert_jobs(pipe, [j for j in jobs if j.error is None and j.image is not None], config, args.cache,
                     progress, problems)

@@ -38,12 +38,16 @@ class NTIError(Exception):
     """A user-facing error: bad input or a missing resource; the message says what to do."""
 
 
-def setting(default, group: str, *, changes_inversion: bool = False, choices: tuple | None = None,
-            minimum: int | None = None, flag: str | None = None, metavar: str | None = None):
+def setting(default, group: str, *, changes_inversion: bool = False, keyed_at_default: bool = True,
+            choices: tuple | None = None, minimum: int | None = None, flag: str | None = None,
+            metavar: str | None = None):
     """A config field. `changes_inversion`: part of an inversion's result settings (its cache key and its record);
-    `choices`, `minimum`, `flag` (default --field-name) and `metavar` shape its command-line flag."""
+    `keyed_at_default=False`: only when set to something else than its default, so a setting added later leaves
+    every existing cache key valid; `choices`, `minimum`, `flag` (default --field-name) and `metavar` shape its
+    command-line flag."""
     return field(default=default, metadata={"group": group, "changes_inversion": changes_inversion,
-                                            "choices": choices, "minimum": minimum, "flag": flag, "metavar": metavar})
+                                            "keyed_at_default": keyed_at_default, "choices": choices,
+                                            "minimum": minimum, "flag": flag, "metavar": metavar})
 
 
 @dataclass
@@ -78,6 +82,11 @@ class NTIConfig:
     t = 981, 961, ..., 1). That is what the notebook really runs: StableDiffusionPipeline.from_pretrained sets
     steps_offset=1 on the DDIMScheduler it is handed. Risk of 0 (t = 980..0): the first inversion step and the last
     denoising step become identities, and the last null-text step has zero gradient (10 wasted passes)."""
+    optimize_pooled: bool = setting(True, ALGORITHM, changes_inversion=True, keyed_at_default=False)
+    """SDXL only: null-text optimization fits the pooled null embedding (the second encoder's, fed to every ResNet
+    block through the time embedding) together with the 77 null token embeddings, as both form SDXL's
+    unconditional input. False = tokens only; the pooled null stays what the pipeline feeds (zeros for SDXL base).
+    Ignored by models without a pooled embedding (SD v1.x, 2.x)."""
     seed: int = setting(0, ALGORITHM)
     """Seed for anything random (baseline generation from noise). Inversion itself is deterministic."""
 
@@ -231,7 +240,8 @@ class NTIConfig:
     def result_settings(self, scheduler_config: dict) -> dict:
         """The settings that change an inversion's result (its cache key and the artifact's record): the fields
         marked changes_inversion, with the timestep offset resolved against the model's scheduler config."""
-        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["changes_inversion"]}
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["changes_inversion"]
+                    and (f.metadata["keyed_at_default"] or getattr(self, f.name) != f.default)}
         return {**settings, "steps_offset": self.timestep_offset(scheduler_config)}
 
     def replace(self, **changes) -> "NTIConfig":

@@ -200,9 +200,9 @@ class Workspace:
     z: torch.Tensor  # (n, 4, h, w) fp32: z_t
     eps_c: torch.Tensor  # (n, 4, h, w): the step's conditional prediction
     target: torch.Tensor  # (n, 4, h, w) fp32: the pivot z*_{t-1}
-    uncond: torch.Tensor  # (n, 77, D) fp32: the null embedding being optimized
-    exp_avg: torch.Tensor  # (n, 77, D) fp32: Adam's first moment
-    exp_avg_sq: torch.Tensor  # (n, 77, D) fp32: Adam's second moment
+    uncond: torch.Tensor  # (n, L, D) fp32: the null context being optimized (L = 77, SDXL 78)
+    exp_avg: torch.Tensor  # (n, L, D) fp32: Adam's first moment
+    exp_avg_sq: torch.Tensor  # (n, L, D) fp32: Adam's second moment
     active: torch.Tensor  # (n,) fp32 1/0: still optimizing (stopped, broken and padding rows are 0)
     iterations: torch.Tensor  # (n,) fp32: Adam updates done this step
     loss: torch.Tensor  # (n,) fp32: the last loss of each row while it was active
@@ -264,6 +264,8 @@ def inner_iteration(runner: UNetRunner, ws: Workspace, ops) -> None:
         # sum, not mean: each image gets exactly its own gradient; inactive rows weigh 0
         (grad,) = torch.autograd.grad((loss * ws.active).sum(), uncond)
     with torch.no_grad():
+        if runner.grad_mask is not None:  # SDXL's pooled row, when it is not optimized
+            grad = grad * runner.grad_mask
         adam_step_(ws, grad)  # the notebook steps before testing the loss: the last update is kept
         loss = loss.detach()
         ws.iterations.add_(ws.active)
@@ -276,7 +278,7 @@ def inner_iteration(runner: UNetRunner, ws: Workspace, ops) -> None:
 class StepResult:
     """One outer step for a batch: the optimized null embeddings, the latents moved on, and per-image records."""
 
-    uncond: torch.Tensor  # (B, 77, D) fp32
+    uncond: torch.Tensor  # (B, L, D) fp32
     z_next: torch.Tensor  # (B, 4, h, w) fp32
     iterations: torch.Tensor  # (B,) int64, host
     losses: torch.Tensor  # (B,) fp32, host: last inner loss
@@ -397,7 +399,7 @@ def _groups(jobs: list[EditJob], size: int, controlled: bool = False) -> list[li
 
 
 def _per_step(jobs: list[EditJob], i: int) -> torch.Tensor:
-    """Step i's null embedding of each job, (B, 77, D)."""
+    """Step i's null embedding of each job, (B, L, D)."""
     return torch.cat([job.null_at(i) for job in jobs])
 
 

@@ -20,7 +20,7 @@ class InversionResult:
     """One image's inversion as a backend returns it, before api.invert makes it an Inversion artifact."""
 
     z_T: torch.Tensor  # (1, 4, h, w) fp32: the end of the DDIM pivot trajectory
-    null_embeddings: torch.Tensor | None  # (steps, 77, D) optimized (null-text), (1, 77, D) (negative-prompt), None
+    null_embeddings: torch.Tensor | None  # (steps, L, D) optimized (null-text), (1, L, D) (negative-prompt), None
     pivots: torch.Tensor | None = None  # (steps + 1, 4, h, w) z*_0 .. z*_T: direct inversion edits against them
     iterations: list[int] = field(default_factory=list)  # inner Adam iterations per step
     losses: list[float] = field(default_factory=list)  # last inner loss per step
@@ -54,7 +54,7 @@ class EditJob:
     """One image's edit on the pipeline's device, as every sampler (reference or fast) reads it."""
 
     z_T: torch.Tensor  # (1, 4, h, w): where sampling starts
-    cond: torch.Tensor  # (1, 77, D): the target prompt's embedding
+    cond: torch.Tensor  # (1, L, D): the target prompt's context (L = 77; SDXL 78, see conditioning.py)
     null: torch.Tensor  # (steps, 77, D) one null embedding per step, or (1, 77, D) for every step
     schedule: DDIMSchedule
     weights: list[float]  # guidance weight per denoising step

@@ -1,4 +1,5 @@
-"""Stable Diffusion v1.x components: offline loading from a local diffusers folder; built-in shapes and tiny models."""
+"""Stable Diffusion components (v1.x, 2.x, SDXL): offline loading from a local diffusers folder; built-in shapes and
+tiny models; the one place that knows how a model takes its text conditioning."""
 from __future__ import annotations
 
 import functools
@@ -12,6 +13,7 @@ import torch
 
 from .config import NTIError
 from .ddim import PREDICTION_TYPES
+from .conditioning import TIME_IDS, PooledConditioning, pack_pooled, unet_inputs
 from .runner import RunStats
 
 COMPONENTS = {  # subfolder -> files that must be there (any one of each tuple)
@@ -23,7 +25,13 @@ COMPONENTS = {  # subfolder -> files that must be there (any one of each tuple)
     "tokenizer": (("tokenizer_config.json", "vocab.json", "tokenizer.json"),),
     "scheduler": (("scheduler_config.json",),),
 }
+XL_COMPONENTS = {  # what an SDXL folder has on top of COMPONENTS
+    "text_encoder_2": COMPONENTS["text_encoder"],
+    "tokenizer_2": COMPONENTS["tokenizer"],
+}
 TINY = "tiny"  # the built-in random SD-shaped model (no files; edits are not meaningful)
+TINY_XL = "tiny-xl"  # the built-in random SDXL-shaped model (two text encoders, pooled embedding, time ids)
+RANDOM_MODELS = (TINY, TINY_XL)  # built in code with random weights: their images are noise
 SHAPES = "shapes"  # the built-in trained test-bed model (engine/assets/shapes, see engine/testbed/); the default
 SHAPES_FOLDER = Path(__file__).parent / "assets" / "shapes"
 VOCABULARY_FILE = "vocabulary.json"  # optional in a model folder: {"words": [...], "example": "a caption"}
@@ -46,6 +54,15 @@ class Pipeline:
     fast_stats: RunStats = field(default_factory=RunStats, repr=False)  # UNet rows the fast path ran, captures
     vocabulary: tuple = ()  # words the model was trained on, when that is a closed set (the shapes model); else ()
     prompt_example: str = ""  # a caption of the kind a closed-vocabulary model was trained on
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: OpenCLIP bigG with projection (pooled embedding)
+    tokenizer_2: object = None  # SDXL: its tokenizer (pads with '!', not the end token)
+    pooled: PooledConditioning | None = None  # SDXL's pooled embedding and time ids; None for SD v1.x / 2.x
+
+    @property
+    def context_shape(self) -> tuple[int, int]:
+        """(rows, width) of one prompt's context tensor: (77, D), or (77 + 1, D) for SDXL (see PooledConditioning)."""
+        tokens = int(self.tokenizer.model_max_length)
+        return (tokens + (self.pooled is not None), int(self.unet.config.cross_attention_dim))
 
     @property
     def vae_scale_factor(self) -> int:
@@ -69,11 +86,19 @@ class Pipeline:
 
 @torch.no_grad()
 def encode_prompts(pipe: Pipeline, prompts: list[str]) -> torch.Tensor:
-    """CLIP text embeddings (last hidden state) of prompts padded to the tokenizer's max length, fp32."""
-    tokens = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt")
-    hidden = pipe.text_encoder(tokens.input_ids.to(pipe.device))[0]
-    return hidden.float()
+    """Context tensors of prompts, fp32: CLIP's last hidden state, (B, 77, D), padded to the tokenizer's max length;
+    SDXL: both encoders' penultimate hidden states side by side plus the pooled row, (B, 78, 2048), as
+    StableDiffusionXLPipeline.encode_prompt builds them (see PooledConditioning)."""
+    def tokens(tokenizer):
+        return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(pipe.device)
+
+    if pipe.pooled is None:
+        return pipe.text_encoder(tokens(pipe.tokenizer))[0].float()
+    first = pipe.text_encoder(tokens(pipe.tokenizer), output_hidden_states=True)
+    second = pipe.text_encoder_2(tokens(pipe.tokenizer_2), output_hidden_states=True)
+    hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1).float()
+    return pack_pooled(hidden, second.text_embeds.float())
 
 
 @torch.no_grad()
@@ -93,7 +118,7 @@ def decode_latents(pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:
 def unet_eps(pipe: Pipeline, latents: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
     """The UNet's output at (z_t, t, context): the noise eps_theta for epsilon models, else what the scheduler config's
     prediction_type names (DDIMSchedule.eps turns it into eps)."""
-    return pipe.unet(latents, t, encoder_hidden_states=context).sample
+    return pipe.unet(latents, t, **unet_inputs(pipe.pooled, context)).sample
 
 
 def strict_fp32(fn):
@@ -127,14 +152,35 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
         except Exception:
             raise NTIError(f"model {model!r} is not in the local Hugging Face cache and nothing is downloaded here; "
                            f"copy a diffusers folder of it onto this machine and pass --model /path/to/it") from None
-    raise NTIError(f"model folder {model} does not exist; pass --model PATH to a local Stable Diffusion v1.x "
-                   f"diffusers folder, or omit --model for the built-in shapes model")
+    raise NTIError(f"model folder {model} does not exist; pass --model PATH to a local Stable Diffusion (v1.x, 2.x "
+                   f"or SDXL) diffusers folder, or omit --model for the built-in shapes model")
+
+
+def is_xl_folder(path: Path) -> bool:
+    """An SDXL-type diffusers folder: its pipeline class, a second text encoder, or a UNet with added embeddings."""
+    index = _read_config(path, "model_index.json")
+    unet = _read_config(path, "unet", "config.json")
+    return ("XL" in str(index.get("_class_name", "")) or (path / "text_encoder_2").is_dir()
+            or bool(unet.get("addition_embed_type")))
+
+
+def _read_config(path: Path, *parts) -> dict:
+    """A component's JSON config ({} when absent); NTIError naming the file when it is not valid JSON."""
+    file = path.joinpath(*parts)
+    try:
+        config = json.loads(file.read_text()) if file.is_file() else {}
+    except (OSError, ValueError) as err:
+        raise NTIError(f"model folder {path}: {file.relative_to(path)} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise NTIError(f"model folder {path}: {file.relative_to(path)} is not a JSON object")
+    return config
 
 
 def check_model_folder(path: Path) -> None:
-    """Name every missing component file of a diffusers SD folder in one error."""
+    """Name every missing component file of a diffusers SD (or SDXL) folder in one error."""
     missing = []
-    for sub, groups in COMPONENTS.items():
+    components = {**COMPONENTS, **XL_COMPONENTS} if is_xl_folder(path) else COMPONENTS
+    for sub, groups in components.items():
         if not (path / sub).is_dir():
             missing.append(f"{sub}/")
             continue
@@ -147,20 +193,31 @@ def check_model_folder(path: Path) -> None:
 
 def check_supported_model(path: Path) -> None:
     """Refuse, before any weight is read, a model this engine cannot invert correctly: the DDIM step (Eq. 12) and the
-    null-text loss take a UNet output that DDIMSchedule.eps can read as noise, one CLIP text encoder and a plain
-    4-channel latent UNet."""
-    def config(*parts):
-        file = path.joinpath(*parts)
-        try:
-            return json.loads(file.read_text()) if file.is_file() else {}
-        except (OSError, ValueError) as err:
-            raise NTIError(f"model folder {path}: {file.relative_to(path)} is not valid JSON ({err})") from None
-    pipeline_class = str(config("model_index.json").get("_class_name", ""))
-    unet, scheduler = config("unet", "config.json"), config("scheduler", "scheduler_config.json")
+    null-text loss take a UNet output that DDIMSchedule.eps can read as noise, CLIP text conditioning (one encoder,
+    or SDXL's two with pooled embedding and size time ids) and a plain 4-channel latent UNet."""
+    index = _read_config(path, "model_index.json")
+    unet, scheduler = _read_config(path, "unet", "config.json"), _read_config(path, "scheduler", "scheduler_config.json")
     why = []
-    if "XL" in pipeline_class or (path / "text_encoder_2").is_dir() or unet.get("addition_embed_type"):
-        why.append("it is an SDXL-type model (two text encoders, pooled embeddings, time ids), which is not "
-                   "supported yet")
+    added = unet.get("addition_embed_type")
+    if index.get("requires_aesthetics_score") or (
+            (path / "text_encoder_2").is_dir() and not (path / "text_encoder").is_dir()):
+        why.append("it is an SDXL refiner (aesthetic-score conditioning, no first text encoder), which refines "
+                   "images rather than generating them from text")
+    elif added not in (None, "text_time"):
+        why.append(f"its UNet takes {added!r} added embeddings, not SDXL's 'text_time' (pooled text + time ids)")
+    elif is_xl_folder(path):
+        pooled = _read_config(path, "text_encoder_2", "config.json").get("projection_dim")
+        want = unet.get("projection_class_embeddings_input_dim")
+        got = None if pooled is None else (unet.get("addition_time_embed_dim") or 0) * TIME_IDS + pooled
+        if pooled is None:
+            why.append("it is an SDXL-type model without a second text encoder (text_encoder_2/config.json with a "
+                       "projection_dim), so its pooled embedding cannot be made")
+        elif added != "text_time" or got != want:
+            why.append(f"its SDXL conditioning does not add up (UNet addition_embed_type {added!r}, added input "
+                       f"{want} wide, text_encoder_2 projection_dim {pooled} + {TIME_IDS} time ids = {got})")
+    for name in ("class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
+        if unet.get(name):
+            why.append(f"its UNet has {name}={unet[name]!r} (a conditioning this engine does not feed)")
     prediction = scheduler.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         why.append(f"its scheduler predicts {prediction!r}, which is none of {', '.join(PREDICTION_TYPES)}")
@@ -172,7 +229,7 @@ def check_supported_model(path: Path) -> None:
                    f"channels (an inpainting or depth model), not a plain text-to-image UNet")
     if why:
         raise NTIError(f"model folder {path} cannot be inverted by this engine: {'; '.join(why)}. Use a Stable "
-                       f"Diffusion v1.x or 2.x (512 px, epsilon) folder")
+                       f"Diffusion v1.x, 2.x or SDXL base text-to-image folder")
 
 
 def fingerprint_folder(path: Path) -> str:
@@ -242,6 +299,8 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
     dev = parse_device(device)
     if str(model) == TINY:
         return build_tiny_pipeline(seed=seed, device=dev, dtype=dtype)
+    if str(model) == TINY_XL:
+        return build_tiny_xl_pipeline(seed=seed, device=dev, dtype=dtype)
     if model is None or str(model) == SHAPES:
         if not (SHAPES_FOLDER / "unet").is_dir():
             raise NTIError(f"the built-in shapes model is missing from {SHAPES_FOLDER} (a broken install?); "
@@ -250,33 +309,52 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
         pipe.name = SHAPES
         return pipe
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = resolve_model_path(model)
+    check_supported_model(path)  # first: a refiner is refused as one, not as a folder missing text_encoder/
     check_model_folder(path)
-    check_supported_model(path)
     kw = dict(local_files_only=True, torch_dtype=dtype)
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+        second = {}
+        if is_xl_folder(path):
+            second = dict(
+                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw),
+                tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True))
         scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     except NTIError:
         raise
     except Exception as err:  # corrupt weights, wrong architecture, ...: say which folder, keep the cause
         raise NTIError(f"could not load the model in {path}: {type(err).__name__}: {err}") from err
-    pipe = _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, dev, str(model), fingerprint_folder(path))
+    zero_null = bool(_read_config(path, "model_index.json").get("force_zeros_for_empty_prompt", True))
+    pipe = _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, dev, str(model), fingerprint_folder(path),
+                     zero_null=zero_null, **second)
     if (path / VOCABULARY_FILE).is_file():  # a closed-vocabulary model (the shapes model) says which words it knows
         card = json.loads((path / VOCABULARY_FILE).read_text())
         pipe.vocabulary, pipe.prompt_example = tuple(card["words"]), card.get("example", "")
     return pipe
 
 
-def _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, device, name, fingerprint) -> Pipeline:
-    for module in (unet, vae, text_encoder):
+def _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, device, name, fingerprint, text_encoder_2=None,
+              tokenizer_2=None, zero_null: bool = True) -> Pipeline:
+    modules = (unet, vae, text_encoder) + ((text_encoder_2,) if text_encoder_2 is not None else ())
+    for module in modules:
         module.to(device).eval().requires_grad_(False)
-    return Pipeline(unet, vae, text_encoder, tokenizer, dict(scheduler_config), device, name, fingerprint)
+    pipe = Pipeline(unet, vae, text_encoder, tokenizer, dict(scheduler_config), device, name, fingerprint,
+                    text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+    if text_encoder_2 is not None:  # SDXL: time ids at the native resolution, no crop (the pipeline's defaults)
+        size = float(pipe.resolution)
+        time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=device)
+        pooled_dim = int(text_encoder_2.config.projection_dim)
+        if pooled_dim > pipe.context_shape[1]:
+            raise NTIError(f"model {name}: its pooled embedding ({pooled_dim}) is wider than its token embeddings "
+                           f"({pipe.context_shape[1]}); this engine packs the one into a row of the other")
+        pipe.pooled = PooledConditioning(pooled_dim, time_ids, zero_null)
+    return pipe
 
 
 # --------------------------------------------------------------------------------------------------------- tiny model
@@ -300,7 +378,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(keep, map(chr, chars)))
 
 
-def build_word_tokenizer(words=TINY_WORDS, max_length: int = 77):
+def build_word_tokenizer(words=TINY_WORDS, max_length: int = 77, pad_token: str = "<|endoftext|>"):
     """A CLIPTokenizer whose BPE merges spell out `words` whole; other text falls back to byte tokens."""
     from transformers import CLIPTokenizer
 
@@ -320,13 +398,13 @@ def build_word_tokenizer(words=TINY_WORDS, max_length: int = 77):
             prefix = merged
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, pad_token=pad_token)
 
 
 CLIP_MERGES = Path(__file__).parent / "assets" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 
 
-def build_clip_tokenizer(max_length: int = 77):
+def build_clip_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>"):
     """SD v1.x's tokenizer, offline: CLIP's byte-level BPE (49408 tokens) built as CLIP builds it from its merges
     (engine/assets/clip): the byte alphabet, the same with '</w>', the first 48894 merges, the start and end tokens."""
     import gzip
@@ -338,7 +416,8 @@ def build_clip_tokenizer(max_length: int = 77):
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, model_max_length=max_length)
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, model_max_length=max_length,
+                         pad_token=pad_token)
 
 
 def build_tiny_components(seed: int = 0):
@@ -375,6 +454,45 @@ def build_tiny_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype
                      f"tiny-{seed}-" + fingerprint_modules(unet, vae, text_encoder))
 
 
+def build_tiny_xl_components(seed: int = 0):
+    """Random SDXL-shaped components, 32 px: a UNet with 'text_time' added embeddings (pooled text + 6 time ids) and
+    transformer depth (1, 2), two CLIP text encoders (the second with projection), tokenizer_2 padding with '!'."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = build_word_tokenizer(), build_word_tokenizer(pad_token="!")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        cross_attention_dim=48, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=TIME_IDS * 8 + 24, norm_num_groups=16)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=16, sample_size=32, scaling_factor=0.13025)
+    common = dict(vocab_size=len(tokenizer), intermediate_size=64, num_hidden_layers=3, max_position_embeddings=77,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=16, num_attention_heads=2,
+                                                pad_token_id=tokenizer.pad_token_id, **common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=32, num_attention_heads=4, projection_dim=24, pad_token_id=tokenizer_2.pad_token_id, **common))
+    scheduler_config = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                        "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
+                        "timestep_spacing": "leading", "prediction_type": "epsilon"}
+    return unet, vae, text_encoder, tokenizer, scheduler_config, text_encoder_2, tokenizer_2
+
+
+def build_tiny_xl_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype=torch.float32) -> Pipeline:
+    """The built-in tiny SDXL-shaped model: SDXL's code paths (pooled embedding, time ids), random weights."""
+    unet, vae, text_encoder, tokenizer, scheduler_config, text_encoder_2, tokenizer_2 = build_tiny_xl_components(seed)
+    modules = [m if dtype == torch.float32 else m.to(dtype) for m in (unet, vae, text_encoder, text_encoder_2)]
+    return _assemble(*modules[:3], tokenizer, scheduler_config, torch.device(device), TINY_XL,
+                     f"tiny-xl-{seed}-" + fingerprint_modules(*modules), text_encoder_2=modules[3],
+                     tokenizer_2=tokenizer_2)
+
+
 def build_sd14_shaped_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype=torch.float32) -> Pipeline:
     """Stable Diffusion v1.4's exact architecture and tokenizer with random weights (benchmarks: cost does not depend
     on values)."""
@@ -402,8 +520,44 @@ def build_sd14_shaped_pipeline(seed: int = 0, device: str | torch.device = "cpu"
                      f"sd14-shaped-random-{seed}")
 
 
+def build_sdxl_shaped_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype=torch.float32) -> Pipeline:
+    """SDXL base 1.0's architecture (UNet 2.6B, CLIP ViT-L + OpenCLIP bigG, 1024 px) with random weights and CLIP's
+    tokenizer, for benchmarks: cost does not depend on values."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = build_clip_tokenizer(), build_clip_tokenizer(pad_token="!")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+            cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2, sample_size=1024, scaling_factor=0.13025)
+        common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            hidden_act="quick_gelu", pad_token_id=tokenizer.pad_token_id, **common))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+            hidden_act="gelu", projection_dim=1280, pad_token_id=tokenizer_2.pad_token_id, **common))
+    modules = [m if dtype == torch.float32 else m.to(dtype) for m in (unet, vae, text_encoder, text_encoder_2)]
+    scheduler_config = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                        "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
+                        "timestep_spacing": "leading"}
+    return _assemble(*modules[:3], tokenizer, scheduler_config, torch.device(device), "sdxl-shaped",
+                     f"sdxl-shaped-random-{seed}", text_encoder_2=modules[3], tokenizer_2=tokenizer_2)
+
+
 def save_pipeline_folder(pipe: Pipeline, path: str | os.PathLike) -> Path:
-    """Write a pipeline as a diffusers SD folder (what `load_pipeline(path)` reads)."""
+    """Write a pipeline as a diffusers SD / SDXL folder (what `load_pipeline(path)` reads)."""
     from diffusers import DDIMScheduler
 
     path = Path(path)
@@ -412,8 +566,14 @@ def save_pipeline_folder(pipe: Pipeline, path: str | os.PathLike) -> Path:
     pipe.text_encoder.save_pretrained(path / "text_encoder")
     pipe.tokenizer.save_pretrained(path / "tokenizer")
     DDIMScheduler.from_config(pipe.scheduler_config).save_pretrained(path / "scheduler")
-    (path / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}, indent=2))
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}
+    if pipe.pooled is not None:
+        pipe.text_encoder_2.save_pretrained(path / "text_encoder_2")
+        pipe.tokenizer_2.save_pretrained(path / "tokenizer_2")
+        index.update(_class_name="StableDiffusionXLPipeline", force_zeros_for_empty_prompt=pipe.pooled.zero_null,
+                     text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"])
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
     return path

@@ -86,8 +86,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Where to run and what to keep: the model, the device, the inversion cache, output verbosity."""
     g = parser.add_argument_group("model and run")
-    g.add_argument("--model", default=None, help="local diffusers SD v1.x folder or cached repo id; default: the "
-                   "built-in 'shapes' model (32 px scenes of coloured shapes, trained); 'tiny': random weights")
+    g.add_argument("--model", default=None, help="local diffusers folder (SD v1.x, 2.x or SDXL base) or cached repo "
+                   "id; default: the built-in 'shapes' model (32 px scenes of coloured shapes, trained); 'tiny' and "
+                   "'tiny-xl': random SD- and SDXL-shaped weights")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     g.add_argument("--cache", default=None, help="folder of saved inversions: reuse a matching one, save new ones "
                    "(an interrupted batch resumes from here)")

@@ -49,10 +49,12 @@ def guided_step(pipe: Pipeline, z: torch.Tensor, i: int, schedule: DDIMSchedule,
 
 def null_text_optimize(pipe: Pipeline, pivots: list[torch.Tensor], cond: torch.Tensor, uncond: torch.Tensor,
                        schedule: DDIMSchedule, weights: list[float], inner_steps: int = 10, lr: float = 1e-2,
-                       early_stop: bool = True, epsilon: float = 1e-5, progress: bool = False):
+                       early_stop: bool = True, epsilon: float = 1e-5, progress: bool = False,
+                       grad_mask: torch.Tensor | None = None):
     """Null-text optimization, paper Algorithm 1: per step, fit the null embedding so the guided step hits z*_{t-1}.
 
-    Returns (embeddings (steps, 77, D), inner iterations per step, last loss per step).
+    grad_mask (models.null_grad_mask): entries with 0 keep their start value (SDXL's pooled row, when asked).
+    Returns (embeddings (steps, *context shape), inner iterations per step, last loss per step).
     """
     embeddings, iterations, losses = [], [], []
     z = pivots[-1]
@@ -72,6 +74,8 @@ def null_text_optimize(pipe: Pipeline, pivots: list[torch.Tensor], cond: torch.T
             loss = F.mse_loss(z_prev, target)
             optimizer.zero_grad()
             loss.backward()
+            if grad_mask is not None:
+                uncond.grad.mul_(grad_mask)
             optimizer.step()  # the notebook steps before testing the loss, so the last update is kept
             loss_value = loss.item()
             done += 1

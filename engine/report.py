@@ -279,12 +279,12 @@ def write_outputs(out: Path, manifest: dict, model_name: str) -> str:
 
 def report_text(df, summary, headline, manifest, model_name, plots, grids, by_type=None) -> str:
     """report.md: what ran where, the protocol's tables, plots, grids and metric definitions."""
-    from .models import SHAPES, TINY
+    from .models import RANDOM_MODELS, SHAPES
 
     settings, env = manifest["settings"], manifest["environment"]
     protocol = PROTOCOLS[settings["protocol"]]
     lines = [f"# nti eval ({protocol.name} protocol): {settings['data']}, {df['id'].nunique()} samples", ""]
-    if model_name == TINY:
+    if model_name in RANDOM_MODELS:
         lines += ["> **Built-in tiny random model.** Its weights are random, so these numbers only check that the "
                   "harness runs end to end (inversion, reconstruction, editing, metrics, plots); they say nothing "
                   "about the paper's or the seed report's claims. Run with `--model` pointing at SD v1.4 for that.",

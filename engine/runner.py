@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .conditioning import null_grad_mask, unet_inputs
 from .config import NTIConfig
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -179,6 +180,7 @@ class UNetRunner:
         self.attention = set_attention(self.module, config.attention)
         self.stats = pipe.fast_stats  # accumulates over runs; benchmarks reset it
         self.prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")  # see ddim.eps_from_prediction
+        self.grad_mask = null_grad_mask(pipe, config.optimize_pooled)  # what null-text optimization may not change
         cuda = pipe.device.type == "cuda"
         if config.cuda_graphs and not cuda:
             warnings.warn("CUDA graphs need a CUDA device; running without them")
@@ -226,7 +228,7 @@ class UNetRunner:
         with (torch.autocast(self.pipe.device.type, dtype=self.prepared.autocast, cache_enabled=False)
               if self.prepared.autocast is not None else contextlib.nullcontext()):
             try:
-                return self.module(z, t, encoder_hidden_states=context).sample
+                return self.module(z, t, **unet_inputs(self.pipe.pooled, context)).sample
             except _compile_errors() as err:
                 if not self.compiled:
                     raise
@@ -235,7 +237,7 @@ class UNetRunner:
                 warnings.warn(f"torch.compile failed ({self.prepared.compile_failed}); running the UNet eager")
                 self.prepared.set_compiled(False)
                 self.compiled = False
-                return self.module(z, t, encoder_hidden_states=context).sample
+                return self.module(z, t, **unet_inputs(self.pipe.pooled, context)).sample
 
     @torch.no_grad()
     def forward(self, z: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nti.config import NTIError
+from nti.conditioning import unet_inputs
 
 from . import cache
 from .components import COMPONENTS, Component
@@ -173,7 +174,7 @@ class ForwardFn:
                               f"{self.text_shape} on {self.pipe.device}; running the eager UNet for "
                               f"{tuple(z.shape)} / {tuple(context.shape)} on {z.device}")
             self.fallbacks += 1
-            return self.pipe.unet(z, t, encoder_hidden_states=context).sample
+            return self.pipe.unet(z, t, **unet_inputs(self.pipe.pooled, context)).sample
         timestep = torch.full((1,), float(t), dtype=torch.float32, device=z.device)
         n = z.shape[0] if self.max_batch is None else self.max_batch
         if z.shape[0] <= n:

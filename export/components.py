@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
+
+from nti.conditioning import unet_inputs
 
 if TYPE_CHECKING:  # the type only: a runtime import would make nti.models -> runner -> export -> models a circle
     from nti.models import Pipeline
@@ -20,17 +23,18 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class UNetIO(torch.nn.Module):
-    """(sample, timestep (1,) fp32, encoder_hidden_states) -> noise prediction, fp32 in and out."""
+    """(sample, timestep (1,) fp32, encoder_hidden_states) -> noise prediction, fp32 in and out. For SDXL the third
+    input is the engine's packed context (tokens + pooled row) and the time ids are a constant of the graph."""
 
-    def __init__(self, unet: torch.nn.Module, dtype: torch.dtype):
+    def __init__(self, unet: torch.nn.Module, dtype: torch.dtype, pooled=None):
         super().__init__()
-        self.unet, self.dtype = unet, dtype
+        self.unet, self.dtype, self.pooled = unet, dtype, pooled
 
     def forward(self, sample, timestep, encoder_hidden_states):
         # diffusers turns the timestep into a float sinusoidal embedding, so a float timestep gives the same numbers
         # as the python int the engine passes, and keeps the graph free of int64 inputs (TensorRT-friendly)
-        eps = self.unet(sample.to(self.dtype), timestep, encoder_hidden_states=encoder_hidden_states.to(self.dtype),
-                        return_dict=False)[0]
+        context = encoder_hidden_states.to(self.dtype)
+        eps = self.unet(sample.to(self.dtype), timestep, **unet_inputs(self.pooled, context), return_dict=False)[0]
         return eps.float()
 
 
@@ -56,7 +60,7 @@ class Component:
     def __init__(self, pipe: Pipeline):
         self.pipe = pipe
         self.latent_shape = tuple(pipe.latent_shape)
-        self.text_shape = (int(pipe.tokenizer.model_max_length), int(pipe.unet.config.cross_attention_dim))
+        self.text_shape = tuple(pipe.context_shape)
         self.out_channels = int(pipe.unet.config.out_channels)
         self.resolution = int(pipe.resolution)
 
@@ -112,7 +116,10 @@ class UNetComponent(Component):
     output_names = ("out_sample",)
 
     def module(self, precision: str, device="cpu") -> torch.nn.Module:
-        return UNetIO(self._copy(self.pipe.unet, precision, device), DTYPES[precision]).eval()
+        pooled = self.pipe.pooled
+        if pooled is not None:  # SDXL: the time ids become a constant of the graph, on the export's device
+            pooled = dataclasses.replace(pooled, time_ids=pooled.time_ids.to(device))
+        return UNetIO(self._copy(self.pipe.unet, precision, device), DTYPES[precision], pooled).eval()
 
     def shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
         return {"sample": (batch, *self.latent_shape), "timestep": (1,),

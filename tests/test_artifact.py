@@ -36,7 +36,8 @@ def distinctive(inv: Inversion) -> Inversion:
     return dataclasses.replace(inv, fp32_retries=[-1, 2], model_name="tiny-renamed",
                                versions={**inv.versions, "torch": "0.0-where-it-was-made"},
                                pivots=torch.randn((steps + 1, *inv.z_T.shape), generator=g),
-                               timings={**inv.timings, "extra_s": 0.125})
+                               timings={**inv.timings, "extra_s": 0.125},
+                               conditioning={"pooled_dim": 3, "time_ids": [8.0, 8.0, 0.0, 1.0, 8.0, 8.0]})
 
 
 @pytest.mark.parametrize("case", ["as inverted", "every field distinctive"])

@@ -29,7 +29,7 @@ def test_gpu_run_quick_on_cpu(tmp_path):
     assert parity["fast bf16 half weights b1"]["vs_autocast_embeddings_rel"] == 0  # bit for bit on CPU
 
     timing = [r for r in measured if "s_per_image" in r]
-    assert {r["stage"] for r in timing} == {"nti_b1", "nti_b16", "ddim_b16"}
+    assert {r["stage"] for r in timing} == {"nti_b1", "nti_b16", "ddim_b16", "sdxl"}
     for r in timing:
         assert r["s_per_image"] > 0 and r["s_per_image_50_steps"] == r["s_per_image"] * 50 / r["steps"]
         if r["backend"] == "fast":  # every inner iteration of every image ran forward + backward, nothing padded
@@ -51,6 +51,9 @@ def test_gpu_run_quick_on_cpu(tmp_path):
     on, reference = passes[("fast", True)], passes[("reference", True)]
     assert on["first_image_iterations"] == reference["first_image_iterations"]
     assert on["inner_iterations_per_image"] < passes[("fast", False)]["inner_iterations_per_image"]
+
+    sdxl = next(r for r in measured if r["stage"] == "sdxl" and "unet_fwd_gflop" in r)
+    assert sdxl["model"] == "tiny-xl" and sdxl["unet_fwd_bwd_gflop"] > sdxl["unet_fwd_gflop"] > 0
 
     summary = (tmp_path / "summary.md").read_text()
     assert "| nti_b16 |" in summary and "parity vs eager fp32 reference" in summary and "UNet passes" in summary
