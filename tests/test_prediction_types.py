@@ -85,3 +85,72 @@ def test_unknown_prediction_type_is_refused(v_model, tmp_path):
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": "flow"}))
     with pytest.raises(nti.NTIError, match="predicts 'flow'"):
         load_pipeline(folder, device="cpu")
+
+
+def _sd2_shaped_pipeline():
+    """A tiny random SD 2.x-768-shaped model: linear-projection transformers, per-level head dims, upcast attention,
+    a GELU text encoder, v-prediction (the parts that differ from SD v1.x)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from nti.models import _assemble, build_tiny_components, build_word_tokenizer
+
+    _, vae, _, _, scheduler_config = build_tiny_components(seed=2)
+    tokenizer = build_word_tokenizer(pad_token="!")  # SD 2.x's tokenizer pads with '!' as SDXL's second one does
+    torch.manual_seed(2)
+    unet = UNet2DConditionModel(
+        sample_size=16, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True,
+        norm_num_groups=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        hidden_act="gelu", max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    return _assemble(unet, vae, text_encoder, tokenizer, {**scheduler_config, "prediction_type": "v_prediction"},
+                     torch.device("cpu"), "sd2-shaped", "sd2-shaped-random-2")
+
+
+@pytest.fixture(scope="module")
+def sd2_pipe(tmp_path_factory):
+    folder = save_pipeline_folder(_sd2_shaped_pipeline(), tmp_path_factory.mktemp("tiny-sd2"))
+    return load_pipeline(folder, device="cpu")
+
+
+def test_sd2_v_sampling_equals_diffusers_pipeline(sd2_pipe):
+    """CFG sampling from z_T under a prompt, the empty prompt as null: diffusers' StableDiffusionPipeline with its
+    DDIMScheduler reading v_prediction gives the same latent."""
+    from diffusers import StableDiffusionPipeline
+
+    from nti import reference
+    from nti.api import null_embedding
+    from nti.methods import EditJob
+    from nti.models import encode_prompts
+
+    scheduler = DDIMScheduler.from_config(sd2_pipe.scheduler_config, clip_sample=False, set_alpha_to_one=False,
+                                          timestep_spacing="leading")
+    theirs_pipe = StableDiffusionPipeline(vae=sd2_pipe.vae, text_encoder=sd2_pipe.text_encoder,
+                                          tokenizer=sd2_pipe.tokenizer, unet=sd2_pipe.unet, scheduler=scheduler,
+                                          safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+    z_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    schedule = make_schedule(sd2_pipe.scheduler_config, 5)
+    job = EditJob(z_T=z_T, cond=encode_prompts(sd2_pipe, [PROMPT]), null=null_embedding(sd2_pipe), schedule=schedule,
+                  weights=[6.0] * 5)
+    ours = reference.sample(sd2_pipe, job)
+    theirs = theirs_pipe(PROMPT, latents=z_T.clone(), num_inference_steps=5, guidance_scale=6.0, height=32,
+                         width=32, output_type="latent").images
+    assert rel_err(ours, theirs) < 1e-5, rel_err(ours, theirs)
+
+
+def test_sd2_v_fast_path_equals_reference(sd2_pipe, cat_image):
+    ref = nti.invert(sd2_pipe, cat_image, PROMPT, CONFIG, progress=False)[0]
+    fast = nti.invert(sd2_pipe, [cat_image] * 2, PROMPT, CONFIG.replace(backend="fast", batch_size=2),
+                      progress=False)
+    for inv in fast:
+        assert inv.iterations == ref.iterations and rel_err(inv.z_T, ref.z_T) < 1e-4
+        assert rel_err(inv.null_embeddings, ref.null_embeddings) < 3e-4
+    config = CONFIG.replace(edit="p2p-refine")
+    edit_ref = nti.edit_latents(sd2_pipe, [ref], TARGET, config, progress=False)
+    edit_fast = nti.edit_latents(sd2_pipe, fast[:1], TARGET, config.replace(backend="fast"), progress=False)
+    assert rel_err(edit_fast, edit_ref) < 1e-4
