@@ -316,14 +316,16 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
     check_model_folder(path)
     kw = dict(local_files_only=True, torch_dtype=dtype)
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw, **_variant(path / "unet"))
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw, **_variant(path / "vae"))
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw,
+                                                     **_variant(path / "text_encoder"))
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
         second = {}
         if is_xl_folder(path):
             second = dict(
-                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw),
+                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                    path, subfolder="text_encoder_2", **kw, **_variant(path / "text_encoder_2")),
                 tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True))
         scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     except NTIError:
@@ -337,6 +339,15 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
         card = json.loads((path / VOCABULARY_FILE).read_text())
         pipe.vocabulary, pipe.prompt_example = tuple(card["words"]), card.get("example", "")
     return pipe
+
+
+def _variant(folder: Path) -> dict:
+    """from_pretrained's variant for a component folder that holds only fp16 weight files (a common way SD and SDXL
+    folders are shipped); the weights are still loaded in the dtype asked for."""
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    plain = any(n in names for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                                      "model.safetensors", "pytorch_model.bin"))
+    return {"variant": "fp16"} if not plain and any(".fp16." in n for n in names) else {}
 
 
 def _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, device, name, fingerprint, text_encoder_2=None,

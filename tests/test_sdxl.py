@@ -219,3 +219,15 @@ def test_exported_onnx_unet_takes_the_packed_context(xl_pipe, tmp_path):
     out = runner(z, torch.tensor([981.0]), context)
     with torch.no_grad():
         assert rel_err(out, unet_eps(xl_pipe, z, 981, context)) < 1e-4
+
+
+def test_fp16_only_weight_files_load_as_fp32(xl_folder, xl_pipe, tmp_path):
+    """A folder shipped with only `*.fp16.safetensors` weights (variant files) loads, in fp32, to the same model."""
+    folder = tmp_path / "fp16-only"
+    shutil.copytree(xl_folder, folder)
+    for file in list(folder.glob("*/*.safetensors")):
+        file.rename(file.with_name(file.name.replace(".safetensors", ".fp16.safetensors")))
+    pipe = load_pipeline(folder, device="cpu")
+    assert next(pipe.unet.parameters()).dtype == torch.float32
+    assert torch.equal(pipe.unet.conv_in.weight, xl_pipe.unet.conv_in.weight)
+    assert torch.equal(pipe.text_encoder_2.text_projection.weight, xl_pipe.text_encoder_2.text_projection.weight)
