@@ -242,6 +242,8 @@ class NTIConfig:
         marked changes_inversion, with the timestep offset resolved against the model's scheduler config."""
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["changes_inversion"]
                     and (f.metadata["keyed_at_default"] or getattr(self, f.name) != f.default)}
+        if self.backend == "reference":  # it computes in fp32 whatever precision says: record what really ran
+            settings["precision"] = "fp32"
         return {**settings, "steps_offset": self.timestep_offset(scheduler_config)}
 
     def replace(self, **changes) -> "NTIConfig":

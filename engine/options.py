@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 
-from .config import GROUPS, NTIConfig, field_docs
+from .config import GROUPS, SPEED, NTIConfig, NTIError, field_docs
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+log = logging.getLogger("nti")
 BY_DEVICE = ("backend", "precision")  # their command-line default depends on the device (NTIConfig's docstrings)
 
 
@@ -112,4 +114,14 @@ def config_from_args(args, device) -> NTIConfig:
         values["backend"] = "fast" if cuda else "reference"
     if values.get("precision") is None:
         values["precision"] = "bf16" if cuda and values["backend"] == "fast" else "fp32"
-    return NTIConfig(**values)
+    config = NTIConfig(**values)
+    if config.backend == "reference":
+        if config.precision != "fp32":  # the reference is fp32 by definition; running it would mislabel the result
+            raise NTIError(f"--precision {config.precision} needs --backend fast: the reference backend is the eager "
+                           f"fp32 truth")
+        ignored = [flag_of(f) for f in dataclasses.fields(NTIConfig) if f.metadata["group"] == SPEED
+                   and f.name not in ("backend", "precision") and getattr(config, f.name) != f.default]
+        if ignored:
+            log.warning(f"{', '.join(ignored)} act on the fast backend only; the reference backend ignores them "
+                        f"(add --backend fast)")
+    return config

@@ -209,6 +209,24 @@ def test_other_options_out_of_range_exit_2(capsys, tmp_path, option, message):
     assert code == EXIT_BAD_INPUT and message in error_line(err) and not (tmp_path / "o.png").exists()
 
 
+def test_half_precision_on_the_reference_backend_is_refused(capsys, tmp_path, no_model):
+    """The reference is fp32: --precision bf16 there would run fp32 and record bf16 (a mislabelled result)."""
+    code, _, err = run_cli(["invert", "skimage:chelsea", "--prompt", "a", "--backend", "reference", "--precision",
+                            "bf16", "--out", tmp_path / "i.safetensors", *TINY], capsys)
+    assert code == EXIT_BAD_INPUT and "needs --backend fast" in error_line(err)
+    assert not list(tmp_path.iterdir())
+    # through the API a reference run records the precision it really ran in
+    config = nti.NTIConfig(backend="reference", precision="bf16")
+    assert config.result_settings({})["precision"] == "fp32"
+
+
+def test_speed_switches_on_the_reference_backend_are_named_as_ignored(capsys, tmp_path):
+    code, _, err = run_cli(["invert", "skimage:chelsea", "--prompt", "a", "--backend", "reference", "--cuda-graphs",
+                            "--batch-size", "4", "--out", tmp_path / "i.safetensors", *TINY], capsys)
+    assert code == EXIT_OK and (tmp_path / "i.safetensors").is_file()
+    assert "--batch-size, --cuda-graphs act on the fast backend only" in err
+
+
 def test_a_result_that_is_not_finite_is_never_written(tmp_path, capsys, monkeypatch):
     from nti import api
     real = api.edit_latents
