@@ -310,18 +310,21 @@ def stage_sdxl(st: Stage) -> None:
     st.emit("sdxl", model=st.pipe.name, resolution=st.pipe.resolution, unet_fwd_gflop=flops[0] / 1e9,
             unet_fwd_bwd_gflop=flops[1] / 1e9, unet_params=sum(p.numel() for p in st.pipe.unet.parameters()))
     base = NTIConfig(steps=st.steps, inner_steps=st.inner, early_stop=False, backend="fast", precision="bf16")
-    rows = [("SDXL bf16 half weights", {})] + ([("SDXL + CUDA graphs", {"cuda_graphs": True})] if st.cuda else [])
     n = SDXL_BATCH if st.cuda else 2
-    for name, changes in rows:
-        while n >= 1:
-            try:
-                timing_row(st, "sdxl", name, base.replace(batch_size=n, **changes), n, flops)
-                break
-            except torch.OutOfMemoryError:
-                st.emit("sdxl", variant=name, batch=n, error=f"out of memory at batch {n}; halving")
-                st.pipe.fast_unets.clear()  # captured graphs and their pools go with the prepared UNet
-                torch.cuda.empty_cache()
-                n //= 2
+    while n >= 1:  # eager first: the largest batch that fits, halving after an out-of-memory error
+        try:
+            timing_row(st, "sdxl", "SDXL bf16 half weights", base.replace(batch_size=n), n, flops)
+            break
+        except torch.OutOfMemoryError:
+            st.emit("sdxl", variant="SDXL bf16 half weights", batch=n, oom=f"out of memory at batch {n}; halving")
+            st.pipe.fast_unets.clear()
+            torch.cuda.empty_cache()
+            n //= 2
+    if st.cuda and n >= 1:  # then graphs at that batch, once: a capture that runs out of memory ends the stage
+        try:
+            timing_row(st, "sdxl", "SDXL + CUDA graphs", base.replace(batch_size=n, cuda_graphs=True), n, flops)
+        except Exception as err:
+            st.emit("sdxl", variant="SDXL + CUDA graphs", batch=n, error=f"{type(err).__name__}: {err}"[:500])
 
 
 def stage_compile(st: Stage) -> None:

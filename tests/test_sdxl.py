@@ -231,3 +231,20 @@ def test_fp16_only_weight_files_load_as_fp32(xl_folder, xl_pipe, tmp_path):
     assert next(pipe.unet.parameters()).dtype == torch.float32
     assert torch.equal(pipe.unet.conv_in.weight, xl_pipe.unet.conv_in.weight)
     assert torch.equal(pipe.text_encoder_2.text_projection.weight, xl_pipe.text_encoder_2.text_projection.weight)
+
+
+def test_a_model_without_zero_null_starts_from_the_empty_prompt(xl_folder, tmp_path):
+    """force_zeros_for_empty_prompt false: the unconditional input is the empty prompt through both encoders, as the
+    pipeline's negative embeddings are then."""
+    folder = tmp_path / "no-zeros"
+    shutil.copytree(xl_folder, folder)
+    _edit_json(folder / "model_index.json", force_zeros_for_empty_prompt=False)
+    pipe = load_pipeline(folder, device="cpu")
+    theirs = StableDiffusionXLPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder,
+                                       text_encoder_2=pipe.text_encoder_2, tokenizer=pipe.tokenizer,
+                                       tokenizer_2=pipe.tokenizer_2, unet=pipe.unet, scheduler=DDIMScheduler(),
+                                       force_zeros_for_empty_prompt=False)
+    _, negative, _, negative_pooled = theirs.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=True)
+    null = null_embedding(pipe)
+    assert negative.abs().amax() > 0
+    assert torch.equal(null[:, :77], negative) and torch.equal(null[:, 77, :24], negative_pooled)
