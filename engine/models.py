@@ -294,8 +294,9 @@ def parse_device(device: str | torch.device | None) -> torch.device:
 
 def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.device | None = "auto",
                   dtype: torch.dtype = torch.float32, seed: int = 0) -> Pipeline:
-    """Load SD v1.x from a local diffusers folder / local HF cache; None or 'shapes' is the built-in trained shapes
-    model (read from engine/assets/shapes through this same loader), 'tiny' the built-in random one."""
+    """Load SD v1.x / 2.x / SDXL from a local diffusers folder or the local HF cache; None or 'shapes' is the built-in
+    trained shapes model (read from engine/assets/shapes through this same loader), 'tiny' and 'tiny-xl' the
+    built-in random SD- and SDXL-shaped ones."""
     dev = parse_device(device)
     if str(model) == TINY:
         return build_tiny_pipeline(seed=seed, device=dev, dtype=dtype)
