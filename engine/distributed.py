@@ -20,16 +20,18 @@ from pathlib import Path
 from .config import NTIError
 
 RAY_EXTRA = "install the ray extra: pip install -e '.[ray]'"
-LOCAL = "local"  # --ray with no address: start a local cluster in this process (or join the one it already has)
+LOCAL = "local"  # --ray with no address: start a local cluster for this run (or use the one this process has)
 # Test hook: "N:FLAG" makes the first actor that reaches its Nth batch exit hard, once per FLAG file, after the
-# batch's inversions are in --cache and before its outputs are returned (issue 20: an actor dies mid-run).
+# batch's inversions are in --cache and before its outputs are returned (issue 20: an actor dies mid-run);
+# "input:NAME" makes every actor exit hard whenever its batch holds the job NAME (a batch that kills every worker).
 CRASH_HOOK = "NTI_TEST_RAY_CRASH"
+MAX_RETRIES = 2  # default --max-retries: a batch whose actor died is sent again this many times, then given up
 LOAD_CPUS = 0.5  # logical CPUs of one image-loading task (decode + resize: light next to an engine's work)
 
 
 def add_ray_options(p) -> None:
     """The --ray option group of invert / edit / reconstruct."""
-    from .options import positive_int
+    from .options import int_at_least, positive_int
 
     g = p.add_argument_group("scale-out on Ray (pip install -e '.[ray]'; docs/ray.md)")
     g.add_argument("--ray", nargs="?", const=LOCAL, default=None, metavar="ADDRESS",
@@ -37,6 +39,9 @@ def add_ray_options(p) -> None:
                    "none for a local one; --cache must then be a folder every node sees")
     g.add_argument("--num-workers", type=positive_int, default=None, metavar="N",
                    help="engine actors (default: one per GPU of the cluster; on CPU one per node)")
+    g.add_argument("--max-retries", type=int_at_least(0), default=MAX_RETRIES, metavar="N",
+                   help=f"times a batch is sent again after the actor running it died (default {MAX_RETRIES}); then "
+                   "its inputs are reported failed, the other outputs are still written, and the exit code is 1")
 
 
 @dataclass
@@ -52,7 +57,8 @@ class RunReport:
     """The whole run, as the driver saw it stream by."""
 
     written: list = field(default_factory=list)  # output paths, in arrival order
-    failed: list = field(default_factory=list)  # (name, image, message)
+    failed: list = field(default_factory=list)  # (name, image, message): bad inputs
+    abandoned: list = field(default_factory=list)  # ([names], message): batches that killed their workers
     actor_load_s: dict = field(default_factory=dict)  # actor id -> seconds to load its engine
     batch_s: list = field(default_factory=list)  # seconds each actor call took (invert + edit)
     wall_s: float = 0.0
@@ -102,6 +108,18 @@ def make_batches(jobs: list[dict], images_per_call: int) -> list[Batch]:
 
 # ------------------------------------------------------------------------------------------ stages (run on workers)
 
+class AttemptLedger:
+    """A Ray actor that counts the times each batch was started. Ray Data restarts a dead actor and sends its batch
+    again without end; an actor that finds its batch over the budget gives it up instead of running it again."""
+
+    def __init__(self):
+        self.attempts: dict[int, int] = {}
+
+    def begin(self, index: int) -> int:
+        self.attempts[index] = self.attempts.get(index, 0) + 1
+        return self.attempts[index]
+
+
 def load_stage(row: dict, resolution: int) -> dict:
     """CPU task: read, decode and centre-crop a batch's images; a bad one is set aside with its reason, not raised."""
     import numpy as np
@@ -129,7 +147,8 @@ def load_stage(row: dict, resolution: int) -> dict:
 class EngineWorker:
     """A Ray actor holding one engine (pipeline + fast-path state), loaded once, then fed batches."""
 
-    def __init__(self, command: str, model, device: str, config_json: str, cache, resolution: int):
+    def __init__(self, command: str, model, device: str, config_json: str, cache, resolution: int, ledger=None,
+                 max_retries: int = MAX_RETRIES):
         import torch
 
         from .config import NTIConfig
@@ -150,14 +169,25 @@ class EngineWorker:
         self.config = NTIConfig(**json.loads(config_json))
         self.actor = f"{os.uname().nodename}:{os.getpid()}"
         self.calls = 0
+        self.ledger, self.max_retries = ledger, max_retries
 
     def __call__(self, batch: dict) -> dict:
+        import ray
+
         rows = []
         for k in range(len(batch["index"])):
-            rows += [{**r, "error": ""} for r in self.run_batch(json.loads(batch["jobs"][k]), batch["pixels"][k])]
+            good, bad = json.loads(batch["jobs"][k]), json.loads(batch["bad"][k])
+            attempt = ray.get(self.ledger.begin.remote(int(batch["index"][k]))) if self.ledger is not None else 1
+            if attempt > self.max_retries + 1:  # every earlier attempt died with its actor: do not run it again
+                why = (f"its batch killed the Ray worker running it {attempt - 1} time(s) (--max-retries "
+                       f"{self.max_retries}); given up")
+                rows += [{"name": j["name"], "image": j["image"], "out": j["out"], "data": b"", "json": "",
+                          "error": why, "seconds": 0.0, "gave_up": True} for j in good]
+            else:
+                rows += [{**r, "error": "", "gave_up": False} for r in self.run_batch(good, batch["pixels"][k])]
             rows += [{"name": j["name"], "image": j["image"], "out": j["out"], "data": b"", "json": "",
-                      "error": j["error"], "seconds": 0.0} for j in json.loads(batch["bad"][k])]
-        columns = ("name", "image", "out", "data", "json", "error", "seconds")
+                      "error": j["error"], "seconds": 0.0, "gave_up": False} for j in bad]
+        columns = ("name", "image", "out", "data", "json", "error", "seconds", "gave_up")
         out = {c: [r[c] for r in rows] for c in columns}
         out["actor"], out["load_s"] = [self.actor] * len(rows), [self.load_s] * len(rows)
         return out
@@ -178,9 +208,10 @@ class EngineWorker:
         arrays = np.frombuffer(pixels, np.uint8).reshape(len(jobs), side, side, 3)
         images = [Image.fromarray(a) for a in arrays]
         config = self.config
+        self.maybe_crash(jobs, before=True)
         inversions = api.invert_cached(self.pipe, images, [j["source_prompt"] for j in jobs], config, self.cache,
                                        progress=False)
-        self.maybe_crash()
+        self.maybe_crash(jobs)
         if self.command == "invert":
             files = [inversion_bytes(inv) for inv in inversions]
         else:
@@ -197,12 +228,16 @@ class EngineWorker:
         return [{"name": j["name"], "image": j["image"], "out": j["out"], "data": data, "json": readable,
                  "seconds": seconds} for j, (data, readable) in zip(jobs, files)]
 
-    def maybe_crash(self) -> None:
+    def maybe_crash(self, jobs: list[dict], before: bool = False) -> None:
         hook = os.environ.get(CRASH_HOOK)
         if not hook:
             return
         at, flag = hook.split(":", 1)
-        if self.calls == int(at):
+        if at == "input":
+            if before and any(j["name"] == flag for j in jobs):
+                os._exit(1)
+            return
+        if not before and self.calls == int(at):
             try:
                 fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # only the first actor there, only once
             except FileExistsError:
@@ -216,16 +251,20 @@ class EngineWorker:
 
 def run_ray(args) -> int:
     """`--ray`: run the command's jobs on a Ray cluster; exit 2 if any input was bad (the rest still finish)."""
-    from .options import EXIT_BAD_INPUT, EXIT_OK
+    from .options import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK
 
     report = run_batch(args)
-    if report.failed:
-        for name, image, message in report.failed:
-            print(f"nti: error: skipped {name} ({image}): {message}", file=sys.stderr)
-        print(f"nti: error: {len(report.failed)} of {len(report.failed) + len(report.written)} inputs failed; "
-              f"the other {len(report.written)} outputs are written", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return EXIT_OK
+    for name, image, message in report.failed:
+        print(f"nti: error: skipped {name} ({image}): {message}", file=sys.stderr)
+    for names, message in report.abandoned:
+        print(f"nti: error: gave up on {', '.join(names)}: {message}; the cause is in the Ray worker logs (out of "
+              f"memory? a lower --batch-size may fit)", file=sys.stderr)
+    lost = len(report.failed) + sum(len(names) for names, _ in report.abandoned)
+    if lost:
+        print(f"nti: error: {lost} of {lost + len(report.written)} inputs failed; the other {len(report.written)} "
+              f"outputs are written", file=sys.stderr)
+    # a batch that killed its workers is not an input the checks could refuse: 1, as for other internal errors
+    return EXIT_INTERNAL if report.abandoned else EXIT_BAD_INPUT if report.failed else EXIT_OK
 
 
 def run_batch(args) -> RunReport:
@@ -266,7 +305,8 @@ def run_batch(args) -> RunReport:
     started_here = not ray.is_initialized()
     if started_here:
         try:
-            ray.init(address=None if args.ray == LOCAL else args.ray, include_dashboard=False,
+            # "local" starts a cluster of its own even where `ray start` made one on this machine (None would join it)
+            ray.init(address=args.ray, include_dashboard=False,
                      log_to_driver=args.debug, logging_level="ERROR")
         except (ConnectionError, ValueError, RuntimeError) as err:  # no cluster there, or a malformed address
             raise NTIError(f"could not start or reach the Ray cluster at {args.ray!r}: {err}") from None
@@ -286,14 +326,18 @@ def run_batch(args) -> RunReport:
         report.workers = workers
         cache = str(Path(args.cache).resolve()) if args.cache else None
         start = time.perf_counter()
-        dataset = _pipeline(ray, args, batches, resolution, device, config, cache, workers)
+        ledger = ray.remote(num_cpus=0)(AttemptLedger).remote()
+        dataset = _pipeline(ray, args, batches, resolution, device, config, cache, workers, ledger)
         total, seen = len(jobs), set()
+        gave_up: dict[str, list] = {}  # message -> names of one abandoned batch
         for row in dataset.iter_rows():
             if row["out"] in seen:  # a retried batch can never write an output twice
                 continue
             seen.add(row["out"])
             report.actor_load_s.setdefault(row["actor"], row["load_s"])
-            if row["error"]:
+            if row["gave_up"]:
+                gave_up.setdefault(row["error"], []).append(row["name"])
+            elif row["error"]:
                 report.failed.append((row["name"], row["image"], row["error"]))
             else:
                 path = Path(row["out"])
@@ -308,6 +352,7 @@ def run_batch(args) -> RunReport:
                 print(f"nti: ray: {len(seen)}/{total} done ({len(report.failed)} failed), "
                       f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
         report.wall_s = time.perf_counter() - start
+        report.abandoned = [(names, message) for message, names in gave_up.items()]
         if not args.quiet:
             print(f"done in {report.wall_s:.1f} s on {workers} Ray worker(s), {device} ({config.backend} backend, "
                   f"{config.method})", file=sys.stderr)
@@ -326,7 +371,8 @@ class _Vocabulary:
     prompt_example: str
 
 
-def _pipeline(ray, args, batches: list[Batch], resolution: int, device: str, config, cache, workers: int):
+def _pipeline(ray, args, batches: list[Batch], resolution: int, device: str, config, cache, workers: int,
+              ledger=None):
     """The Ray Data plan: one row per batch -> load (CPU tasks) -> engine actors, one call per batch."""
     import dataclasses
 
@@ -349,10 +395,12 @@ def _pipeline(ray, args, batches: list[Batch], resolution: int, device: str, con
                          fn_constructor_kwargs={"command": args.command, "model": args.model,
                                                 "device": "cuda" if cuda else device,
                                                 "config_json": json.dumps(dataclasses.asdict(config)),
-                                                "cache": cache, "resolution": resolution},
+                                                "cache": cache, "resolution": resolution, "ledger": ledger,
+                                                "max_retries": getattr(args, "max_retries", MAX_RETRIES)},
                          num_gpus=1 if cuda else 0, num_cpus=cpus_per_worker,
                          # an actor that dies is restarted and the batch it held sent again: Ray Data's own
-                         # default for actor pools (max_restarts=-1, max_task_retries=-1); the crash hook is handed
-                         # over explicitly, as actors inherit the cluster's environment, not the driver's
+                         # default for actor pools (max_restarts=-1, max_task_retries=-1), bounded per batch by the
+                         # ledger (--max-retries); the crash hook is handed over explicitly, as actors inherit the
+                         # cluster's environment, not the driver's
                          runtime_env={"env_vars": {CRASH_HOOK: os.environ[CRASH_HOOK]}} if CRASH_HOOK in os.environ
                          else None))

@@ -110,6 +110,24 @@ def test_an_actor_killed_mid_run_loses_nothing_and_writes_nothing_twice(cluster,
     assert any(p.stat().st_mtime_ns <= flag.stat().st_mtime_ns for p in cache.glob("*.safetensors"))
 
 
+def test_a_batch_that_kills_every_worker_is_given_up_after_max_retries(cluster, jobs, single, tmp_path, monkeypatch,
+                                                                        capsys):
+    """Ray Data would restart the actor and resend the batch forever: the ledger stops it after --max-retries, names
+    the batch's inputs, keeps every other output and exits 1."""
+    from nti.cli import EXIT_INTERNAL
+    from nti.distributed import CRASH_HOOK
+
+    out = tmp_path / "out"
+    monkeypatch.setenv(CRASH_HOOK, "input:scene1-colour")  # any actor that gets scene1's batch dies, every time
+    code = main(["edit", str(jobs), "--out", str(out), *FAST, "--ray", "--num-workers", "1", "--max-retries", "0"])
+    err = capsys.readouterr().err
+    assert code == EXIT_INTERNAL, err
+    # scene1's batch holds both of its edits (they share one inversion): both named, once, with the reason
+    assert "gave up on scene1-colour, scene1-shape: its batch killed the Ray worker running it 1 time(s)" in err
+    assert "--max-retries 0" in err and "2 of 4 inputs failed; the other 2 outputs are written" in err
+    assert files(out) == {name: data for name, data in single.items() if name.startswith("scene0")}
+
+
 def test_ray_without_ray_installed_says_how_to_install_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed (the single-process run without
     # Ray is the `single` fixture)
