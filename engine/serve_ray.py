@@ -150,10 +150,13 @@ class RemoteBatcher(Batcher):
                                                     f"{self.sent[job.id]} time(s) on this job: {type(err).__name__}")
             self.service.complete([job], [outcome])
             self.sent.pop(job.id, None)
-            if outcome.batch and outcome.batch not in self.batches_seen:
-                self.batches_seen[outcome.batch] = None
-                if len(self.batches_seen) > 1024:
-                    self.batches_seen.pop(next(iter(self.batches_seen)))
+            with self.cond:  # the jobs of one batch come back on several threads: count it once
+                first = bool(outcome.batch) and outcome.batch not in self.batches_seen
+                if first:
+                    self.batches_seen[outcome.batch] = None
+                    if len(self.batches_seen) > 1024:
+                        self.batches_seen.pop(next(iter(self.batches_seen)))
+            if first:
                 size = outcome.result.get("batch_size", 1)
                 self.seconds_per_step[job.kind] = outcome.batch_s / max(1, int(job.request.get("steps", 1)))
                 self._on_batch(job.kind, size, outcome.batch_s)
