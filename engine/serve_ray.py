@@ -212,7 +212,10 @@ def build_app(settings: ServeSettings, scaling: Scaling, cuda: bool, node_ip: st
 def serve_on_ray(settings: ServeSettings, host: str, port: int, address: str, scaling: Scaling,
                  quiet: bool = False) -> int:
     """Start (or join) a Ray cluster, run the app on it, serve until SIGTERM/SIGINT, then drain and stop."""
+    from .distributed import model_card
+
     local = address == "local"
+    model_card(settings.model)  # a missing or broken model folder is refused here, not by replicas failing to start
     if scaling.max_replicas is not None and scaling.min_replicas > scaling.max_replicas:
         raise NTIError(f"--min-replicas {scaling.min_replicas} is over --max-replicas {scaling.max_replicas}")
     if address.startswith("ray://"):
@@ -239,7 +242,11 @@ def serve_on_ray(settings: ServeSettings, host: str, port: int, address: str, sc
         if not any(n.get("Alive") and n.get("NodeManagerAddress") == node_ip for n in ray.nodes()):
             raise NTIError(f"this machine ({node_ip}) is not a node of the Ray cluster at {address!r}: run nti serve "
                            "--ray on one of its nodes (the job table lives in --data there)")
-        serve.start(http_options={"host": host, "port": port})
+        try:
+            serve.start(http_options={"host": host, "port": port})
+        except ray.exceptions.RayError as err:  # the proxy could not bind: the port is taken, or not ours to take
+            cause = str(err).strip().splitlines()[-1]
+            raise NTIError(f"Ray Serve could not listen on {host}:{port}: {cause}") from None
         start = time.perf_counter()
         serve.run(build_app(settings, scaling, cuda, node_ip), name=APP, route_prefix="/")
         if not quiet:
