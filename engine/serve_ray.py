@@ -45,6 +45,17 @@ class Scaling:
 
 # ------------------------------------------------------------------------------------------------ the engine replica
 
+def log_to_replica_file() -> None:
+    """nti's JSON events (job accepted, batch, job done...) into this replica's Serve log file, beside Serve's own
+    lines (Ray's session folder: logs/serve/replica_nti_*.log)."""
+    ours = logging.getLogger("nti.serve")
+    ours.setLevel(logging.INFO)
+    for handler in logging.getLogger("ray.serve").handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+    ours.propagate = False
+
+
 @serve.deployment(name="NtiEngine")
 class EngineReplica:
     """One engine (pipeline + fast-path state) per replica; batches formed by Ray Serve from concurrent job calls."""
@@ -52,6 +63,7 @@ class EngineReplica:
     def __init__(self, settings: dict):
         import torch
 
+        log_to_replica_file()
         self.settings = ServeSettings(**settings)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
         if self.settings.device == "cpu" and cpus:  # the CPUs Ray gave this replica, no more (engine/distributed.py)
@@ -176,6 +188,7 @@ class Ingress:
     """engine/serve.py's app and Service, with the job table in --data on this replica's node."""
 
     def __init__(self, settings: dict, engine, max_in_flight: int):
+        log_to_replica_file()
         self.settings = ServeSettings(**settings)
         self.service = Service(self.settings, worker=lambda service: RemoteBatcher(service, engine, max_in_flight))
 
