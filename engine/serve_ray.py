@@ -154,7 +154,12 @@ class RemoteBatcher(Batcher):
                 try:
                     outcome = self.engine.run.remote(task).result()
                 except Exception as err:  # the replica died under it (or Ray failed): not the job's fault, once
-                    if self.sent[job.id] < SEND_ATTEMPTS and not self.stopping:
+                    if self.stopping:  # the engine is going away with the app: the job stays for the next start
+                        with self.cond:
+                            self.drain_deadline = 0.0
+                        self.store.update(job.id, state="queued", started_at=None)
+                        return
+                    if self.sent[job.id] < SEND_ATTEMPTS:
                         log_event("job_resent", logging.WARNING, job=job.id, error=f"{type(err).__name__}: {err}")
                         self.store.update(job.id, state="queued", started_at=None)
                         return
