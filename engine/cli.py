@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate methods x guidance settings on a data set: CSVs, plots, report.md")
     add_eval_arguments(p)  # engine/evaluate.py
     add_common(p)
+    add_ray_options(p)  # the model's work on Ray engine actors, the scores here
     p = sub.add_parser("export", help="export the UNet for --forward-backend (built once, cached) and print its path",
                        description="Build an ONNX / AOTInductor / TensorRT UNet into the export cache that "
                                    "`--forward-backend KIND --export-cache DIR` reads. An up-to-date entry is reused.")
@@ -71,8 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> int:
     if args.command == "eval":
+        from .distributed import GaveUp
         from .evaluate import run_eval
-        print(run_eval(args))  # the summary table; the files are named on stderr
+        try:
+            print(run_eval(args))  # the summary table; the files are named on stderr
+        except GaveUp as err:  # --ray: batches that killed their workers; the other rows are written
+            print(f"nti: error: {err}", file=sys.stderr)
+            return EXIT_INTERNAL
         return EXIT_OK
     if args.command == "export":
         from .export_cli import run_export

@@ -14,22 +14,25 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import NTIError
 
 RAY_EXTRA = "install the ray extra: pip install -e '.[ray]'"
-LOCAL = "local"  # --ray with no address: start a local cluster in this process (or join the one it already has)
+LOCAL = "local"  # --ray with no address: start a local cluster for this run (or use the one this process has)
 # Test hook: "N:FLAG" makes the first actor that reaches its Nth batch exit hard, once per FLAG file, after the
-# batch's inversions are in --cache and before its outputs are returned (issue 20: an actor dies mid-run).
+# batch's inversions are in --cache and before its outputs are returned (issue 20: an actor dies mid-run);
+# "input:NAME" makes every actor exit hard whenever its batch holds the job NAME (a batch that kills every worker).
 CRASH_HOOK = "NTI_TEST_RAY_CRASH"
+MAX_RETRIES = 2  # default --max-retries: a batch whose actor died is sent again this many times, then given up
 LOAD_CPUS = 0.5  # logical CPUs of one image-loading task (decode + resize: light next to an engine's work)
 
 
 def add_ray_options(p) -> None:
-    """The --ray option group of invert / edit / reconstruct."""
-    from .options import positive_int
+    """The --ray option group of invert / edit / reconstruct / eval."""
+    from .options import int_at_least, positive_int
 
     g = p.add_argument_group("scale-out on Ray (pip install -e '.[ray]'; docs/ray.md)")
     g.add_argument("--ray", nargs="?", const=LOCAL, default=None, metavar="ADDRESS",
@@ -37,6 +40,9 @@ def add_ray_options(p) -> None:
                    "none for a local one; --cache must then be a folder every node sees")
     g.add_argument("--num-workers", type=positive_int, default=None, metavar="N",
                    help="engine actors (default: one per GPU of the cluster; on CPU one per node)")
+    g.add_argument("--max-retries", type=int_at_least(0), default=MAX_RETRIES, metavar="N",
+                   help=f"times a batch is sent again after the actor running it died (default {MAX_RETRIES}); then "
+                   "its inputs are reported failed, the other outputs are still written, and the exit code is 1")
 
 
 @dataclass
@@ -52,7 +58,8 @@ class RunReport:
     """The whole run, as the driver saw it stream by."""
 
     written: list = field(default_factory=list)  # output paths, in arrival order
-    failed: list = field(default_factory=list)  # (name, image, message)
+    failed: list = field(default_factory=list)  # (name, image, message): bad inputs
+    abandoned: list = field(default_factory=list)  # ([names], message): batches that killed their workers
     actor_load_s: dict = field(default_factory=dict)  # actor id -> seconds to load its engine
     batch_s: list = field(default_factory=list)  # seconds each actor call took (invert + edit)
     wall_s: float = 0.0
@@ -69,23 +76,36 @@ def import_ray():
     return ray
 
 
-def model_facts(model) -> tuple[int, tuple, str]:
-    """(resolution, closed vocabulary, prompt example) from the model folder's configs, without loading weights: the
-    driver sizes images and checks prompts while only the actors hold engines (an SD v1.4 UNet is 3.4 GB)."""
+@dataclass
+class ModelCard:
+    """What the driver needs of the model (sizes, prompt checks, cache keys, eval's run settings), read from the
+    model folder's configs without loading weights: only the actors hold engines (an SD v1.4 UNet is 3.4 GB)."""
+
+    name: str  # as load_pipeline names it
+    fingerprint: str  # as load_pipeline computes it; every actor checks its own against it
+    resolution: int
+    vocabulary: tuple = ()
+    prompt_example: str = ""
+
+
+def model_card(model) -> ModelCard:
     from .models import SHAPES, SHAPES_FOLDER, TINY, VOCABULARY_FILE, build_tiny_pipeline, check_model_folder, \
-        resolve_model_path
+        fingerprint_folder, resolve_model_path
 
     if str(model) == TINY:  # built in code, a few MB: just build it
-        return build_tiny_pipeline(seed=0).resolution, (), ""
+        pipe = build_tiny_pipeline(seed=0)
+        return ModelCard(pipe.name, pipe.fingerprint, pipe.resolution)
     path = SHAPES_FOLDER if model is None or str(model) == SHAPES else resolve_model_path(model)
     check_model_folder(path)
     unet = json.loads((path / "unet" / "config.json").read_text())
     vae = json.loads((path / "vae" / "config.json").read_text())
     resolution = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)  # = Pipeline.resolution
+    name = SHAPES if model is None or str(model) == SHAPES else str(model)
+    card = ModelCard(name, fingerprint_folder(path), resolution)
     if (path / VOCABULARY_FILE).is_file():
-        card = json.loads((path / VOCABULARY_FILE).read_text())
-        return resolution, tuple(card["words"]), card.get("example", "")
-    return resolution, (), ""
+        words = json.loads((path / VOCABULARY_FILE).read_text())
+        card.vocabulary, card.prompt_example = tuple(words["words"]), words.get("example", "")
+    return card
 
 
 def make_batches(jobs: list[dict], images_per_call: int) -> list[Batch]:
@@ -101,6 +121,18 @@ def make_batches(jobs: list[dict], images_per_call: int) -> list[Batch]:
 
 
 # ------------------------------------------------------------------------------------------ stages (run on workers)
+
+class AttemptLedger:
+    """A Ray actor that counts the times each batch was started. Ray Data restarts a dead actor and sends its batch
+    again without end; an actor that finds its batch over the budget gives it up instead of running it again."""
+
+    def __init__(self):
+        self.attempts: dict[int, int] = {}
+
+    def begin(self, index: int) -> int:
+        self.attempts[index] = self.attempts.get(index, 0) + 1
+        return self.attempts[index]
+
 
 def load_stage(row: dict, resolution: int) -> dict:
     """CPU task: read, decode and centre-crop a batch's images; a bad one is set aside with its reason, not raised."""
@@ -129,7 +161,8 @@ def load_stage(row: dict, resolution: int) -> dict:
 class EngineWorker:
     """A Ray actor holding one engine (pipeline + fast-path state), loaded once, then fed batches."""
 
-    def __init__(self, command: str, model, device: str, config_json: str, cache, resolution: int):
+    def __init__(self, command: str, model, device: str, config_json: str, cache, resolution: int, ledger=None,
+                 max_retries: int = MAX_RETRIES, fingerprint: str | None = None):
         import torch
 
         from .config import NTIConfig
@@ -146,18 +179,38 @@ class EngineWorker:
         if self.pipe.resolution != resolution:
             raise NTIError(f"the model on this node makes {self.pipe.resolution} px images, the driver's config "
                            f"{resolution} px: every node needs the same model folder")
+        if fingerprint is not None and self.pipe.fingerprint != fingerprint:
+            raise NTIError(f"the model on this node has fingerprint {self.pipe.fingerprint}, the driver's folder "
+                           f"{fingerprint}: every node needs the same model folder")
         self.command, self.cache, self.resolution = command, cache, resolution
         self.config = NTIConfig(**json.loads(config_json))
         self.actor = f"{os.uname().nodename}:{os.getpid()}"
         self.calls = 0
+        self.ledger, self.max_retries = ledger, max_retries
+
+    def given_up(self, index: int) -> str:
+        """Why batch `index` is not run again (every earlier attempt died with its actor), or ''."""
+        import ray
+
+        attempt = ray.get(self.ledger.begin.remote(index)) if self.ledger is not None else 1
+        if attempt <= self.max_retries + 1:
+            return ""
+        return (f"its batch killed the Ray worker running it {attempt - 1} time(s) (--max-retries "
+                f"{self.max_retries}); given up")
 
     def __call__(self, batch: dict) -> dict:
         rows = []
         for k in range(len(batch["index"])):
-            rows += [{**r, "error": ""} for r in self.run_batch(json.loads(batch["jobs"][k]), batch["pixels"][k])]
+            good, bad = json.loads(batch["jobs"][k]), json.loads(batch["bad"][k])
+            why = self.given_up(int(batch["index"][k]))
+            if why:
+                rows += [{"name": j["name"], "image": j["image"], "out": j["out"], "data": b"", "json": "",
+                          "error": why, "seconds": 0.0, "gave_up": True} for j in good]
+            else:
+                rows += [{**r, "error": "", "gave_up": False} for r in self.run_batch(good, batch["pixels"][k])]
             rows += [{"name": j["name"], "image": j["image"], "out": j["out"], "data": b"", "json": "",
-                      "error": j["error"], "seconds": 0.0} for j in json.loads(batch["bad"][k])]
-        columns = ("name", "image", "out", "data", "json", "error", "seconds")
+                      "error": j["error"], "seconds": 0.0, "gave_up": False} for j in bad]
+        columns = ("name", "image", "out", "data", "json", "error", "seconds", "gave_up")
         out = {c: [r[c] for r in rows] for c in columns}
         out["actor"], out["load_s"] = [self.actor] * len(rows), [self.load_s] * len(rows)
         return out
@@ -178,9 +231,10 @@ class EngineWorker:
         arrays = np.frombuffer(pixels, np.uint8).reshape(len(jobs), side, side, 3)
         images = [Image.fromarray(a) for a in arrays]
         config = self.config
+        self.maybe_crash(jobs, before=True)
         inversions = api.invert_cached(self.pipe, images, [j["source_prompt"] for j in jobs], config, self.cache,
                                        progress=False)
-        self.maybe_crash()
+        self.maybe_crash(jobs)
         if self.command == "invert":
             files = [inversion_bytes(inv) for inv in inversions]
         else:
@@ -197,12 +251,17 @@ class EngineWorker:
         return [{"name": j["name"], "image": j["image"], "out": j["out"], "data": data, "json": readable,
                  "seconds": seconds} for j, (data, readable) in zip(jobs, files)]
 
-    def maybe_crash(self) -> None:
+    def maybe_crash(self, jobs: list[dict], before: bool = False) -> None:
+        """The test hook (CRASH_HOOK)."""
         hook = os.environ.get(CRASH_HOOK)
         if not hook:
             return
         at, flag = hook.split(":", 1)
-        if self.calls == int(at):
+        if at == "input":
+            if before and any(j["name"] == flag for j in jobs):
+                os._exit(1)
+            return
+        if not before and self.calls == int(at):
             try:
                 fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # only the first actor there, only once
             except FileExistsError:
@@ -212,20 +271,104 @@ class EngineWorker:
             os._exit(1)
 
 
+class EvalWorker(EngineWorker):
+    """`nti eval --ray`'s actor: the model's share of eval chunks (evaluate.make_outputs: invert, reconstruct, edit;
+    or generate for the baseline), images back as PNG bytes; the driver scores them."""
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+        from PIL import Image
+
+        from .evaluate import make_outputs
+
+        rows = []
+        for k in range(len(batch["index"])):
+            index, prompts = int(batch["index"][k]), json.loads(batch["prompts"][k])
+            names = [p["id"] for p in prompts]
+            why = self.given_up(index)
+            if not why:
+                side = self.resolution
+                pixels = np.frombuffer(batch["pixels"][k], np.uint8).reshape(len(prompts), side, side, 3)
+                self.calls += 1
+                self.maybe_crash([{"name": name} for name in names], before=True)
+                try:
+                    timings, recons, edits = make_outputs(
+                        self.pipe, self.config, batch["method"][k], float(batch["guidance"][k]),
+                        batch["schedule"][k], [Image.fromarray(a) for a in pixels],
+                        [p["source_prompt"] for p in prompts], [p["target_prompt"] for p in prompts], self.cache)
+                except NTIError as err:  # the single-process eval stops here too: the driver says why
+                    rows += [_eval_row(index, n, name, error=str(err)) for n, name in enumerate(names)]
+                    continue
+                rows += [_eval_row(index, n, name, json.dumps(timing), _png(recon), _png(edit))
+                         for n, (name, timing, recon, edit) in enumerate(zip(names, timings, recons, edits))]
+                continue
+            rows += [_eval_row(index, n, name, error=why, gave_up=True) for n, name in enumerate(names)]
+        columns = ("index", "position", "name", "timing", "recon", "edit", "error", "gave_up")
+        return {c: [r[c] for r in rows] for c in columns}
+
+
+def _eval_row(index: int, position: int, name: str, timing: str = "", recon: bytes = b"", edit: bytes = b"",
+              error: str = "", gave_up: bool = False) -> dict:
+    return {"index": index, "position": position, "name": name, "timing": timing, "recon": recon, "edit": edit,
+            "error": error, "gave_up": gave_up}
+
+
+def _png(img) -> bytes:
+    if img is None:
+        return b""
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")  # lossless: the driver scores exactly these pixels
+    return buffer.getvalue()
+
+
+class GaveUp(Exception):
+    """Batches that killed every worker they reached (--max-retries spent): exit 1, the other results are kept."""
+
+
 # ------------------------------------------------------------------------------------------------- the driver
 
 def run_ray(args) -> int:
     """`--ray`: run the command's jobs on a Ray cluster; exit 2 if any input was bad (the rest still finish)."""
-    from .options import EXIT_BAD_INPUT, EXIT_OK
+    from .options import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK
 
     report = run_batch(args)
-    if report.failed:
-        for name, image, message in report.failed:
-            print(f"nti: error: skipped {name} ({image}): {message}", file=sys.stderr)
-        print(f"nti: error: {len(report.failed)} of {len(report.failed) + len(report.written)} inputs failed; "
-              f"the other {len(report.written)} outputs are written", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return EXIT_OK
+    for name, image, message in report.failed:
+        print(f"nti: error: skipped {name} ({image}): {message}", file=sys.stderr)
+    for names, message in report.abandoned:
+        print(f"nti: error: gave up on {', '.join(names)}: {message}; the cause is in the Ray worker logs (out of "
+              f"memory? a lower --batch-size may fit)", file=sys.stderr)
+    lost = len(report.failed) + sum(len(names) for names, _ in report.abandoned)
+    if lost:
+        print(f"nti: error: {lost} of {lost + len(report.written)} inputs failed; the other {len(report.written)} "
+              f"outputs are written", file=sys.stderr)
+    # a batch that killed its workers is not an input the checks could refuse: 1, as for other internal errors
+    return EXIT_INTERNAL if report.abandoned else EXIT_BAD_INPUT if report.failed else EXIT_OK
+
+
+@contextmanager
+def connect(ray, address: str, debug: bool = False):
+    """Start or join the cluster for one run (one this process already has is used as it is, and left running)."""
+    started_here = not ray.is_initialized()
+    if started_here:
+        try:
+            # "local" starts a cluster of its own even where `ray start` made one on this machine (None would join it)
+            ray.init(address=address, include_dashboard=False, log_to_driver=debug, logging_level="ERROR")
+        except (ConnectionError, ValueError, RuntimeError) as err:  # no cluster there, or a malformed address
+            raise NTIError(f"could not start or reach the Ray cluster at {address!r}: {err}") from None
+    try:
+        yield ray
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def engine_device(ray, requested: str) -> tuple[str, int]:
+    """(the engines' device, the cluster's GPUs): --device auto is cuda when the cluster has GPUs."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    device = requested if requested != "auto" else ("cuda" if gpus else "cpu")
+    if device.startswith("cuda") and not gpus:
+        raise NTIError(f"--device {device} but the Ray cluster has no GPUs")
+    return device, gpus
 
 
 def run_batch(args) -> RunReport:
@@ -259,23 +402,12 @@ def run_batch(args) -> RunReport:
                         sidecar_suffixes=(".json",) if args.command == "invert" else ())
     for job, path in zip(jobs, plan.paths):
         job["out"] = str(path)
-    resolution, words, example = model_facts(args.model)
-    check_vocabulary(_Vocabulary(args.model or "shapes", words, example),
-                     [j[k] for j in jobs for k in ("source_prompt", "target_prompt") if j.get(k)])
+    card = model_card(args.model)
+    resolution = card.resolution
+    check_vocabulary(card, [j[k] for j in jobs for k in ("source_prompt", "target_prompt") if j.get(k)])
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        try:
-            ray.init(address=None if args.ray == LOCAL else args.ray, include_dashboard=False,
-                     log_to_driver=args.debug, logging_level="ERROR")
-        except (ConnectionError, ValueError, RuntimeError) as err:  # no cluster there, or a malformed address
-            raise NTIError(f"could not start or reach the Ray cluster at {args.ray!r}: {err}") from None
-    try:
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        device = args.device if args.device != "auto" else ("cuda" if gpus else "cpu")
-        if device.startswith("cuda") and not gpus:
-            raise NTIError(f"--device {device} but the Ray cluster has no GPUs")
+    with connect(ray, args.ray, args.debug):
+        device, gpus = engine_device(ray, args.device)
         config = config_from_args(args, torch.device(device.split(":")[0]))
         nodes = len([n for n in ray.nodes() if n.get("Alive")])
         workers = args.num_workers or (gpus if device.startswith("cuda") else nodes)
@@ -286,14 +418,18 @@ def run_batch(args) -> RunReport:
         report.workers = workers
         cache = str(Path(args.cache).resolve()) if args.cache else None
         start = time.perf_counter()
-        dataset = _pipeline(ray, args, batches, resolution, device, config, cache, workers)
+        ledger = ray.remote(num_cpus=0)(AttemptLedger).remote()
+        dataset = _pipeline(ray, args, batches, resolution, device, config, cache, workers, ledger)
         total, seen = len(jobs), set()
+        gave_up: dict[str, list] = {}  # message -> names of one abandoned batch
         for row in dataset.iter_rows():
             if row["out"] in seen:  # a retried batch can never write an output twice
                 continue
             seen.add(row["out"])
             report.actor_load_s.setdefault(row["actor"], row["load_s"])
-            if row["error"]:
+            if row["gave_up"]:
+                gave_up.setdefault(row["error"], []).append(row["name"])
+            elif row["error"]:
                 report.failed.append((row["name"], row["image"], row["error"]))
             else:
                 path = Path(row["out"])
@@ -308,51 +444,120 @@ def run_batch(args) -> RunReport:
                 print(f"nti: ray: {len(seen)}/{total} done ({len(report.failed)} failed), "
                       f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
         report.wall_s = time.perf_counter() - start
+        report.abandoned = [(names, message) for message, names in gave_up.items()]
         if not args.quiet:
             print(f"done in {report.wall_s:.1f} s on {workers} Ray worker(s), {device} ({config.backend} backend, "
                   f"{config.method})", file=sys.stderr)
         return report
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
-@dataclass
-class _Vocabulary:
-    """What api.check_vocabulary reads of a Pipeline, from the model folder alone."""
-
-    name: str
-    vocabulary: tuple
-    prompt_example: str
-
-
-def _pipeline(ray, args, batches: list[Batch], resolution: int, device: str, config, cache, workers: int):
+def _pipeline(ray, args, batches: list[Batch], resolution: int, device: str, config, cache, workers: int,
+              ledger=None):
     """The Ray Data plan: one row per batch -> load (CPU tasks) -> engine actors, one call per batch."""
     import dataclasses
 
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = not args.quiet
-    if args.quiet:  # Ray Data logs each stage's progress at INFO; --quiet leaves our own lines only
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    _quiet_data(ray, args.quiet)
     rows = [{"index": b.index, "jobs": json.dumps(b.jobs)} for b in batches]
+    return (ray.data.from_items(rows, override_num_blocks=len(rows))
+            .map(load_stage, fn_kwargs={"resolution": resolution}, num_cpus=LOAD_CPUS)
+            .map_batches(EngineWorker, batch_size=1,
+                         fn_constructor_kwargs={"command": args.command, "model": args.model,
+                                                "device": "cuda" if device.startswith("cuda") else device,
+                                                "config_json": json.dumps(dataclasses.asdict(config)),
+                                                "cache": cache, "resolution": resolution, "ledger": ledger,
+                                                "max_retries": getattr(args, "max_retries", MAX_RETRIES)},
+                         **_actor_options(ray, device, workers)))
+
+
+def _quiet_data(ray, quiet: bool) -> None:
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = not quiet
+    if quiet:  # Ray Data logs each stage's progress at INFO; --quiet leaves our own lines only
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _actor_options(ray, device: str, workers: int, load_cpus: float = LOAD_CPUS) -> dict:
+    """map_batches arguments of the engine actors: the pool, their GPU or CPU share, and the test hook."""
     cuda = device.startswith("cuda")
     # on GPUs an actor needs one core to drive its GPU; on CPU the actors share the cluster's cores (one torch thread
-    # per whole CPU they get), less half a CPU kept for the image-loading tasks, which would otherwise never run
-    cpus_per_worker = 1 if cuda else max(0.25, (ray.cluster_resources().get("CPU", 1) - LOAD_CPUS) / workers)
+    # per whole CPU they get), less what the image-loading tasks need, which would otherwise never run
+    cpus_per_worker = 1 if cuda else max(0.25, (ray.cluster_resources().get("CPU", 1) - load_cpus) / workers)
     # one batch in flight per actor: batches are seconds to minutes of work, and a batch queued behind a busy actor
     # while another actor idles would only lengthen the tail of the run
     pool = ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1)
-    return (ray.data.from_items(rows, override_num_blocks=len(rows))
-            .map(load_stage, fn_kwargs={"resolution": resolution}, num_cpus=LOAD_CPUS)
-            .map_batches(EngineWorker, batch_size=1, compute=pool,
-                         # each actor sees only its own GPU, as cuda:0
-                         fn_constructor_kwargs={"command": args.command, "model": args.model,
-                                                "device": "cuda" if cuda else device,
-                                                "config_json": json.dumps(dataclasses.asdict(config)),
-                                                "cache": cache, "resolution": resolution},
-                         num_gpus=1 if cuda else 0, num_cpus=cpus_per_worker,
-                         # an actor that dies is restarted and the batch it held sent again: Ray Data's own
-                         # default for actor pools (max_restarts=-1, max_task_retries=-1); the crash hook is handed
-                         # over explicitly, as actors inherit the cluster's environment, not the driver's
-                         runtime_env={"env_vars": {CRASH_HOOK: os.environ[CRASH_HOOK]}} if CRASH_HOOK in os.environ
-                         else None))
+    # each actor sees only its own GPU, as cuda:0. An actor that dies is restarted and the batch it held sent again:
+    # Ray Data's own default for actor pools (max_restarts=-1, max_task_retries=-1), bounded per batch by the ledger
+    # (--max-retries); the crash hook is handed over explicitly, as actors inherit the cluster's environment, not the
+    # driver's
+    hook = {"env_vars": {CRASH_HOOK: os.environ[CRASH_HOOK]}} if CRASH_HOOK in os.environ else None
+    return {"compute": pool, "num_gpus": 1 if cuda else 0, "num_cpus": cpus_per_worker, "runtime_env": hook}
+
+
+class EvalSession:
+    """`nti eval --ray`: the cluster, the engines' device and model card for the driver's checks and run settings, and
+    the chunks' outputs streamed back from engine actors in chunk order (the driver scores and writes them)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.ray = import_ray()
+        self._connection = None
+
+    def __enter__(self) -> "EvalSession":
+        if self.args.ray != LOCAL and Path(self.args.ray).exists():
+            raise NTIError(f"--ray {self.args.ray}: that is a file, not a cluster address (eval reads --data)")
+        self._connection = connect(self.ray, self.args.ray, self.args.debug)
+        self._connection.__enter__()
+        try:
+            self.device, self.gpus = engine_device(self.ray, self.args.device)
+            self.card = model_card(self.args.model)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._connection.__exit__(*exc)
+
+    def outputs(self, chunks: list[list], sources: dict, config, cache):
+        """(timings, recons, edits) of each chunk, in order, like evaluate.make_outputs; a chunk whose batch killed
+        its workers past --max-retries yields GaveUp(message) instead."""
+        import dataclasses
+
+        import numpy as np
+        from PIL import Image
+
+        args, ray = self.args, self.ray
+        _quiet_data(ray, args.quiet)
+        ray.data.DataContext.get_current().execution_options.preserve_order = True  # samples.csv in the same order
+        rows = [{"index": i, "method": chunk[0][1], "guidance": float(chunk[0][2]), "schedule": chunk[0][3],
+                 "prompts": json.dumps([{"id": s.id, "source_prompt": s.source_prompt,
+                                         "target_prompt": s.target_prompt} for s, *_ in chunk]),
+                 "pixels": np.stack([np.asarray(sources[s.id]) for s, *_ in chunk]).tobytes()}
+                for i, chunk in enumerate(chunks)]
+        workers = min(args.num_workers or (self.gpus if self.device.startswith("cuda") else
+                                           len([n for n in ray.nodes() if n.get("Alive")])), len(rows))
+        ledger = ray.remote(num_cpus=0)(AttemptLedger).remote()
+        dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+            EvalWorker, batch_size=1,
+            fn_constructor_kwargs={"command": "eval", "model": args.model,
+                                   "device": "cuda" if self.device.startswith("cuda") else self.device,
+                                   "config_json": json.dumps(dataclasses.asdict(config)), "cache": cache,
+                                   "resolution": self.card.resolution, "ledger": ledger,
+                                   "max_retries": args.max_retries, "fingerprint": self.card.fingerprint},
+            **_actor_options(ray, self.device, workers, load_cpus=0))
+        pending: dict[int, dict] = {}
+        following = 0
+        for row in dataset.iter_rows():
+            pending.setdefault(row["index"], {})[row["position"]] = row  # a retried chunk's rows replace its own
+            while following in pending and len(pending[following]) == len(chunks[following]):
+                done = [pending.pop(following)[n] for n in range(len(chunks[following]))]
+                following += 1
+                if done[0]["gave_up"]:
+                    yield GaveUp(f"gave up on {', '.join(r['name'] for r in done)} ({chunks[following - 1][0][1]}): "
+                                 f"{done[0]['error']}")
+                    continue
+                if done[0]["error"]:
+                    raise NTIError(done[0]["error"])
+                yield ([json.loads(r["timing"]) for r in done],
+                       [Image.open(io.BytesIO(r["recon"])).convert("RGB") if r["recon"] else None for r in done],
+                       [Image.open(io.BytesIO(r["edit"])).convert("RGB") for r in done])

@@ -185,40 +185,54 @@ def square_mask(mask):
 
 def run_chunk(pipe, chunk, config, sources, scorer: Scorer, out: Path, cache) -> list[dict]:
     """Rows of one batch of samples under one method and setting: invert once, reconstruct and edit from it."""
+    method, guidance, schedule = chunk[0][1:]
+    samples = [item[0] for item in chunk]
+    outputs = make_outputs(pipe, config, method, guidance, schedule, [sources[s.id] for s in samples],
+                           [s.source_prompt for s in samples], [s.target_prompt for s in samples], cache)
+    return score_chunk(chunk, sources, *outputs, scorer, out)
+
+
+def make_outputs(pipe, config, method: str, guidance: float, schedule: str, squares, source_prompts, target_prompts,
+                 cache) -> tuple[list[dict], list, list]:
+    """The model's share of a chunk (run in this process, or on a Ray actor by `--ray`): per sample its timings,
+    reconstruction (None for the baseline) and edit, as PIL images."""
     from . import api
+
+    cfg = config if method == "baseline" else config.replace(method=method)
+    cfg = cfg.replace(guidance=guidance, guidance_schedule=schedule)
+    count = len(squares)
+    recons = [None] * count
+    if method == "baseline":  # one prompt per call: every sample starts from the same seeded noise
+        edits, timings = [], []
+        for target in target_prompts:
+            start = time.perf_counter()
+            edits += api.generate(pipe, [target], cfg, progress=False)
+            timings.append({"invert_s": 0.0, "recon_s": None, "edit_s": time.perf_counter() - start,
+                            "inner_iterations": 0})
+        return timings, recons, edits
+    inversions = api.invert_cached(pipe, squares, list(source_prompts), cfg, cache, progress=False)
+    start = time.perf_counter()
+    recons = api.reconstruct(pipe, inversions, cfg, progress=False)
+    recon_s = (time.perf_counter() - start) / count
+    start = time.perf_counter()
+    edits = api.edit(pipe, inversions, list(target_prompts), cfg, progress=False)
+    edit_s = (time.perf_counter() - start) / count
+    # the inversion's own per-image timings (its share of a batch), so a cached inversion keeps its cost
+    timings = [{"invert_s": sum(inv.timings.values()), "recon_s": recon_s, "edit_s": edit_s,
+                "inner_iterations": sum(inv.iterations)} for inv in inversions]
+    return timings, recons, edits
+
+
+def score_chunk(chunk, sources, timings: list[dict], recons, edits, scorer: Scorer, out: Path) -> list[dict]:
+    """samples.csv rows of a chunk's outputs: scored against the sources, images written under out/images."""
     from .images import save_png
 
     method, guidance, schedule = chunk[0][1:]
-    cfg = config if method == "baseline" else config.replace(method=method)
-    cfg = cfg.replace(guidance=guidance, guidance_schedule=schedule)
-    samples = [item[0] for item in chunk]
-    squares = [sources[s.id] for s in samples]
-    count = len(samples)
-    rows = [{"id": s.id, "method": method, "guidance": repr(float(guidance)), "schedule": schedule,
-             "edit_type": s.edit_type, "source_prompt": s.source_prompt, "target_prompt": s.target_prompt}
-            for s in samples]
-    recons = [None] * count
-    if method == "baseline":  # one prompt per call: every sample starts from the same seeded noise
-        edits = []
-        for row, s in zip(rows, samples):
-            start = time.perf_counter()
-            edits += api.generate(pipe, [s.target_prompt], cfg, progress=False)
-            row.update(invert_s=0.0, recon_s=None, edit_s=time.perf_counter() - start, inner_iterations=0)
-    else:
-        inversions = api.invert_cached(pipe, squares, [s.source_prompt for s in samples], cfg, cache,
-                                         progress=False)
-        start = time.perf_counter()
-        recons = api.reconstruct(pipe, inversions, cfg, progress=False)
-        recon_s = (time.perf_counter() - start) / count
-        start = time.perf_counter()
-        edits = api.edit(pipe, inversions, [s.target_prompt for s in samples], cfg, progress=False)
-        edit_s = (time.perf_counter() - start) / count
-        for row, inv in zip(rows, inversions):
-            # the inversion's own per-image timings (its share of a batch), so a cached inversion keeps its cost
-            row.update(invert_s=sum(inv.timings.values()), recon_s=recon_s, edit_s=edit_s,
-                       inner_iterations=sum(inv.iterations))
-    for row, s, square, recon, edited in zip(rows, samples, squares, recons, edits):
-        mask = square_mask(s.mask)
+    rows = []
+    for (s, *_), timing, recon, edited in zip(chunk, timings, recons, edits):
+        row = {"id": s.id, "method": method, "guidance": repr(float(guidance)), "schedule": schedule,
+               "edit_type": s.edit_type, "source_prompt": s.source_prompt, "target_prompt": s.target_prompt, **timing}
+        square, mask = sources[s.id], square_mask(s.mask)
         folder = f"{IMAGE_DIR}/{safe_name(s.id)}"
         if not (out / folder / "source.png").is_file():
             save_png(square, out / folder / "source.png")  # the grids' first column: what the model saw
@@ -228,15 +242,28 @@ def run_chunk(pipe, chunk, config, sources, scorer: Scorer, out: Path, cache) ->
             save_png(recon, out / row["recon_png"])
         row.update(scorer("edit", square, edited, s.target_prompt, mask), edit_png=f"{stem}_edit.png")
         save_png(edited, out / row["edit_png"])
+        rows.append(row)
     return rows
 
 
 def run_eval(args) -> str:
     """`nti eval`: run every missing (sample, method, setting) item, then write summary, plots and report; returns
-    the summary table for the command line to print."""
+    the summary table for the command line to print. With --ray the model's work runs on Ray engine actors
+    (engine/distributed.py) and the scoring here, on the same chunks: the same rows and images."""
+    if getattr(args, "ray", None) is not None:
+        from .distributed import EvalSession
+
+        with EvalSession(args) as session:
+            return _run_eval(args, session)
+    return _run_eval(args, None)
+
+
+def _run_eval(args, session) -> str:
+    import torch
     from tqdm.auto import tqdm
 
-    from .api import check_vocabulary, prepare_images
+    from .api import check_vocabulary
+    from .images import center_square, load_image
     from .options import config_from_args
     from .data import load_dataset
     from .metrics import load_clip_scorer, load_dino, load_pie_lpips
@@ -256,9 +283,13 @@ def run_eval(args) -> str:
             raise NTIError("--protocol pie-bench computes its metrics with torchmetrics, which is not installed: "
                            "pip install torchmetrics") from None
     methods, guidances, schedules = parse_sweep(args)
-    device = parse_device(args.device)
+    if session is None:
+        device = score_device = parse_device(args.device)
+        pipe = load_pipeline(args.model, device, seed=0)
+    else:  # the engines' device (the cluster's GPUs, or cpu) and the model's card; the scorers run here
+        device, score_device = torch.device(session.device.split(":")[0]), parse_device("auto")
+        pipe = session.card
     config = config_from_args(args, device)
-    pipe = load_pipeline(args.model, device, seed=0)
     if args.data is None:  # photos mean nothing to the closed-vocabulary shapes model, and scenes nothing to SD
         args.data = "scenes" if pipe.vocabulary else "sample"
     samples = load_dataset(args.data, args.n)
@@ -268,10 +299,11 @@ def run_eval(args) -> str:
         raise NTIError(f"data set {args.data!r} repeats sample ids; results are keyed by id")
     check_vocabulary(pipe, [p for s in samples for p in (s.source_prompt, s.target_prompt)])
     out = Path(args.out)
-    clip = load_clip_scorer(args.clip, device=str(device))
+    clip = load_clip_scorer(args.clip, device=str(score_device))
     pie = None
     if protocol is PIE_BENCH:
-        pie = PieModels(clip, load_pie_lpips(args.lpips, device=str(device)), load_dino(args.dino, device=str(device)))
+        pie = PieModels(clip, load_pie_lpips(args.lpips, device=str(score_device)),
+                        load_dino(args.dino, device=str(score_device)))
     scorer = Scorer(protocol, clip, pie, oracle=bool(pipe.vocabulary))
     settings = run_settings(args, pipe, device, config, scorer)
     prepare_out(out, settings, args.resume, args.overwrite)
@@ -279,8 +311,10 @@ def run_eval(args) -> str:
     swept = ("method", "guidance", "guidance_schedule")
     fixed = {k: v for k, v in dataclasses.asdict(config).items() if k not in swept}
     manifest = {"settings": settings, "sweep": sweep, "config": json.loads(json.dumps(fixed)),
-                "command": command_line(args, sweep, config), "environment": environment(device),
+                "command": command_line(args, sweep, config), "environment": environment(score_device),
                 "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if session is not None:  # where the engines ran; "environment" is this machine, where the scores were computed
+        manifest["ray"] = {"address": args.ray, "engine_device": session.device}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
     columns = protocol.columns
@@ -290,27 +324,50 @@ def run_eval(args) -> str:
     total = len(samples) * len(methods) * len(guidances) * len(schedules)
     if total > len(items):
         log.info("resuming: %d of %d items already in %s", total - len(items), total, out / SAMPLES)
+    chunks = []  # one model batch each: a method and setting, up to --batch-size samples (fast backend)
+    for (method, guidance, schedule), group in groupby(items, key=lambda item: item[1:]):
+        group = list(group)
+        size = config.batch_size if config.backend == "fast" and method != "baseline" else 1
+        chunks += [group[k:k + size] for k in range(0, len(group), size)]
     sources = {}
+
+    def prepare(chunk) -> None:  # the centre square the model sees, loaded once per sample
+        for s, *_ in chunk:
+            if s.id not in sources:
+                sources[s.id] = center_square(load_image(s.get_image()), pipe.resolution)
+
     cache = Path(args.cache) if args.cache else None
+    remote, gave_up = None, []
+    if session is not None:  # every chunk's pixels go out at once; the outputs stream back in chunk order
+        for chunk in chunks:
+            prepare(chunk)
+        remote = session.outputs(chunks, sources, config, str(cache.resolve()) if cache else None)
     new_file = not (out / SAMPLES).is_file()
     with open(out / SAMPLES, "a", newline="") as f, tqdm(total=len(items), desc="eval", unit="item",
                                                           disable=args.quiet) as bar:
         writer = csv.DictWriter(f, columns)
         if new_file:
             writer.writeheader()
-        for (method, guidance, schedule), group in groupby(items, key=lambda item: item[1:]):
-            group = list(group)
-            size = config.batch_size if config.backend == "fast" and method != "baseline" else 1
-            for k in range(0, len(group), size):
-                chunk = group[k:k + size]
-                bar.set_postfix_str(f"{method} w={guidance:g} {schedule}")
-                for s, *_ in chunk:
-                    if s.id not in sources:
-                        sources[s.id] = prepare_images(pipe, [s.get_image()])[0][0]
-                for row in run_chunk(pipe, chunk, config, sources, scorer, out, cache):
-                    writer.writerow({c: cell(row.get(c)) for c in columns})
-                    f.flush()  # an interrupted run keeps every finished row
-                bar.update(len(chunk))
+        for chunk in chunks:
+            method, guidance, schedule = chunk[0][1:]
+            bar.set_postfix_str(f"{method} w={guidance:g} {schedule}")
+            prepare(chunk)
+            if remote is None:
+                rows = run_chunk(pipe, chunk, config, sources, scorer, out, cache)
+            else:
+                outputs = next(remote)
+                if isinstance(outputs, Exception):  # GaveUp: its batch killed the workers; the rest goes on
+                    gave_up.append(str(outputs))
+                    bar.update(len(chunk))
+                    continue
+                rows = score_chunk(chunk, sources, *outputs, scorer, out)
+            for row in rows:
+                writer.writerow({c: cell(row.get(c)) for c in columns})
+                f.flush()  # an interrupted run keeps every finished row
+            bar.update(len(chunk))
+    if gave_up:
+        from .distributed import GaveUp
+        raise GaveUp("; ".join(gave_up) + f". The other rows are in {out / SAMPLES}: rerun to resume")
 
     return write_outputs(out, manifest, pipe.name)
 

@@ -18,7 +18,6 @@ import threading
 import time
 import warnings
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -33,7 +32,8 @@ from starlette.concurrency import run_in_threadpool  # decoding, hashing, fsync:
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import GUIDANCE_SCHEDULES, METHODS, NTIConfig, NTIError
-from .serve_jobs import FINAL, Batcher, BatchPolicy, Job, JobStore, atomic_write, fsync_dir, log_event, new_id
+from .serve_jobs import (FINAL, Batcher, BatchPolicy, Engine, Job, JobStore, Outcome, ServeSettings,  # noqa: F401
+                         Task, atomic_write, fsync_dir, log_event, new_id)
 
 PAGE = Path(__file__).parent / "assets" / "serve" / "index.html"
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
@@ -41,27 +41,6 @@ EDIT_MODES = ("regenerate", "p2p-replace", "p2p-refine")  # p2p-reweight needs w
 PUBLIC_PATHS = ("/healthz", "/readyz", "/")  # no data behind them; the page's own API calls carry the token
 ID_PATTERN = "^[0-9a-f]{32}$"
 Id = Annotated[str, PathParam(pattern=ID_PATTERN, description="a server-generated id (32 hex digits)")]
-
-
-@dataclass
-class ServeSettings:
-    """What `nti serve` was started with (CLI flags); limits are per request."""
-    data: str = "nti-serve-data"  # the job table and artifacts
-    model: str | None = None  # None: the built-in shapes model
-    device: str = "auto"
-    batch_size: int = 8
-    max_delay_ms: float = 50.0
-    max_queue: int = 256  # queued jobs; more gets 429 + Retry-After
-    request_timeout_s: float = 600.0  # how long a waiting request waits at most (its job is then cancelled)
-    token: str | None = None
-    max_upload_bytes: int = 10 * 2**20
-    max_pixels: int = 4096 * 4096  # decoded size limit, checked from the header before decoding
-    max_prompt_chars: int = 500
-    max_steps: int = 100
-    max_inner_steps: int = 50
-    steps: int = 50  # defaults for requests that do not say
-    inner_steps: int = 10
-    drain_s: float = 30.0
 
 
 # ------------------------------------------------------------------------------------------------------ errors
@@ -296,32 +275,29 @@ class Guard:
 # ------------------------------------------------------------------------------------------------------ the service
 
 class Service:
-    """The job store, the batcher and the rules that turn requests into jobs."""
+    """The job store, the worker and the rules that turn requests into jobs. The worker is the in-process Batcher
+    (one thread owns the pipeline), or whatever `worker(service)` makes: engine/serve_ray.py's, which sends each
+    job to Ray Serve replicas. Requests, checks, the table and the artifacts are the same either way."""
 
-    def __init__(self, settings: ServeSettings):
+    def __init__(self, settings: ServeSettings, worker=None):
         self.settings = settings
         self.store = JobStore(settings.data)
         self.metrics = Metrics(self.store)
         self.submit_lock = threading.Lock()
         self.base: NTIConfig | None = None
+        self.engine = Engine(settings)
         self._inversions: dict[str, object] = {}  # inversion id -> loaded Inversion (small LRU)
         requeued = self.store.requeue_unfinished()
         if requeued:
             log_event("requeued_after_restart", jobs=requeued)
-        self.batcher = Batcher(self.store, BatchPolicy(settings.batch_size, settings.max_delay_ms / 1000),
-                               self._load, self._run_batch, self._on_batch)
+        self.batcher = worker(self) if worker else Batcher(
+            self.store, BatchPolicy(settings.batch_size, settings.max_delay_ms / 1000), self._load, self._run_batch,
+            self._on_batch)
 
     # --- the worker side
     def _load(self):
-        from . import load_pipeline
-
-        start = time.perf_counter()
-        pipe = load_pipeline(self.settings.model, self.settings.device)
-        cuda = pipe.device.type == "cuda"
-        self.base = NTIConfig(backend="fast", batch_size=self.settings.batch_size,
-                              precision="bf16" if cuda else "fp32", steps=self.settings.steps,
-                              inner_steps=self.settings.inner_steps)
-        log_event("model_loaded", model=pipe.name, device=str(pipe.device), seconds=time.perf_counter() - start)
+        pipe = self.engine.load()
+        self.base = self.engine.base
         return pipe
 
     def _on_batch(self, kind: str, size: int, seconds: float) -> None:
@@ -329,16 +305,39 @@ class Service:
         self.metrics.batch_seconds.labels(kind).observe(seconds)
 
     def _run_batch(self, pipe, jobs: list[Job]) -> None:
-        """One fast-path batch. A bad job (NTIError) must not fail its batch mates: then each runs alone."""
-        try:
-            (self._invert if jobs[0].kind == "invert" else self._edit)(pipe, jobs)
-        except NTIError as err:
-            if len(jobs) == 1:
-                self.store.fail(jobs[0].id, str(err))
-                log_event("job_failed", logging.WARNING, job=jobs[0].id, error=str(err))
-                return
-            for job in jobs:
-                self._run_batch(pipe, [job])
+        """One fast-path batch in this process."""
+        self.complete(jobs, self.engine.run([self.task(job) for job in jobs]))
+
+    def task(self, job: Job) -> Task:
+        """What the engine needs of a job: the stored source square, or the stored inversion and edit settings."""
+        if job.kind == "invert":
+            with Image.open(self.store.path("sources", job.id)) as img:
+                image = img.convert("RGB")
+            return Task(job.id, "invert", job.request["source_prompt"], job.request["settings"], image=image)
+        parent = self.store.get(job.parent)
+        return Task(job.id, "edit", job.request["target_prompt"], {**parent.request["settings"],
+                                                                   **job.request["edit"]},
+                    inversion=self.inversion(job.parent))
+
+    def complete(self, jobs: list[Job], outcomes: list[Outcome]) -> None:
+        """Store a batch's outcomes: failed jobs get their error; each artifact is written to tmp/, fsynced and
+        renamed into place (tmp/ is cleared at start), the renames made durable, then the jobs are marked done in
+        one transaction."""
+        done = []
+        for job, outcome in zip(jobs, outcomes):
+            if outcome.error is not None:
+                self.store.fail(job.id, outcome.error)
+                continue
+            path = self.store.path("inversions" if job.kind == "invert" else "edits", job.id)
+            tmp = self.store.folder / "tmp" / path.name  # same file system: the rename is atomic
+            with open(tmp, "wb") as fh:
+                fh.write(outcome.data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            done.append((job, outcome.result, path))
+        if done:
+            self._finish(*map(list, zip(*done)))
 
     def _finish(self, jobs: list[Job], results: list[dict], outputs: list[Path]) -> None:
         """The batch's files are written and fsynced; make their renames durable, then mark the jobs done."""
@@ -350,53 +349,18 @@ class Service:
             self.metrics.job_seconds.labels(job.kind).observe(time.time() - job.created_at)
             log_event("job_" + states[job.id], job=job.id, kind=job.kind, batch_size=len(jobs))
 
-    def _invert(self, pipe, jobs: list[Job]) -> None:
-        from . import invert, save_inversion
-
-        config = self.base.replace(**jobs[0].request["settings"])
-        images = []
-        for job in jobs:
-            with Image.open(self.store.path("sources", job.id)) as img:
-                images.append(img.convert("RGB"))
-        start = time.perf_counter()
-        inversions = invert(pipe, images, [j.request["source_prompt"] for j in jobs], config, progress=False)
-        seconds = time.perf_counter() - start
-        log_event("batch", kind="invert", size=len(jobs), seconds=round(seconds, 3))
-        outputs = []
-        for job, inv in zip(jobs, inversions):
-            tmp = self.store.folder / "tmp" / f"{job.id}.safetensors"  # same file system: the rename is atomic
-            save_inversion(inv, tmp)
-            tmp.with_suffix(".json").unlink(missing_ok=True)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            outputs.append(self.store.path("inversions", job.id))
-            os.replace(tmp, outputs[-1])
-        self._finish(jobs, [{"invert_s": seconds, "batch_size": len(jobs),
-                             "inner_iterations": int(sum(inv.iterations))} for inv in inversions], outputs)
-
     def inversion(self, job_id: str):
         from . import load_inversion
 
-        if job_id not in self._inversions:
+        with self.submit_lock:  # the Ray worker loads inversions from several threads
+            if job_id in self._inversions:
+                return self._inversions[job_id]
+        inv = load_inversion(self.store.path("inversions", job_id))
+        with self.submit_lock:
             if len(self._inversions) >= 64:
                 self._inversions.pop(next(iter(self._inversions)))
-            self._inversions[job_id] = load_inversion(self.store.path("inversions", job_id))
-        return self._inversions[job_id]
-
-    def _edit(self, pipe, jobs: list[Job]) -> None:
-        from . import edit
-
-        parent = self.store.get(jobs[0].parent)
-        config = self.base.replace(**parent.request["settings"], **jobs[0].request["edit"])
-        inversions = [self.inversion(job.parent) for job in jobs]
-        start = time.perf_counter()
-        images = edit(pipe, inversions, [j.request["target_prompt"] for j in jobs], config, progress=False)
-        seconds = time.perf_counter() - start
-        log_event("batch", kind="edit", size=len(jobs), seconds=round(seconds, 3))
-        outputs = [self.store.path("edits", job.id) for job in jobs]
-        for out, img in zip(outputs, images):
-            atomic_write(out, png_bytes(img), sync_dir=False)
-        self._finish(jobs, [{"edit_s": seconds, "batch_size": len(jobs)}] * len(jobs), outputs)
+            self._inversions[job_id] = inv
+        return inv
 
     # --- the request side
     def pipe(self):
@@ -578,8 +542,10 @@ async def upload_bytes(upload: UploadFile, settings: ServeSettings) -> bytes:
     return data
 
 
-def create_app(settings: ServeSettings) -> FastAPI:
-    service = Service(settings)
+def create_app(settings: ServeSettings, service: Service | None = None) -> FastAPI:
+    """The HTTP API over a Service: the in-process one by default; `nti serve --ray` passes one whose worker sends
+    jobs to Ray Serve replicas, and serves this same app as its ingress (engine/serve_ray.py)."""
+    service = service or Service(settings)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -748,7 +714,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 service.store.delete(child.id)
         service.store.path("sources", job.id).unlink(missing_ok=True)
         service.store.path("inversions", job.id).unlink(missing_ok=True)
-        service._inversions.pop(job.id, None)
+        with service.submit_lock:
+            service._inversions.pop(job.id, None)
         service.store.delete(job.id)
         log_event("inversion_deleted", job=job.id)
         return Deleted(id=job.id, deleted=True, status="deleted")

@@ -8,6 +8,16 @@ from .config import NTIError
 from .options import positive_int
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
 def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="HTTP backend: OpenAI-compatible /v1/images/edits and the native inversion API "
                        "(needs the serve extra: pip install -e '.[serve]')")
@@ -35,9 +45,27 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="warnings and errors only in the log")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.add_argument("--cache", default=None, help=argparse.SUPPRESS)  # read by the CLI's interrupt message
+    g = p.add_argument_group("on a Ray cluster (pip install -e '.[ray]'; docs/serving.md)")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="serve as a Ray Serve application: ADDRESS of the cluster's head (e.g. auto, 10.0.0.1:6379), "
+                   "or none to start a local cluster; run it on a node of the cluster (--data lives there)")
+    g.add_argument("--min-replicas", type=positive_int, default=1, help="engine replicas always up (default 1)")
+    g.add_argument("--max-replicas", type=positive_int, default=None, help="most engine replicas when autoscaling "
+                   "(default: one per GPU of the cluster; on CPU --min-replicas)")
+    g.add_argument("--target-ongoing-requests", type=positive_float, default=None, help="jobs per replica that "
+                   "Ray Serve's autoscaler aims at (default: --batch-size)")
+    g.add_argument("--replica-cpus", type=positive_float, default=1.0, help="CPUs (torch threads) of each CPU "
+                   "replica (default 1; a GPU replica takes 1 CPU and 1 GPU)")
+
+
+RAY_DEFAULTS = {"min_replicas": 1, "max_replicas": None, "target_ongoing_requests": None, "replica_cpus": 1.0}
 
 
 def run_serve(args) -> int:
+    ray_only = [f"--{name.replace('_', '-')}" for name, default in RAY_DEFAULTS.items()
+                if getattr(args, name) != default]
+    if args.ray is None and ray_only:
+        raise NTIError(f"{', '.join(ray_only)} only apply with --ray (engine replicas on a Ray cluster)")
     try:
         from .serve import ServeSettings, serve
     except ImportError as err:
@@ -48,5 +76,13 @@ def run_serve(args) -> int:
         token=args.token or os.environ.get("NTI_SERVE_TOKEN") or None, max_upload_bytes=args.max_upload_bytes,
         max_pixels=args.max_pixels, max_prompt_chars=args.max_prompt_chars, max_steps=args.max_steps,
         steps=args.steps, inner_steps=args.inner_steps, drain_s=args.drain)
+    if args.ray is not None:
+        try:
+            from .serve_ray import Scaling, serve_on_ray
+        except ImportError as err:
+            raise NTIError(f"nti serve --ray needs Ray Serve ({err.name} is missing): pip install -e '.[ray]'") \
+                from None
+        scaling = Scaling(args.min_replicas, args.max_replicas, args.target_ongoing_requests, args.replica_cpus)
+        return serve_on_ray(settings, args.host, args.port, args.ray, scaling, args.quiet)
     serve(settings, args.host, args.port)
     return 0

@@ -1,4 +1,5 @@
-"""Durable jobs for `nti serve`: a SQLite (WAL) job table beside an artifact folder, and the dynamic batcher.
+"""Durable jobs for `nti serve`: a SQLite (WAL) job table beside an artifact folder, the dynamic batcher, and the
+engine that runs one batch of jobs (shared by the single-process worker and the Ray replicas of engine/serve_ray.py).
 
 The table is the truth: a job is acknowledged only after its row (and its source image) is on disk, and a job that
 was running when the process died is queued again at the next start, so nothing acknowledged is lost. Files are
@@ -16,6 +17,27 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+@dataclass
+class ServeSettings:
+    """What `nti serve` was started with (CLI flags); limits are per request."""
+    data: str = "nti-serve-data"  # the job table and artifacts
+    model: str | None = None  # None: the built-in shapes model
+    device: str = "auto"
+    batch_size: int = 8
+    max_delay_ms: float = 50.0
+    max_queue: int = 256  # queued jobs; more gets 429 + Retry-After
+    request_timeout_s: float = 600.0  # how long a waiting request waits at most (its job is then cancelled)
+    token: str | None = None
+    max_upload_bytes: int = 10 * 2**20
+    max_pixels: int = 4096 * 4096  # decoded size limit, checked from the header before decoding
+    max_prompt_chars: int = 500
+    max_steps: int = 100
+    max_inner_steps: int = 50
+    steps: int = 50  # defaults for requests that do not say
+    inner_steps: int = 10
+    drain_s: float = 30.0
+
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 KINDS = ("invert", "edit")
@@ -369,3 +391,133 @@ class Batcher:
                     self._on_batch(jobs[0].kind, len(jobs), elapsed)
                 for job in jobs:
                     self.notify(job.id)
+
+
+# ------------------------------------------------------------------------------------------------------ the engine
+
+def base_config(settings: ServeSettings, device_type: str):
+    """The config every request starts from: the fast backend, bf16 on CUDA, fp32 elsewhere, the served defaults."""
+    from .config import NTIConfig
+
+    return NTIConfig(backend="fast", batch_size=settings.batch_size,
+                     precision="bf16" if device_type == "cuda" else "fp32", steps=settings.steps,
+                     inner_steps=settings.inner_steps)
+
+
+@dataclass
+class ModelCard:
+    """What the request side reads of a pipeline (prompt checks, cache keys, P2P word alignment), without weights:
+    a Ray ingress holds this while the replicas hold the model."""
+    name: str
+    resolution: int
+    vocabulary: tuple
+    prompt_example: str
+    scheduler_config: dict
+    fingerprint: str
+    tokenizer: object
+    device: object  # torch.device of the engine
+
+    @classmethod
+    def of(cls, pipe) -> "ModelCard":
+        return cls(pipe.name, pipe.resolution, tuple(pipe.vocabulary), pipe.prompt_example,
+                   dict(pipe.scheduler_config), pipe.fingerprint, pipe.tokenizer, pipe.device)
+
+
+@dataclass
+class Task:
+    """One job as the engine runs it: images and tensors, no paths (a Ray replica may run on another node)."""
+    job_id: str
+    kind: str  # 'invert' or 'edit'
+    prompt: str  # invert: the source prompt; edit: the target prompt
+    settings: dict  # NTIConfig changes: the inversion's settings, plus the edit's for an edit
+    image: object = None  # invert: the source square (PIL, RGB)
+    inversion: object = None  # edit: the loaded Inversion
+
+    @property
+    def group(self) -> str:
+        """Jobs of one group run as one fast-path batch (same kind, same result-changing settings)."""
+        return self.kind + ":" + json.dumps(self.settings, sort_keys=True)
+
+
+@dataclass
+class Outcome:
+    """A job's result: its artifact's bytes (.safetensors for an inversion, PNG for an edit) and timings, or why it
+    failed."""
+    job_id: str
+    data: bytes = b""
+    result: dict = field(default_factory=dict)
+    error: str | None = None
+    batch: str = ""  # id of the batch it ran in (metrics count each batch once)
+    batch_s: float = 0.0
+
+
+class Engine:
+    """One pipeline and the served base config: runs tasks as fast-path batches through the public API (nti.invert,
+    nti.edit), one batch per compatible group, results as file bytes."""
+
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.pipe = None
+        self.base = None
+
+    def load(self):
+        from . import load_pipeline
+
+        start = time.perf_counter()
+        self.pipe = load_pipeline(self.settings.model, self.settings.device)
+        self.base = base_config(self.settings, self.pipe.device.type)
+        log_event("model_loaded", model=self.pipe.name, device=str(self.pipe.device),
+                  seconds=time.perf_counter() - start)
+        return self.pipe
+
+    def run(self, tasks: list[Task]) -> list[Outcome]:
+        """Each task's outcome, in order. A bad job (NTIError) must not fail its batch mates: its group is then rerun
+        job by job. Other exceptions (bugs) propagate."""
+        groups: dict[str, list[Task]] = {}
+        for task in tasks:
+            groups.setdefault(task.group, []).append(task)
+        done = {o.job_id: o for group in groups.values() for o in self._run_group(group)}
+        return [done[t.job_id] for t in tasks]
+
+    def _run_group(self, tasks: list[Task]) -> list[Outcome]:
+        from .config import NTIError
+
+        try:
+            return (self._invert if tasks[0].kind == "invert" else self._edit)(tasks)
+        except NTIError as err:
+            if len(tasks) == 1:
+                log_event("job_failed", logging.WARNING, job=tasks[0].job_id, error=str(err))
+                return [Outcome(tasks[0].job_id, error=str(err))]
+            return [o for task in tasks for o in self._run_group([task])]
+
+    def _invert(self, tasks: list[Task]) -> list[Outcome]:
+        from . import invert
+        from .artifact import inversion_bytes
+
+        config = self.base.replace(**tasks[0].settings)
+        start = time.perf_counter()
+        inversions = invert(self.pipe, [t.image for t in tasks], [t.prompt for t in tasks], config, progress=False)
+        seconds = time.perf_counter() - start
+        log_event("batch", kind="invert", size=len(tasks), seconds=round(seconds, 3))
+        batch = new_id()
+        return [Outcome(t.job_id, inversion_bytes(inv)[0], {"invert_s": seconds, "batch_size": len(tasks),
+                                                            "inner_iterations": int(sum(inv.iterations))},
+                        batch=batch, batch_s=seconds) for t, inv in zip(tasks, inversions)]
+
+    def _edit(self, tasks: list[Task]) -> list[Outcome]:
+        import io
+
+        from . import edit
+
+        config = self.base.replace(**tasks[0].settings)
+        start = time.perf_counter()
+        images = edit(self.pipe, [t.inversion for t in tasks], [t.prompt for t in tasks], config, progress=False)
+        seconds = time.perf_counter() - start
+        log_event("batch", kind="edit", size=len(tasks), seconds=round(seconds, 3))
+        batch, outcomes = new_id(), []
+        for task, img in zip(tasks, images):
+            png = io.BytesIO()
+            img.save(png, format="PNG")
+            outcomes.append(Outcome(task.job_id, png.getvalue(), {"edit_s": seconds, "batch_size": len(tasks)},
+                                    batch=batch, batch_s=seconds))
+        return outcomes

@@ -110,6 +110,58 @@ def test_an_actor_killed_mid_run_loses_nothing_and_writes_nothing_twice(cluster,
     assert any(p.stat().st_mtime_ns <= flag.stat().st_mtime_ns for p in cache.glob("*.safetensors"))
 
 
+def test_a_batch_that_kills_every_worker_is_given_up_after_max_retries(cluster, jobs, single, tmp_path, monkeypatch,
+                                                                        capsys):
+    """Ray Data would restart the actor and resend the batch forever: the ledger stops it after --max-retries, names
+    the batch's inputs, keeps every other output and exits 1."""
+    from nti.cli import EXIT_INTERNAL
+    from nti.distributed import CRASH_HOOK
+
+    out = tmp_path / "out"
+    monkeypatch.setenv(CRASH_HOOK, "input:scene1-colour")  # any actor that gets scene1's batch dies, every time
+    code = main(["edit", str(jobs), "--out", str(out), *FAST, "--ray", "--num-workers", "1", "--max-retries", "0"])
+    err = capsys.readouterr().err
+    assert code == EXIT_INTERNAL, err
+    # scene1's batch holds both of its edits (they share one inversion): both named, once, with the reason
+    assert "gave up on scene1-colour, scene1-shape: its batch killed the Ray worker running it 1 time(s)" in err
+    assert "--max-retries 0" in err and "2 of 4 inputs failed; the other 2 outputs are written" in err
+    assert files(out) == {name: data for name, data in single.items() if name.startswith("scene0")}
+
+
+def test_eval_on_ray_writes_the_single_process_rows_and_images(cluster, tmp_path):
+    """`nti eval --ray`: the model's work on engine actors, the scores on the driver; every score, row order and image
+    is the single-process run's (only the measured seconds differ)."""
+    import csv
+
+    argv = ["eval", "--n", "2", "--methods", "null-text", *FAST]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each actor gets one of the 2 CPUs
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(sys.modules, "ray", None)
+            assert main([*argv, "--out", str(tmp_path / "single")]) == EXIT_OK
+    finally:
+        torch.set_num_threads(threads)
+    assert main([*argv, "--out", str(tmp_path / "ray"), "--ray", "--num-workers", "1"]) == EXIT_OK
+
+    def rows(run):
+        return list(csv.DictReader(open(tmp_path / run / "samples.csv")))
+
+    timed = ("invert_s", "recon_s", "edit_s")
+    single, ray = rows("single"), rows("ray")
+    assert [(r["id"], r["method"]) for r in single] == [("scene0-colour", "null-text"), ("scene1-colour", "null-text")]
+    assert [{k: v for k, v in r.items() if k not in timed} for r in ray] == \
+        [{k: v for k, v in r.items() if k not in timed} for r in single]
+    assert all(float(r["edit_s"]) > 0 for r in ray)
+    images = sorted(p.relative_to(tmp_path / "single") for p in (tmp_path / "single" / "images").rglob("*.png"))
+    assert len(images) == 6  # a source, a reconstruction and an edit for each sample
+    for image in images:
+        assert (tmp_path / "ray" / image).read_bytes() == (tmp_path / "single" / image).read_bytes(), image
+    manifest = json.loads((tmp_path / "ray" / "run.json").read_text())
+    assert manifest["ray"]["engine_device"] == "cpu"
+    assert manifest["settings"] == json.loads((tmp_path / "single" / "run.json").read_text())["settings"]
+
+
 def test_ray_without_ray_installed_says_how_to_install_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed (the single-process run without
     # Ray is the `single` fixture)

@@ -19,3 +19,13 @@ def test_serve_rejects_bad_flags_like_the_other_commands():
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["serve", "--batch-size", "0"])
     assert exit_info.value.code == 2
+
+
+def test_serve_ray_flags_need_ray_and_say_what_to_install(monkeypatch, capsys):
+    assert main(["serve", "--port", "0", "--max-replicas", "4"]) == 2  # a Ray flag without --ray: refused, not ignored
+    assert "--max-replicas only apply with --ray" in capsys.readouterr().err
+    pytest.importorskip("fastapi")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    monkeypatch.delitem(sys.modules, "nti.serve_ray", raising=False)
+    assert main(["serve", "--port", "0", "--ray"]) == 2
+    assert "nti serve --ray needs Ray Serve (ray is missing): pip install -e '.[ray]'" in capsys.readouterr().err
