@@ -89,13 +89,14 @@ class ModelCard:
 
 
 def model_card(model) -> ModelCard:
-    from .models import SHAPES, SHAPES_FOLDER, TINY, VOCABULARY_FILE, build_tiny_pipeline, check_model_folder, \
-        fingerprint_folder, resolve_model_path
+    from .models import RANDOM_MODELS, SHAPES, SHAPES_FOLDER, VOCABULARY_FILE, check_model_folder, \
+        check_supported_model, fingerprint_folder, load_pipeline, resolve_model_path
 
-    if str(model) == TINY:  # built in code, a few MB: just build it
-        pipe = build_tiny_pipeline(seed=0)
+    if str(model) in RANDOM_MODELS:  # built in code, a few MB: just build it
+        pipe = load_pipeline(str(model), device="cpu", seed=0)
         return ModelCard(pipe.name, pipe.fingerprint, pipe.resolution)
     path = SHAPES_FOLDER if model is None or str(model) == SHAPES else resolve_model_path(model)
+    check_supported_model(path)  # refused here, once, rather than by every actor
     check_model_folder(path)
     unet = json.loads((path / "unet" / "config.json").read_text())
     vae = json.loads((path / "vae" / "config.json").read_text())
