@@ -188,14 +188,16 @@ def _cast(tree, dtype):
 # ------------------------------------------------------------------------------------------------- what is counted
 
 def unit_names(unet: nn.Module) -> dict[nn.Module, str]:
-    """The UNet's units: each block, and in it each resnet, transformer (Transformer2DModel) and down/upsampler, and
-    the top-level layers; saved bytes and FLOPs go to the innermost unit running (a block itself holds what runs
-    between its units, e.g. the inputs gradient checkpointing saves for its resnets)."""
+    """The UNet's units: each block, and in it each resnet, transformer (Transformer2DModel) with each of its
+    transformer blocks, and down/upsampler, and the top-level layers; saved bytes and FLOPs go to the innermost unit
+    running (a block itself holds what runs between its units, e.g. the inputs checkpointing saves for its resnets).
+    Resnets and transformer blocks are what diffusers checkpoints, one call each."""
     units = {}
     for name, module in unet.named_modules():
         parts = name.split(".")
-        if (len(parts) == 1 and name) or (parts[0] in ("down_blocks", "up_blocks") and len(parts) in (2, 4)) or (
-                parts[0] == "mid_block" and len(parts) == 3):
+        depth = len(parts) + (parts[0] == "mid_block")  # mid_block is one level shallower than down/up_blocks.i
+        if (len(parts) == 1 and name and not isinstance(module, nn.ModuleList)) or (parts[0] in ("down_blocks", "up_blocks") and depth == 2) or depth in (4, 6) \
+                and parts[-2] in ("resnets", "attentions", "downsamplers", "upsamplers", "transformer_blocks"):
             units[module] = name
     return units
 
@@ -276,6 +278,24 @@ class OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class RecomputeFlops(TorchDispatchMode):
+    """FLOPs of the ops run inside a unit during backward, per unit: with checkpointing, the recompute (outside a
+    recompute no unit is running in backward). torch's non-reentrant checkpoint stops recomputing once the tensors
+    backward needs are back, so this is less than the units' forward FLOPs."""
+
+    def __init__(self, tracker: "UnitTracker", registry: dict):
+        super().__init__()
+        self.tracker, self.registry, self.by_unit = tracker, registry, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        count = self.registry.get(func.overloadpacket)
+        if count is not None and self.tracker.stack:
+            unit = self.tracker.current
+            self.by_unit[unit] = self.by_unit.get(unit, 0) + count(*args, **(kwargs or {}), out_val=out)
+        return out
+
+
 def _key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
@@ -324,6 +344,7 @@ class PassCount:
     autocast_ops: dict[str, int]  # torch functions the emulated autocast cast for, and how often
     checkpointed_modules: int
     saved_bytes_by_unit: dict[str, int] = field(default_factory=dict)
+    recompute_flops_by_unit: dict[str, int] = field(default_factory=dict)
     resolution_by_unit: dict[str, str] = field(default_factory=dict)
     forward_flops_by_module: dict[str, int] = field(default_factory=dict)
 
@@ -356,21 +377,24 @@ def count_pass(unet: nn.Module, batch: int, fake_mode=None, grad: bool = True, p
     gc_was_on = gc.isenabled()
     gc.collect()
     gc.disable()  # frees happen by reference count only: deterministic, and anything held by a cycle counts
+    fwd_flops, fwd_bwd_flops, by_module, recompute = 0, 0, {}, None
     try:
         with _pass_context(fake_mode, math_attention), live, ops:
             peak_forward, cast = _run_pass(unet, kwargs, leaves, grad, policy, pack)
+        if gc_was_on:
+            gc.enable()
+        if flops:
+            fwd_counter, bwd_counter = flop_counter(), flop_counter()
+            recompute = RecomputeFlops(tracker, bwd_counter.flop_registry)
+            with _pass_context(fake_mode, math_attention):
+                _run_pass(unet, kwargs, leaves, grad, policy, None, fwd_counter, bwd_counter, recompute)
+            fwd_flops = fwd_counter.get_total_flops()
+            fwd_bwd_flops = fwd_flops + (bwd_counter.get_total_flops() if grad else 0)
+            by_module = module_flops(fwd_counter.get_flop_counts())
     finally:
         tracker.remove()
         if gc_was_on:
             gc.enable()
-    fwd_flops, fwd_bwd_flops, by_module = 0, 0, {}
-    if flops:
-        fwd_counter, bwd_counter = flop_counter(), flop_counter()
-        with _pass_context(fake_mode, math_attention):
-            _run_pass(unet, kwargs, leaves, grad, policy, None, fwd_counter, bwd_counter)
-        fwd_flops = fwd_counter.get_total_flops()
-        fwd_bwd_flops = fwd_flops + (bwd_counter.get_total_flops() if grad else 0)
-        by_module = module_flops(fwd_counter.get_flop_counts())
     by_unit: dict[str, int] = {}
     for unit, nbytes in saved.values():
         by_unit[unit] = by_unit.get(unit, 0) + nbytes
@@ -379,7 +403,8 @@ def count_pass(unet: nn.Module, batch: int, fake_mode=None, grad: bool = True, p
         saved_storages=len(saved), peak_forward_bytes=peak_forward, peak_bytes=live.peak, forward_flops=fwd_flops,
         forward_backward_flops=fwd_bwd_flops, attention_ops=ops.seen, autocast_ops=getattr(cast, "cast_ops", {}),
         checkpointed_modules=sum(getattr(m, "gradient_checkpointing", False) is True for m in unet.modules()),
-        saved_bytes_by_unit=by_unit, resolution_by_unit=dict(tracker.resolution), forward_flops_by_module=by_module)
+        saved_bytes_by_unit=by_unit, recompute_flops_by_unit=recompute.by_unit if recompute else {},
+        resolution_by_unit=dict(tracker.resolution), forward_flops_by_module=by_module)
 
 
 def _pass_context(fake_mode, math_attention: bool):
@@ -393,7 +418,7 @@ def _pass_context(fake_mode, math_attention: bool):
     return stack
 
 
-def _run_pass(unet, kwargs, leaves, grad, policy, pack=None, fwd_counter=None, bwd_counter=None):
+def _run_pass(unet, kwargs, leaves, grad, policy, pack=None, fwd_counter=None, bwd_counter=None, recompute=None):
     """The pass itself: forward under autocast (saved tensors through `pack`), backward outside it to the leaves, as
     engine/fast.py inner_iteration runs it. Returns the LiveBytes peak after the forward (if one is active) and the
     autocast used."""
@@ -405,7 +430,7 @@ def _run_pass(unet, kwargs, leaves, grad, policy, pack=None, fwd_counter=None, b
     live = next((m for m in _dispatch_modes() if isinstance(m, LiveBytes)), None)
     peak_forward = live.peak if live else 0
     if grad:
-        with bwd_counter or contextlib.nullcontext():
+        with bwd_counter or contextlib.nullcontext(), recompute or contextlib.nullcontext():
             # The engine's loss reads eps in fp32; its value does not change what the UNet holds. The engine calls
             # autograd.grad: backward(inputs=) runs the same graph to the same leaves (their .grad is a few KB),
             # and FlopCounterMode's module tracker refuses autograd.grad through checkpointed modules.
@@ -467,23 +492,23 @@ def checkpoint_toggles(unet: nn.Module) -> list[str]:
 
 def toggle_ranking(unet: nn.Module, none: dict, all_: dict) -> list[dict]:
     """Per checkpointing flag: the saved bytes per image it frees (per-unit counts without and with every flag on)
-    and the forward FLOPs it recomputes, best bytes per recomputed FLOP first. Frees are estimates (a storage
-    shared by two units is attributed to one); the selections built from them are counted for real."""
-    saved_none, saved_all, flops = none["saved_bytes_per_image_by_unit"], all_["saved_bytes_per_image_by_unit"], \
-        none["forward_flops_per_image_by_module"]
+    and the FLOPs it recomputes in backward (counted with every flag on), best bytes per recomputed FLOP first.
+    Frees are estimates (a storage two units share is attributed to one); selections built from them are counted."""
+    saved_none, saved_all = none["saved_bytes_per_image_by_unit"], all_["saved_bytes_per_image_by_unit"]
+    recompute = all_["recompute_flops_per_image_by_unit"]
     rows = []
     for name in checkpoint_toggles(unet):
         module = unet.get_submodule(name)
         if type(module).__name__ == "Transformer2DModel":
-            units = [name]
-            recomputed = [f"{name}.transformer_blocks.{k}" for k in range(len(module.transformer_blocks))]
-        else:  # a block's flag checkpoints its resnets; their saved inputs land on the block itself
-            units = [f"{name}.resnets.{k}" for k in range(len(module.resnets))] + [name]
-            recomputed = units[:-1]
+            kind, units = "transformer blocks", [u for u in set(saved_none) | set(saved_all) | set(recompute)
+                                                 if u == name or u.startswith(name + ".")]
+        else:  # a block's flag checkpoints its resnets; the inputs it then saves land on the block itself
+            kind, units = "resnets", [name] + [u for u in set(saved_none) | set(saved_all) | set(recompute)
+                                               if u.startswith(name + ".resnets.")]
         freed = sum(saved_none.get(u, 0) - saved_all.get(u, 0) for u in units)
-        cost = sum(flops.get(r, 0) for r in recomputed)
-        rows.append({"module": name, "kind": "transformer blocks" if len(units) == 1 else "resnets",
-                     "resolution": none["resolution_by_unit"].get(units[0], ""),
+        cost = sum(recompute.get(u, 0) for u in units)
+        rows.append({"module": name, "kind": kind, "resolution": none["resolution_by_unit"].get(name, ""),
+                     "layers": len(module.transformer_blocks) if kind == "transformer blocks" else len(module.resnets),
                      "freed_saved_bytes_per_image": freed, "recompute_flops_per_image": cost,
                      "freed_bytes_per_recompute_gflop": freed / cost * 1e9 if cost else None})
     rows.sort(key=lambda r: -(r["freed_bytes_per_recompute_gflop"] or 0))
@@ -562,6 +587,7 @@ def measure(unet: nn.Module, fake_mode, setting: Setting) -> dict:
         "saved_bytes_per_image_by_unit": by_unit,
         "resolution_by_unit": b.resolution_by_unit,
         "forward_flops_per_image_by_module": {m: flops_per_image(v) for m, v in a.forward_flops_by_module.items()},
+        "recompute_flops_per_image_by_unit": {u: flops_per_image(v) for u, v in a.recompute_flops_by_unit.items()},
         "count_seconds": round(seconds, 1),
     }
     print(f"{setting.model:5s} {setting.name:38s} saved {row['saved_bytes_per_image'] / GiB:6.3f} GiB/image, peak "
@@ -579,8 +605,10 @@ def by_level(by_unit: dict[str, float], resolution: dict[str, str]) -> dict[str,
         if part is None:
             key = "out" if unit.startswith("conv_norm_out") or unit in ("conv_act", "conv_out") else "in / embeddings"
         else:
-            kind = parts[-2] if len(parts) >= 3 else "block (between units)"
-            key = f"{part} {resolution.get(unit, resolution.get('.'.join(parts[:2]), ''))} {kind}".replace("  ", " ")
+            kind = "attentions" if "attentions" in parts else parts[-2] if len(parts) >= 3 else "block (between units)"
+            where = next((resolution[".".join(parts[:i])] for i in range(len(parts), 0, -1)
+                          if ".".join(parts[:i]) in resolution), "")
+            key = f"{part} {where} {kind}".replace("  ", " ")
         out[key] = out.get(key, 0) + nbytes
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
