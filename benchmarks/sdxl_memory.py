@@ -196,8 +196,11 @@ def unit_names(unet: nn.Module) -> dict[nn.Module, str]:
     for name, module in unet.named_modules():
         parts = name.split(".")
         depth = len(parts) + (parts[0] == "mid_block")  # mid_block is one level shallower than down/up_blocks.i
-        if (len(parts) == 1 and name and not isinstance(module, nn.ModuleList)) or (parts[0] in ("down_blocks", "up_blocks") and depth == 2) or depth in (4, 6) \
-                and parts[-2] in ("resnets", "attentions", "downsamplers", "upsamplers", "transformer_blocks"):
+        top = len(parts) == 1 and name and not isinstance(module, nn.ModuleList)
+        block = parts[0] in ("down_blocks", "up_blocks") and depth == 2
+        inner = depth in (4, 6) and parts[-2] in ("resnets", "attentions", "downsamplers", "upsamplers",
+                                                  "transformer_blocks")
+        if top or block or inner:
             units[module] = name
     return units
 
@@ -698,7 +701,8 @@ def validate_small(config: dict = TINY_SDXL_UNET, batch: int = 2) -> dict:
             "real_forward_backward_flops": real.forward_backward_flops}
     set_checkpointing(real_unet, "none")
     emulated, torch_cpu = count_pass(real_unet, batch, policy="cpu"), count_pass(real_unet, batch, policy="torch-cpu")
-    out["cpu_policy"] = {"emulated_saved_bytes": emulated.saved_bytes, "torch_autocast_saved_bytes": torch_cpu.saved_bytes}
+    out["cpu_policy"] = {"emulated_saved_bytes": emulated.saved_bytes,
+                         "torch_autocast_saved_bytes": torch_cpu.saved_bytes}
 
     # the CPU allocator's view: what the grad-enabled forward leaves allocated beyond a no-grad forward is what
     # autograd holds for backward; its peak over forward + backward is what the pass needs (kernels' scratch too)
@@ -747,7 +751,8 @@ def h200_anchor(sd14_inner: dict, sd14_weights: dict, sd14_other: dict, path: Pa
     # are shared with pipe.unet), text encoder and VAE in fp32
     resident = sd14_weights["fp32_unet_bytes"] + sd14_weights["bf16_linear_conv_bytes"] + sd14_other["fp32_bytes"]
     return {
-        "source": str(path), "measured_saved_bytes_b1": ops["saved_for_backward_gib"] * GiB,
+        "source": f"benchmarks/results/{path.name} (commit 3683908)",
+        "measured_saved_bytes_b1": ops["saved_for_backward_gib"] * GiB,
         "counted_saved_bytes_b1": sd14_inner["counts"][0]["saved_bytes"],
         "resident_weight_bytes": resident,
         "peaks": [{"batch": b, "measured_max_memory_allocated_bytes": p,
@@ -886,8 +891,8 @@ def main(argv=None) -> int:
                                            checkpointing=",".join(chosen)))
         best["checkpointed_modules"] = chosen
         model_rows.append(best)
-        for r in model_rows:
-            if r["forward_backward_flops_per_image"] is not None:
+        for r in model_rows:  # what checkpointing costs: the extra FLOPs of the same pass without it
+            if r["forward_backward_flops_per_image"] is not None and r["checkpointing"] != "none":
                 r["recompute_flops_per_image"] = (r["forward_backward_flops_per_image"]
                                                   - none["forward_backward_flops_per_image"])
                 r["recompute_share_of_forward"] = r["recompute_flops_per_image"] / r["forward_flops_per_image"]
