@@ -575,7 +575,7 @@ def measure(unet: nn.Module, fake_mode, setting: Setting) -> dict:
         "batches_counted": list(setting.batches),
         "saved_bytes_per_image": per_image("saved_bytes"),
         "saved_bytes_fixed": a.saved_bytes - per_image("saved_bytes") * a.batch / k,
-        "saved_storages_per_image": per_image("saved_storages"),
+        "saved_storages": a.saved_storages,  # how many storages: the same at every batch size
         "peak_bytes_per_image": per_image("peak_bytes"),
         "peak_bytes_fixed": a.peak_bytes - per_image("peak_bytes") * a.batch / k,
         "peak_forward_bytes_per_image": per_image("peak_forward_bytes"),
@@ -809,6 +809,10 @@ def plan(rows: list[dict], weights: dict, others: dict) -> list[dict]:
                              + STEPS * FORWARDS_PER_STEP * row["forward_flops_per_image"])
                     entry["nti_flops_per_image"] = flops
                     entry["nti_s_per_image_estimate_at_240_tflops"] = flops / DESIGN_TFLOPS
+                else:  # DDIM inversion (1 row per step) + CFG editing (2 rows): 1.5 of this 2-row pass per step
+                    flops = STEPS * 1.5 * row["forward_flops_per_image"]
+                    entry["ddim_invert_edit_flops_per_image"] = flops
+                    entry["ddim_invert_edit_s_per_image_estimate_at_240_tflops"] = flops / DESIGN_TFLOPS
                 out.append(entry)
     return out
 
