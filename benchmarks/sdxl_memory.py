@@ -323,7 +323,6 @@ def flop_counter() -> "torch.utils.flop_counter.FlopCounterMode":
         aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops})
 
 
-
 def module_flops(counts: dict) -> dict[str, int]:
     """FlopCounterMode's per-module totals, keyed by the module's name in the UNet ('' for the UNet itself)."""
     return {(key.split(".", 1)[1] if "." in key else ""): int(sum(per_op.values())) for key, per_op in counts.items()}
@@ -349,7 +348,7 @@ class PassCount:
     saved_bytes_by_unit: dict[str, int] = field(default_factory=dict)
     recompute_flops_by_unit: dict[str, int] = field(default_factory=dict)
     resolution_by_unit: dict[str, str] = field(default_factory=dict)
-    forward_flops_by_module: dict[str, int] = field(default_factory=dict)
+    forward_flops_by_unit: dict[str, int] = field(default_factory=dict)
 
 
 def count_pass(unet: nn.Module, batch: int, fake_mode=None, grad: bool = True, pooled_grad: bool = True,
@@ -380,7 +379,7 @@ def count_pass(unet: nn.Module, batch: int, fake_mode=None, grad: bool = True, p
     gc_was_on = gc.isenabled()
     gc.collect()
     gc.disable()  # frees happen by reference count only: deterministic, and anything held by a cycle counts
-    fwd_flops, fwd_bwd_flops, by_module, recompute = 0, 0, {}, None
+    fwd_flops, fwd_bwd_flops, flops_by_unit, recompute = 0, 0, {}, None
     try:
         with _pass_context(fake_mode, math_attention), live, ops:
             peak_forward, cast = _run_pass(unet, kwargs, leaves, grad, policy, pack)
@@ -393,7 +392,8 @@ def count_pass(unet: nn.Module, batch: int, fake_mode=None, grad: bool = True, p
                 _run_pass(unet, kwargs, leaves, grad, policy, None, fwd_counter, bwd_counter, recompute)
             fwd_flops = fwd_counter.get_total_flops()
             fwd_bwd_flops = fwd_flops + (bwd_counter.get_total_flops() if grad else 0)
-            by_module = module_flops(fwd_counter.get_flop_counts())
+            units = set(unit_names(unet).values())
+            flops_by_unit = {m: f for m, f in module_flops(fwd_counter.get_flop_counts()).items() if m in units}
     finally:
         tracker.remove()
         if gc_was_on:
@@ -407,7 +407,7 @@ def count_pass(unet: nn.Module, batch: int, fake_mode=None, grad: bool = True, p
         forward_backward_flops=fwd_bwd_flops, attention_ops=ops.seen, autocast_ops=getattr(cast, "cast_ops", {}),
         checkpointed_modules=sum(getattr(m, "gradient_checkpointing", False) is True for m in unet.modules()),
         saved_bytes_by_unit=by_unit, recompute_flops_by_unit=recompute.by_unit if recompute else {},
-        resolution_by_unit=dict(tracker.resolution), forward_flops_by_module=by_module)
+        resolution_by_unit=dict(tracker.resolution), forward_flops_by_unit=flops_by_unit)
 
 
 def _pass_context(fake_mode, math_attention: bool):
@@ -589,7 +589,7 @@ def measure(unet: nn.Module, fake_mode, setting: Setting) -> dict:
         "saved_bytes_per_image_by_level": by_level(by_unit, b.resolution_by_unit),
         "saved_bytes_per_image_by_unit": by_unit,
         "resolution_by_unit": b.resolution_by_unit,
-        "forward_flops_per_image_by_module": {m: flops_per_image(v) for m, v in a.forward_flops_by_module.items()},
+        "forward_flops_per_image_by_unit": {u: flops_per_image(v) for u, v in a.forward_flops_by_unit.items()},
         "recompute_flops_per_image_by_unit": {u: flops_per_image(v) for u, v in a.recompute_flops_by_unit.items()},
         "count_seconds": round(seconds, 1),
     }
