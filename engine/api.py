@@ -261,3 +261,34 @@ def generate(pipe: Pipeline, prompts: Sequence[str] | str, config: NTIConfig | N
                       weights=weights)
         out.append(reference.sample(pipe, job, progress))
     return to_pil(decode_latents(pipe, torch.cat(out)))
+
+
+def method_outputs(pipe, config, method: str, guidance: float, schedule: str, squares, source_prompts, target_prompts,
+                   cache) -> tuple[list[dict], list, list]:
+    """One evaluation cell, the model's share of `nti eval`'s chunk (in process, or on a Ray actor with --ray): invert
+    each sample once (through `cache`), reconstruct and edit it under `method` with this guidance and schedule; the
+    'baseline' generates the target from seeded noise. Per sample its timings, reconstruction (None for the
+    baseline) and edit, as PIL images."""
+    cfg = config if method == "baseline" else config.replace(method=method)
+    cfg = cfg.replace(guidance=guidance, guidance_schedule=schedule)
+    count = len(squares)
+    recons = [None] * count
+    if method == "baseline":  # one prompt per call: every sample starts from the same seeded noise
+        edits, timings = [], []
+        for target in target_prompts:
+            start = time.perf_counter()
+            edits += generate(pipe, [target], cfg, progress=False)
+            timings.append({"invert_s": 0.0, "recon_s": None, "edit_s": time.perf_counter() - start,
+                            "inner_iterations": 0})
+        return timings, recons, edits
+    inversions = invert_cached(pipe, squares, list(source_prompts), cfg, cache, progress=False)
+    start = time.perf_counter()
+    recons = reconstruct(pipe, inversions, cfg, progress=False)
+    recon_s = (time.perf_counter() - start) / count
+    start = time.perf_counter()
+    edits = edit(pipe, inversions, list(target_prompts), cfg, progress=False)
+    edit_s = (time.perf_counter() - start) / count
+    # the inversion's own per-image timings (its share of a batch), so a cached inversion keeps its cost
+    timings = [{"invert_s": sum(inv.timings.values()), "recon_s": recon_s, "edit_s": edit_s,
+                "inner_iterations": sum(inv.iterations)} for inv in inversions]
+    return timings, recons, edits

@@ -273,14 +273,14 @@ class EngineWorker:
 
 
 class EvalWorker(EngineWorker):
-    """`nti eval --ray`'s actor: the model's share of eval chunks (evaluate.make_outputs: invert, reconstruct, edit;
+    """`nti eval --ray`'s actor: the model's share of eval chunks (api.method_outputs: invert, reconstruct, edit;
     or generate for the baseline), images back as PNG bytes; the driver scores them."""
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
         from PIL import Image
 
-        from .evaluate import make_outputs
+        from .api import method_outputs
 
         rows = []
         for k in range(len(batch["index"])):
@@ -293,7 +293,7 @@ class EvalWorker(EngineWorker):
                 self.calls += 1
                 self.maybe_crash([{"name": name} for name in names], before=True)
                 try:
-                    timings, recons, edits = make_outputs(
+                    timings, recons, edits = method_outputs(
                         self.pipe, self.config, batch["method"][k], float(batch["guidance"][k]),
                         batch["schedule"][k], [Image.fromarray(a) for a in pixels],
                         [p["source_prompt"] for p in prompts], [p["target_prompt"] for p in prompts], self.cache)
@@ -520,7 +520,7 @@ class EvalSession:
         self._connection.__exit__(*exc)
 
     def outputs(self, chunks: list[list], sources: dict, config, cache):
-        """(timings, recons, edits) of each chunk, in order, like evaluate.make_outputs; a chunk whose batch killed
+        """(timings, recons, edits) of each chunk, in order, like api.method_outputs; a chunk whose batch killed
         its workers past --max-retries yields GaveUp(message) instead."""
         import dataclasses
 

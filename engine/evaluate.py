@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import shutil
-import time
 from datetime import datetime, timezone
 from itertools import groupby
 from pathlib import Path
@@ -185,42 +184,13 @@ def square_mask(mask):
 
 def run_chunk(pipe, chunk, config, sources, scorer: Scorer, out: Path, cache) -> list[dict]:
     """Rows of one batch of samples under one method and setting: invert once, reconstruct and edit from it."""
+    from .api import method_outputs
+
     method, guidance, schedule = chunk[0][1:]
     samples = [item[0] for item in chunk]
-    outputs = make_outputs(pipe, config, method, guidance, schedule, [sources[s.id] for s in samples],
-                           [s.source_prompt for s in samples], [s.target_prompt for s in samples], cache)
+    outputs = method_outputs(pipe, config, method, guidance, schedule, [sources[s.id] for s in samples],
+                             [s.source_prompt for s in samples], [s.target_prompt for s in samples], cache)
     return score_chunk(chunk, sources, *outputs, scorer, out)
-
-
-def make_outputs(pipe, config, method: str, guidance: float, schedule: str, squares, source_prompts, target_prompts,
-                 cache) -> tuple[list[dict], list, list]:
-    """The model's share of a chunk (run in this process, or on a Ray actor by `--ray`): per sample its timings,
-    reconstruction (None for the baseline) and edit, as PIL images."""
-    from . import api
-
-    cfg = config if method == "baseline" else config.replace(method=method)
-    cfg = cfg.replace(guidance=guidance, guidance_schedule=schedule)
-    count = len(squares)
-    recons = [None] * count
-    if method == "baseline":  # one prompt per call: every sample starts from the same seeded noise
-        edits, timings = [], []
-        for target in target_prompts:
-            start = time.perf_counter()
-            edits += api.generate(pipe, [target], cfg, progress=False)
-            timings.append({"invert_s": 0.0, "recon_s": None, "edit_s": time.perf_counter() - start,
-                            "inner_iterations": 0})
-        return timings, recons, edits
-    inversions = api.invert_cached(pipe, squares, list(source_prompts), cfg, cache, progress=False)
-    start = time.perf_counter()
-    recons = api.reconstruct(pipe, inversions, cfg, progress=False)
-    recon_s = (time.perf_counter() - start) / count
-    start = time.perf_counter()
-    edits = api.edit(pipe, inversions, list(target_prompts), cfg, progress=False)
-    edit_s = (time.perf_counter() - start) / count
-    # the inversion's own per-image timings (its share of a batch), so a cached inversion keeps its cost
-    timings = [{"invert_s": sum(inv.timings.values()), "recon_s": recon_s, "edit_s": edit_s,
-                "inner_iterations": sum(inv.iterations)} for inv in inversions]
-    return timings, recons, edits
 
 
 def score_chunk(chunk, sources, timings: list[dict], recons, edits, scorer: Scorer, out: Path) -> list[dict]:
