@@ -352,14 +352,20 @@ class Batcher:
             return jobs, 0.0
         return [], wait
 
-    def _main(self) -> None:
+    def _load_model(self) -> bool:
+        """Load the model this worker runs; False when that failed (the server stays up and says why in /readyz)."""
         try:
             self.pipe = self._load()
-        except Exception as err:  # the server stays up and says why in /readyz
+        except Exception as err:
             self.load_error = f"{type(err).__name__}: {err}"
             log_event("model_load_failed", logging.ERROR, error=self.load_error)
-            return
+            return False
         log_event("worker_ready")
+        return True
+
+    def _main(self) -> None:
+        if not self._load_model():
+            return
         while True:
             with self.cond:
                 while True:

@@ -119,13 +119,8 @@ class RemoteBatcher(Batcher):
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _main(self) -> None:
-        try:
-            self.pipe = self._load()
-        except Exception as err:  # the ingress stays up and says why in /readyz
-            self.load_error = f"{type(err).__name__}: {err}"
-            log_event("model_load_failed", logging.ERROR, error=self.load_error)
+        if not self._load_model():  # the ingress stays up and says why in /readyz
             return
-        log_event("worker_ready")
         while True:
             with self.cond:
                 while True:
