@@ -28,6 +28,7 @@ from pathlib import Path
 from .config import GUIDANCE_SCHEDULES, NTIError
 from .metrics import PieModels
 from .options import positive_int
+from .outputs import atomic_write
 from .provenance import environment
 from .report import IMAGE_DIR, MANIFEST, PLOT_DIR, REPORT, SAMPLES, SUMMARY, safe_name, write_outputs
 from .scoring import EVAL_METHODS, PIE_BENCH, PROTOCOLS, SEED, Scorer  # noqa: F401  (SEED: tests read it here)
@@ -153,10 +154,12 @@ def read_rows(path: Path, columns: tuple[str, ...]) -> list[dict]:
     rows = [row for row in reader if None not in row and None not in row.values()]
     if reader.fieldnames is not None and tuple(reader.fieldnames) != columns:
         raise NTIError(f"{path} has other columns than this version writes; use another --out, or --overwrite")
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    def rewrite(temp: Path) -> None:  # atomically: a kill here must not lose the finished rows
+        with open(temp, "w", newline="") as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic_write(path, rewrite)
     return rows
 
 
@@ -285,7 +288,8 @@ def _run_eval(args, session) -> str:
                 "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if session is not None:  # where the engines ran; "environment" is this machine, where the scores were computed
         manifest["ray"] = {"address": args.ray, "engine_device": session.device}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    text = json.dumps(manifest, indent=2) + "\n"  # atomically: a resume reads it to check the settings
+    atomic_write(out / MANIFEST, lambda temp: temp.write_text(text))
 
     columns = protocol.columns
     done = {row_key(row) for row in read_rows(out / SAMPLES, columns)}

@@ -7,7 +7,7 @@ import math
 import shutil
 from pathlib import Path
 
-from .outputs import safe_name  # noqa: F401  (evaluate imports it from here)
+from .outputs import atomic_write, safe_name  # noqa: F401  (evaluate imports safe_name from here)
 from .config import GUIDANCE_SCHEDULES, NTIError
 from .scoring import EVAL_METHODS, KEY, PIE_BENCH, PIE_TABLE, PROTOCOLS
 
@@ -69,8 +69,7 @@ def markdown_table(summary, columns: list[str]) -> str:
 
 
 def save_figure(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    atomic_write(path, lambda temp: fig.savefig(temp, format=path.suffix[1:], dpi=100, bbox_inches="tight"))
 
 
 def plot_metrics(summary, columns: list[str], labels: list[str], path: Path) -> None:
@@ -247,7 +246,7 @@ def write_outputs(out: Path, manifest: dict, model_name: str) -> str:
     if df.empty:
         raise NTIError(f"{out / SAMPLES} has no rows")
     summary = summarize(df)
-    summary.to_csv(out / SUMMARY, index=False)
+    atomic_write(out / SUMMARY, lambda temp: summary.to_csv(temp, index=False))
     headline = [c for c in protocol.headline if f"{c}_mean" in summary]
     table = pie_table(summary, "edit") if protocol is PIE_BENCH else markdown_table(summary, headline)
 
@@ -272,7 +271,8 @@ def write_outputs(out: Path, manifest: dict, model_name: str) -> str:
             grids.append((f"w = {guidance:g}, {schedule}", name))
     has_types = protocol is PIE_BENCH and df["edit_type"].notna().any()
     by_type = summarize(df, by=("edit_type",)) if has_types else None
-    (out / REPORT).write_text(report_text(df, summary, headline, manifest, model_name, plots, grids, by_type))
+    text = report_text(df, summary, headline, manifest, model_name, plots, grids, by_type)
+    atomic_write(out / REPORT, lambda temp: temp.write_text(text))
     log.info("wrote %s, %s, %s/, %s", out / SAMPLES, out / SUMMARY, out / PLOT_DIR, out / REPORT)
     return table
 

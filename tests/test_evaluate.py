@@ -113,6 +113,30 @@ def test_resume_redoes_only_missing_items(tmp_path, capsys, count_inversions):
     assert main(argv) == 0 and len(count_inversions) == 5 * 2 - 6  # no --n: all five samples, four new items
 
 
+def test_a_kill_while_resume_rewrites_samples_loses_no_row(tmp_path, monkeypatch):
+    """Resume rewrites samples.csv without its cut-off last row; a Ctrl-C during that rewrite must leave the old
+    file, not a truncated one (the rewrite goes through a temp file and a rename)."""
+    from nti.evaluate import read_rows
+    path = tmp_path / SAMPLES
+    rows = [dict.fromkeys(SEED.columns, str(k)) for k in range(3)]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, SEED.columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    before = path.read_bytes() + b"cut,off"
+    path.write_bytes(before)
+
+    def interrupted(self, rows):
+        self.writerow(next(iter(rows)))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(csv.DictWriter, "writerows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        read_rows(path, SEED.columns)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [SAMPLES]  # no temp file left
+    monkeypatch.undo()
+    assert read_rows(path, SEED.columns) == rows and path.read_bytes() == before[:-len(b"cut,off")]
+
+
 def test_other_settings_are_refused_unless_overwrite(tmp_path, capsys):
     out = tmp_path / "eval"
     argv = ["eval", "--out", str(out), "--methods", "ddim", "--n", "1", *FAST]
