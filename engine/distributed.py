@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from contextlib import contextmanager
@@ -346,11 +347,28 @@ def run_ray(args) -> int:
     return EXIT_INTERNAL if report.abandoned else EXIT_BAD_INPUT if report.failed else EXIT_OK
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse a HOST:PORT (or ray://HOST:PORT) cluster address where nothing accepts a connection: ray.init would
+    retry it for minutes without a word. `local`, `auto` and malformed addresses are left to ray.init (it is quick)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if address in (LOCAL, "auto") or not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        why = "timed out" if isinstance(err, TimeoutError) else err.strerror or str(err)
+        raise NTIError(f"nothing answers at the Ray cluster address {address!r} ({why}): check the address, start "
+                       f"the cluster there (`ray start --head --port {port}` on that machine), or give --ray without "
+                       f"an address for a local cluster") from None
+
+
 @contextmanager
 def connect(ray, address: str, debug: bool = False):
     """Start or join the cluster for one run (one this process already has is used as it is, and left running)."""
     started_here = not ray.is_initialized()
     if started_here:
+        check_reachable(address)
         try:
             # "local" starts a cluster of its own even where `ray start` made one on this machine (None would join it)
             ray.init(address=address, include_dashboard=False, log_to_driver=debug, logging_level="ERROR")

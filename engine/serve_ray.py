@@ -225,7 +225,7 @@ def build_app(settings: ServeSettings, scaling: Scaling, cuda: bool, node_ip: st
 def serve_on_ray(settings: ServeSettings, host: str, port: int, address: str, scaling: Scaling,
                  quiet: bool = False) -> int:
     """Start (or join) a Ray cluster, run the app on it, serve until SIGTERM/SIGINT, then drain and stop."""
-    from .distributed import model_card
+    from .distributed import check_reachable, model_card
 
     local = address == "local"
     model_card(settings.model)  # a missing or broken model folder is refused here, not by replicas failing to start
@@ -234,6 +234,7 @@ def serve_on_ray(settings: ServeSettings, host: str, port: int, address: str, sc
     if address.startswith("ray://"):
         raise NTIError("nti serve --ray needs to run on a node of the cluster (its job table lives in --data on the "
                        "ingress's node): give the GCS address (HEAD_IP:6379 or auto), not a ray:// client address")
+    check_reachable(address)
     try:
         ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, ValueError, RuntimeError) as err:
