@@ -56,8 +56,8 @@ def test_a_ray_address_where_nothing_answers_is_refused_at_once(command, dead_ad
     if ray.is_initialized():  # a cluster this process already joined would be used as it is
         ray.shutdown()
     scene = "engine/assets/scenes/scene0.png"
-    argv = {"edit": ["edit", scene, "--prompt", "a red circle", "--target", "a blue circle", "--out", str(tmp_path / "o.png"), "--device",
-                     "cpu"],
+    argv = {"edit": ["edit", scene, "--prompt", "a red circle", "--target", "a blue circle", "--out",
+                     str(tmp_path / "o.png"), "--device", "cpu"],
             "serve": ["serve", "--port", "0", "--data", str(tmp_path / "data")]}[command]
     assert main([*argv, "--ray", dead_address]) == 2
     err = capsys.readouterr().err
