@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from nti.benchmarks.gpu_run import STAGES, load_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,3 +59,17 @@ def test_gpu_run_quick_on_cpu(tmp_path):
 
     summary = (tmp_path / "summary.md").read_text()
     assert "| nti_b16 |" in summary and "parity vs eager fp32 reference" in summary and "UNet passes" in summary
+
+
+@pytest.mark.parametrize("launch", ["spawn_stage", "fork_stage"])
+def test_each_launcher_reports_ok_failed_and_timeout(launch, tmp_path):
+    """The GPU run starts each stage in a fresh interpreter (spawn_stage), --quick forks it (fork_stage, what the
+    test above runs); both must tell a finished stage from a failed one (with its traceback) and a hung one."""
+    import nti.benchmarks.gpu_run as gpu_run
+    run = getattr(gpu_run, launch)
+    cmd = [sys.executable, "-m", "nti.benchmarks.gpu_run", "--quick", "--out", str(tmp_path), "--stage"]
+    assert run([*cmd, "env"], 300) == ("ok", "")
+    assert [r["stage"] for r in load_rows(tmp_path)] == ["env"]
+    status, tail = run([*cmd, "no_such_stage"], 300)
+    assert status == "failed" and "stage_no_such_stage" in tail and "Traceback" in tail
+    assert run([*cmd, "parity"], 0.5) == ("timeout", "")
