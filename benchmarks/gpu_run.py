@@ -41,7 +41,7 @@ import torch
 from nti.benchmarks.bench_nti import PHOTOS, rel, sync, unet_flops  # the waterfall's photos and helpers
 from nti.provenance import git_commit
 
-STAGES = {  # name -> (seconds allowed on a GPU, what it measures); run in this order, the costly compile last
+STAGES = {  # name -> (seconds allowed on a GPU, what it measures); run in this order, what only a GPU can measure first
     "env": (45, "versions, GPU, Triton, matmul rate and copy bandwidth"),
     "parity": (80, "fast paths vs the eager fp32 reference (strict fp32)"),
     "nti_b1": (100, "null-text inversion + edit, one image"),
@@ -51,8 +51,8 @@ STAGES = {  # name -> (seconds allowed on a GPU, what it measures); run in this 
     "kernels": (40, "fused Triton DDIM ops vs torch"),
     "profile": (75, "GPU-busy vs wall time of one outer step, by kernel class"),
     "ops": (40, "aten ops and bytes saved for backward per inner iteration (device-independent)"),
-    "passes": (60, "UNet passes per image (shapes model, device-independent)"),
     "compile": (150, "regional torch.compile + CUDA graphs, batch 16"),
+    "passes": (60, "UNet passes per image (shapes model, device-independent: last, as CPU runs measure it too)"),
 }
 GOALS = {"nti_b1": 6.0, "nti_b16": 2.0, "ddim_b16": 0.25}  # s/image at 50 steps (issue 13)
 SDXL_BATCH = 8  # first try of the sdxl stage, halved on out-of-memory (docs/sdxl-memory.md: the 80 GB plan)
