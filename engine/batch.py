@@ -189,11 +189,7 @@ def check_against_model(pipe, jobs: list[Job], config: NTIConfig, need_target: b
     from .ddim import make_schedule
     from .images import center_square, load_image
 
-    schedule = make_schedule(pipe.scheduler_config, config.steps, config.timestep_offset(pipe.scheduler_config))
-    train_steps, last = len(schedule.alphas_cumprod), max(schedule.timesteps)
-    if last >= train_steps:  # the offset pushes the first timestep past the model's last one
-        raise NTIError(f"--steps-offset {config.timestep_offset(pipe.scheduler_config)} with {config.steps} steps "
-                       f"reaches timestep {last}; the model has {train_steps} (0..{train_steps - 1})")
+    make_schedule(pipe.scheduler_config, config.steps, config.timestep_offset(pipe.scheduler_config))  # NTIError
     for job in jobs:
         if job.error is not None:
             continue

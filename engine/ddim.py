@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 
+from .config import NTIError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what a UNet's output means (scheduler_config)
 
@@ -76,10 +77,17 @@ def make_schedule(scheduler_config: dict, steps: int, steps_offset: int | None =
     scheduler = DDIMScheduler.from_config(
         scheduler_config, clip_sample=False, set_alpha_to_one=False, steps_offset=steps_offset,
         timestep_spacing="leading", prediction_type=prediction_type)
+    train_steps = scheduler.config.num_train_timesteps
+    if steps > train_steps:  # diffusers: a ValueError from set_timesteps
+        raise NTIError(f"steps {steps}: the model has only {train_steps} training timesteps")
     scheduler.set_timesteps(steps)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    if max(timesteps) >= train_steps:  # diffusers would index alphas_cumprod out of range in its first step
+        raise NTIError(f"steps_offset {steps_offset} with {steps} steps reaches timestep {max(timesteps)}; the model "
+                       f"has {train_steps} (0..{train_steps - 1})")
     return DDIMSchedule(
         alphas_cumprod=scheduler.alphas_cumprod.to(torch.float32),
-        timesteps=[int(t) for t in scheduler.timesteps],
+        timesteps=timesteps,
         step_ratio=scheduler.config.num_train_timesteps // steps,
         final_alpha=float(scheduler.final_alpha_cumprod),
         prediction_type=prediction_type,

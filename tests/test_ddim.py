@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
+from nti import NTIError
 from nti.ddim import ddim_step, guidance_weights, guided_eps, make_schedule
 from tests.conftest import rel_err
 
@@ -85,3 +86,39 @@ def test_guidance_schedules():
     assert cos[10] > lin[10]  # cosine keeps strong guidance longer early on
     with pytest.raises(ValueError):
         guidance_weights(7.5, 10, "exponential")
+
+
+def _diffusers_pair(config: dict, steps: int):
+    forward, inverse = DDIMScheduler.from_config(config), DDIMInverseScheduler.from_config(config)
+    forward.set_timesteps(steps)
+    inverse.set_timesteps(steps)
+    return forward, inverse
+
+
+def _assert_steps_equal_diffusers(config: dict, steps: int, inversion: bool = True) -> None:
+    """Every denoising step equals DDIMScheduler.step and every inversion step DDIMInverseScheduler.step."""
+    ours = make_schedule(config, steps)
+    forward, inverse = _diffusers_pair(config, steps)
+    assert ours.timesteps == [int(t) for t in forward.timesteps]
+    gen = torch.Generator().manual_seed(2)
+    for i, t in enumerate(ours.timesteps):
+        x, eps = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 4, 8, 8, generator=gen)
+        assert rel_err(ddim_step(x, eps, *ours.denoise_alphas(i)), forward.step(eps, t, x).prev_sample) < 1e-5, i
+        if inversion:
+            t_inv, a_from, a_to = ours.invert_alphas(i)
+            assert t_inv == int(inverse.timesteps[i])
+            assert rel_err(ddim_step(x, eps, a_from, a_to), inverse.step(eps, t_inv, x).prev_sample) < 1e-5, i
+
+
+def test_timesteps_past_the_models_last_are_refused():
+    """Leading spacing with offset 1 reaches t = 1000 at 1000 steps (alphas_cumprod has 0..999): an NTIError, not an
+    IndexError deep in a step. Offset 0 runs 999..0 as diffusers does."""
+    with pytest.raises(NTIError, match="reaches timestep 1000"):
+        make_schedule(SD_SCHEDULER, 1000)
+    with pytest.raises(NTIError, match="reaches timestep 1000"):
+        make_schedule(SD_SCHEDULER, 50, steps_offset=20)
+    assert make_schedule(SD_SCHEDULER, 50, steps_offset=19).timesteps[0] == 999
+    with pytest.raises(NTIError, match="500 training timesteps"):  # diffusers: a ValueError in set_timesteps
+        make_schedule({**SD_SCHEDULER, "num_train_timesteps": 500}, 600)
+    _assert_steps_equal_diffusers({**SD_SCHEDULER, "steps_offset": 0, "clip_sample": False,
+                                   "set_alpha_to_one": False}, 1000)
