@@ -81,7 +81,8 @@ class NTIConfig:
     """DDIM timestep offset; None = the model's scheduler_config.json (1 for SD v1.4 and the shapes model, so
     t = 981, 961, ..., 1). That is what the notebook really runs: StableDiffusionPipeline.from_pretrained sets
     steps_offset=1 on the DDIMScheduler it is handed. Risk of 0 (t = 980..0): the first inversion step and the last
-    denoising step become identities, and the last null-text step has zero gradient (10 wasted passes)."""
+    denoising step become identities, and the last null-text step has zero gradient (10 wasted passes). Only the
+    'leading' timestep spacing takes an offset: a model whose scheduler says 'trailing' or 'linspace' refuses one."""
     optimize_pooled: bool = setting(True, ALGORITHM, changes_inversion=True, keyed_at_default=False)
     """SDXL only: null-text optimization fits the pooled null embedding (the second encoder's, fed to every ResNet
     block through the time embedding) together with the 77 null token embeddings, as both form SDXL's

@@ -10,6 +10,7 @@ from diffusers import DDIMScheduler
 from .config import NTIError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what a UNet's output means (scheduler_config)
+SPACINGS = ("leading", "trailing", "linspace")  # DDIMScheduler's timestep_spacing (Lin et al. 2023, Table 2)
 
 
 def _coefficient(value, like: torch.Tensor) -> torch.Tensor:
@@ -67,16 +68,24 @@ class DDIMSchedule:
 
 
 def make_schedule(scheduler_config: dict, steps: int, steps_offset: int | None = None) -> DDIMSchedule:
-    """DDIM timesteps ('leading' spacing) and alphas from a model's scheduler config, betas as diffusers builds them;
-    steps_offset None = the config's own (SD v1.4: 1, t = 981..1)."""
+    """DDIM timesteps and alphas from a model's scheduler config as diffusers' DDIMScheduler builds them (betas, the
+    config's timestep_spacing: 'leading' when absent, the notebook's); steps_offset None = the config's own (SD v1.4:
+    1, t = 981..1), which only 'leading' spacing uses."""
+    own_offset = int(scheduler_config.get("steps_offset", 0))
     if steps_offset is None:
-        steps_offset = int(scheduler_config.get("steps_offset", 0))
+        steps_offset = own_offset
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    spacing = scheduler_config.get("timestep_spacing", "leading")
+    if spacing not in SPACINGS:
+        raise NTIError(f"the model's scheduler has timestep_spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+    if spacing != "leading" and steps_offset != own_offset:  # diffusers drops it there: say so rather than ignore it
+        raise NTIError(f"steps_offset {steps_offset}: the model's {spacing!r} timestep spacing takes no offset; "
+                       f"leave steps_offset unset")
     scheduler = DDIMScheduler.from_config(
         scheduler_config, clip_sample=False, set_alpha_to_one=False, steps_offset=steps_offset,
-        timestep_spacing="leading", prediction_type=prediction_type)
+        timestep_spacing=spacing, prediction_type=prediction_type)
     train_steps = scheduler.config.num_train_timesteps
     if steps > train_steps:  # diffusers: a ValueError from set_timesteps
         raise NTIError(f"steps {steps}: the model has only {train_steps} training timesteps")

@@ -88,17 +88,13 @@ def test_guidance_schedules():
         guidance_weights(7.5, 10, "exponential")
 
 
-def _diffusers_pair(config: dict, steps: int):
-    forward, inverse = DDIMScheduler.from_config(config), DDIMInverseScheduler.from_config(config)
-    forward.set_timesteps(steps)
-    inverse.set_timesteps(steps)
-    return forward, inverse
-
-
 def _assert_steps_equal_diffusers(config: dict, steps: int, inversion: bool = True) -> None:
     """Every denoising step equals DDIMScheduler.step and every inversion step DDIMInverseScheduler.step."""
     ours = make_schedule(config, steps)
-    forward, inverse = _diffusers_pair(config, steps)
+    forward, inverse = DDIMScheduler.from_config(config), DDIMInverseScheduler.from_config(config)
+    forward.set_timesteps(steps)
+    if inversion:  # DDIMInverseScheduler has no 'linspace'
+        inverse.set_timesteps(steps)
     assert ours.timesteps == [int(t) for t in forward.timesteps]
     gen = torch.Generator().manual_seed(2)
     for i, t in enumerate(ours.timesteps):
@@ -122,3 +118,32 @@ def test_timesteps_past_the_models_last_are_refused():
         make_schedule({**SD_SCHEDULER, "num_train_timesteps": 500}, 600)
     _assert_steps_equal_diffusers({**SD_SCHEDULER, "steps_offset": 0, "clip_sample": False,
                                    "set_alpha_to_one": False}, 1000)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 7, 50, 999])
+def test_trailing_spacing_in_the_config_is_honoured(steps):
+    """'trailing' (Lin et al. 2023, Table 2): t = 999 first, steps_offset unused, as both diffusers schedulers."""
+    config = {**SD_SCHEDULER, "timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": False}
+    assert make_schedule(config, steps).timesteps[0] == 999
+    _assert_steps_equal_diffusers(config, steps)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 50])
+def test_linspace_spacing_in_the_config_is_honoured(steps):
+    """'linspace' denoises as DDIMScheduler does (DDIMInverseScheduler has no 'linspace'; the inversion is each
+    denoising step run backwards, which the parity tests of the whole path check)."""
+    config = {**SD_SCHEDULER, "timestep_spacing": "linspace", "clip_sample": False, "set_alpha_to_one": False}
+    _assert_steps_equal_diffusers(config, steps, inversion=False)
+    ours = make_schedule(config, steps)
+    for i in range(steps):  # inversion step i undoes denoising step steps - 1 - i
+        t, a_from, a_to = ours.invert_alphas(i)
+        assert (t, a_to, a_from) == (ours.timesteps[steps - 1 - i], *ours.denoise_alphas(steps - 1 - i))
+
+
+def test_unknown_spacing_and_an_offset_spacing_ignores_are_refused():
+    with pytest.raises(NTIError, match="timestep_spacing 'uniform'"):
+        make_schedule({**SD_SCHEDULER, "timestep_spacing": "uniform"}, 10)
+    trailing = {**SD_SCHEDULER, "timestep_spacing": "trailing"}
+    assert make_schedule(trailing, 10, steps_offset=1).timesteps == make_schedule(trailing, 10).timesteps
+    with pytest.raises(NTIError, match="steps_offset"):  # an explicit offset 'trailing' would silently drop
+        make_schedule(trailing, 10, steps_offset=0)
