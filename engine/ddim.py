@@ -41,7 +41,7 @@ class DDIMSchedule:
     alphas_cumprod: torch.Tensor  # (num_train_timesteps,) fp32, as diffusers computes them
     timesteps: list[int]  # denoising order, e.g. 981, 961, ..., 1 (SD v1.4's steps_offset=1)
     step_ratio: int
-    final_alpha: float  # alpha_bar for t < 0; set_alpha_to_one=False -> alphas_cumprod[0] (SD v1.x, notebook)
+    final_alpha: float  # alpha_bar for t < 0: alphas_cumprod[0] (set_alpha_to_one False: SD v1.x, notebook) or 1
     prediction_type: str = "epsilon"  # the UNet's output: eps (SD v1.x, 2.x base), v (SD 2.x 768 px) or x0
 
     def eps(self, output: torch.Tensor, x: torch.Tensor, a) -> torch.Tensor:
@@ -69,8 +69,8 @@ class DDIMSchedule:
 
 def make_schedule(scheduler_config: dict, steps: int, steps_offset: int | None = None) -> DDIMSchedule:
     """DDIM timesteps and alphas from a model's scheduler config as diffusers' DDIMScheduler builds them (betas, the
-    config's timestep_spacing: 'leading' when absent, the notebook's); steps_offset None = the config's own (SD v1.4:
-    1, t = 981..1), which only 'leading' spacing uses."""
+    config's timestep_spacing and set_alpha_to_one; when absent the notebook's 'leading' and False); steps_offset
+    None = the config's own (SD v1.4: 1, t = 981..1), which only 'leading' spacing uses."""
     own_offset = int(scheduler_config.get("steps_offset", 0))
     if steps_offset is None:
         steps_offset = own_offset
@@ -83,9 +83,10 @@ def make_schedule(scheduler_config: dict, steps: int, steps_offset: int | None =
     if spacing != "leading" and steps_offset != own_offset:  # diffusers drops it there: say so rather than ignore it
         raise NTIError(f"steps_offset {steps_offset}: the model's {spacing!r} timestep spacing takes no offset; "
                        f"leave steps_offset unset")
+    # clip_sample off as StableDiffusionPipeline forces it (SD latents are not in [-1, 1])
     scheduler = DDIMScheduler.from_config(
-        scheduler_config, clip_sample=False, set_alpha_to_one=False, steps_offset=steps_offset,
-        timestep_spacing=spacing, prediction_type=prediction_type)
+        scheduler_config, clip_sample=False, set_alpha_to_one=bool(scheduler_config.get("set_alpha_to_one", False)),
+        steps_offset=steps_offset, timestep_spacing=spacing, prediction_type=prediction_type)
     train_steps = scheduler.config.num_train_timesteps
     if steps > train_steps:  # diffusers: a ValueError from set_timesteps
         raise NTIError(f"steps {steps}: the model has only {train_steps} training timesteps")

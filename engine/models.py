@@ -577,7 +577,9 @@ def save_pipeline_folder(pipe: Pipeline, path: str | os.PathLike) -> Path:
     pipe.vae.save_pretrained(path / "vae")
     pipe.text_encoder.save_pretrained(path / "text_encoder")
     pipe.tokenizer.save_pretrained(path / "tokenizer")
-    DDIMScheduler.from_config(pipe.scheduler_config).save_pretrained(path / "scheduler")
+    # the flags make_schedule reads as False when absent, written so: DDIMScheduler's own defaults are True
+    scheduler_config = {"clip_sample": False, "set_alpha_to_one": False, **pipe.scheduler_config}
+    DDIMScheduler.from_config(scheduler_config).save_pretrained(path / "scheduler")
     index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}

@@ -147,3 +147,13 @@ def test_unknown_spacing_and_an_offset_spacing_ignores_are_refused():
     assert make_schedule(trailing, 10, steps_offset=1).timesteps == make_schedule(trailing, 10).timesteps
     with pytest.raises(NTIError, match="steps_offset"):  # an explicit offset 'trailing' would silently drop
         make_schedule(trailing, 10, steps_offset=0)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 50])
+def test_set_alpha_to_one_in_the_config_is_honoured(steps):
+    """set_alpha_to_one=True: the last denoising step lands on alpha_bar = 1 and the first inversion step leaves it,
+    as diffusers' schedulers do; absent, the notebook's False (alphas_cumprod[0])."""
+    config = {**SD_SCHEDULER, "set_alpha_to_one": True, "clip_sample": False}
+    assert make_schedule(config, steps).final_alpha == 1.0
+    _assert_steps_equal_diffusers(config, steps)
+    assert make_schedule(SD_SCHEDULER, steps).final_alpha == pytest.approx(0.99915, abs=1e-5)

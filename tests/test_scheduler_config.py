@@ -1,5 +1,6 @@
 """A model's scheduler config at unusual but legal settings, end to end on the tiny model: the engine's sampling and
 inversion against diffusers' StableDiffusionPipeline and DDIMInverseScheduler, or a clear NTIError."""
+import dataclasses
 import json
 import shutil
 
@@ -95,3 +96,26 @@ def test_linspace_model_samples_as_diffusers_and_fast_equals_reference(tiny_fold
     # the edit reads the same schedule back from the saved settings
     assert rel_err(nti.edit_latents(pipe, [fast_inv], PROMPT, config.replace(backend="fast"), progress=False),
                    nti.edit_latents(pipe, [ref], PROMPT, config, progress=False)) < 1e-4
+
+
+@pytest.mark.parametrize("steps", [1, 7])
+def test_set_alpha_to_one_model_samples_and_inverts_as_diffusers(tiny_folder, tmp_path, steps):
+    """set_alpha_to_one=True in the folder: the last denoising step lands on alpha_bar = 1 and the first inversion
+    step leaves it, as StableDiffusionPipeline and DDIMInverseScheduler do."""
+    pipe = _with_scheduler(tiny_folder, tmp_path, set_alpha_to_one=True)
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    job = _job(pipe, z, steps, 7.5)
+    assert job.schedule.final_alpha == 1.0
+    assert rel_err(reference.sample(pipe, job), _diffusers_sample(pipe, z, steps, 7.5)) < 1e-5
+    pivots = reference.ddim_invert(pipe, z, encode_prompts(pipe, [PROMPT]), job.schedule)
+    assert rel_err(pivots[-1], _diffusers_invert(pipe, z, steps)) < 1e-5
+
+
+def test_saved_folder_keeps_the_engines_reading_of_absent_flags(tiny_pipe, tmp_path):
+    """A config without set_alpha_to_one / clip_sample (SDXL's Euler config in code) means the notebook's False here;
+    the folder written for it must say False, not DDIMScheduler's defaults (True), or reloading it changes results."""
+    config = {k: v for k, v in tiny_pipe.scheduler_config.items() if k not in ("set_alpha_to_one", "clip_sample")}
+    folder = save_pipeline_folder(dataclasses.replace(tiny_pipe, scheduler_config=config), tmp_path / "model")
+    saved = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["set_alpha_to_one"] is False and saved["clip_sample"] is False
+    assert make_schedule(saved, 5).final_alpha == make_schedule(config, 5).final_alpha
