@@ -67,6 +67,27 @@ class DDIMSchedule:
         return t, self.alpha(t - self.step_ratio), self.alpha(t)
 
 
+def scheduler_problems(scheduler_config: dict) -> list[str]:
+    """What in a scheduler config the DDIM step here (Eq. 12 on eps, no x0 clipping) cannot follow; [] if nothing."""
+    why = []
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        why.append(f"its scheduler predicts {prediction!r}, which is none of {', '.join(PREDICTION_TYPES)}")
+    spacing = scheduler_config.get("timestep_spacing", "leading")
+    if spacing not in SPACINGS:
+        why.append(f"its scheduler has timestep_spacing {spacing!r}, which is none of {', '.join(SPACINGS)}")
+    if scheduler_config.get("thresholding"):  # diffusers' DDIMScheduler.step would; silently not doing it is wrong
+        why.append("its scheduler thresholds the predicted x0 (dynamic thresholding, Saharia et al. 2022), which "
+                   "this DDIM step and the null-text loss do not")
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        why.append("its scheduler rescales betas to zero terminal SNR: alpha_bar = 0 at the last timestep, where the "
+                   "DDIM step's x0 = (x - sqrt(1 - a) eps) / sqrt(a) divides by zero")
+    if prediction == "sample" and scheduler_config.get("set_alpha_to_one"):
+        why.append("its scheduler predicts x0 with set_alpha_to_one: the first inversion step starts at alpha_bar = 1, "
+                   "where the noise eps = (x - x0) / sqrt(1 - alpha_bar) is 0/0")
+    return why
+
+
 def make_schedule(scheduler_config: dict, steps: int, steps_offset: int | None = None) -> DDIMSchedule:
     """DDIM timesteps and alphas from a model's scheduler config as diffusers' DDIMScheduler builds them (betas, the
     config's timestep_spacing and set_alpha_to_one; when absent the notebook's 'leading' and False); steps_offset
@@ -74,12 +95,11 @@ def make_schedule(scheduler_config: dict, steps: int, steps_offset: int | None =
     own_offset = int(scheduler_config.get("steps_offset", 0))
     if steps_offset is None:
         steps_offset = own_offset
+    why = scheduler_problems(scheduler_config)
+    if why:
+        raise NTIError(f"this engine's DDIM step cannot run the model's scheduler config: {'; '.join(why)}")
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
     spacing = scheduler_config.get("timestep_spacing", "leading")
-    if spacing not in SPACINGS:
-        raise NTIError(f"the model's scheduler has timestep_spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
     if spacing != "leading" and steps_offset != own_offset:  # diffusers drops it there: say so rather than ignore it
         raise NTIError(f"steps_offset {steps_offset}: the model's {spacing!r} timestep spacing takes no offset; "
                        f"leave steps_offset unset")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import NTIError
-from .ddim import PREDICTION_TYPES
+from .ddim import scheduler_problems
 from .conditioning import TIME_IDS, PooledConditioning, pack_pooled, unet_inputs
 from .runner import RunStats
 
@@ -218,12 +218,7 @@ def check_supported_model(path: Path) -> None:
     for name in ("class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
         if unet.get(name):
             why.append(f"its UNet has {name}={unet[name]!r} (a conditioning this engine does not feed)")
-    prediction = scheduler.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES:
-        why.append(f"its scheduler predicts {prediction!r}, which is none of {', '.join(PREDICTION_TYPES)}")
-    if scheduler.get("rescale_betas_zero_snr"):  # alpha_bar_T = 0: needs 'trailing' timesteps, not the notebook's
-        why.append("its scheduler rescales betas to zero terminal SNR, which the notebook's 'leading' DDIM "
-                   "timesteps do not support")
+    why += scheduler_problems(scheduler)
     if unet and unet.get("in_channels", 4) != unet.get("out_channels", 4):
         why.append(f"its UNet takes {unet['in_channels']} input channels for {unet.get('out_channels', 4)} output "
                    f"channels (an inpainting or depth model), not a plain text-to-image UNet")

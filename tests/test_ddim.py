@@ -157,3 +157,15 @@ def test_set_alpha_to_one_in_the_config_is_honoured(steps):
     assert make_schedule(config, steps).final_alpha == 1.0
     _assert_steps_equal_diffusers(config, steps)
     assert make_schedule(SD_SCHEDULER, steps).final_alpha == pytest.approx(0.99915, abs=1e-5)
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"thresholding": True}, "thresholding"),
+    ({"rescale_betas_zero_snr": True}, "zero terminal SNR"),
+    ({"prediction_type": "sample", "set_alpha_to_one": True}, "set_alpha_to_one"),
+])
+def test_scheduler_settings_the_step_cannot_follow_are_refused(changes, match):
+    """diffusers' DDIMScheduler would threshold x0, or divide by alpha_bar_T = 0, or by 1 - alpha_bar = 0 at the
+    first inversion step of an x0 model: refused rather than silently stepped without them (or into NaN)."""
+    with pytest.raises(NTIError, match=match):
+        make_schedule({**SD_SCHEDULER, **changes}, 10)

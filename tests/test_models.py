@@ -70,7 +70,7 @@ def _edit_json(file, **changes):
     file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
 
 
-@pytest.mark.parametrize("kind", ["zero_snr", "sdxl_index", "sdxl_encoder", "sdxl_unet", "inpainting"])
+@pytest.mark.parametrize("kind", ["zero_snr", "thresholding", "sdxl_index", "sdxl_encoder", "sdxl_unet", "inpainting"])
 def test_unsupported_model_kinds_are_refused_at_load(saved_folder, tmp_path, kind):
     """A model the DDIM/NTI math here does not fit is refused in one line before any weight loads, never run."""
     folder = tmp_path / kind
@@ -78,6 +78,9 @@ def test_unsupported_model_kinds_are_refused_at_load(saved_folder, tmp_path, kin
     if kind == "zero_snr":
         _edit_json(folder / "scheduler" / "scheduler_config.json", rescale_betas_zero_snr=True)
         match = "zero terminal SNR"
+    elif kind == "thresholding":  # diffusers' DDIMScheduler would threshold x0; the engine's step does not
+        _edit_json(folder / "scheduler" / "scheduler_config.json", thresholding=True)
+        match = "thresholds the predicted x0"
     elif kind == "sdxl_index":
         (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
         match = "SDXL"
