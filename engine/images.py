@@ -39,6 +39,8 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Im
         raise NTIError(f"image {path} does not exist")
     if path.is_dir():
         raise NTIError(f"image {path} is a folder, not an image file")
+    if not path.is_file():  # a named pipe would block the read until something writes to it: a hang, not an error
+        raise NTIError(f"image {path} is not a regular file (a pipe, socket or device); save the image to a file")
     return open_image(path, f"image {path}")
 
 
