@@ -64,3 +64,44 @@ def test_a_named_pipe_given_as_an_image_is_refused_not_waited_on(tmp_path, grey,
     code, _, err = result["res"]
     assert code == EXIT_BAD_INPUT and "pipe.png is not a regular file" in error_line(err)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["grey.png"]  # the good input is still done
+
+
+# ---------------------------------------------------------------------------------------------------- pixel formats
+
+def test_a_non_finite_float_image_is_named_in_a_batch(tmp_path, grey, capsys):
+    """The error said only 'image has non-finite pixel values': in a batch of many, which one?"""
+    Image.fromarray(np.full((32, 32), np.nan, np.float32), mode="F").save(tmp_path / "nan.tif")
+    code, _, err = run_cli(["reconstruct", tmp_path / "nan.tif", grey, "--prompt", "a cat", "--out", tmp_path / "out",
+                            "--method", "ddim", *TINY], capsys)
+    assert code == EXIT_BAD_INPUT and "nan.tif" in error_line(err) and "non-finite" in error_line(err)
+
+
+@pytest.mark.parametrize("mode, values", [("I", (-70000, 0, 100000)), ("F", (-3.0, 0.5, 900.0))])
+def test_wide_integer_and_float_pixels_out_of_range_are_refused_not_clipped(tmp_path, mode, values):
+    """A 32-bit or float image outside the range the reader scales (0..65535, 0..255) was clipped: a silently
+    black-and-white image."""
+    from nti.config import NTIError
+    from nti.images import load_image
+    array = np.resize(np.array(values, np.int32 if mode == "I" else np.float32), (16, 16))
+    Image.fromarray(array, mode=mode).save(tmp_path / "wide.tif")
+    with pytest.raises(NTIError, match=r"wide.tif has pixel values from .* outside"):
+        load_image(tmp_path / "wide.tif")
+    # in range, both still load: 16-bit-scale ints are scaled, floats in [0, 255] kept
+    Image.fromarray(np.resize(np.array([0, 65535], np.int32), (16, 16)), mode="I").save(tmp_path / "ok.tif")
+    assert np.asarray(load_image(tmp_path / "ok.tif")).max() == 255
+
+
+def test_a_colour_key_transparency_is_shown_over_white(tmp_path):
+    """PNG's tRNS chunk on an RGB or grey image marks one colour transparent; convert('RGB') kept that colour
+    (a green screen stayed green) though transparent pixels are read over white."""
+    from nti.images import load_image
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[:, :4] = (0, 255, 0)
+    Image.fromarray(rgb).save(tmp_path / "key.png", transparency=(0, 255, 0))
+    shown = np.asarray(load_image(tmp_path / "key.png"))
+    assert (shown[:, :4] == 255).all() and (shown[:, 4:] == 0).all()
+    grey = np.zeros((8, 8), np.uint8)
+    grey[:, :4] = 7
+    Image.fromarray(grey).save(tmp_path / "key-l.png", transparency=7)
+    shown = np.asarray(load_image(tmp_path / "key-l.png"))
+    assert (shown[:, :4] == 255).all() and (shown[:, 4:] == 0).all()
