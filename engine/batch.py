@@ -70,9 +70,12 @@ def collect_jobs(args, need_target: bool, problems: Problems) -> tuple[list[Job]
             problems.add(None, "an input is an empty string; give an image, a folder, a JSONL or skimage:NAME")
         elif item.startswith(SKIMAGE_PREFIX):
             jobs.append(Job(label=item, name=item[len(SKIMAGE_PREFIX):], image=item))
-        elif item.endswith(".jsonl"):
+        elif path.suffix.lower() == ".jsonl":
             photos.append(path)
             jobs += read_jsonl(path, problems, photos)
+        elif path.suffix.lower() == ".safetensors":  # a saved inversion: "not a readable image" would not say why
+            problems.add(None, f"{item} is a saved inversion, not an image: edit it with "
+                               f"`nti edit --inversion {item} --target PROMPT`")
         elif path.is_dir():
             photos.append(path)
             try:
@@ -110,8 +113,12 @@ def collect_jobs(args, need_target: bool, problems: Problems) -> tuple[list[Job]
 def read_jsonl(path: Path, problems: Problems, photos: list[Path]) -> list[Job]:
     """One job per record of a prompts JSONL, read by data.read_prompts_jsonl (the reader `nti eval` uses); each
     bad line is reported with its number and skipped."""
-    jobs = []
-    for record in read_prompts_jsonl(path, on_error=lambda message: problems.add(None, message)):
+    jobs, reported = [], len(problems.messages)
+    records = read_prompts_jsonl(path, on_error=lambda message: problems.add(None, message))
+    if not records and len(problems.messages) == reported:  # empty: say so, as for an empty folder
+        problems.add(None, f"JSONL {path} has no records (one JSON object per line, e.g. {{\"image\": \"cat.png\", "
+                           f"\"source_prompt\": ..., \"target_prompt\": ...}})")
+    for record in records:
         if not record.image.startswith(SKIMAGE_PREFIX):
             photos.append(Path(record.image))
         # the id only names the output; outputs.plan_outputs makes it a safe file name inside --out

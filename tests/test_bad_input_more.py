@@ -105,3 +105,41 @@ def test_a_colour_key_transparency_is_shown_over_white(tmp_path):
     Image.fromarray(grey).save(tmp_path / "key-l.png", transparency=7)
     shown = np.asarray(load_image(tmp_path / "key-l.png"))
     assert (shown[:, :4] == 255).all() and (shown[:, 4:] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------- inputs and JSONL
+
+def jsonl_line(image="grey.png", **fields):
+    return json.dumps({"image": str(image), "source_prompt": "a cat", "target_prompt": "a dog", **fields})
+
+
+def test_an_upper_case_jsonl_suffix_is_read_as_jsonl(tmp_path, grey, capsys):
+    """JOBS.JSONL was taken for an image ('no source prompt for JOBS.JSONL'); image suffixes were case-blind."""
+    jsonl = tmp_path / "JOBS.JSONL"
+    jsonl.write_text(jsonl_line(id="from-jsonl") + "\n")
+    code, stdout, err = run_cli(["edit", jsonl, "--out", tmp_path / "out", "--method", "ddim", *TINY], capsys)
+    assert code == EXIT_OK, err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["from-jsonl.png"]
+
+
+@pytest.mark.parametrize("text", ["", "\n\n  \n", "\ufeff\r\n"])
+def test_a_jsonl_without_records_is_named(tmp_path, grey, capsys, text):
+    """An empty JSONL said 'no inputs: give ... a JSONL' (one was given), and beside other inputs it vanished
+    without a word; an empty folder is named as such."""
+    jsonl = tmp_path / "jobs.jsonl"
+    jsonl.write_text(text, encoding="utf-8")
+    code, _, err = run_cli(["edit", jsonl, "--out", tmp_path / "out", *TINY], capsys)
+    assert code == EXIT_BAD_INPUT and "jobs.jsonl has no records" in error_line(err)
+    code, _, err = run_cli(["edit", jsonl, grey, "--prompt", "a cat", "--target", "a dog", "--out", tmp_path / "out",
+                            "--method", "ddim", *TINY], capsys)
+    assert code == EXIT_BAD_INPUT and "jobs.jsonl has no records" in error_line(err)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["grey.png"]
+
+
+def test_an_inversion_file_given_as_an_image_says_to_use_inversion(tmp_path, capsys, no_model):
+    """`nti edit cat.safetensors ...` said only 'is not a readable image'."""
+    saved = tmp_path / "cat.safetensors"
+    saved.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    code, _, err = run_cli(["edit", saved, "--prompt", "a cat", "--target", "a dog", "--out", tmp_path / "o.png",
+                            *TINY], capsys)
+    assert code == EXIT_BAD_INPUT and "--inversion" in error_line(err)
