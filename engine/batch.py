@@ -63,6 +63,11 @@ class Problems:
 def collect_jobs(args, need_target: bool, problems: Problems) -> tuple[list[Job], list[Path]]:
     """Jobs from the positional inputs and --inversion files, and the user's own files that --out must keep apart
     from (images, image folders, JSONL files). Unusable inputs are reported, not fatal."""
+    for flag in ("prompt", "target"):  # as a JSONL line's: an empty prompt is a missing one ("$UNSET" in a script)
+        value = getattr(args, flag, None)
+        if value is not None and not value.strip():
+            raise NTIError(f"--{flag} is empty: give the text of the prompt (or leave --{flag} out to use each JSONL "
+                           f"line's own)")
     jobs, photos = [], []
     for item in args.images:
         path = Path(item).expanduser()
@@ -151,6 +156,11 @@ def run_jobs(args, config: NTIConfig, device) -> int:
         # a flag the file's settings override would be silently ignored: refuse the command
         check_flags_against_inversion(args, getattr(args, "explicit", set()), job.inversion.settings,
                                       job.inversion_path)
+        source = job.inversion.source_prompt  # --prompt is for images to invert; with none, it would go unused
+        if args.prompt is not None and args.prompt != source and all(j.image is None for j in jobs):
+            raise NTIError(f"--prompt {args.prompt!r} conflicts with inversion {job.inversion_path}, made under "
+                           f"{source!r}: a saved inversion is edited from its own source prompt; drop --prompt or "
+                           f"invert again with it")
         job.target_prompt = args.target if need_target else job.inversion.source_prompt
 
     if not jobs:

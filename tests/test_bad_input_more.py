@@ -143,3 +143,28 @@ def test_an_inversion_file_given_as_an_image_says_to_use_inversion(tmp_path, cap
     code, _, err = run_cli(["edit", saved, "--prompt", "a cat", "--target", "a dog", "--out", tmp_path / "o.png",
                             *TINY], capsys)
     assert code == EXIT_BAD_INPUT and "--inversion" in error_line(err)
+
+
+# ---------------------------------------------------------------------------------------------------------- prompts
+
+@pytest.mark.parametrize("flag, value", [("--prompt", ""), ("--prompt", "   "), ("--target", ""), ("--target", "\t")])
+def test_an_empty_prompt_flag_is_refused(tmp_path, grey, capsys, no_model, flag, value):
+    """A JSONL line (and nti serve) refuse an empty prompt; `--target "$UNSET"` ran an unconditional 'edit' and
+    wrote it as the result."""
+    prompts = {"--prompt": "a cat", "--target": "a dog", flag: value}
+    code, _, err = run_cli(["edit", grey, *(x for kv in prompts.items() for x in kv), "--out", tmp_path / "o.png",
+                            *TINY], capsys)
+    assert code == EXIT_BAD_INPUT and f"{flag} is empty" in error_line(err)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_a_prompt_flag_an_inversion_file_overrides_is_refused(tmp_path, capsys):
+    """`nti edit --inversion F --prompt P` edited from F's own source prompt and ignored P without a word, as the
+    other flags F's settings override are refused."""
+    saved = tmp_path / "cat.safetensors"
+    assert run_cli(["invert", "skimage:chelsea", "--prompt", "a cat", "--out", saved, *TINY], capsys)[0] == EXIT_OK
+    base = ["edit", "--inversion", saved, "--target", "a dog", "--out", tmp_path / "o.png", *TINY]
+    code, _, err = run_cli([*base, "--prompt", "a bird"], capsys)
+    assert code == EXIT_BAD_INPUT and "--prompt 'a bird'" in error_line(err) and "'a cat'" in error_line(err)
+    assert not (tmp_path / "o.png").exists()
+    assert run_cli([*base, "--prompt", "a cat"], capsys)[0] == EXIT_OK  # the file's own prompt is no conflict
