@@ -70,31 +70,34 @@ def collect_jobs(args, need_target: bool, problems: Problems) -> tuple[list[Job]
                            f"line's own)")
     jobs, photos = [], []
     for item in args.images:
-        path = Path(item).expanduser()
-        if not item.strip():  # Path("") is ".": an empty argument must not mean "every image here"
-            problems.add(None, "an input is an empty string; give an image, a folder, a JSONL or skimage:NAME")
-        elif item.startswith(SKIMAGE_PREFIX):
-            jobs.append(Job(label=item, name=item[len(SKIMAGE_PREFIX):], image=item))
-        elif path.suffix.lower() == ".jsonl":
-            photos.append(path)
-            jobs += read_jsonl(path, problems, photos)
-        elif path.suffix.lower() == ".safetensors":  # a saved inversion: "not a readable image" would not say why
-            problems.add(None, f"{item} is a saved inversion, not an image: edit it with "
-                               f"`nti edit --inversion {item} --target PROMPT`")
-        elif path.is_dir():
-            photos.append(path)
-            try:
-                files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-            except OSError as err:
-                problems.add(None, f"folder {path} could not be read: {err.strerror or err}")
-                continue
-            if not files:
-                problems.add(None, f"folder {path} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            photos += files
-            jobs += [Job(label=str(f), name=f.stem, image=str(f)) for f in files]
-        else:
-            photos.append(path)
-            jobs.append(Job(label=item, name=path.stem, image=item))
+        try:
+            path = Path(item).expanduser()
+            if not item.strip():  # Path("") is ".": an empty argument must not mean "every image here"
+                problems.add(None, "an input is an empty string; give an image, a folder, a JSONL or skimage:NAME")
+            elif item.startswith(SKIMAGE_PREFIX):
+                jobs.append(Job(label=item, name=item[len(SKIMAGE_PREFIX):], image=item))
+            elif path.suffix.lower() == ".jsonl":
+                photos.append(path)
+                jobs += read_jsonl(path, problems, photos)
+            elif path.suffix.lower() == ".safetensors":  # a saved inversion: "not a readable image" would not say why
+                problems.add(None, f"{item} is a saved inversion, not an image: edit it with "
+                                   f"`nti edit --inversion {item} --target PROMPT`")
+            elif path.is_dir():
+                photos.append(path)
+                try:
+                    files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+                except OSError as err:
+                    problems.add(None, f"folder {path} could not be read: {err.strerror or err}")
+                    continue
+                if not files:
+                    problems.add(None, f"folder {path} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                photos += files
+                jobs += [Job(label=str(f), name=f.stem, image=str(f)) for f in files]
+            else:
+                photos.append(path)
+                jobs.append(Job(label=item, name=path.stem, image=item))
+        except OSError as err:  # a name the filesystem will not look up (too long): Path.is_dir raises, not False
+            problems.add(None, f"input {item}: {err.strerror or err}")
     for item in getattr(args, "inversion", None) or []:
         jobs.append(Job(label=item, name=Path(item).stem, inversion_path=item))
     for job in jobs:
@@ -152,6 +155,9 @@ def run_jobs(args, config: NTIConfig, device) -> int:
             job.inversion = load_inversion(job.inversion_path)
         except NTIError as err:
             problems.add(job, str(err))
+            continue
+        except OSError as err:  # a name too long to look up
+            problems.add(job, f"inversion file {job.inversion_path}: {err.strerror or err}")
             continue
         # a flag the file's settings override would be silently ignored: refuse the command
         check_flags_against_inversion(args, getattr(args, "explicit", set()), job.inversion.settings,

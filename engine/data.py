@@ -247,12 +247,15 @@ def read_prompts_jsonl(path: str | os.PathLike, require_prompts: bool = False,
         on_error(message)
 
     jsonl = Path(path).expanduser()
-    if not jsonl.is_file():
-        fail(f"{jsonl} does not exist (a folder needs a prompts.jsonl, or give the .jsonl path)")
-        return []
     try:
+        if not jsonl.is_file():
+            fail(f"{jsonl} does not exist (a folder needs a prompts.jsonl, or give the .jsonl path)")
+            return []
         text = jsonl.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not JSON
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:  # is_file raises for a name too long to look up
+        fail(f"JSONL file {jsonl} could not be read: {err.strerror or err}")
+        return []
+    except UnicodeDecodeError as err:
         fail(f"JSONL file {jsonl} could not be read: {err}")
         return []
     records, ids = [], set()
@@ -263,6 +266,9 @@ def read_prompts_jsonl(path: str | os.PathLike, require_prompts: bool = False,
             record = _prompt_record(line, f"{jsonl}, line {number}", number, jsonl.parent, require_prompts, ids)
         except NTIError as err:
             fail(str(err))
+            continue
+        except OSError as err:  # an image or mask path too long to look up
+            fail(f"{jsonl}, line {number}: {err.filename}: {err.strerror or err}")
             continue
         ids.add(record.id)
         records.append(record)

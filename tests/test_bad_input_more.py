@@ -168,3 +168,36 @@ def test_a_prompt_flag_an_inversion_file_overrides_is_refused(tmp_path, capsys):
     assert code == EXIT_BAD_INPUT and "--prompt 'a bird'" in error_line(err) and "'a cat'" in error_line(err)
     assert not (tmp_path / "o.png").exists()
     assert run_cli([*base, "--prompt", "a cat"], capsys)[0] == EXIT_OK  # the file's own prompt is no conflict
+
+
+# --------------------------------------------------------------------------------------------------- long file names
+
+LONG = "y" * 300  # past every filesystem's 255-byte name limit: stat() itself fails (ENAMETOOLONG)
+
+
+@pytest.mark.parametrize("where", ["image", "jsonl", "jsonl-line", "inversion", "out-folder", "cache", "model"])
+def test_a_path_the_filesystem_calls_too_long_is_bad_input(tmp_path, grey, capsys, where):
+    """Path.exists() raises ENAMETOOLONG instead of answering False: an internal error (exit 1) for a typo."""
+    jsonl = tmp_path / "jobs.jsonl"
+    jsonl.write_text(jsonl_line(id="good") + "\n" + jsonl_line(f"{LONG}.png", id="long") + "\n")
+    argv = {"image": [tmp_path / f"{LONG}.png", grey, "--prompt", "a cat", "--target", "a dog"],
+            "jsonl": [tmp_path / f"{LONG}.jsonl", grey, "--prompt", "a cat", "--target", "a dog"],
+            "jsonl-line": [jsonl],
+            "inversion": ["--inversion", tmp_path / f"{LONG}.safetensors", "--target", "a dog"],
+            "out-folder": [grey, "--prompt", "a cat", "--target", "a dog"],
+            "cache": [grey, "--prompt", "a cat", "--target", "a dog", "--cache", tmp_path / LONG / "cache"],
+            "model": [grey, "--prompt", "a cat", "--target", "a dog"]}[where]
+    model = ["--model", tmp_path / LONG] if where == "model" else []
+    out = tmp_path / LONG / "out" if where == "out-folder" else tmp_path / "out"
+    code, _, err = run_cli(["edit", *argv, "--out", out, "--method", "ddim", *TINY, *model], capsys)
+    assert code == EXIT_BAD_INPUT and "too long" in error_line(err)
+    if where in ("image", "jsonl", "jsonl-line"):  # the batch goes on with the good inputs
+        assert len(list(out.iterdir())) == 1
+
+
+def test_an_out_name_too_long_for_the_filesystem_is_refused_before_the_work(tmp_path, grey, capsys, no_model):
+    """The name fit (250 bytes) but its temp file '.NAME.xxxxxxxx.part' did not: refused only at the write, after
+    the inversion."""
+    out = tmp_path / ("x" * 250 + ".png")
+    code, _, err = run_cli(["edit", grey, "--prompt", "a cat", "--target", "a dog", "--out", out, *TINY], capsys)
+    assert code == EXIT_BAD_INPUT and "too long" in error_line(err)
