@@ -201,3 +201,16 @@ def test_an_out_name_too_long_for_the_filesystem_is_refused_before_the_work(tmp_
     out = tmp_path / ("x" * 250 + ".png")
     code, _, err = run_cli(["edit", grey, "--prompt", "a cat", "--target", "a dog", "--out", out, *TINY], capsys)
     assert code == EXIT_BAD_INPUT and "too long" in error_line(err)
+
+
+def test_jsonl_messages_say_what_is_wrong(tmp_path, grey, capsys, no_model):
+    """A folder named as a line's image was reported as 'does not exist'; a file not in UTF-8 as a byte position,
+    with no line and no way out."""
+    (tmp_path / "album").mkdir()
+    jsonl = tmp_path / "jobs.jsonl"
+    jsonl.write_text(jsonl_line("album") + "\n")
+    code, _, err = run_cli(["edit", jsonl, "--out", tmp_path / "out", *TINY], capsys)
+    assert code == EXIT_BAD_INPUT and "line 1: image" in error_line(err) and "is a folder" in error_line(err)
+    jsonl.write_bytes((jsonl_line() + "\n").encode() + b'{"image": "grey.png", "source_prompt": "caf\xe9"}\n')
+    code, _, err = run_cli(["edit", jsonl, "--out", tmp_path / "out", *TINY], capsys)
+    assert code == EXIT_BAD_INPUT and "line 2 is not UTF-8" in error_line(err) and "save it as UTF-8" in err
