@@ -55,7 +55,8 @@ def open_image(source: Path | bytes, label: str) -> Image.Image:
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
                 frames = getattr(img, "n_frames", 1)
                 if frames > 1:
-                    raise NTIError(f"{label} is animated ({frames} frames); save the frame to edit as a still image")
+                    raise NTIError(f"{label} is animated or multi-page ({frames} frames); save the frame to edit as a "
+                                  f"still image")
                 img.load()
                 return to_rgb(ImageOps.exif_transpose(img), label)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
