@@ -214,3 +214,30 @@ def test_jsonl_messages_say_what_is_wrong(tmp_path, grey, capsys, no_model):
     jsonl.write_bytes((jsonl_line() + "\n").encode() + b'{"image": "grey.png", "source_prompt": "caf\xe9"}\n')
     code, _, err = run_cli(["edit", jsonl, "--out", tmp_path / "out", *TINY], capsys)
     assert code == EXIT_BAD_INPUT and "line 2 is not UTF-8" in error_line(err) and "save it as UTF-8" in err
+
+
+# --------------------------------------------------------------------------------------------- nti serve's uploads
+
+def test_nti_serve_reads_an_upload_as_the_cli_reads_the_file(tmp_path):
+    """nti serve decoded uploads with a bare convert('RGB'): a 16-bit grey PNG came out all white, an EXIF-turned
+    photo on its side, a colour key kept its colour, an animation silently became its first frame."""
+    pytest.importorskip("fastapi")
+    from nti.images import load_image
+    from nti.serve import APIError, ServeSettings, read_image
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, :20] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(wide).save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    key = np.zeros((8, 8, 3), np.uint8)
+    key[:, :4] = (0, 255, 0)
+    Image.fromarray(key).save(tmp_path / "key.png", transparency=(0, 255, 0))
+    for name in ("deep.png", "turned.jpg", "key.png"):
+        served = read_image((tmp_path / name).read_bytes(), ServeSettings())
+        assert np.array_equal(np.asarray(served), np.asarray(load_image(tmp_path / name))), name
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "blue")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with pytest.raises(APIError, match="animated"):
+        read_image((tmp_path / "anim.gif").read_bytes(), ServeSettings())
