@@ -82,6 +82,10 @@ def collect_jobs(args, need_target: bool, problems: Problems) -> tuple[list[Job]
             elif path.suffix.lower() == ".safetensors":  # a saved inversion: "not a readable image" would not say why
                 problems.add(None, f"{item} is a saved inversion, not an image: edit it with "
                                    f"`nti edit --inversion {item} --target PROMPT`")
+            elif path.is_dir() and args.prompt is None and (path / "prompts.jsonl").is_file():
+                # a data set folder (`nti eval --data` reads it so): its images have no prompt but the JSONL's
+                problems.add(None, f"folder {path} is a data set: pass {path / 'prompts.jsonl'} to use its records "
+                                   f"(a folder means each image in it, under --prompt)")
             elif path.is_dir():
                 photos.append(path)
                 try:

@@ -241,3 +241,13 @@ def test_nti_serve_reads_an_upload_as_the_cli_reads_the_file(tmp_path):
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
     with pytest.raises(APIError, match="animated"):
         read_image((tmp_path / "anim.gif").read_bytes(), ServeSettings())
+
+
+def test_a_folder_with_a_prompts_jsonl_and_no_prompt_points_at_the_jsonl(tmp_path, grey, capsys, no_model):
+    """`nti edit engine/assets/scenes` listed 'no source prompt for ...: give one in the JSONL' for each of its 18
+    images (masks included) while the folder's prompts.jsonl, which `nti eval --data FOLDER` reads, went unused."""
+    (tmp_path / "prompts.jsonl").write_text(jsonl_line() + "\n")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "grey-mask.png")
+    code, _, err = run_cli(["edit", tmp_path, "--out", tmp_path.parent / "out", *TINY], capsys)
+    line = error_line(err)
+    assert code == EXIT_BAD_INPUT and f"pass {tmp_path / 'prompts.jsonl'}" in line and "inputs failed" not in line
