@@ -63,30 +63,45 @@ class Problems:
 def collect_jobs(args, need_target: bool, problems: Problems) -> tuple[list[Job], list[Path]]:
     """Jobs from the positional inputs and --inversion files, and the user's own files that --out must keep apart
     from (images, image folders, JSONL files). Unusable inputs are reported, not fatal."""
+    for flag in ("prompt", "target"):  # as a JSONL line's: an empty prompt is a missing one ("$UNSET" in a script)
+        value = getattr(args, flag, None)
+        if value is not None and not value.strip():
+            raise NTIError(f"--{flag} is empty: give the text of the prompt (or leave --{flag} out to use each JSONL "
+                           f"line's own)")
     jobs, photos = [], []
     for item in args.images:
-        path = Path(item).expanduser()
-        if not item.strip():  # Path("") is ".": an empty argument must not mean "every image here"
-            problems.add(None, "an input is an empty string; give an image, a folder, a JSONL or skimage:NAME")
-        elif item.startswith(SKIMAGE_PREFIX):
-            jobs.append(Job(label=item, name=item[len(SKIMAGE_PREFIX):], image=item))
-        elif item.endswith(".jsonl"):
-            photos.append(path)
-            jobs += read_jsonl(path, problems, photos)
-        elif path.is_dir():
-            photos.append(path)
-            try:
-                files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-            except OSError as err:
-                problems.add(None, f"folder {path} could not be read: {err.strerror or err}")
-                continue
-            if not files:
-                problems.add(None, f"folder {path} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            photos += files
-            jobs += [Job(label=str(f), name=f.stem, image=str(f)) for f in files]
-        else:
-            photos.append(path)
-            jobs.append(Job(label=item, name=path.stem, image=item))
+        try:
+            path = Path(item).expanduser()
+            if not item.strip():  # Path("") is ".": an empty argument must not mean "every image here"
+                problems.add(None, "an input is an empty string; give an image, a folder, a JSONL or skimage:NAME")
+            elif item.startswith(SKIMAGE_PREFIX):
+                jobs.append(Job(label=item, name=item[len(SKIMAGE_PREFIX):], image=item))
+            elif path.suffix.lower() == ".jsonl":
+                photos.append(path)
+                jobs += read_jsonl(path, problems, photos)
+            elif path.suffix.lower() == ".safetensors":  # a saved inversion: "not a readable image" would not say why
+                problems.add(None, f"{item} is a saved inversion, not an image: edit it with "
+                                   f"`nti edit --inversion {item} --target PROMPT`")
+            elif path.is_dir() and args.prompt is None and (path / "prompts.jsonl").is_file():
+                # a data set folder (`nti eval --data` reads it so): its images have no prompt but the JSONL's
+                problems.add(None, f"folder {path} is a data set: pass {path / 'prompts.jsonl'} to use its records "
+                                   f"(a folder means each image in it, under --prompt)")
+            elif path.is_dir():
+                photos.append(path)
+                try:
+                    files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+                except OSError as err:
+                    problems.add(None, f"folder {path} could not be read: {err.strerror or err}")
+                    continue
+                if not files:
+                    problems.add(None, f"folder {path} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                photos += files
+                jobs += [Job(label=str(f), name=f.stem, image=str(f)) for f in files]
+            else:
+                photos.append(path)
+                jobs.append(Job(label=item, name=path.stem, image=item))
+        except OSError as err:  # a name the filesystem will not look up (too long): Path.is_dir raises, not False
+            problems.add(None, f"input {item}: {err.strerror or err}")
     for item in getattr(args, "inversion", None) or []:
         jobs.append(Job(label=item, name=Path(item).stem, inversion_path=item))
     for job in jobs:
@@ -110,8 +125,12 @@ def collect_jobs(args, need_target: bool, problems: Problems) -> tuple[list[Job]
 def read_jsonl(path: Path, problems: Problems, photos: list[Path]) -> list[Job]:
     """One job per record of a prompts JSONL, read by data.read_prompts_jsonl (the reader `nti eval` uses); each
     bad line is reported with its number and skipped."""
-    jobs = []
-    for record in read_prompts_jsonl(path, on_error=lambda message: problems.add(None, message)):
+    jobs, reported = [], len(problems.messages)
+    records = read_prompts_jsonl(path, on_error=lambda message: problems.add(None, message))
+    if not records and len(problems.messages) == reported:  # empty: say so, as for an empty folder
+        problems.add(None, f"JSONL {path} has no records (one JSON object per line, e.g. {{\"image\": \"cat.png\", "
+                           f"\"source_prompt\": ..., \"target_prompt\": ...}})")
+    for record in records:
         if not record.image.startswith(SKIMAGE_PREFIX):
             photos.append(Path(record.image))
         # the id only names the output; outputs.plan_outputs makes it a safe file name inside --out
@@ -141,9 +160,17 @@ def run_jobs(args, config: NTIConfig, device) -> int:
         except NTIError as err:
             problems.add(job, str(err))
             continue
+        except OSError as err:  # a name too long to look up
+            problems.add(job, f"inversion file {job.inversion_path}: {err.strerror or err}")
+            continue
         # a flag the file's settings override would be silently ignored: refuse the command
         check_flags_against_inversion(args, getattr(args, "explicit", set()), job.inversion.settings,
                                       job.inversion_path)
+        source = job.inversion.source_prompt  # --prompt is for images to invert; with none, it would go unused
+        if args.prompt is not None and args.prompt != source and all(j.image is None for j in jobs):
+            raise NTIError(f"--prompt {args.prompt!r} conflicts with inversion {job.inversion_path}, made under "
+                           f"{source!r}: a saved inversion is edited from its own source prompt; drop --prompt or "
+                           f"invert again with it")
         job.target_prompt = args.target if need_target else job.inversion.source_prompt
 
     if not jobs:

@@ -144,6 +144,10 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:  # a bug, not bad input: one line, the traceback only with --debug
+        if isinstance(err, OSError) and err.filename is not None:  # the filesystem refused a path the user gave
+            # (a name too long to look up, say): bad input, as README's exit-code table has it
+            print(f"nti: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         if args.debug:
             raise
         print(f"nti: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)",

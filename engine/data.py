@@ -247,13 +247,17 @@ def read_prompts_jsonl(path: str | os.PathLike, require_prompts: bool = False,
         on_error(message)
 
     jsonl = Path(path).expanduser()
-    if not jsonl.is_file():
-        fail(f"{jsonl} does not exist (a folder needs a prompts.jsonl, or give the .jsonl path)")
-        return []
     try:
+        if not jsonl.is_file():
+            fail(f"{jsonl} does not exist (a folder needs a prompts.jsonl, or give the .jsonl path)")
+            return []
         text = jsonl.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not JSON
-    except (OSError, UnicodeDecodeError) as err:
-        fail(f"JSONL file {jsonl} could not be read: {err}")
+    except OSError as err:  # is_file raises for a name too long to look up
+        fail(f"JSONL file {jsonl} could not be read: {err.strerror or err}")
+        return []
+    except UnicodeDecodeError as err:  # name the line: the rest of the file may be fine
+        line = err.object[:err.start].count(b"\n") + 1
+        fail(f"JSONL file {jsonl}: line {line} is not UTF-8 ({err.reason} at byte {err.start}); save it as UTF-8")
         return []
     records, ids = [], set()
     for number, line in enumerate(text.splitlines(), start=1):
@@ -263,6 +267,9 @@ def read_prompts_jsonl(path: str | os.PathLike, require_prompts: bool = False,
             record = _prompt_record(line, f"{jsonl}, line {number}", number, jsonl.parent, require_prompts, ids)
         except NTIError as err:
             fail(str(err))
+            continue
+        except OSError as err:  # an image or mask path too long to look up
+            fail(f"{jsonl}, line {number}: {err.filename}: {err.strerror or err}")
             continue
         ids.add(record.id)
         records.append(record)
@@ -300,7 +307,9 @@ def _prompt_record(line: str, where: str, number: int, base: Path, require_promp
     else:
         image_path = base / name
         if not image_path.is_file():
-            raise NTIError(f"{where}: image {image_path} does not exist")
+            what = ("does not exist" if not image_path.exists() else "is a folder, not an image file"
+                    if image_path.is_dir() else "is not a regular file (a pipe, socket or device)")
+            raise NTIError(f"{where}: image {image_path} {what}")
         image, default_id = str(image_path), image_path.stem
     mask = None
     if record.get("mask"):

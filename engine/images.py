@@ -39,6 +39,8 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Im
         raise NTIError(f"image {path} does not exist")
     if path.is_dir():
         raise NTIError(f"image {path} is a folder, not an image file")
+    if not path.is_file():  # a named pipe would block the read until something writes to it: a hang, not an error
+        raise NTIError(f"image {path} is not a regular file (a pipe, socket or device); save the image to a file")
     return open_image(path, f"image {path}")
 
 
@@ -53,9 +55,10 @@ def open_image(source: Path | bytes, label: str) -> Image.Image:
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
                 frames = getattr(img, "n_frames", 1)
                 if frames > 1:
-                    raise NTIError(f"{label} is animated ({frames} frames); save the frame to edit as a still image")
+                    raise NTIError(f"{label} is animated or multi-page ({frames} frames); save the frame to edit as a "
+                                  f"still image")
                 img.load()
-                return to_rgb(ImageOps.exif_transpose(img))
+                return to_rgb(ImageOps.exif_transpose(img), label)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise NTIError(f"{label} is too large to decode safely ({err})") from None
     except UnidentifiedImageError:
@@ -64,21 +67,28 @@ def open_image(source: Path | bytes, label: str) -> Image.Image:
         raise NTIError(f"{label} could not be read: {err}") from None
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image, label: str = "image") -> Image.Image:
     """RGB, 8 bits per channel. PIL's own convert clips 16- and 32-bit greys at 255 (a white image); scale them by
-    their bit depth instead. Float images are taken as [0, 1] when they fit it, else as [0, 255]."""
+    their bit depth instead. Float images are taken as [0, 1] when they fit it, else as [0, 255]. Wider values (a
+    32-bit or signed integer image, HDR floats) are refused: clipping them would be a silently wrong image."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(img, dtype=np.float64)
         if not np.isfinite(array).all():
-            raise NTIError("image has non-finite pixel values")
-        if img.mode.startswith("I;16") or (img.mode == "I" and array.max(initial=0) > 255):
-            array = array / 257.0  # 65535 -> 255
-        elif img.mode == "F" and array.max(initial=0) <= 1.0:
-            array = array * 255.0
+            raise NTIError(f"{label} has non-finite pixel values")
+        low, high = array.min(initial=0), array.max(initial=0)
+        if img.mode.startswith("I;16") or (img.mode == "I" and high > 255):
+            array, limit = array / 257.0, "0..65535"  # 65535 -> 255
+        elif img.mode == "F" and high <= 1.0:
+            array, limit = array * 255.0, "0..1"
+        else:
+            limit = "0..255"
+        if low < 0 or array.max(initial=0) > 255.5:
+            raise NTIError(f"{label} has pixel values from {low:g} to {high:g}, outside {limit}; save it as an 8- or "
+                           f"16-bit image")
         gray = np.clip(np.round(array), 0, 255).astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # transparent pixels over white, as a viewer shows them (convert("RGB") keeps their hidden colour)
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # P's palette alpha, or RGB's / L's colour
+        # key (PNG tRNS): transparent pixels over white, as a viewer shows them (convert("RGB") keeps their colour)
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

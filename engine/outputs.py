@@ -17,6 +17,8 @@ from .config import NTIError
 
 SAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_NAME_LENGTH = 120  # well under every filesystem's 255-byte limit, room for a suffix and a '-NN' counter
+FS_NAME_BYTES = 255  # the longest file name ext4, btrfs, XFS, APFS and NTFS (in UTF-16 units) take
+TEMP_NAME_EXTRA = len("..xxxxxxxx.part")  # atomic_write's temp file: ".NAME.xxxxxxxx.part" beside NAME
 
 
 def safe_name(text: str) -> str:
@@ -77,6 +79,10 @@ def plan_outputs(out: str, names: list[str], suffix: str, inputs: Iterable[Path]
     if not str(out).strip():
         raise NTIError("--out is empty: give an output file or folder")
     out_path = Path(out).expanduser()
+    for part in out_path.parts:  # longer, and every lookup below fails with ENAMETOOLONG
+        if len(os.fsencode(part)) > FS_NAME_BYTES:
+            raise NTIError(f"--out {out}: the name {part[:40]}... is too long ({len(os.fsencode(part))} bytes; a "
+                           f"file system takes {FS_NAME_BYTES})")
     photos = [Path(p) for p in photos]
     inputs = [Path(p) for p in inputs] + photos
     one_file = len(names) == 1 and bool(out_path.suffix) and not out_path.is_dir()
@@ -91,11 +97,14 @@ def plan_outputs(out: str, names: list[str], suffix: str, inputs: Iterable[Path]
             raise NTIError(f"--out {out}: {len(names)} inputs need a folder, not a {out_path.suffix} file")
         folder, paths = out_path, [out_path / f"{name}{suffix}" for name in unique_names(names)]
         for photo in photos:
-            if photo.exists() and is_inside(photo, folder):
+            if os.path.exists(photo) and is_inside(photo, folder):  # False, not ENAMETOOLONG, for an over-long name
                 raise NTIError(f"--out {out} holds the input {photo}; write the results to a folder of their own "
                                f"so no original can be replaced")
     plan = OutputPlan(out_path, paths, sidecar_suffixes)
     for path in plan.all_files():
+        if len(os.fsencode(path.name)) + TEMP_NAME_EXTRA > FS_NAME_BYTES:
+            raise NTIError(f"--out {out}: the file name is too long ({len(os.fsencode(path.name))} bytes; at most "
+                           f"{FS_NAME_BYTES - TEMP_NAME_EXTRA}, room for the temporary file it is written through)")
         for source in inputs:
             if same_file(path, source):
                 raise NTIError(f"--out {out} would overwrite the input {source}; choose another output")

@@ -24,7 +24,7 @@ from typing import Annotated, Literal
 from fastapi import FastAPI, File, Form, Path as PathParam, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
@@ -217,12 +217,21 @@ def read_image(data: bytes, settings: ServeSettings, param: str = "image") -> Im
                             f"{settings.max_pixels}", param)
     if width < 1 or height < 1:
         raise APIError(400, f"{param}: image has no pixels", param)
+    from .images import to_rgb  # here, as the other engine imports: torch is not needed to start the server
+
     try:
+        frames = getattr(img, "n_frames", 1)  # counting seeks through the file: a broken one fails here
         img.load()
-        return img.convert("RGB")
+        # the CLI's reading (images.to_rgb): EXIF orientation, 16-bit greys scaled, transparency over white
+        rgb = to_rgb(ImageOps.exif_transpose(img), param)
+    except NTIError as err:  # pixel values it will not guess at
+        raise APIError(400, str(err), param) from None
     except Exception as err:  # truncated data, bad CRC, a codec error: all the upload's fault
         raise APIError(400, f"{param}: the image data is truncated or corrupt ({type(err).__name__}: {err})",
                        param) from None
+    if frames > 1:  # as the CLI: which frame was meant is a guess
+        raise APIError(400, f"{param}: the image is animated or multi-page ({frames} frames); send one frame", param)
+    return rgb
 
 
 def png_bytes(img: Image.Image) -> bytes:

@@ -1,0 +1,253 @@
+"""More bad input (issue 18), found by running `nti` on inputs tests/test_bad_input.py does not cover: odd files
+(a pipe, over-long names), unusual pixel formats, JSONL edge cases and prompts. Each test failed before its fix."""
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nti.cli import EXIT_BAD_INPUT, EXIT_OK, main
+
+TINY = ["--steps", "2", "--inner-steps", "1", "--quiet", "--device", "cpu", "--model", "tiny"]
+
+
+def run_cli(argv, capsys):
+    """(exit code, stdout, stderr) of main(argv), argparse's SystemExit included."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("nti: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if the model is loaded: the problem must be found before any model work."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded although the input was already known to be bad")
+    monkeypatch.setattr("nti.models.load_pipeline", refuse)
+
+
+@pytest.fixture
+def grey(tmp_path):
+    path = tmp_path / "grey.png"
+    Image.fromarray(np.full((40, 48, 3), 120, np.uint8)).save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------- odd files
+
+def test_a_named_pipe_given_as_an_image_is_refused_not_waited_on(tmp_path, grey, capsys):
+    """Opening a FIFO for reading blocks until a writer comes: the run hung forever after loading the model."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    result = {}
+    worker = threading.Thread(daemon=True, target=lambda: result.update(res=run_cli(
+        ["reconstruct", fifo, grey, "--prompt", "a cat", "--out", tmp_path / "out", "--method", "ddim", *TINY],
+        capsys)))
+    worker.start()
+    worker.join(60)
+    if worker.is_alive():  # let the blocked open() return so the thread ends, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(30)
+        pytest.fail("the run waited on the named pipe")
+    code, _, err = result["res"]
+    assert code == EXIT_BAD_INPUT and "pipe.png is not a regular file" in error_line(err)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["grey.png"]  # the good input is still done
+
+
+# ---------------------------------------------------------------------------------------------------- pixel formats
+
+def test_a_non_finite_float_image_is_named_in_a_batch(tmp_path, grey, capsys):
+    """The error said only 'image has non-finite pixel values': in a batch of many, which one?"""
+    Image.fromarray(np.full((32, 32), np.nan, np.float32), mode="F").save(tmp_path / "nan.tif")
+    code, _, err = run_cli(["reconstruct", tmp_path / "nan.tif", grey, "--prompt", "a cat", "--out", tmp_path / "out",
+                            "--method", "ddim", *TINY], capsys)
+    assert code == EXIT_BAD_INPUT and "nan.tif" in error_line(err) and "non-finite" in error_line(err)
+
+
+@pytest.mark.parametrize("mode, values", [("I", (-70000, 0, 100000)), ("F", (-3.0, 0.5, 900.0))])
+def test_wide_integer_and_float_pixels_out_of_range_are_refused_not_clipped(tmp_path, mode, values):
+    """A 32-bit or float image outside the range the reader scales (0..65535, 0..255) was clipped: a silently
+    black-and-white image."""
+    from nti.config import NTIError
+    from nti.images import load_image
+    array = np.resize(np.array(values, np.int32 if mode == "I" else np.float32), (16, 16))
+    Image.fromarray(array, mode=mode).save(tmp_path / "wide.tif")
+    with pytest.raises(NTIError, match=r"wide.tif has pixel values from .* outside"):
+        load_image(tmp_path / "wide.tif")
+    # in range, both still load: 16-bit-scale ints are scaled, floats in [0, 255] kept
+    Image.fromarray(np.resize(np.array([0, 65535], np.int32), (16, 16)), mode="I").save(tmp_path / "ok.tif")
+    assert np.asarray(load_image(tmp_path / "ok.tif")).max() == 255
+
+
+def test_a_colour_key_transparency_is_shown_over_white(tmp_path):
+    """PNG's tRNS chunk on an RGB or grey image marks one colour transparent; convert('RGB') kept that colour
+    (a green screen stayed green) though transparent pixels are read over white."""
+    from nti.images import load_image
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[:, :4] = (0, 255, 0)
+    Image.fromarray(rgb).save(tmp_path / "key.png", transparency=(0, 255, 0))
+    shown = np.asarray(load_image(tmp_path / "key.png"))
+    assert (shown[:, :4] == 255).all() and (shown[:, 4:] == 0).all()
+    grey = np.zeros((8, 8), np.uint8)
+    grey[:, :4] = 7
+    Image.fromarray(grey).save(tmp_path / "key-l.png", transparency=7)
+    shown = np.asarray(load_image(tmp_path / "key-l.png"))
+    assert (shown[:, :4] == 255).all() and (shown[:, 4:] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------- inputs and JSONL
+
+def jsonl_line(image="grey.png", **fields):
+    return json.dumps({"image": str(image), "source_prompt": "a cat", "target_prompt": "a dog", **fields})
+
+
+def test_an_upper_case_jsonl_suffix_is_read_as_jsonl(tmp_path, grey, capsys):
+    """JOBS.JSONL was taken for an image ('no source prompt for JOBS.JSONL'); image suffixes were case-blind."""
+    jsonl = tmp_path / "JOBS.JSONL"
+    jsonl.write_text(jsonl_line(id="from-jsonl") + "\n")
+    code, stdout, err = run_cli(["edit", jsonl, "--out", tmp_path / "out", "--method", "ddim", *TINY], capsys)
+    assert code == EXIT_OK, err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["from-jsonl.png"]
+
+
+@pytest.mark.parametrize("text", ["", "\n\n  \n", "\ufeff\r\n"])
+def test_a_jsonl_without_records_is_named(tmp_path, grey, capsys, text):
+    """An empty JSONL said 'no inputs: give ... a JSONL' (one was given), and beside other inputs it vanished
+    without a word; an empty folder is named as such."""
+    jsonl = tmp_path / "jobs.jsonl"
+    jsonl.write_text(text, encoding="utf-8")
+    code, _, err = run_cli(["edit", jsonl, "--out", tmp_path / "out", *TINY], capsys)
+    assert code == EXIT_BAD_INPUT and "jobs.jsonl has no records" in error_line(err)
+    code, _, err = run_cli(["edit", jsonl, grey, "--prompt", "a cat", "--target", "a dog", "--out", tmp_path / "out",
+                            "--method", "ddim", *TINY], capsys)
+    assert code == EXIT_BAD_INPUT and "jobs.jsonl has no records" in error_line(err)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["grey.png"]
+
+
+def test_an_inversion_file_given_as_an_image_says_to_use_inversion(tmp_path, capsys, no_model):
+    """`nti edit cat.safetensors ...` said only 'is not a readable image'."""
+    saved = tmp_path / "cat.safetensors"
+    saved.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    code, _, err = run_cli(["edit", saved, "--prompt", "a cat", "--target", "a dog", "--out", tmp_path / "o.png",
+                            *TINY], capsys)
+    assert code == EXIT_BAD_INPUT and "--inversion" in error_line(err)
+
+
+# ---------------------------------------------------------------------------------------------------------- prompts
+
+@pytest.mark.parametrize("flag, value", [("--prompt", ""), ("--prompt", "   "), ("--target", ""), ("--target", "\t")])
+def test_an_empty_prompt_flag_is_refused(tmp_path, grey, capsys, no_model, flag, value):
+    """A JSONL line (and nti serve) refuse an empty prompt; `--target "$UNSET"` ran an unconditional 'edit' and
+    wrote it as the result."""
+    prompts = {"--prompt": "a cat", "--target": "a dog", flag: value}
+    code, _, err = run_cli(["edit", grey, *(x for kv in prompts.items() for x in kv), "--out", tmp_path / "o.png",
+                            *TINY], capsys)
+    assert code == EXIT_BAD_INPUT and f"{flag} is empty" in error_line(err)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_a_prompt_flag_an_inversion_file_overrides_is_refused(tmp_path, capsys):
+    """`nti edit --inversion F --prompt P` edited from F's own source prompt and ignored P without a word, as the
+    other flags F's settings override are refused."""
+    saved = tmp_path / "cat.safetensors"
+    assert run_cli(["invert", "skimage:chelsea", "--prompt", "a cat", "--out", saved, *TINY], capsys)[0] == EXIT_OK
+    base = ["edit", "--inversion", saved, "--target", "a dog", "--out", tmp_path / "o.png", *TINY]
+    code, _, err = run_cli([*base, "--prompt", "a bird"], capsys)
+    assert code == EXIT_BAD_INPUT and "--prompt 'a bird'" in error_line(err) and "'a cat'" in error_line(err)
+    assert not (tmp_path / "o.png").exists()
+    assert run_cli([*base, "--prompt", "a cat"], capsys)[0] == EXIT_OK  # the file's own prompt is no conflict
+
+
+# --------------------------------------------------------------------------------------------------- long file names
+
+LONG = "y" * 300  # past every filesystem's 255-byte name limit: stat() itself fails (ENAMETOOLONG)
+
+
+@pytest.mark.parametrize("where", ["image", "jsonl", "jsonl-line", "inversion", "out-folder", "cache", "model"])
+def test_a_path_the_filesystem_calls_too_long_is_bad_input(tmp_path, grey, capsys, where):
+    """Path.exists() raises ENAMETOOLONG instead of answering False: an internal error (exit 1) for a typo."""
+    jsonl = tmp_path / "jobs.jsonl"
+    jsonl.write_text(jsonl_line(id="good") + "\n" + jsonl_line(f"{LONG}.png", id="long") + "\n")
+    argv = {"image": [tmp_path / f"{LONG}.png", grey, "--prompt", "a cat", "--target", "a dog"],
+            "jsonl": [tmp_path / f"{LONG}.jsonl", grey, "--prompt", "a cat", "--target", "a dog"],
+            "jsonl-line": [jsonl],
+            "inversion": ["--inversion", tmp_path / f"{LONG}.safetensors", "--target", "a dog"],
+            "out-folder": [grey, "--prompt", "a cat", "--target", "a dog"],
+            "cache": [grey, "--prompt", "a cat", "--target", "a dog", "--cache", tmp_path / LONG / "cache"],
+            "model": [grey, "--prompt", "a cat", "--target", "a dog"]}[where]
+    model = ["--model", tmp_path / LONG] if where == "model" else []
+    out = tmp_path / LONG / "out" if where == "out-folder" else tmp_path / "out"
+    code, _, err = run_cli(["edit", *argv, "--out", out, "--method", "ddim", *TINY, *model], capsys)
+    assert code == EXIT_BAD_INPUT and "too long" in error_line(err)
+    if where in ("image", "jsonl", "jsonl-line"):  # the batch goes on with the good inputs
+        assert len(list(out.iterdir())) == 1
+
+
+def test_an_out_name_too_long_for_the_filesystem_is_refused_before_the_work(tmp_path, grey, capsys, no_model):
+    """The name fit (250 bytes) but its temp file '.NAME.xxxxxxxx.part' did not: refused only at the write, after
+    the inversion."""
+    out = tmp_path / ("x" * 250 + ".png")
+    code, _, err = run_cli(["edit", grey, "--prompt", "a cat", "--target", "a dog", "--out", out, *TINY], capsys)
+    assert code == EXIT_BAD_INPUT and "too long" in error_line(err)
+
+
+def test_jsonl_messages_say_what_is_wrong(tmp_path, grey, capsys, no_model):
+    """A folder named as a line's image was reported as 'does not exist'; a file not in UTF-8 as a byte position,
+    with no line and no way out."""
+    (tmp_path / "album").mkdir()
+    jsonl = tmp_path / "jobs.jsonl"
+    jsonl.write_text(jsonl_line("album") + "\n")
+    code, _, err = run_cli(["edit", jsonl, "--out", tmp_path / "out", *TINY], capsys)
+    assert code == EXIT_BAD_INPUT and "line 1: image" in error_line(err) and "is a folder" in error_line(err)
+    jsonl.write_bytes((jsonl_line() + "\n").encode() + b'{"image": "grey.png", "source_prompt": "caf\xe9"}\n')
+    code, _, err = run_cli(["edit", jsonl, "--out", tmp_path / "out", *TINY], capsys)
+    assert code == EXIT_BAD_INPUT and "line 2 is not UTF-8" in error_line(err) and "save it as UTF-8" in err
+
+
+# --------------------------------------------------------------------------------------------- nti serve's uploads
+
+def test_nti_serve_reads_an_upload_as_the_cli_reads_the_file(tmp_path):
+    """nti serve decoded uploads with a bare convert('RGB'): a 16-bit grey PNG came out all white, an EXIF-turned
+    photo on its side, a colour key kept its colour, an animation silently became its first frame."""
+    pytest.importorskip("fastapi")
+    from nti.images import load_image
+    from nti.serve import APIError, ServeSettings, read_image
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, :20] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(wide).save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    key = np.zeros((8, 8, 3), np.uint8)
+    key[:, :4] = (0, 255, 0)
+    Image.fromarray(key).save(tmp_path / "key.png", transparency=(0, 255, 0))
+    for name in ("deep.png", "turned.jpg", "key.png"):
+        served = read_image((tmp_path / name).read_bytes(), ServeSettings())
+        assert np.array_equal(np.asarray(served), np.asarray(load_image(tmp_path / name))), name
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "blue")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with pytest.raises(APIError, match="animated"):
+        read_image((tmp_path / "anim.gif").read_bytes(), ServeSettings())
+
+
+def test_a_folder_with_a_prompts_jsonl_and_no_prompt_points_at_the_jsonl(tmp_path, grey, capsys, no_model):
+    """`nti edit engine/assets/scenes` listed 'no source prompt for ...: give one in the JSONL' for each of its 18
+    images (masks included) while the folder's prompts.jsonl, which `nti eval --data FOLDER` reads, went unused."""
+    (tmp_path / "prompts.jsonl").write_text(jsonl_line() + "\n")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "grey-mask.png")
+    code, _, err = run_cli(["edit", tmp_path, "--out", tmp_path.parent / "out", *TINY], capsys)
+    line = error_line(err)
+    assert code == EXIT_BAD_INPUT and f"pass {tmp_path / 'prompts.jsonl'}" in line and "inputs failed" not in line
