@@ -224,6 +224,7 @@ class EngineWorker:
 
         from . import api
         from .artifact import inversion_bytes
+        from .images import png_bytes
 
         self.calls += 1
         if not jobs:
@@ -246,9 +247,7 @@ class EngineWorker:
             files = []
             for k in range(0, len(jobs), chunk):
                 for img in api.edit(self.pipe, inversions[k:k + chunk], targets[k:k + chunk], config, False):
-                    buffer = io.BytesIO()
-                    img.save(buffer, format="PNG")  # what images.save_png writes
-                    files.append((buffer.getvalue(), ""))
+                    files.append((png_bytes(img), ""))  # what images.save_png writes
         seconds = (time.perf_counter() - start) / len(jobs)
         return [{"name": j["name"], "image": j["image"], "out": j["out"], "data": data, "json": readable,
                  "seconds": seconds} for j, (data, readable) in zip(jobs, files)]

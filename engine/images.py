@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import NTIError
-from .outputs import atomic_write
+from .outputs import PNG_SOFTWARE, atomic_write
 
 SKIMAGE_PREFIX = "skimage:"  # e.g. "skimage:chelsea": a photo that ships inside scikit-image, needs no download
 
@@ -129,4 +129,19 @@ def save_png(img: Image.Image, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise NTIError(f"output {path} must end in .png")
-    return atomic_write(path, lambda temp: img.save(temp, format="PNG"))
+    return atomic_write(path, lambda temp: img.save(temp, format="PNG", pnginfo=png_info()))
+
+
+def png_info():
+    """The PNG text chunk of every image nti writes, Software=nti: a rerun knows its own files (written_by_nti)."""
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text("Software", PNG_SOFTWARE)
+    return info
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    """The bytes save_png writes for an image (lossless, tagged), for a worker that hands the file to its writer."""
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG", pnginfo=png_info())
+    return buffer.getvalue()

@@ -6,6 +6,7 @@ old one or the complete new one (temp file in the same folder, then os.replace),
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -110,8 +111,33 @@ def plan_outputs(out: str, names: list[str], suffix: str, inputs: Iterable[Path]
                 raise NTIError(f"--out {out} would overwrite the input {source}; choose another output")
         if path.is_dir():
             raise NTIError(f"output {path} is a folder; choose another --out")
+        if path.exists() and not written_by_nti(path):  # a rerun replaces its own outputs, never a user's file
+            raise NTIError(f"output {path} exists and was not written by nti; move it, or choose another --out")
     check_writable_folder(folder, "--out")
     return plan
+
+
+PNG_SOFTWARE = "nti"  # the PNG 'Software' text chunk of every image nti writes: how a rerun knows its own files
+
+
+def written_by_nti(path: Path) -> bool:
+    """Whether an existing file is one nti wrote (a PNG with its Software chunk, an inversion with its metadata, or
+    that inversion's readable .json twin), so that writing the same output again loses nothing of the user's."""
+    try:
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+            with Image.open(path) as img:  # text chunks before the image data: read at open, no decoding
+                return img.format == "PNG" and img.info.get("Software") == PNG_SOFTWARE
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(path, "pt") as fh:
+                return "nti" in (fh.metadata() or {})
+        if path.suffix == ".json":
+            record = json.loads(path.read_text())
+            return isinstance(record, dict) and {"format_version", "key", "source_prompt"} <= record.keys()
+    except Exception:  # unreadable, or another format: not ours
+        return False
+    return False
 
 
 def check_writable_folder(folder: Path, what: str) -> None:

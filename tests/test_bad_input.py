@@ -351,8 +351,9 @@ def test_filesystem_errors_while_writing_exit_2_and_leave_no_part_file(tmp_path,
 
 
 def test_ctrl_c_while_writing_keeps_the_old_file_whole(tmp_path, capsys, monkeypatch):
-    out = tmp_path / "o.png"
-    out.write_bytes(b"the previous result")
+    from nti.images import save_png
+    out = save_png(Image.new("RGB", (8, 8)), tmp_path / "o.png")  # the previous run's result (nti replaces its own)
+    previous = out.read_bytes()
     def interrupted(self, fp, *args, **kwargs):
         Path(fp).write_bytes(b"half a png")
         raise KeyboardInterrupt
@@ -360,7 +361,7 @@ def test_ctrl_c_while_writing_keeps_the_old_file_whole(tmp_path, capsys, monkeyp
     code, _, err = run_cli(["edit", "skimage:chelsea", "--prompt", "a cat", "--target", "a dog", "--out", out,
                             "--method", "ddim", *TINY], capsys)
     assert code == EXIT_INTERRUPTED and "Traceback" not in err and "interrupted" in err
-    assert out.read_bytes() == b"the previous result" and [p.name for p in tmp_path.iterdir()] == ["o.png"]
+    assert out.read_bytes() == previous and [p.name for p in tmp_path.iterdir()] == ["o.png"]
 
 
 def test_ctrl_c_in_the_first_seconds_exits_130_without_a_traceback(tmp_path):

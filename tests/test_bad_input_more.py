@@ -251,3 +251,37 @@ def test_a_folder_with_a_prompts_jsonl_and_no_prompt_points_at_the_jsonl(tmp_pat
     code, _, err = run_cli(["edit", tmp_path, "--out", tmp_path.parent / "out", *TINY], capsys)
     line = error_line(err)
     assert code == EXIT_BAD_INPUT and f"pass {tmp_path / 'prompts.jsonl'}" in line and "inputs failed" not in line
+
+
+def test_a_users_file_at_an_output_path_is_kept_and_nti_replaces_only_its_own(tmp_path, capsys, monkeypatch):
+    """--out folders are shared with the user's files: a file nti did not write (no 'Software: nti' PNG chunk, no
+    inversion metadata) is never replaced; nti's own earlier outputs are, so a rerun writes the same names again."""
+    scene = Path(__file__).resolve().parents[1] / "engine" / "assets" / "scenes" / "scene0.png"
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = out / "scene0.png"
+    Image.new("RGB", (8, 8), "red").save(theirs)  # the user's own PNG, under the name the edit would take
+    before = theirs.read_bytes()
+    argv = ["edit", scene, "--prompt", "a yellow triangle on a gray background", "--target",
+            "a blue triangle on a gray background", "--out", out, "--steps", "2", "--inner-steps", "1", "--quiet",
+            "--device", "cpu"]
+    with monkeypatch.context() as patch:
+        patch.setattr("nti.models.load_pipeline", lambda *a, **k: pytest.fail("refused only after loading"))
+        code, _, err = run_cli(argv, capsys)
+    assert code == EXIT_BAD_INPUT and "exists and was not written by nti" in error_line(err) and str(theirs) in err
+    assert theirs.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["scene0.png"]
+
+    theirs.unlink()
+    assert run_cli(argv, capsys)[0] == EXIT_OK
+    first = theirs.read_bytes()
+    assert Image.open(theirs).info["Software"] == "nti"
+    assert run_cli(argv, capsys)[0] == EXIT_OK and theirs.read_bytes() == first  # its own output: replaced, same
+
+    saved = tmp_path / "inv" / "scene0.safetensors"  # invert's .safetensors and .json twin are nti's too
+    invert = ["invert", scene, "--prompt", "a yellow triangle on a gray background", "--out", saved, "--steps", "2",
+              "--inner-steps", "1", "--quiet", "--device", "cpu"]
+    assert run_cli(invert, capsys)[0] == EXIT_OK and run_cli(invert, capsys)[0] == EXIT_OK
+    saved.with_suffix(".json").write_text('{"notes": "mine"}')  # a user's JSON where the twin would go
+    code, _, err = run_cli(invert, capsys)
+    assert code == EXIT_BAD_INPUT and "scene0.json exists and was not written by nti" in error_line(err)
+    assert saved.with_suffix(".json").read_text() == '{"notes": "mine"}'
