@@ -20,7 +20,7 @@ from .config import NTIConfig, NTIError
 from .data import read_prompts_jsonl
 from .images import SKIMAGE_PREFIX
 from .outputs import check_writable_folder, plan_outputs
-from .validate import check_finite_latents, check_flags_against_inversion, check_prompt_length
+from .validate import check_finite_latents, check_flags_against_inversion, check_prompt_length, is_blank
 
 log = logging.getLogger("nti")
 
@@ -65,7 +65,7 @@ def collect_jobs(args, need_target: bool, problems: Problems) -> tuple[list[Job]
     from (images, image folders, JSONL files). Unusable inputs are reported, not fatal."""
     for flag in ("prompt", "target"):  # as a JSONL line's: an empty prompt is a missing one ("$UNSET" in a script)
         value = getattr(args, flag, None)
-        if value is not None and not value.strip():
+        if value is not None and is_blank(value):
             raise NTIError(f"--{flag} is empty: give the text of the prompt (or leave --{flag} out to use each JSONL "
                            f"line's own)")
     jobs, photos = [], []

@@ -18,6 +18,7 @@ from PIL import Image
 
 from .config import NTIError
 from .images import SKIMAGE_PREFIX, load_image, open_image
+from .validate import is_blank
 
 SAMPLE_PROMPTS = Path(__file__).parent / "assets" / "sample" / "prompts.jsonl"
 SCENE_PROMPTS = Path(__file__).parent / "assets" / "scenes" / "prompts.jsonl"  # for the built-in shapes model
@@ -289,7 +290,7 @@ def _prompt_record(line: str, where: str, number: int, base: Path, require_promp
         raise NTIError(f"{where}: {', '.join(wrong)} must be text, got "
                        f"{', '.join(type(record[key]).__name__ for key in wrong)}")
     empty = [key for key in ("source_prompt", "target_prompt") if (key in record or require_prompts)
-             and not str(record.get(key) or "").strip()]
+             and is_blank(str(record.get(key) or ""))]
     if empty:
         raise NTIError(f"{where}: missing or empty field(s) {', '.join(empty)}")
     if ("image" in record) == ("skimage" in record):

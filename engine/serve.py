@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool  # decoding, hashing, fsync:
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import GUIDANCE_SCHEDULES, METHODS, NTIConfig, NTIError
+from .validate import is_blank
 from .serve_jobs import (FINAL, Batcher, BatchPolicy, Engine, Job, JobStore, Outcome, ServeSettings,  # noqa: F401
                          Task, atomic_write, fsync_dir, log_event, new_id)
 
@@ -384,7 +385,7 @@ class Service:
     def check_prompt(self, prompt: str, param: str) -> None:
         from .api import check_vocabulary
 
-        if not prompt.strip():
+        if is_blank(prompt):  # zero-width characters alone count as empty
             raise APIError(400, f"{param}: must not be empty", param)
         if len(prompt) > self.settings.max_prompt_chars:
             raise APIError(400, f"{param}: {len(prompt)} characters is over the limit of "

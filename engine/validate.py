@@ -18,6 +18,12 @@ def prompt_words(prompt: str) -> list[str]:
     return WORD.findall(prompt.lower())
 
 
+def is_blank(text: str) -> bool:
+    """No visible character: empty, whitespace, or only format characters (a zero-width space, a BOM) that strip()
+    keeps but a reader cannot see: such a prompt is a missing one, not a request for an unconditional image."""
+    return not any(ch.isprintable() and not ch.isspace() for ch in text)
+
+
 def check_prompt_length(tokenizer, prompts: Sequence[str]) -> None:
     """Refuse prompts longer than the text encoder reads (CLIP: 77 tokens with start and end): the tokenizer would
     drop the words past it without a word, and an edit there would equal the reconstruction."""

@@ -147,7 +147,8 @@ def test_an_inversion_file_given_as_an_image_says_to_use_inversion(tmp_path, cap
 
 # ---------------------------------------------------------------------------------------------------------- prompts
 
-@pytest.mark.parametrize("flag, value", [("--prompt", ""), ("--prompt", "   "), ("--target", ""), ("--target", "\t")])
+@pytest.mark.parametrize("flag, value", [("--prompt", ""), ("--prompt", "   "), ("--target", ""), ("--target", "\t"),
+                                         ("--target", "\u200b"), ("--prompt", "\ufeff \u200b")])  # invisible
 def test_an_empty_prompt_flag_is_refused(tmp_path, grey, capsys, no_model, flag, value):
     """A JSONL line (and nti serve) refuse an empty prompt; `--target "$UNSET"` ran an unconditional 'edit' and
     wrote it as the result."""

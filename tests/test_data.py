@@ -158,6 +158,7 @@ def test_folder_loader(prompt_folder):
 
 @pytest.mark.parametrize("bad_line, message", [
     ('{"image": "a.png", "source_prompt": "x"}', "line 2: missing or empty field.*target_prompt"),
+    ('{"image": "a.png", "source_prompt": "x", "target_prompt": "\\u200b"}', "line 2: missing or empty field"),
     ('{"image": "nope.png", "source_prompt": "x", "target_prompt": "y"}', "line 2: image .*nope.png does not exist"),
     ('{"image": "a.png", "source_prompt": "x", ', "line 2: not valid JSON"),
     ('{"source_prompt": "x", "target_prompt": "y"}', "line 2: give exactly one of 'image'"),

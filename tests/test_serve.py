@@ -171,6 +171,7 @@ def test_bad_fields_are_4xx_json_naming_the_field(server, scene0):
         ("/v1/images/edits", {"source_prompt": SOURCE}, 422, "prompt"),
         ("/v1/images/edits", {"source_prompt": SOURCE, "prompt": "a yellow unicorn on a gray background"}, 400,
          "prompt"),
+        ("/v1/images/edits", {"source_prompt": SOURCE, "prompt": "\u200b "}, 400, "prompt"),  # invisible = empty
         ("/v1/images/edits", {"source_prompt": SOURCE, "prompt": TARGET, "n": "2"}, 400, "n"),
         ("/v1/images/edits", {"source_prompt": SOURCE, "prompt": TARGET, "size": "1024x1024"}, 400, "size"),
     ]
