@@ -9,33 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nti.cli import EXIT_BAD_INPUT, EXIT_OK, main
-
-TINY = ["--steps", "2", "--inner-steps", "1", "--quiet", "--device", "cpu", "--model", "tiny"]
-
-
-def run_cli(argv, capsys):
-    """(exit code, stdout, stderr) of main(argv), argparse's SystemExit included."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("nti: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fails the test if the model is loaded: the problem must be found before any model work."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded although the input was already known to be bad")
-    monkeypatch.setattr("nti.models.load_pipeline", refuse)
+from nti.cli import EXIT_BAD_INPUT, EXIT_OK
+# the CLI runner, its one-error-line check and the fixture that fails a test if the model loads
+from test_bad_input import TINY, error_line, no_model, run_cli  # noqa: F401  (no_model: a fixture)
 
 
 @pytest.fixture
