@@ -28,3 +28,21 @@ def cat_image():
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative L2 error ||a - b|| / ||b||."""
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def assert_fast_equals_reference(pipe, image, prompt, target, config, edit_config=None, z_tol=1e-4, emb_tol=3e-4,
+                                 edit_tol=1e-4):
+    """Null-text inversion batched on the fast path (2 images) equals the batch-1 reference: same inner iterations,
+    z_T and null embeddings within the tolerances, and so do their edits. Returns (reference inversion, its edit)."""
+    import nti
+
+    ref = nti.invert(pipe, image, prompt, config, progress=False)[0]
+    fast = nti.invert(pipe, [image] * 2, prompt, config.replace(backend="fast", batch_size=2), progress=False)
+    for inv in fast:
+        assert inv.iterations == ref.iterations and rel_err(inv.z_T, ref.z_T) < z_tol
+        assert rel_err(inv.null_embeddings, ref.null_embeddings) < emb_tol
+    edit_config = edit_config or config
+    edit_ref = nti.edit_latents(pipe, [ref], target, edit_config, progress=False)
+    edit_fast = nti.edit_latents(pipe, fast[:1], target, edit_config.replace(backend="fast"), progress=False)
+    assert rel_err(edit_fast, edit_ref) < edit_tol
+    return ref, edit_ref

@@ -10,7 +10,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 import nti
 from nti import NTIConfig, load_inversion, load_pipeline, save_inversion, save_pipeline_folder
 from nti.ddim import ddim_step, make_schedule
-from tests.conftest import rel_err
+from tests.conftest import assert_fast_equals_reference, rel_err
 
 SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                 "num_train_timesteps": 1000, "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False}
@@ -52,15 +52,7 @@ def v_model(tiny_pipe, tmp_path_factory):
 
 def test_v_model_fast_path_equals_reference(v_model, tiny_pipe, cat_image):
     pipe = load_pipeline(v_model, device="cpu")
-    ref = nti.invert(pipe, cat_image, PROMPT, CONFIG, progress=False)[0]
-    fast = nti.invert(pipe, [cat_image] * 2, PROMPT, CONFIG.replace(backend="fast", batch_size=2),
-                         progress=False)
-    for inv in fast:
-        assert inv.iterations == ref.iterations and rel_err(inv.z_T, ref.z_T) < 1e-4
-        assert rel_err(inv.null_embeddings, ref.null_embeddings) < 3e-4
-    edit_ref = nti.edit_latents(pipe, [ref], TARGET, CONFIG, progress=False)
-    edit_fast = nti.edit_latents(pipe, fast[:1], TARGET, CONFIG.replace(backend="fast"), progress=False)
-    assert rel_err(edit_fast, edit_ref) < 1e-4
+    ref, edit_ref = assert_fast_equals_reference(pipe, cat_image, PROMPT, TARGET, CONFIG)
     # the conversion is not a no-op: the same weights read as an epsilon model invert to another z_T
     as_eps = nti.invert(tiny_pipe, cat_image, PROMPT, CONFIG, progress=False)[0]
     assert rel_err(as_eps.z_T, ref.z_T) > 1e-2
@@ -144,13 +136,4 @@ def test_sd2_v_sampling_equals_diffusers_pipeline(sd2_pipe):
 
 
 def test_sd2_v_fast_path_equals_reference(sd2_pipe, cat_image):
-    ref = nti.invert(sd2_pipe, cat_image, PROMPT, CONFIG, progress=False)[0]
-    fast = nti.invert(sd2_pipe, [cat_image] * 2, PROMPT, CONFIG.replace(backend="fast", batch_size=2),
-                      progress=False)
-    for inv in fast:
-        assert inv.iterations == ref.iterations and rel_err(inv.z_T, ref.z_T) < 1e-4
-        assert rel_err(inv.null_embeddings, ref.null_embeddings) < 3e-4
-    config = CONFIG.replace(edit="p2p-refine")
-    edit_ref = nti.edit_latents(sd2_pipe, [ref], TARGET, config, progress=False)
-    edit_fast = nti.edit_latents(sd2_pipe, fast[:1], TARGET, config.replace(backend="fast"), progress=False)
-    assert rel_err(edit_fast, edit_ref) < 1e-4
+    assert_fast_equals_reference(sd2_pipe, cat_image, PROMPT, TARGET, CONFIG, CONFIG.replace(edit="p2p-refine"))
