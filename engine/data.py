@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .config import NTIError
-from .images import SKIMAGE_PREFIX, load_image, open_image
+from .images import SKIMAGE_PREFIX, check_image_file, load_image, open_image
 from .validate import is_blank
 
 SAMPLE_PROMPTS = Path(__file__).parent / "assets" / "sample" / "prompts.jsonl"
@@ -307,10 +307,7 @@ def _prompt_record(line: str, where: str, number: int, base: Path, require_promp
         image, default_id = SKIMAGE_PREFIX + name, name
     else:
         image_path = base / name
-        if not image_path.is_file():
-            what = ("does not exist" if not image_path.exists() else "is a folder, not an image file"
-                    if image_path.is_dir() else "is not a regular file (a pipe, socket or device)")
-            raise NTIError(f"{where}: image {image_path} {what}")
+        check_image_file(image_path, where)
         image, default_id = str(image_path), image_path.stem
     mask = None
     if record.get("mask"):

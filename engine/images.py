@@ -35,13 +35,20 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Im
             raise NTIError(f"{text}: scikit-image has no bundled image {name!r} (try skimage:chelsea)")
         return load_image(loader())
     path = Path(text).expanduser()
-    if not path.exists():
-        raise NTIError(f"image {path} does not exist")
-    if path.is_dir():
-        raise NTIError(f"image {path} is a folder, not an image file")
-    if not path.is_file():  # a named pipe would block the read until something writes to it: a hang, not an error
-        raise NTIError(f"image {path} is not a regular file (a pipe, socket or device); save the image to a file")
+    check_image_file(path)
     return open_image(path, f"image {path}")
+
+
+def check_image_file(path: Path, where: str = "") -> None:
+    """Refuse an image path that is missing, a folder, or not a regular file, naming which (`where`: the JSONL line)."""
+    prefix = f"{where}: " if where else ""
+    if not path.exists():
+        raise NTIError(f"{prefix}image {path} does not exist")
+    if path.is_dir():
+        raise NTIError(f"{prefix}image {path} is a folder, not an image file")
+    if not path.is_file():  # a named pipe would block the read until something writes to it: a hang, not an error
+        raise NTIError(f"{prefix}image {path} is not a regular file (a pipe, socket or device); save the image to a "
+                       f"file")
 
 
 def open_image(source: Path | bytes, label: str) -> Image.Image:
