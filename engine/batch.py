@@ -154,6 +154,7 @@ def run_jobs(args, config: NTIConfig, device) -> int:
     saved = [j for j in jobs if j.inversion_path is not None]
     if saved and need_target and not args.target:
         raise NTIError("--inversion needs --target PROMPT")
+    only_saved = len(saved) == len(jobs)  # no image to invert: a --prompt can only be meant for the saved ones
     for job in saved:
         try:
             job.inversion = load_inversion(job.inversion_path)
@@ -167,7 +168,7 @@ def run_jobs(args, config: NTIConfig, device) -> int:
         check_flags_against_inversion(args, getattr(args, "explicit", set()), job.inversion.settings,
                                       job.inversion_path)
         source = job.inversion.source_prompt  # --prompt is for images to invert; with none, it would go unused
-        if args.prompt is not None and args.prompt != source and all(j.image is None for j in jobs):
+        if args.prompt is not None and args.prompt != source and only_saved:
             raise NTIError(f"--prompt {args.prompt!r} conflicts with inversion {job.inversion_path}, made under "
                            f"{source!r}: a saved inversion is edited from its own source prompt; drop --prompt or "
                            f"invert again with it")
