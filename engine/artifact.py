@@ -17,7 +17,6 @@ from .outputs import atomic_write
 FORMAT_VERSION = 1  # written when the inversion stores no pivots: older readers still load it
 FORMAT_VERSION_PIVOTS = 2  # with pivots (direct inversion): older readers refuse it rather than edit without them
 READABLE_FORMATS = (FORMAT_VERSION, FORMAT_VERSION_PIVOTS)
-HEADER_KEY = "nti"  # the safetensors header entry holding an inversion's metadata JSON
 
 
 def library_versions() -> dict:
@@ -91,7 +90,7 @@ def inversion_bytes(inv: Inversion) -> tuple[bytes, str]:
     if inv.pivots is not None:
         tensors["pivots"] = inv.pivots.detach().cpu().float().contiguous()
     meta = json.dumps(inv.metadata(), sort_keys=True)
-    return save(tensors, metadata={HEADER_KEY: meta}), json.dumps(inv.metadata(), indent=2, sort_keys=True)
+    return save(tensors, metadata={"nti": meta}), json.dumps(inv.metadata(), indent=2, sort_keys=True)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -104,22 +103,6 @@ REQUIRED_FIELDS = {"source_prompt": str, "image_hash": str, "model_name": str, "
                    "settings": dict}
 OPTIONAL_FIELDS = {"versions": dict, "iterations": list, "losses": list, "fp32_retries": list, "timings": dict,
                    "conditioning": dict}
-
-
-def is_saved_inversion(path: Path) -> bool:
-    """Whether a file is one save_inversion wrote: the .safetensors (its metadata header entry) or its readable .json
-    twin (the same metadata). Reads the header or the JSON only; unreadable or foreign files are not."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-            with safe_open(str(path), framework="pt") as fh:
-                return HEADER_KEY in (fh.metadata() or {})
-        if path.suffix == ".json":
-            record = json.loads(path.read_text())
-            return isinstance(record, dict) and {"format_version", "key", *REQUIRED_FIELDS} <= record.keys()
-    except (SafetensorError, OSError, ValueError, RecursionError):  # ValueError: bad JSON or bytes; deep JSON
-        return False
-    return False
 
 
 def load_inversion(path: str | os.PathLike) -> Inversion:
@@ -137,12 +120,12 @@ def load_inversion(path: str | os.PathLike) -> Inversion:
             header = fh.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise NTIError(f"inversion file {path} is not a readable safetensors file: {err}") from None
-    if HEADER_KEY not in header:
-        raise NTIError(f"{path} is a safetensors file but not an nti inversion (no '{HEADER_KEY}' metadata)")
+    if "nti" not in header:
+        raise NTIError(f"{path} is a safetensors file but not an nti inversion (no 'nti' metadata)")
     if "z_T" not in tensors or "z_0" not in tensors:
         raise NTIError(f"{path} lacks its latents (z_T and z_0); the file is damaged, invert again")
     try:
-        meta = json.loads(header[HEADER_KEY])
+        meta = json.loads(header["nti"])
     except ValueError as err:
         raise NTIError(f"{path}: its nti metadata is not valid JSON ({err})") from None
     if not isinstance(meta, dict):

@@ -6,6 +6,7 @@ old one or the complete new one (temp file in the same folder, then os.replace),
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -122,15 +123,21 @@ PNG_SOFTWARE = "nti"  # the PNG 'Software' text chunk of every image nti writes:
 def written_by_nti(path: Path) -> bool:
     """Whether an existing file is one nti wrote (a PNG with its Software chunk, an inversion with its metadata, or
     that inversion's readable .json twin), so that writing the same output again loses nothing of the user's."""
-    if path.suffix.lower() != ".png":
-        from .artifact import is_saved_inversion  # here: artifact writes through this module
-        return is_saved_inversion(path)
     try:
-        from PIL import Image
-        with Image.open(path) as img:  # text chunks before the image data: read at open, no decoding
-            return img.format == "PNG" and img.info.get("Software") == PNG_SOFTWARE
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+            with Image.open(path) as img:  # text chunks before the image data: read at open, no decoding
+                return img.format == "PNG" and img.info.get("Software") == PNG_SOFTWARE
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(path, "pt") as fh:
+                return "nti" in (fh.metadata() or {})
+        if path.suffix == ".json":
+            record = json.loads(path.read_text())
+            return isinstance(record, dict) and {"format_version", "key", "source_prompt"} <= record.keys()
     except Exception:  # unreadable, or another format: not ours
         return False
+    return False
 
 
 def check_writable_folder(folder: Path, what: str) -> None:
