@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .config import NTIConfig, NTIError
-from .outputs import atomic_write
+from .outputs import REQUEST_TAG, atomic_write
 
 FORMAT_VERSION = 1  # written when the inversion stores no pivots: older readers still load it
 FORMAT_VERSION_PIVOTS = 2  # with pivots (direct inversion): older readers refuse it rather than edit without them
@@ -69,19 +69,20 @@ def inversion_key(image_hash: str, source_prompt: str, model_fingerprint: str, s
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def save_inversion(inv: Inversion, path: str | os.PathLike) -> Path:
-    """Write PATH (.safetensors: tensors + metadata JSON in the header) and a readable PATH.json beside it."""
+def save_inversion(inv: Inversion, path: str | os.PathLike, request: str | None = None) -> Path:
+    """Write PATH (.safetensors: tensors + metadata JSON in the header) and a readable PATH.json beside it;
+    `request`: the outputs.request_key it answers, recorded in the header for --resume."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
-    data, readable = inversion_bytes(inv)
+    data, readable = inversion_bytes(inv, request)
     write_atomic(path.with_suffix(".json"), readable.encode())
     write_atomic(path, data)  # last: a cache reader only looks for the .safetensors, so it never sees half an entry
     return path
 
 
-def inversion_bytes(inv: Inversion) -> tuple[bytes, str]:
+def inversion_bytes(inv: Inversion, request: str | None = None) -> tuple[bytes, str]:
     """The .safetensors file's bytes and its readable .json twin, as save_inversion writes them (a worker that
     makes an inversion can hand these to whoever writes the file)."""
     tensors = {"z_T": inv.z_T.detach().cpu().float().contiguous(), "z_0": inv.z_0.detach().cpu().float().contiguous()}
@@ -89,8 +90,10 @@ def inversion_bytes(inv: Inversion) -> tuple[bytes, str]:
         tensors["null_embeddings"] = inv.null_embeddings.detach().cpu().float().contiguous()
     if inv.pivots is not None:
         tensors["pivots"] = inv.pivots.detach().cpu().float().contiguous()
-    meta = json.dumps(inv.metadata(), sort_keys=True)
-    return save(tensors, metadata={"nti": meta}), json.dumps(inv.metadata(), indent=2, sort_keys=True)
+    header = {"nti": json.dumps(inv.metadata(), sort_keys=True)}
+    if request is not None:
+        header[REQUEST_TAG] = request
+    return save(tensors, metadata=header), json.dumps(inv.metadata(), indent=2, sort_keys=True)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -18,9 +18,10 @@ from PIL import Image
 from .artifact import Inversion, check_inversion, load_inversion
 from .config import NTIConfig, NTIError
 from .data import read_prompts_jsonl
-from .images import SKIMAGE_PREFIX
-from .outputs import check_writable_folder, plan_outputs
+from .images import SKIMAGE_PREFIX, pixel_hash
+from .outputs import check_writable_folder, file_digest, plan_outputs, recorded_request, request_key
 from .validate import check_finite_latents, check_flags_against_inversion, check_prompt_length, is_blank
+from .version import __version__
 
 log = logging.getLogger("nti")
 
@@ -41,6 +42,7 @@ class Job:
     square: Image.Image | None = None  # the preprocessed image, once the model's resolution is known
     inversion: Inversion | None = None
     out: Path | None = None
+    request: str | None = None  # outputs.request_key of its output (--resume)
     error: str | None = None
 
 
@@ -191,23 +193,74 @@ def run_jobs(args, config: NTIConfig, device) -> int:
             log.warning(f"--model {pipe.name} is a small model with random weights: its images are colour noise (it "
                         f"exists to test the machinery; give --model PATH for Stable Diffusion)")
         check_against_model(pipe, jobs, config, need_target, problems)
-        invert_jobs(pipe, [j for j in jobs if j.error is None and j.image is not None], config, args.cache,
-                    progress, problems)
-        ready = [j for j in jobs if j.error is None]
-        if args.command == "invert":
-            from .artifact import save_inversion
-            for job in ready:
-                save_inversion(job.inversion, job.out)
-                print(job.out)
-        else:
-            edit_config = config if need_target else config.replace(edit="regenerate", reweight=(), blend_words=())
-            chunk = config.batch_size if config.backend == "fast" else 1
-            for k in range(0, len(ready), chunk):
-                edit_and_save(pipe, ready[k:k + chunk], edit_config, progress, problems)
+        edit_config = config if need_target else config.replace(edit="regenerate", reweight=(), blend_words=())
+        todo = [j for j in jobs if j.error is None]
+        for job in todo:
+            job.request = request_of(args.command, job, pipe.fingerprint, edit_config, device)
+        if getattr(args, "resume", True):
+            kept = [j for j in todo if j.request is not None and recorded_request(j.out) == j.request]
+            if kept and progress:
+                log.info("kept %d finished output%s of an earlier run of this request (--no-resume makes them "
+                         "again)", len(kept), "s" if len(kept) != 1 else "")
+            todo = [j for j in todo if j not in kept]
+        written = 0
+        try:
+            for part in work_chunks(todo, config):  # each chunk written before the next: an interruption keeps them
+                invert_jobs(pipe, [j for j in part if j.image is not None], config, args.cache, progress, problems)
+                ready = [j for j in part if j.error is None]
+                if args.command == "invert":
+                    from .artifact import save_inversion
+                    for job in ready:
+                        save_inversion(job.inversion, job.out, job.request)
+                        print(job.out)
+                else:
+                    chunk = config.batch_size if config.backend == "fast" else 1
+                    for k in range(0, len(ready), chunk):
+                        edit_and_save(pipe, ready[k:k + chunk], edit_config, progress, problems)
+                written += sum(j.error is None for j in part)
+                if progress and len(todo) > len(part):
+                    log.info("written %d/%d outputs", written, len(todo))
+        except KeyboardInterrupt:
+            if written:
+                log.warning("%d of %d outputs were written before the interruption; the same command again keeps "
+                            "them and does the rest", written, len(todo))
+            raise
         if progress:
             log.info("done in %.1f s on %s (%s backend, %s)", time.perf_counter() - start, device, config.backend,
                      config.method)
     return report(problems, sum(j.error is None for j in jobs))
+
+
+def request_of(command: str, job: Job, fingerprint: str, config: NTIConfig, device) -> str | None:
+    """The outputs.request_key of a job's output: what --resume compares with the one an existing output recorded
+    (None for an input that is not a readable regular file: its error is reported where it is read)."""
+    source = job.image if job.image is not None else job.inversion_path
+    if source.startswith(SKIMAGE_PREFIX):
+        content = source
+    else:
+        path = Path(source).expanduser()
+        try:  # is_file first: reading a named pipe would block
+            content = file_digest(path) if path.is_file() else None
+        except OSError:
+            content = None
+        if content is None:
+            return None
+    return request_key(command, content, job.source_prompt, job.target_prompt, fingerprint, config.to_json(),
+                       str(getattr(device, "type", device)), __version__)
+
+
+def work_chunks(jobs: list[Job], config: NTIConfig) -> list[list[Job]]:
+    """The jobs cut into chunks that are inverted, edited and written in turn: saved inversions first (nothing to
+    invert), then the images, `batch_size` distinct (image, prompt) pairs per chunk on the fast backend, one on the
+    reference, as the inversion batches them; edits of the same image share its chunk, and so its inversion."""
+    per = config.batch_size if config.backend == "fast" else 1
+    saved = [j for j in jobs if j.image is None]
+    groups: dict = {}
+    for job in (j for j in jobs if j.image is not None):
+        groups.setdefault((pixel_hash(job.square), job.source_prompt), []).append(job)
+    members = list(groups.values())
+    return ([saved[k:k + per] for k in range(0, len(saved), per)]
+            + [[j for group in members[k:k + per] for j in group] for k in range(0, len(members), per)])
 
 
 def check_against_model(pipe, jobs: list[Job], config: NTIConfig, need_target: bool, problems: Problems) -> None:
@@ -281,7 +334,7 @@ def edit_and_save(pipe, jobs: list[Job], config: NTIConfig, progress: bool, prob
         except NTIError as err:
             problems.add(job, str(err))
             continue
-        save_png(to_pil(pixels)[0], job.out)
+        save_png(to_pil(pixels)[0], job.out, job.request)
         print(job.out)
 
 

@@ -32,6 +32,10 @@ def add_inputs(p: argparse.ArgumentParser, target: bool) -> None:
         p.add_argument("--target", help="target prompt of the edit")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first bad input (default: finish the "
                    "good ones, list every bad one at the end, exit 2)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep each output in --out that an earlier run of the same request finished (same input "
+                   "file, prompts, model, settings, device type and nti version) and make only the rest: an "
+                   "interrupted batch goes on where it stopped (default); --no-resume makes every output again")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -239,15 +239,16 @@ class EngineWorker:
                                        progress=False)
         self.maybe_crash(jobs)
         if self.command == "invert":
-            files = [inversion_bytes(inv) for inv in inversions]
+            files = [inversion_bytes(inv, j["request"]) for j, inv in zip(jobs, inversions)]
         else:
             targets = [j["target_prompt"] if self.command == "edit" else inv.source_prompt
                        for j, inv in zip(jobs, inversions)]
             chunk = config.batch_size if config.backend == "fast" else 1  # as the single-process run edits
             files = []
             for k in range(0, len(jobs), chunk):
-                for img in api.edit(self.pipe, inversions[k:k + chunk], targets[k:k + chunk], config, False):
-                    files.append((png_bytes(img), ""))  # what images.save_png writes
+                for job, img in zip(jobs[k:k + chunk], api.edit(self.pipe, inversions[k:k + chunk],
+                                                                targets[k:k + chunk], config, False)):
+                    files.append((png_bytes(img, job["request"]), ""))  # what images.save_png writes
         seconds = (time.perf_counter() - start) / len(jobs)
         return [{"name": j["name"], "image": j["image"], "out": j["out"], "data": data, "json": readable,
                  "seconds": seconds} for j, (data, readable) in zip(jobs, files)]
@@ -395,9 +396,9 @@ def run_batch(args) -> RunReport:
 
     from .api import check_vocabulary
     from .artifact import write_atomic
-    from .batch import Problems, collect_jobs
+    from .batch import Problems, collect_jobs, request_of
     from .options import config_from_args
-    from .outputs import plan_outputs
+    from .outputs import plan_outputs, recorded_request
 
     if getattr(args, "inversion", None):
         raise NTIError("--inversion edits saved inversions in one process: run it without --ray")
@@ -408,8 +409,8 @@ def run_batch(args) -> RunReport:
     # the single-process run's collection and output plan (bad inputs named before any work); the rows that cross
     # to Ray workers are plain JSON dicts
     records, photos = collect_jobs(args, need_target, Problems(fail_fast=True))
-    jobs = [{"name": r.name, "image": r.image, "source_prompt": r.source_prompt, "target_prompt": r.target_prompt}
-            for r in records]
+    jobs = [{"name": r.name, "image": r.image, "source_prompt": r.source_prompt, "target_prompt": r.target_prompt,
+             "request": None} for r in records]
     if not jobs:
         raise NTIError("no inputs: give image paths (or skimage:chelsea), a folder or a JSONL")
     for job in jobs:  # workers resolve paths in their own folder, on their own node: give them absolute ones
@@ -431,6 +432,17 @@ def run_batch(args) -> RunReport:
         workers = args.num_workers or (gpus if device.startswith("cuda") else nodes)
         report = RunReport(workers=workers, device=device)
         per_call = config.batch_size if config.backend == "fast" else 1  # what the single-process run inverts at once
+        edit_config = config if need_target else config.replace(edit="regenerate", reweight=(), blend_words=())
+        for job, record in zip(jobs, records):  # the key the single-process run records, so either resumes the other
+            job["request"] = request_of(args.command, record, card.fingerprint, edit_config, device.split(":")[0])
+        if getattr(args, "resume", True):
+            kept = [j for j in jobs if j["request"] and recorded_request(Path(j["out"])) == j["request"]]
+            if kept and not args.quiet:
+                print(f"nti: kept {len(kept)} finished output(s) of an earlier run of this request (--no-resume makes "
+                      f"them again)", file=sys.stderr)
+            jobs = [j for j in jobs if j not in kept]
+            if not jobs:
+                return report
         batches = make_batches(jobs, per_call)
         workers = min(workers, len(batches))  # an actor with no batch to run would only load the model
         report.workers = workers

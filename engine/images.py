@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import NTIError
-from .outputs import PNG_SOFTWARE, atomic_write
+from .outputs import PNG_SOFTWARE, REQUEST_TAG, atomic_write
 
 SKIMAGE_PREFIX = "skimage:"  # e.g. "skimage:chelsea": a photo that ships inside scikit-image, needs no download
 
@@ -130,25 +130,28 @@ def pixel_hash(img: Image.Image) -> str:
     return digest.hexdigest()
 
 
-def save_png(img: Image.Image, path: str | os.PathLike) -> Path:
+def save_png(img: Image.Image, path: str | os.PathLike, request: str | None = None) -> Path:
     """Write a PNG atomically (temp file + rename), creating parent folders; refuse a non-.png name rather than guess
-    a format."""
+    a format. `request`: the outputs.request_key it answers, recorded for --resume."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise NTIError(f"output {path} must end in .png")
-    return atomic_write(path, lambda temp: img.save(temp, format="PNG", pnginfo=png_info()))
+    return atomic_write(path, lambda temp: img.save(temp, format="PNG", pnginfo=png_info(request)))
 
 
-def png_info():
-    """The PNG text chunk of every image nti writes, Software=nti: a rerun knows its own files (written_by_nti)."""
+def png_info(request: str | None = None):
+    """The PNG text chunks of every image nti writes: Software=nti, so a rerun knows its own files (written_by_nti),
+    and the request it answers when there is one (outputs.recorded_request)."""
     from PIL.PngImagePlugin import PngInfo
     info = PngInfo()
     info.add_text("Software", PNG_SOFTWARE)
+    if request is not None:
+        info.add_text(REQUEST_TAG, request)
     return info
 
 
-def png_bytes(img: Image.Image) -> bytes:
+def png_bytes(img: Image.Image, request: str | None = None) -> bytes:
     """The bytes save_png writes for an image (lossless, tagged), for a worker that hands the file to its writer."""
     buffer = io.BytesIO()
-    img.save(buffer, format="PNG", pnginfo=png_info())
+    img.save(buffer, format="PNG", pnginfo=png_info(request))
     return buffer.getvalue()

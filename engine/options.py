@@ -93,7 +93,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                    "'tiny-xl': random SD- and SDXL-shaped weights")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     g.add_argument("--cache", default=None, help="folder of saved inversions: reuse a matching one, save new ones "
-                   "(an interrupted batch resumes from here)")
+                   "(later runs edit them with other targets without inverting again)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
     g.add_argument("--debug", action="store_true", help="show full tracebacks")
 

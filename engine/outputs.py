@@ -6,6 +6,7 @@ old one or the complete new one (temp file in the same folder, then os.replace),
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -118,6 +119,39 @@ def plan_outputs(out: str, names: list[str], suffix: str, inputs: Iterable[Path]
 
 
 PNG_SOFTWARE = "nti"  # the PNG 'Software' text chunk of every image nti writes: how a rerun knows its own files
+REQUEST_TAG = "nti-request"  # PNG text chunk / safetensors header key: the request an output answers (--resume)
+
+
+def request_key(*parts) -> str:
+    """sha256 over what an output is made from (the command, the input file's bytes, prompts, model, every setting,
+    nti's version): `--resume` keeps an existing output only when it recorded this same key."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in blocks (an input's identity for request_key, whatever its name)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def recorded_request(path: Path) -> str | None:
+    """The request key an existing output of nti recorded (PNG text chunk or safetensors header), else None."""
+    try:
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+            with Image.open(path) as img:
+                if img.format == "PNG" and img.info.get("Software") == PNG_SOFTWARE:
+                    return img.info.get(REQUEST_TAG)
+        elif path.suffix == ".safetensors" and path.with_suffix(".json").is_file():  # both halves of an inversion
+            from safetensors import safe_open
+            with safe_open(path, "pt") as fh:
+                return (fh.metadata() or {}).get(REQUEST_TAG)
+    except Exception:  # unreadable or damaged: not a finished output, so it is made again
+        return None
+    return None
 
 
 def written_by_nti(path: Path) -> bool:

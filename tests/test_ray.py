@@ -91,7 +91,7 @@ def test_ray_edit_writes_the_single_process_files_and_skips_a_corrupt_input(clus
 
 
 def test_an_actor_killed_mid_run_loses_nothing_and_writes_nothing_twice(cluster, jobs, single, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, capsys):
     from nti.artifact import load_inversion
     from nti.distributed import CRASH_HOOK
 
@@ -108,6 +108,13 @@ def test_an_actor_killed_mid_run_loses_nothing_and_writes_nothing_twice(cluster,
         assert load_inversion(path).key == path.stem  # whole, readable, under its content key
     # the dead actor's inversion was saved before it died and reused by the retry, not redone
     assert any(p.stat().st_mtime_ns <= flag.stat().st_mtime_ns for p in cache.glob("*.safetensors"))
+    # the same command again: every output is kept (their request keys are the single-process run's), none rewritten
+    monkeypatch.delenv(CRASH_HOOK)
+    capsys.readouterr()
+    assert main(["edit", str(jobs), "--out", str(out), "--cache", str(cache), *FAST, "--ray",
+                 "--num-workers", "2"]) == EXIT_OK
+    stdout, err = capsys.readouterr()
+    assert stdout == "" and files(out) == single
 
 
 def test_a_batch_that_kills_every_worker_is_given_up_after_max_retries(cluster, jobs, single, tmp_path, monkeypatch,
