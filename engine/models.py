@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ from .config import NTIError
 from .ddim import scheduler_problems
 from .conditioning import TIME_IDS, PooledConditioning, pack_pooled, unet_inputs
 from .runner import RunStats
+
+log = logging.getLogger("nti")
 
 COMPONENTS = {  # subfolder -> files that must be there (any one of each tuple)
     "unet": (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
@@ -328,6 +331,12 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
         raise
     except Exception as err:  # corrupt weights, wrong architecture, ...: say which folder, keep the cause
         raise NTIError(f"could not load the model in {path}: {type(err).__name__}: {err}") from err
+    if not second and scheduler_config.get("steps_offset", 0) != 1:
+        # StableDiffusionPipeline's constructor rewrites an outdated steps_offset to 1, so the official notebook (and
+        # every SD 1.x/2.x pipeline) ran t = 981..1 on such a folder too; StableDiffusionXLPipeline keeps the config's
+        log.warning("%s: the scheduler config's steps_offset %s is outdated; using 1, as StableDiffusionPipeline "
+                    "does (--steps-offset N sets another)", path, scheduler_config.get("steps_offset", "(absent)"))
+        scheduler_config = {**scheduler_config, "steps_offset": 1}
     zero_null = bool(_read_config(path, "model_index.json").get("force_zeros_for_empty_prompt", True))
     pipe = _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, dev, str(model), fingerprint_folder(path),
                      zero_null=zero_null, **second)

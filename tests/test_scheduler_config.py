@@ -119,3 +119,22 @@ def test_saved_folder_keeps_the_engines_reading_of_absent_flags(tiny_pipe, tmp_p
     saved = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert saved["set_alpha_to_one"] is False and saved["clip_sample"] is False
     assert make_schedule(saved, 5).final_alpha == make_schedule(config, 5).final_alpha
+
+
+@pytest.mark.parametrize("offset", [0, None])
+def test_an_outdated_steps_offset_runs_as_stable_diffusion_pipeline_runs_it(tiny_folder, tmp_path, offset, caplog):
+    """steps_offset 0 (or absent: DDIMScheduler's 0) in an SD folder: StableDiffusionPipeline rewrites it to 1, so
+    the notebook ran t = 981..1 there; the engine does the same, says so, and --steps-offset still overrides it."""
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_folder, copy)
+    config_file = copy / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("steps_offset")
+    config_file.write_text(json.dumps(config if offset is None else {**config, "steps_offset": offset}))
+    with caplog.at_level("WARNING", logger="nti"):
+        pipe = load_pipeline(copy, device="cpu")
+    assert "steps_offset" in caplog.text and "outdated" in caplog.text
+    assert make_schedule(pipe.scheduler_config, 50).timesteps[:2] == [981, 961]
+    assert NTIConfig(steps_offset=0).timestep_offset(pipe.scheduler_config) == 0
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    assert rel_err(reference.sample(pipe, _job(pipe, z, 7, 7.5)), _diffusers_sample(pipe, z, 7, 7.5)) < 1e-5
