@@ -15,6 +15,7 @@ from .config import NTIError
 from .outputs import PNG_SOFTWARE, REQUEST_TAG, atomic_write
 
 SKIMAGE_PREFIX = "skimage:"  # e.g. "skimage:chelsea": a photo that ships inside scikit-image, needs no download
+TIFF_BITS_PER_SAMPLE, TIFF_SAMPLE_FORMAT, TIFF_SIGNED = 258, 339, 2  # SampleFormat 2: two's complement integers
 
 
 def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
@@ -64,8 +65,9 @@ def open_image(source: Path | bytes, label: str) -> Image.Image:
                 if frames > 1:
                     raise NTIError(f"{label} is animated or multi-page ({frames} frames); save the frame to edit as a "
                                   f"still image")
+                signed = is_signed_16bit(img)  # before exif_transpose: its copy has no TIFF tags to tell
                 img.load()
-                return to_rgb(ImageOps.exif_transpose(img), label)
+                return to_rgb(ImageOps.exif_transpose(img), label, signed)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise NTIError(f"{label} is too large to decode safely ({err})") from None
     except UnidentifiedImageError:
@@ -74,24 +76,38 @@ def open_image(source: Path | bytes, label: str) -> Image.Image:
         raise NTIError(f"{label} could not be read: {err}") from None
 
 
-def to_rgb(img: Image.Image, label: str = "image") -> Image.Image:
+def is_signed_16bit(img: Image.Image) -> bool:
+    """Whether a TIFF holds signed 16-bit samples (SampleFormat 2): PIL reads them as mode I, values -32768..32767,
+    which to_rgb would otherwise take for unsigned 0..65535 (an image half as bright)."""
+    tags = getattr(img, "tag_v2", None)
+    if img.mode != "I" or tags is None:
+        return False
+    formats, bits = tags.get(TIFF_SAMPLE_FORMAT, ()), tags.get(TIFF_BITS_PER_SAMPLE, ())
+    formats, bits = (f if isinstance(f, tuple) else (f,) for f in (formats, bits))
+    return bool(formats) and set(formats) == {TIFF_SIGNED} and set(bits) == {16}
+
+
+def to_rgb(img: Image.Image, label: str = "image", signed16: bool | None = None) -> Image.Image:
     """RGB, 8 bits per channel. PIL's own convert clips 16- and 32-bit greys at 255 (a white image); scale them by
-    their bit depth instead. Float images are taken as [0, 1] when they fit it, else as [0, 255]. Wider values (a
-    32-bit or signed integer image, HDR floats) are refused: clipping them would be a silently wrong image."""
+    their bit depth instead (0..32767 for a signed 16-bit TIFF; `signed16`: None reads it off the image's tags).
+    Float images are taken as [0, 1] when they fit it, else as [0, 255]. Wider values (a 32-bit or negative integer
+    image, HDR floats) are refused: clipping them would be a silently wrong image."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(img, dtype=np.float64)
         if not np.isfinite(array).all():
             raise NTIError(f"{label} has non-finite pixel values")
         low, high = array.min(initial=0), array.max(initial=0)
-        if img.mode.startswith("I;16") or (img.mode == "I" and high > 255):
+        if is_signed_16bit(img) if signed16 is None else signed16:
+            array, limit = array * (255.0 / 32767.0), "0..32767"  # 32767 -> 255; negatives are refused below
+        elif img.mode.startswith("I;16") or (img.mode == "I" and high > 255):
             array, limit = array / 257.0, "0..65535"  # 65535 -> 255
         elif img.mode == "F" and high <= 1.0:
             array, limit = array * 255.0, "0..1"
         else:
             limit = "0..255"
         if low < 0 or array.max(initial=0) > 255.5:
-            raise NTIError(f"{label} has pixel values from {low:g} to {high:g}, outside {limit}; save it as an 8- or "
-                           f"16-bit image")
+            raise NTIError(f"{label} has pixel values from {low:g} to {high:g}, outside {limit}; save it as an "
+                           f"unsigned 8- or 16-bit image")
         gray = np.clip(np.round(array), 0, 255).astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # P's palette alpha, or RGB's / L's colour
