@@ -3,18 +3,22 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .config import NTIError
 from .outputs import PNG_SOFTWARE, REQUEST_TAG, atomic_write
 
+log = logging.getLogger("nti")
+
 SKIMAGE_PREFIX = "skimage:"  # e.g. "skimage:chelsea": a photo that ships inside scikit-image, needs no download
+PIL_FOLDER = Path(Image.__file__).parent  # whose warnings open_image words itself
 TIFF_BITS_PER_SAMPLE, TIFF_SAMPLE_FORMAT, TIFF_SIGNED = 258, 339, 2  # SampleFormat 2: two's complement integers
 
 
@@ -55,9 +59,11 @@ def check_image_file(path: Path, where: str = "") -> None:
 def open_image(source: Path | bytes, label: str) -> Image.Image:
     """Decode a file or encoded bytes to RGB the way a photo viewer shows it: EXIF orientation applied, 16-bit
     greys scaled to 8 bits (not clipped to white). Refused with a clear NTIError: unreadable or truncated files,
-    decompression bombs (PIL's pixel limit), and animations (which frame the user meant is a guess)."""
+    decompression bombs (PIL's pixel limit), and animations (which frame the user meant is a guess). PIL's own
+    warnings (corrupt EXIF) become one 'nti' warning naming the file instead of a bare line on stderr."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # recorded, not printed: said below in nti's words, with the file's name
             # PIL only warns between MAX_IMAGE_PIXELS and twice that: a bomb either way
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
@@ -67,13 +73,46 @@ def open_image(source: Path | bytes, label: str) -> Image.Image:
                                   f"still image")
                 signed = is_signed_16bit(img)  # before exif_transpose: its copy has no TIFF tags to tell
                 img.load()
-                return to_rgb(ImageOps.exif_transpose(img), label, signed)
+                img, turned, exif_error = upright(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise NTIError(f"{label} is too large to decode safely ({err})") from None
     except UnidentifiedImageError:
         raise NTIError(f"{label} is not a readable image (corrupt or unsupported format)") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated data, broken chunks or EXIF
+    except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated data, broken chunks
         raise NTIError(f"{label} could not be read: {err}") from None
+    report_decoder_warnings(label, caught, turned, exif_error)
+    return to_rgb(img, label, signed)
+
+
+def upright(img: Image.Image) -> tuple[Image.Image, bool, str | None]:
+    """(the image turned by its EXIF orientation, whether an orientation tag was read, None), or the image as stored
+    and why when its EXIF cannot be parsed: the pixels are loaded already and EXIF is only metadata, so whatever its
+    parser raises is no reason to refuse them."""
+    try:
+        orientation = img.getexif().get(ExifTags.Base.Orientation)  # parsed once: exif_transpose reuses it
+    except Exception as err:  # SyntaxError "not a TIFF file", struct.error, ... from a garbled EXIF block
+        return img, False, f"{type(err).__name__}: {err}"
+    return ImageOps.exif_transpose(img), orientation is not None, None
+
+
+def report_decoder_warnings(label: str, caught: list, turned: bool, exif_error: str | None) -> None:
+    """PIL's warnings while decoding as 'nti' log lines naming the file, each once; other modules' warnings as they
+    were. Corrupt EXIF is a warning when it cost the orientation tag (the image is used as stored), else a note."""
+    ours = [w for w in caught if Path(w.filename).parent == PIL_FOLDER]
+    for w in caught:
+        if w not in ours:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    # TiffImagePlugin parses every format's EXIF block (and a TIFF's own tags, orientation among them)
+    exif = [w for w in ours if Path(w.filename).name == "TiffImagePlugin.py" or "exif" in str(w.message).lower()]
+    exif_messages = [" ".join(str(w.message).split()) for w in exif] + ([exif_error] if exif_error else [])
+    exif_text = "; ".join(dict.fromkeys(exif_messages))
+    if exif_messages and turned:
+        log.info(f"{label}: part of its EXIF data is corrupt ({exif_text}); its orientation tag was read and applied")
+    elif exif_messages:
+        log.warning(f"{label}: its EXIF data is corrupt ({exif_text}), so its orientation tag could not be read and "
+                    f"the image is used as stored; if it shows up turned, rotate it and save it without EXIF")
+    for message in dict.fromkeys(" ".join(str(w.message).split()) for w in ours if w not in exif):
+        log.warning(f"{label}: the image decoder warned: {message}")
 
 
 def is_signed_16bit(img: Image.Image) -> bool:

@@ -1,14 +1,33 @@
 """Bad input (issue 18) in the image reader: pixel formats, metadata and shapes that gave a silently wrong image, a
 bare Pillow warning or a result nobody explained. Each test failed before its fix."""
+import logging
+import warnings
+
 import numpy as np
 import pytest
 from PIL import Image, TiffImagePlugin
 
-from nti.cli import EXIT_BAD_INPUT
+from nti.cli import EXIT_BAD_INPUT, EXIT_OK
 from nti.config import NTIError
 from nti.images import load_image
 # the CLI runner, its one-error-line check and the tiny model's fast options
 from test_bad_input import TINY, error_line, run_cli
+
+# an EXIF block whose first IFD promises 5 entries and is cut off inside the first: Pillow warns "Corrupt EXIF data"
+TRUNCATED_EXIF = b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x05\x00\x12\x01"
+GARBLED_EXIF = b"Exif\x00\x00garbage"  # no TIFF header at all: Pillow's EXIF parser raises SyntaxError
+
+
+@pytest.fixture
+def nti_warnings():
+    """The warnings of the 'nti' logger during the test (the CLI's handler keeps them from pytest's caplog)."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("nti")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
 
 
 def signed_tiff(path, values, orientation=None):
@@ -48,3 +67,49 @@ def test_negative_signed_16_bit_pixels_are_refused(tmp_path, capsys):
     code, _, err = run_cli(["reconstruct", path, "--prompt", "a cat", "--out", tmp_path / "out", "--method", "ddim",
                             *TINY], capsys)
     assert code == EXIT_BAD_INPUT and "negative.tif" in error_line(err) and "outside 0..32767" in error_line(err)
+
+
+# --------------------------------------------------------------------------------------------------------- metadata
+
+@pytest.mark.parametrize("fmt, exif", [("JPEG", TRUNCATED_EXIF), ("PNG", TRUNCATED_EXIF), ("PNG", GARBLED_EXIF)],
+                         ids=["jpeg-truncated", "png-truncated", "png-garbled"])
+def test_corrupt_exif_is_one_nti_warning_and_the_image_is_used_as_stored(tmp_path, nti_warnings, fmt, exif):
+    """Pillow printed its own 'Corrupt EXIF data' UserWarning line (no file name, nothing to do), and an EXIF block
+    its parser rejects refused an image whose pixels were fine."""
+    path = tmp_path / f"photo.{fmt.lower()}"
+    Image.fromarray(np.full((16, 24, 3), 120, np.uint8)).save(path, fmt, exif=exif)
+    with pytest.warns(UserWarning, match="Corrupt EXIF") if exif == TRUNCATED_EXIF else pytest.raises(SyntaxError):
+        with Image.open(path) as img:  # the file does trouble Pillow
+            img.getexif()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning that escapes fails the test
+        img = load_image(path)
+    assert img.size == (24, 16) and abs(np.asarray(img).astype(float).mean() - 120) < 3
+    messages = [r.getMessage() for r in nti_warnings]
+    assert len(messages) == 1 and str(path) in messages[0], messages
+    assert "orientation tag could not be read" in messages[0] and "used as stored" in messages[0]
+
+
+def test_an_orientation_read_from_partly_corrupt_exif_is_applied_without_a_warning(tmp_path, nti_warnings):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    exif[0x010E] = "x" * 100  # ImageDescription, stored after the IFD: cut off below
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, :20] = 255  # left half white
+    Image.fromarray(wide).save(tmp_path / "part.png", exif=exif.tobytes()[:-60])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        upright = np.asarray(load_image(tmp_path / "part.png"))
+    assert upright.shape == (40, 20, 3) and upright[:15].mean() > 200 and upright[25:].mean() < 50
+    assert not nti_warnings
+
+
+@pytest.mark.filterwarnings("error::UserWarning")
+def test_the_cli_says_corrupt_exif_in_one_nti_line(tmp_path, capsys):
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.full((16, 16, 3), 120, np.uint8)).save(path, exif=TRUNCATED_EXIF)
+    code, _, err = run_cli(["reconstruct", path, "--prompt", "a cat", "--out", tmp_path / "out", "--method", "ddim",
+                            *TINY], capsys)
+    assert code == EXIT_OK and "Traceback" not in err and "UserWarning" not in err
+    lines = [line for line in err.splitlines() if "EXIF" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"nti: image {path}: its EXIF data is corrupt"), err
