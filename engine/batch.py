@@ -268,15 +268,22 @@ def check_against_model(pipe, jobs: list[Job], config: NTIConfig, need_target: b
     each prompt against the tokenizer (length, the shapes model's words), the inversion's model, P2P's word match."""
     from . import api, p2p
     from .ddim import make_schedule
-    from .images import center_square, load_image
+    from .images import center_square, crop_warning, load_image
 
     make_schedule(pipe.scheduler_config, config.steps, config.timestep_offset(pipe.scheduler_config))  # NTIError
+    squares = {}  # JSONL lines that edit one image decode it, and warn about it, once (read-only: shared)
     for job in jobs:
         if job.error is not None:
             continue
         try:
+            if job.image is not None and job.image not in squares:
+                img = load_image(job.image)
+                message = crop_warning(img.size, pipe.resolution, f"image {job.image}")
+                if message is not None:
+                    log.warning(message)
+                squares[job.image] = center_square(img, pipe.resolution)
             if job.image is not None:
-                job.square = center_square(load_image(job.image), pipe.resolution)
+                job.square = squares[job.image]
             else:
                 api.check_compatible(pipe, job.inversion)
         except NTIError as err:

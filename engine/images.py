@@ -19,6 +19,9 @@ log = logging.getLogger("nti")
 
 SKIMAGE_PREFIX = "skimage:"  # e.g. "skimage:chelsea": a photo that ships inside scikit-image, needs no download
 PIL_FOLDER = Path(Image.__file__).parent  # whose warnings open_image words itself
+# the centre square keeps min(w, h) / max(w, h) of an image: every usual photo and video frame keeps more than half
+# (4:3 75%, 3:2 67%, 16:9 56%); below it (wider than 2:1: panoramas, banners, strips) the subject is likely cut off
+MIN_CROP_KEPT = 0.5
 TIFF_BITS_PER_SAMPLE, TIFF_SAMPLE_FORMAT, TIFF_SIGNED = 258, 339, 2  # SampleFormat 2: two's complement integers
 
 
@@ -164,6 +167,19 @@ def center_square(img: Image.Image, size: int) -> Image.Image:
     left, top = (w - side) // 2, (h - side) // 2
     img = img.crop((left, top, left + side, top + side))
     return img if side == size else img.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def crop_warning(size: tuple[int, int], resolution: int, label: str) -> str | None:
+    """Why center_square would spoil an image of this (w, h) size, with what to do; None when it keeps enough."""
+    w, h = size
+    side = min(w, h)
+    kept = side / max(w, h, 1)
+    if kept >= MIN_CROP_KEPT:
+        return None
+    blurry = (f", upscaled {resolution / max(side, 1):.1f}x to {resolution}x{resolution} (blurry)"
+              if 2 * side <= resolution else "")
+    return (f"{label} is {w}x{h}: the model sees only its centre {side}x{side} square ({100 * kept:.2g}% of the "
+            f"image){blurry}; crop or pad it to a square first to choose what the model sees")
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -9,7 +9,7 @@ from PIL import Image, TiffImagePlugin
 
 from nti.cli import EXIT_BAD_INPUT, EXIT_OK
 from nti.config import NTIError
-from nti.images import load_image
+from nti.images import crop_warning, load_image
 # the CLI runner, its one-error-line check and the tiny model's fast options
 from test_bad_input import TINY, error_line, run_cli
 
@@ -113,3 +113,37 @@ def test_the_cli_says_corrupt_exif_in_one_nti_line(tmp_path, capsys):
     assert code == EXIT_OK and "Traceback" not in err and "UserWarning" not in err
     lines = [line for line in err.splitlines() if "EXIF" in line]
     assert len(lines) == 1 and lines[0].startswith(f"nti: image {path}: its EXIF data is corrupt"), err
+
+
+# ----------------------------------------------------------------------------------------------------------- shapes
+
+def test_a_centre_crop_that_drops_most_of_the_image_is_warned_about():
+    """A 4000x40 strip became its centre 40x40, upscaled to the model's 512x512, without a word."""
+    message = crop_warning((4000, 40), 512, "image strip.png")
+    assert message.startswith("image strip.png is 4000x40: the model sees only its centre 40x40 square (1% of")
+    assert "upscaled 12.8x to 512x512" in message and "crop or pad it to a square first" in message
+    assert "centre 40x40" in crop_warning((40, 4000), 512, "image tall.png")
+    assert "upscaled" not in crop_warning((3000, 1000), 512, "image pano.png")  # cut, but not small
+    for size in [(1920, 1080), (1080, 1920), (4032, 3024), (6000, 4000), (600, 300), (40, 48), (512, 512)]:
+        assert crop_warning(size, 512, "image photo.png") is None, size  # ordinary photos and squares
+
+
+def test_the_cli_warns_about_a_strip_and_not_about_a_16_by_9_photo(tmp_path, capsys):
+    Image.fromarray(np.full((40, 4000, 3), 120, np.uint8)).save(tmp_path / "strip.png")
+    Image.fromarray(np.full((1080, 1920, 3), 120, np.uint8)).save(tmp_path / "photo.png")
+    code, _, err = run_cli(["reconstruct", tmp_path / "strip.png", tmp_path / "photo.png", "--prompt", "a red circle",
+                            "--out", tmp_path / "out", "--method", "ddim", "--steps", "2", "--quiet", "--device",
+                            "cpu"], capsys)  # the default shapes model (32x32)
+    lines = [line for line in err.splitlines() if "the model sees only" in line]
+    assert code == EXIT_OK and len(lines) == 1, err
+    assert lines[0].startswith(f"nti: image {tmp_path / 'strip.png'} is 4000x40: the model sees only its centre "
+                               f"40x40 square (1% of the image); crop or pad")
+
+
+def test_the_python_api_warns_about_a_strip_too(shapes_pipe, nti_warnings):
+    from nti.api import prepare_images
+    squares, _ = prepare_images(shapes_pipe, [np.full((40, 4000, 3), 120, np.uint8),
+                                              np.full((1080, 1920, 3), 120, np.uint8)])
+    messages = [r.getMessage() for r in nti_warnings]
+    assert [s.size for s in squares] == [(32, 32)] * 2 and len(messages) == 1, messages
+    assert messages[0].startswith("images[0] is 4000x40: the model sees only its centre 40x40 square")
