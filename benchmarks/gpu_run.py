@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -368,38 +369,110 @@ def stage_kernels(st: Stage) -> None:
 
 
 def stage_profile(st: Stage) -> None:
-    """One outer null-text step (10 inner iterations) under the profiler: GPU kernel time vs wall, by kernel class."""
-    import nti
+    """One outer null-text step per config under the profiler: GPU kernel time by class and the top kernels, GPU-busy
+    vs wall; each config's row as soon as it is measured. On CPU (--quick) the same code profiles CPU ops instead."""
     from nti import NTIConfig
 
-    if not st.cuda:
-        st.emit("profile", skipped="needs CUDA (GPU-busy time)")
-        return
+    # graphs first: their kernels are eager's without the launch gaps, and an eager step's trace costs the most
+    configs = [(st.big, True, False), (st.big, True, True), (1, True, False), (1, True, True), (1, False, False),
+               (st.big, False, False)] if st.cuda else [(1, False, False), (st.big, False, False)]
+    for n, graphs, nhwc in configs:
+        label = {"batch": n, "cuda_graphs": graphs, "channels_last": nhwc, "inner_steps": PROFILE_INNER}
+        config = NTIConfig(steps=1, inner_steps=PROFILE_INNER, early_stop=False, backend="fast", precision="bf16",
+                           batch_size=n, cuda_graphs=graphs, channels_last=nhwc)
+        try:
+            unprofiled, wall, table = profiled_step(st, config)
+        except Exception as err:
+            st.emit("profile", **label, error=f"{type(err).__name__}: {err}"[:500],
+                    trace=traceback.format_exc()[-1500:])
+            continue
+        note = {} if st.cuda else {"note": "CPU ops, nested (an op's time includes its children's): checks the stage"}
+        st.emit("profile", **label, wall_s=wall, unprofiled_wall_s=unprofiled, gpu_busy_s=table["busy_us"] / 1e6,
+                busy_fraction=table["busy_us"] / 1e6 / wall, **{k: v for k, v in table.items() if k != "busy_us"},
+                **note)
+
+
+def profiled_step(st: Stage, config) -> tuple[float, float, dict]:
+    """Invert config.batch_size photos three times: warm-up (capture), timed, then timed under the profiler. Returns
+    both walls and the kernel table of the profiled run (CPU ops on CPU)."""
+    import nti
     from torch.profiler import ProfilerActivity, profile
 
     pipe = st.model()
-    for n, graphs in ((1, False), (1, True), (st.big, False), (st.big, True)):
-        config = NTIConfig(steps=1, inner_steps=st.inner, early_stop=False, backend="fast", precision="bf16",
-                           batch_size=n, cuda_graphs=graphs)
-        images, sources, _ = zip(*jobs(n))
-        nti.invert(pipe, list(images), list(sources), config, progress=False)  # warm-up / capture
+    images, sources, _ = zip(*jobs(config.batch_size))
+
+    def invert():
+        nti.invert(pipe, list(images), list(sources), config, progress=False)
         sync(st.device)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            start = time.perf_counter()
-            nti.invert(pipe, list(images), list(sources), config, progress=False)
-            sync(st.device)
-            wall = time.perf_counter() - start
-        classes: dict = {}
-        busy = 0.0
-        for evt in prof.events():
-            if evt.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            us = evt.time_range.elapsed_us()
-            busy += us
-            classes[kernel_class(evt.name)] = classes.get(kernel_class(evt.name), 0.0) + us
-        st.emit("profile", batch=n, cuda_graphs=graphs, wall_s=wall, gpu_busy_s=busy / 1e6,
-                busy_fraction=busy / 1e6 / wall, by_class_ms={k: v / 1e3 for k, v in sorted(classes.items(),
-                                                                                             key=lambda kv: -kv[1])})
+    invert()
+    start = time.perf_counter()
+    invert()
+    unprofiled = time.perf_counter() - start  # the profiler's CPU-side recording slows eager steps
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if st.cuda else [])) as prof:
+        start = time.perf_counter()
+        invert()
+        wall = time.perf_counter() - start
+    device = torch.autograd.DeviceType.CUDA if st.cuda else torch.autograd.DeviceType.CPU
+    return unprofiled, wall, kernel_table(device_events(prof, device))
+
+
+PROFILE_INNER = 3  # inner iterations in a profiled step: enough for class shares, a third of the trace of 10
+TOP_KERNELS, TOP_OTHER = 20, 10  # kernels listed per profile row; elementwise/other ones listed at least
+
+
+def device_events(prof, device=torch.autograd.DeviceType.CUDA) -> list[tuple[str, float]]:
+    """(name, us) of each event the profiler recorded on `device` (CUDA: kernels, memcpy, memset), from its raw
+    results: prof.events() first builds an event tree (26x slower on a CPU trace of 20k events), and an eager step's
+    trace on the GPU is several times that. record_function ranges are left out: they span events counted already."""
+    return [(evt.name(), (evt.end_ns() - evt.start_ns()) / 1e3) for evt in prof.profiler.kineto_results.events()
+            if evt.device_type() == device and not getattr(evt, "is_user_annotation", lambda: False)()]
+
+
+def kernel_table(events, top: int = TOP_KERNELS, other: int = TOP_OTHER, chars: int = 120) -> dict:
+    """Busy time, ms and calls per kernel class, and the kernels with the most time from (name, us) pairs: the top
+    `top`, then more of the elementwise/other class until `other` of it are listed (the class the H200 run could
+    not explain), each with its class, ms and calls; names shortened to `chars` (short_kernel_name)."""
+    by_name: dict = {}
+    for name, us in events:
+        total, calls = by_name.get(name, (0.0, 0))
+        by_name[name] = (total + us, calls + 1)
+    class_us: dict = {}
+    class_calls: dict = {}
+    for name, (us, calls) in by_name.items():
+        key = kernel_class(name)
+        class_us[key] = class_us.get(key, 0.0) + us
+        class_calls[key] = class_calls.get(key, 0) + calls
+    busy = sum(class_us.values())
+    order = sorted(class_us, key=lambda k: -class_us[k])
+    listed, others = [], 0
+    for rank, (name, (us, calls)) in enumerate(sorted(by_name.items(), key=lambda kv: -kv[1][0])):
+        key = kernel_class(name)
+        if rank >= top and (key != "elementwise/other" or others >= other):
+            continue
+        others += key == "elementwise/other"
+        listed.append({"name": short_kernel_name(name, chars), "class": key, "ms": round(us / 1e3, 3), "calls": calls})
+    return {"busy_us": busy, "by_class_ms": {k: class_us[k] / 1e3 for k in order},
+            "by_class_calls": {k: class_calls[k] for k in order}, "kernel_names": len(by_name),
+            "top_kernels": listed, "top_kernels_share": sum(k["ms"] for k in listed) * 1e3 / busy if busy else None}
+
+
+def short_kernel_name(name: str, chars: int = 120) -> str:
+    """A demangled kernel name without what says nothing about the work (void, the argument list, namespaces,
+    lambda wrappers), so that a cast and a SiLU stay apart within `chars`; longer ones end in '...'."""
+    name = name.removeprefix("void ")
+    if name.endswith(")"):  # the argument list repeats the template's types; "Memcpy DtoD (Device -> Device)" stays
+        depth = 0
+        for i in range(len(name) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(name[i], 0)
+            if depth == 0:
+                break
+        if i > 0 and (name[i - 1] == ">" or name[i - 1].isalnum() or name[i - 1] == "_"):
+            name = name[:i]
+    name = re.sub(r"\{lambda\(\)#\d+\}::operator\(\)\(\) const::", "", name)
+    name = name.replace("(at::TensorIteratorBase&)", "")
+    for noise in ("(anonymous namespace)::", "at::native::", "at::cuda::", "at::", "c10::", "std::"):
+        name = name.replace(noise, "")
+    return name if len(name) <= chars else name[:chars - 3] + "..."
 
 
 def kernel_class(name: str) -> str:
@@ -407,7 +480,9 @@ def kernel_class(name: str) -> str:
     for key, words in (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_sdp")),
                        ("convolution", ("conv", "implicit", "wgrad", "dgrad", "xmma_fprop", "winograd")),
                        ("gemm", ("gemm", "cutlass", "sm90_xmma", "cublas", "matmul", "nvjet")),  # nvjet: cuBLAS
-                       ("norm", ("norm",)), ("memcpy/memset", ("memcpy", "memset")),
+                       # GroupNorm's / LayerNorm's reduction kernels do not say norm (group_norm_kernel.cu)
+                       ("norm", ("norm", "rowwisemoments", "fusedparams", "gammabeta", "computeinternalgradients")),
+                       ("memcpy/memset", ("memcpy", "memset")),
                        ("layout", ("nchwtonhwc", "nhwctonchw", "transpose"))):
         if any(w in low for w in words):
             return key
@@ -634,10 +709,8 @@ def summarize(out: Path) -> str:
                          f"{f(r['edit_rel'], '.1e')} | {r['iterations_equal']} | {f(other, '.1e')} |")
         lines.append("")
     for r in rows:
-        if r["stage"] == "profile" and "wall_s" in r:
-            top = ", ".join(f"{k} {v:.0f} ms" for k, v in list(r["by_class_ms"].items())[:4])
-            lines.append(f"- profile b{r['batch']}{' + CUDA graphs' if r['cuda_graphs'] else ''}: wall "
-                         f"{r['wall_s']:.2f} s, GPU busy {r['gpu_busy_s']:.2f} s ({100 * r['busy_fraction']:.0f}%); {top}")
+        if r["stage"] == "profile" and ("wall_s" in r or "error" in r):
+            lines += profile_lines(r)
         if r["stage"] == "kernels" and "step_rel" in r:
             lines.append(f"- fused kernels {r['dtype']}: step rel {r['step_rel']:.1e}, loss {r['mse_rel']:.1e}, "
                          f"grad {r['mse_grad_rel']:.1e}; {r['fused_step_us']:.0f} us fused vs "
@@ -657,6 +730,25 @@ def summarize(out: Path) -> str:
     if out.is_dir():
         (out / "summary.md").write_text(text)
     return text
+
+
+def profile_lines(r: dict) -> list[str]:
+    """A profile row in the summary: wall vs GPU busy and the top classes; the top 5 kernels under it."""
+    label = f"profile b{r['batch']}" + (" + CUDA graphs" if r["cuda_graphs"] else "")
+    label += (", channels_last" if r.get("channels_last") else "") + (f", {r['inner_steps']} inner"
+                                                                      if "inner_steps" in r else "")
+    if "error" in r:
+        return [f"- {label}: failed: {r['error'][:80]}"]
+    calls = r.get("by_class_calls", {})
+    top = ", ".join(f"{k} {v:.0f} ms" + (f" ({calls[k]} calls)" if k in calls else "")
+                    for k, v in list(r["by_class_ms"].items())[:4])
+    unprofiled = f" ({r['unprofiled_wall_s']:.2f} s unprofiled)" if "unprofiled_wall_s" in r else ""
+    lines = [f"- {label}: wall {r['wall_s']:.2f} s{unprofiled}, GPU busy {r['gpu_busy_s']:.2f} s "
+             f"({100 * r['busy_fraction']:.0f}%); {top}"]
+    if r.get("top_kernels"):
+        lines.append("  - top kernels: " + "; ".join(f"{k['name'][:80]} {k['ms']:.1f} ms x{k['calls']}"
+                                                     for k in r["top_kernels"][:5]))
+    return lines
 
 
 def main(argv=None) -> int:
