@@ -2,6 +2,7 @@
 that every stage runs and writes what the README table is made from, so the command does not rot between the
 sessions that get a GPU; the numbers it asserts are the ones that hold on any device."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nti.benchmarks.gpu_run import (STAGES, TOP_OTHER, device_events, kernel_class, kernel_table, load_rows,
+from nti.benchmarks.gpu_run import (STAGES, TOP_OTHER, device_events, follow_up, kernel_class, kernel_table, load_rows,
                                     short_kernel_name, summarize)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +91,26 @@ def test_each_launcher_reports_ok_failed_and_timeout(launch, tmp_path):
     status, tail = run([*cmd, "no_such_stage"], 300)
     assert status == "failed" and "stage_no_such_stage" in tail and "Traceback" in tail
     assert run([*cmd, "parity"], 0.5) == ("timeout", "")
+
+
+def test_a_short_budget_skips_a_stage_and_prints_the_next_command(tmp_path):
+    """sdxl (130 s allowed) does not start with under 65 s left; the driver prints the command that runs it."""
+    proc = subprocess.run([sys.executable, "-m", "nti.benchmarks.gpu_run", "--quick", "--out", str(tmp_path),
+                           "--budget", "60", "--stages", "env,sdxl"], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    driver = {r["stage"]: r for r in load_rows(tmp_path) if r.get("driver")}
+    assert driver["env"]["status"] == "ok" and driver["sdxl"]["status"] == "skipped"
+    assert "65 s needed to start" in driver["sdxl"]["reason"]
+    assert "--stages env,sdxl --budget 175 --quick" in proc.stderr
+    assert follow_up(["passes", "sdxl", "env"]).endswith("--stages env,sdxl,passes --budget 235")
+
+
+def test_an_unknown_stage_is_refused_before_any_runs(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nti.benchmarks.gpu_run", "--quick", "--out", str(tmp_path),
+                           "--stages", "env,profil"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "unknown stage(s) profil" in proc.stderr
+    assert not (tmp_path / "gpu_run.jsonl").exists()
 
 
 # ------------------------------------------------------------------- the profile stage's pieces, without CUDA
@@ -183,7 +204,9 @@ def test_summary_renders_profile_rows_with_top_kernels(tmp_path):
                            for i in range(7)]}
     lines = [old, new, {"stage": "profile", "batch": 1, "cuda_graphs": True, "channels_last": True, "inner_steps": 3,
                         "error": "OutOfMemoryError: CUDA out of memory"},
-             {"stage": "env", "gpu": "NVIDIA H100"}]
+             {"driver": True, "stage": "sdxl", "status": "skipped", "reason": "budget: 40 s left, 65 s needed"},
+             {"driver": True, "stage": "passes", "status": "skipped", "reason": "budget: 10 s left, 30 s needed"},
+             {"stage": "env", "gpu": "NVIDIA H100"}, {"driver": True, "stage": "sdxl", "status": "ok"}]
     (tmp_path / "gpu_run.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     text = summarize(tmp_path).splitlines()
     assert text[0].startswith("Device: NVIDIA H100;")
@@ -195,3 +218,14 @@ def test_summary_renders_profile_rows_with_top_kernels(tmp_path):
     assert text[at + 1] == ("  - top kernels: kernel_0 50.0 ms x10; kernel_1 49.0 ms x11; kernel_2 48.0 ms x12; "
                             "kernel_3 47.0 ms x13; kernel_4 46.0 ms x14")
     assert "- profile b1 + CUDA graphs, channels_last, 3 inner: failed: OutOfMemoryError: CUDA out of memory" in text
+    # sdxl's skip is dropped: a later line (a second command joined in) ran it; passes' stays
+    assert not [line for line in text if "stage sdxl" in line]
+    assert "- stage passes: skipped budget: 10 s left, 30 s needed" in text
+
+
+def test_summary_of_the_h200_run_is_unchanged(tmp_path):
+    """The table committed from the H200's JSON lines is what --summarize still makes of them (the file was saved
+    from its printout, which ends in one more newline)."""
+    results = ROOT / "benchmarks" / "results"
+    shutil.copy(results / "gpu_run_h200.jsonl", tmp_path / "gpu_run.jsonl")
+    assert summarize(tmp_path) + "\n" == (results / "gpu_run_h200.md").read_text()
