@@ -45,6 +45,7 @@ The summary names each device and drops a "skipped" line for a stage that a late
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -158,7 +159,8 @@ def timing_row(st: Stage, stage: str, variant: str, config, n: int, flops: tuple
     spent = n * per_image + iters * fwd_bwd
     row = {"variant": variant, "method": config.method, "batch": n, "precision": config.precision,
            "backend": config.backend, "half_weights": config.half_weights, "cuda_graphs": config.cuda_graphs,
-           "compile": config.compile, "early_stop": config.early_stop, "steps": steps, "inner_steps": config.inner_steps,
+           "compile": config.compile, "early_stop": config.early_stop, "steps": steps,
+           "inner_steps": config.inner_steps,
            "s_per_image": total / n, "s_per_image_50_steps": total / n * scale,
            "latency_50_steps_s": total * scale if n == 1 else None,
            "invert_s_per_image": res["invert_s"] / n, "edit_s_per_image": res["edit_s"] / n,
@@ -367,10 +369,11 @@ def stage_kernels(st: Stage) -> None:
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         def rnd(*shape, dt=dtype):
             return torch.randn(*shape, generator=gen, device=st.device).to(dt)
-        x, eu, ec, tgt = rnd(n, 4, 64, 64, dt=torch.float32), rnd(n, 4, 64, 64), rnd(n, 4, 64, 64), rnd(n, 4, 64, 64,
-                                                                                                          dt=torch.float32)
+        x, eu = rnd(n, 4, 64, 64, dt=torch.float32), rnd(n, 4, 64, 64)  # drawn in the H200 run's order
+        ec, tgt = rnd(n, 4, 64, 64), rnd(n, 4, 64, 64, dt=torch.float32)
         w = torch.rand(n, generator=gen, device=st.device) * 7
-        at, ap = torch.rand(n, generator=gen, device=st.device) * 0.9 + 0.05, torch.rand(n, generator=gen, device=st.device) * 0.9 + 0.05
+        at = torch.rand(n, generator=gen, device=st.device) * 0.9 + 0.05
+        ap = torch.rand(n, generator=gen, device=st.device) * 0.9 + 0.05
         eu.requires_grad_(True)
         loss = ops.guided_ddim_step_mse(x, eu, ec, w, at, ap, tgt)
         (g,) = torch.autograd.grad(loss.sum(), eu)
@@ -606,9 +609,8 @@ def drive(args) -> int:
     start = time.perf_counter()
     names = args.stages.split(",") if args.stages else list(STAGES)
     if args.quick:  # imported once here, shared by the forked stages (fork_stage)
-        import diffusers.models  # noqa: F401
-        import transformers.models.clip  # noqa: F401
-        from nti import fast, models, reference  # noqa: F401
+        for module in ("diffusers.models", "transformers.models.clip", "nti.fast", "nti.models", "nti.reference"):
+            importlib.import_module(module)
     unfinished = []
     for name in names:
         allowed, what = STAGES[name]
@@ -755,8 +757,9 @@ def summarize(out: Path) -> str:
                          f"grad {r['mse_grad_rel']:.1e}; {r['fused_step_us']:.0f} us fused vs "
                          f"{r['torch_step_us']:.0f} us torch")
         if r["stage"] == "ops" and "forward_ops" in r:
-            lines.append(f"- one inner iteration's UNet, {'half weights' if r['half_weights'] else 'autocast over fp32'}"
-                         f": {r['forward_ops']} forward aten ops ({r['forward_casts']} casts), {r['backward_ops']} "
+            weights = "half weights" if r["half_weights"] else "autocast over fp32"
+            lines.append(f"- one inner iteration's UNet, {weights}: {r['forward_ops']} forward aten ops "
+                         f"({r['forward_casts']} casts), {r['backward_ops']} "
                          f"backward, {r['saved_for_backward_gib']:.2f} GiB saved for backward besides the weights "
                          f"({r['latent_side']}x{r['latent_side']} latent)")
         if r["stage"] == "passes" and "unet_forward_per_image" in r:
