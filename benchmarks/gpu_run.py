@@ -23,13 +23,33 @@ driver gives every stage a time limit and skips what no longer fits the overall 
 OUT/summary.md (the README table). Timing rows run null-text inversion + edit with early stop off at `steps` DDIM
 steps and scale to 50 (every step then costs the same); warm-up (compile, graph capture) is timed apart. Every
 stage runs with TF32 off (the engine's fp32 is strict fp32, nti.models.strict_fp32) and says so.
+
+Budget. All stages take about 630 s on an H200, more than one command's 540 s (measured at 3683908: env 15, parity
+65, nti_b1 53, nti_b16 67, ddim_b16 49, kernels 12, ops 23, compile 148; estimated: the channels_last rows +7 and
++10, profile 45, sdxl 100-130, passes 40). STAGES therefore runs the figures the issue asks for first (parity;
+s/image and peak memory at b1, b16 and DDIM; compile time), then the profile (where the GPU time goes), then the
+cheap kernels and ops (about 500 s so far). A stage starts only with half its allowance left (at least 30 s, or all
+of it if less): sdxl then is skipped instead of timing out, and passes uses the rest. The driver ends by printing
+the command for what it skipped or lost to a timeout, with env again so that file names its device, e.g.
+
+    PYTHONPATH=/tmp/site python3 -m nti.benchmarks.gpu_run --out $OUT/run2 --stages env,sdxl --budget 175
+
+Run it, after the same pip install line, on the same warm machine (a session's 15 device minutes hold both: start
+~1.5, first command 9, second 3), then join the two folders here and summarize them together:
+
+    mkdir both && cat run/gpu_run.jsonl run2/gpu_run.jsonl > both/gpu_run.jsonl && \
+        python -m nti.benchmarks.gpu_run --summarize both
+
+The summary names each device and drops a "skipped" line for a stage that a later line shows done.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -41,17 +61,17 @@ import torch
 from nti.benchmarks.bench_nti import PHOTOS, rel, sync, unet_flops  # the waterfall's photos and helpers
 from nti.provenance import git_commit
 
-STAGES = {  # name -> (seconds allowed on a GPU, what it measures); run in this order, what only a GPU can measure first
+STAGES = {  # name -> (seconds allowed on a GPU, what it measures); run in this order (module docstring: budget)
     "env": (45, "versions, GPU, Triton, matmul rate and copy bandwidth"),
     "parity": (80, "fast paths vs the eager fp32 reference (strict fp32)"),
     "nti_b1": (100, "null-text inversion + edit, one image"),
     "nti_b16": (110, "null-text inversion + edit, batch 16"),
     "ddim_b16": (60, "DDIM inversion + edit, batch 16"),
-    "sdxl": (130, "SDXL-shaped null-text inversion + edit at 1024 px, the largest batch that fits"),
+    "compile": (180, "regional torch.compile + CUDA graphs, batch 16"),  # took 148 s on the H200
+    "profile": (75, "GPU-busy vs wall time of one outer step, by kernel class, and the top kernels"),
     "kernels": (40, "fused Triton DDIM ops vs torch"),
-    "profile": (75, "GPU-busy vs wall time of one outer step, by kernel class"),
     "ops": (40, "aten ops and bytes saved for backward per inner iteration (device-independent)"),
-    "compile": (150, "regional torch.compile + CUDA graphs, batch 16"),
+    "sdxl": (130, "SDXL-shaped null-text inversion + edit at 1024 px, the largest batch that fits"),
     "passes": (60, "UNet passes per image (shapes model, device-independent: last, as CPU runs measure it too)"),
 }
 GOALS = {"nti_b1": 6.0, "nti_b16": 2.0, "ddim_b16": 0.25}  # s/image at 50 steps (issue 13)
@@ -139,7 +159,8 @@ def timing_row(st: Stage, stage: str, variant: str, config, n: int, flops: tuple
     spent = n * per_image + iters * fwd_bwd
     row = {"variant": variant, "method": config.method, "batch": n, "precision": config.precision,
            "backend": config.backend, "half_weights": config.half_weights, "cuda_graphs": config.cuda_graphs,
-           "compile": config.compile, "early_stop": config.early_stop, "steps": steps, "inner_steps": config.inner_steps,
+           "compile": config.compile, "early_stop": config.early_stop, "steps": steps,
+           "inner_steps": config.inner_steps,
            "s_per_image": total / n, "s_per_image_50_steps": total / n * scale,
            "latency_50_steps_s": total * scale if n == 1 else None,
            "invert_s_per_image": res["invert_s"] / n, "edit_s_per_image": res["edit_s"] / n,
@@ -348,10 +369,11 @@ def stage_kernels(st: Stage) -> None:
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         def rnd(*shape, dt=dtype):
             return torch.randn(*shape, generator=gen, device=st.device).to(dt)
-        x, eu, ec, tgt = rnd(n, 4, 64, 64, dt=torch.float32), rnd(n, 4, 64, 64), rnd(n, 4, 64, 64), rnd(n, 4, 64, 64,
-                                                                                                          dt=torch.float32)
+        x, eu = rnd(n, 4, 64, 64, dt=torch.float32), rnd(n, 4, 64, 64)  # drawn in the H200 run's order
+        ec, tgt = rnd(n, 4, 64, 64), rnd(n, 4, 64, 64, dt=torch.float32)
         w = torch.rand(n, generator=gen, device=st.device) * 7
-        at, ap = torch.rand(n, generator=gen, device=st.device) * 0.9 + 0.05, torch.rand(n, generator=gen, device=st.device) * 0.9 + 0.05
+        at = torch.rand(n, generator=gen, device=st.device) * 0.9 + 0.05
+        ap = torch.rand(n, generator=gen, device=st.device) * 0.9 + 0.05
         eu.requires_grad_(True)
         loss = ops.guided_ddim_step_mse(x, eu, ec, w, at, ap, tgt)
         (g,) = torch.autograd.grad(loss.sum(), eu)
@@ -368,38 +390,110 @@ def stage_kernels(st: Stage) -> None:
 
 
 def stage_profile(st: Stage) -> None:
-    """One outer null-text step (10 inner iterations) under the profiler: GPU kernel time vs wall, by kernel class."""
-    import nti
+    """One outer null-text step per config under the profiler: GPU kernel time by class and the top kernels, GPU-busy
+    vs wall; each config's row as soon as it is measured. On CPU (--quick) the same code profiles CPU ops instead."""
     from nti import NTIConfig
 
-    if not st.cuda:
-        st.emit("profile", skipped="needs CUDA (GPU-busy time)")
-        return
+    # graphs first: their kernels are eager's without the launch gaps, and an eager step's trace costs the most
+    configs = [(st.big, True, False), (st.big, True, True), (1, True, False), (1, True, True), (1, False, False),
+               (st.big, False, False)] if st.cuda else [(1, False, False), (st.big, False, False)]
+    for n, graphs, nhwc in configs:
+        label = {"batch": n, "cuda_graphs": graphs, "channels_last": nhwc, "inner_steps": PROFILE_INNER}
+        config = NTIConfig(steps=1, inner_steps=PROFILE_INNER, early_stop=False, backend="fast", precision="bf16",
+                           batch_size=n, cuda_graphs=graphs, channels_last=nhwc)
+        try:
+            unprofiled, wall, table = profiled_step(st, config)
+        except Exception as err:
+            st.emit("profile", **label, error=f"{type(err).__name__}: {err}"[:500],
+                    trace=traceback.format_exc()[-1500:])
+            continue
+        note = {} if st.cuda else {"note": "CPU ops, nested (an op's time includes its children's): checks the stage"}
+        st.emit("profile", **label, wall_s=wall, unprofiled_wall_s=unprofiled, gpu_busy_s=table["busy_us"] / 1e6,
+                busy_fraction=table["busy_us"] / 1e6 / wall, **{k: v for k, v in table.items() if k != "busy_us"},
+                **note)
+
+
+def profiled_step(st: Stage, config) -> tuple[float, float, dict]:
+    """Invert config.batch_size photos three times: warm-up (capture), timed, then timed under the profiler. Returns
+    both walls and the kernel table of the profiled run (CPU ops on CPU)."""
+    import nti
     from torch.profiler import ProfilerActivity, profile
 
     pipe = st.model()
-    for n, graphs in ((1, False), (1, True), (st.big, False), (st.big, True)):
-        config = NTIConfig(steps=1, inner_steps=st.inner, early_stop=False, backend="fast", precision="bf16",
-                           batch_size=n, cuda_graphs=graphs)
-        images, sources, _ = zip(*jobs(n))
-        nti.invert(pipe, list(images), list(sources), config, progress=False)  # warm-up / capture
+    images, sources, _ = zip(*jobs(config.batch_size))
+
+    def invert():
+        nti.invert(pipe, list(images), list(sources), config, progress=False)
         sync(st.device)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            start = time.perf_counter()
-            nti.invert(pipe, list(images), list(sources), config, progress=False)
-            sync(st.device)
-            wall = time.perf_counter() - start
-        classes: dict = {}
-        busy = 0.0
-        for evt in prof.events():
-            if evt.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            us = evt.time_range.elapsed_us()
-            busy += us
-            classes[kernel_class(evt.name)] = classes.get(kernel_class(evt.name), 0.0) + us
-        st.emit("profile", batch=n, cuda_graphs=graphs, wall_s=wall, gpu_busy_s=busy / 1e6,
-                busy_fraction=busy / 1e6 / wall, by_class_ms={k: v / 1e3 for k, v in sorted(classes.items(),
-                                                                                             key=lambda kv: -kv[1])})
+    invert()
+    start = time.perf_counter()
+    invert()
+    unprofiled = time.perf_counter() - start  # the profiler's CPU-side recording slows eager steps
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if st.cuda else [])) as prof:
+        start = time.perf_counter()
+        invert()
+        wall = time.perf_counter() - start
+    device = torch.autograd.DeviceType.CUDA if st.cuda else torch.autograd.DeviceType.CPU
+    return unprofiled, wall, kernel_table(device_events(prof, device))
+
+
+PROFILE_INNER = 3  # inner iterations in a profiled step: enough for class shares, a third of the trace of 10
+TOP_KERNELS, TOP_OTHER = 20, 10  # kernels listed per profile row; elementwise/other ones listed at least
+
+
+def device_events(prof, device=torch.autograd.DeviceType.CUDA) -> list[tuple[str, float]]:
+    """(name, us) of each event the profiler recorded on `device` (CUDA: kernels, memcpy, memset), from its raw
+    results: prof.events() first builds an event tree (26x slower on a CPU trace of 20k events), and an eager step's
+    trace on the GPU is several times that. record_function ranges are left out: they span events counted already."""
+    return [(evt.name(), (evt.end_ns() - evt.start_ns()) / 1e3) for evt in prof.profiler.kineto_results.events()
+            if evt.device_type() == device and not getattr(evt, "is_user_annotation", lambda: False)()]
+
+
+def kernel_table(events, top: int = TOP_KERNELS, other: int = TOP_OTHER, chars: int = 120) -> dict:
+    """Busy time, ms and calls per kernel class, and the kernels with the most time from (name, us) pairs: the top
+    `top`, then more of the elementwise/other class until `other` of it are listed (the class the H200 run could
+    not explain), each with its class, ms and calls; names shortened to `chars` (short_kernel_name)."""
+    by_name: dict = {}
+    for name, us in events:
+        total, calls = by_name.get(name, (0.0, 0))
+        by_name[name] = (total + us, calls + 1)
+    class_us: dict = {}
+    class_calls: dict = {}
+    for name, (us, calls) in by_name.items():
+        key = kernel_class(name)
+        class_us[key] = class_us.get(key, 0.0) + us
+        class_calls[key] = class_calls.get(key, 0) + calls
+    busy = sum(class_us.values())
+    order = sorted(class_us, key=lambda k: -class_us[k])
+    listed, others = [], 0
+    for rank, (name, (us, calls)) in enumerate(sorted(by_name.items(), key=lambda kv: -kv[1][0])):
+        key = kernel_class(name)
+        if rank >= top and (key != "elementwise/other" or others >= other):
+            continue
+        others += key == "elementwise/other"
+        listed.append({"name": short_kernel_name(name, chars), "class": key, "ms": round(us / 1e3, 3), "calls": calls})
+    return {"busy_us": busy, "by_class_ms": {k: class_us[k] / 1e3 for k in order},
+            "by_class_calls": {k: class_calls[k] for k in order}, "kernel_names": len(by_name),
+            "top_kernels": listed, "top_kernels_share": sum(k["ms"] for k in listed) * 1e3 / busy if busy else None}
+
+
+def short_kernel_name(name: str, chars: int = 120) -> str:
+    """A demangled kernel name without what says nothing about the work (void, the argument list, namespaces,
+    lambda wrappers), so that a cast and a SiLU stay apart within `chars`; longer ones end in '...'."""
+    name = name.removeprefix("void ")
+    if name.endswith(")"):  # the argument list repeats the template's types; "Memcpy DtoD (Device -> Device)" stays
+        depth = 0
+        for i in range(len(name) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(name[i], 0)
+            if depth == 0:
+                break
+        if i > 0 and (name[i - 1] == ">" or name[i - 1].isalnum() or name[i - 1] == "_"):
+            name = name[:i]
+    name = re.sub(r"\{lambda\(\)#\d+\}::operator\(\)\(\) const::", "", name)
+    name = name.replace("(at::TensorIteratorBase&)", "")
+    for noise in ("(anonymous namespace)::", "at::native::", "at::cuda::", "at::", "c10::", "std::"):
+        name = name.replace(noise, "")
+    return name if len(name) <= chars else name[:chars - 3] + "..."
 
 
 def kernel_class(name: str) -> str:
@@ -407,7 +501,9 @@ def kernel_class(name: str) -> str:
     for key, words in (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_sdp")),
                        ("convolution", ("conv", "implicit", "wgrad", "dgrad", "xmma_fprop", "winograd")),
                        ("gemm", ("gemm", "cutlass", "sm90_xmma", "cublas", "matmul", "nvjet")),  # nvjet: cuBLAS
-                       ("norm", ("norm",)), ("memcpy/memset", ("memcpy", "memset")),
+                       # GroupNorm's / LayerNorm's reduction kernels do not say norm (group_norm_kernel.cu)
+                       ("norm", ("norm", "rowwisemoments", "fusedparams", "gammabeta", "computeinternalgradients")),
+                       ("memcpy/memset", ("memcpy", "memset")),
                        ("layout", ("nchwtonhwc", "nhwctonchw", "transpose"))):
         if any(w in low for w in words):
             return key
@@ -511,16 +607,19 @@ def drive(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     budget = args.budget
     start = time.perf_counter()
-    names = [s for s in (args.stages.split(",") if args.stages else STAGES)]
+    names = args.stages.split(",") if args.stages else list(STAGES)
     if args.quick:  # imported once here, shared by the forked stages (fork_stage)
-        import diffusers.models  # noqa: F401
-        import transformers.models.clip  # noqa: F401
-        from nti import fast, models, reference  # noqa: F401
+        for module in ("diffusers.models", "transformers.models.clip", "nti.fast", "nti.models", "nti.reference"):
+            importlib.import_module(module)
+    unfinished = []
     for name in names:
         allowed, what = STAGES[name]
         left = budget - (time.perf_counter() - start)
-        if left < min(allowed, 30):
-            record(out, {"stage": name, "status": "skipped", "reason": f"budget: {left:.0f} s left"})
+        needs = min(allowed, max(30, allowed / 2))  # with less, its first row would rarely come back
+        if left < needs:
+            record(out, {"stage": name, "status": "skipped",
+                         "reason": f"budget: {left:.0f} s left, {needs:.0f} s needed to start"})
+            unfinished.append(name)
             continue
         limit = min(allowed * (5 if args.quick else 1), left)  # quick: a slow shared CPU
         cmd = [sys.executable, "-m", "nti.benchmarks.gpu_run", "--stage", name, "--out", str(out)]
@@ -532,9 +631,23 @@ def drive(args) -> int:
         record(out, {"stage": name, "status": status, "seconds": time.perf_counter() - t0, "error_tail": tail})
         print(f"    {status} in {time.perf_counter() - t0:.0f} s" + (f"\n{tail}" if tail else ""), file=sys.stderr,
               flush=True)
+        if status == "timeout":
+            unfinished.append(name)
+    if unfinished:
+        print(f"--- not finished: {', '.join(unfinished)}. Next command:\n    {follow_up(unfinished, args.quick)}",
+              file=sys.stderr, flush=True)
     summary = summarize(out)
     print(summary)
     return 0
+
+
+def follow_up(stages: list[str], quick: bool = False) -> str:
+    """The command that runs what a budget skipped or cut: env again (its file then names its device), the stages
+    in STAGES order, a budget of their allowances."""
+    names = ["env"] + [s for s in STAGES if s in stages and s != "env"]
+    budget = min(540, sum(STAGES[s][0] for s in names))
+    return (f"python3 -m nti.benchmarks.gpu_run --out OUT2 --stages {','.join(names)} --budget {budget:.0f}"
+            + (" --quick" if quick else ""))
 
 
 def spawn_stage(cmd: list[str], limit: float) -> tuple[str, str]:
@@ -601,11 +714,14 @@ def summarize(out: Path) -> str:
 
     def f(v, spec=".3g"):
         return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
-    env = next((r for r in rows if r["stage"] == "env" and not r.get("driver")), {})
-    lines = [f"Device: {env.get('gpu') or env.get('cpu', '?')}; torch {env.get('torch', '?')}, diffusers "
-             f"{env.get('diffusers', '?')}, Triton {env.get('triton')} (runs: {env.get('triton_runs')}); "
-             f"bf16 matmul {f(env.get('bf16_matmul_tflops'), '.0f')} TFLOP/s, copy {f(env.get('copy_tb_s'), '.2f')} "
-             f"TB/s; commit {env.get('commit')}; TF32 off.", ""]
+    lines = []
+    for env in [r for r in rows if r["stage"] == "env" and not r.get("driver")] or [{}]:  # one per joined command
+        lines.append(f"Device: {env.get('gpu') or env.get('cpu', '?')}; torch {env.get('torch', '?')}, diffusers "
+                     f"{env.get('diffusers', '?')}, Triton {env.get('triton')} (runs: {env.get('triton_runs')}); "
+                     f"bf16 matmul {f(env.get('bf16_matmul_tflops'), '.0f')} TFLOP/s, copy "
+                     f"{f(env.get('copy_tb_s'), '.2f')} TB/s; commit {env.get('commit')}; TF32 off.")
+    lines.append("")
+    ran = {r["stage"] for r in rows if r.get("driver") and r.get("status") == "ok"}
     timing = [r for r in rows if r.get("variant") and "s_per_image" in r or (r.get("variant") and "error" in r
                                                                             and r["stage"] != "parity")]
     if timing:
@@ -634,29 +750,47 @@ def summarize(out: Path) -> str:
                          f"{f(r['edit_rel'], '.1e')} | {r['iterations_equal']} | {f(other, '.1e')} |")
         lines.append("")
     for r in rows:
-        if r["stage"] == "profile" and "wall_s" in r:
-            top = ", ".join(f"{k} {v:.0f} ms" for k, v in list(r["by_class_ms"].items())[:4])
-            lines.append(f"- profile b{r['batch']}{' + CUDA graphs' if r['cuda_graphs'] else ''}: wall "
-                         f"{r['wall_s']:.2f} s, GPU busy {r['gpu_busy_s']:.2f} s ({100 * r['busy_fraction']:.0f}%); {top}")
+        if r["stage"] == "profile" and ("wall_s" in r or "error" in r):
+            lines += profile_lines(r)
         if r["stage"] == "kernels" and "step_rel" in r:
             lines.append(f"- fused kernels {r['dtype']}: step rel {r['step_rel']:.1e}, loss {r['mse_rel']:.1e}, "
                          f"grad {r['mse_grad_rel']:.1e}; {r['fused_step_us']:.0f} us fused vs "
                          f"{r['torch_step_us']:.0f} us torch")
         if r["stage"] == "ops" and "forward_ops" in r:
-            lines.append(f"- one inner iteration's UNet, {'half weights' if r['half_weights'] else 'autocast over fp32'}"
-                         f": {r['forward_ops']} forward aten ops ({r['forward_casts']} casts), {r['backward_ops']} "
+            weights = "half weights" if r["half_weights"] else "autocast over fp32"
+            lines.append(f"- one inner iteration's UNet, {weights}: {r['forward_ops']} forward aten ops "
+                         f"({r['forward_casts']} casts), {r['backward_ops']} "
                          f"backward, {r['saved_for_backward_gib']:.2f} GiB saved for backward besides the weights "
                          f"({r['latent_side']}x{r['latent_side']} latent)")
         if r["stage"] == "passes" and "unet_forward_per_image" in r:
             lines.append(f"- UNet passes per image, {r['backend']}, early stop {'on' if r['early_stop'] else 'off'}: "
                          f"{r['unet_forward_per_image']:.0f} forward, {r['unet_backward_per_image']:.0f} backward "
                          f"({r['inner_iterations_per_image']:.0f} inner iterations; shapes model)")
-        if r.get("driver") and r.get("status") != "ok":
+        if r.get("driver") and r.get("status") != "ok" and not (r["status"] == "skipped" and r["stage"] in ran):
             lines.append(f"- stage {r['stage']}: {r['status']} {r.get('reason', '')} {r.get('note', '')}".rstrip())
     text = "\n".join(lines) + "\n"
     if out.is_dir():
         (out / "summary.md").write_text(text)
     return text
+
+
+def profile_lines(r: dict) -> list[str]:
+    """A profile row in the summary: wall vs GPU busy and the top classes; the top 5 kernels under it."""
+    label = f"profile b{r['batch']}" + (" + CUDA graphs" if r["cuda_graphs"] else "")
+    label += (", channels_last" if r.get("channels_last") else "") + (f", {r['inner_steps']} inner"
+                                                                      if "inner_steps" in r else "")
+    if "error" in r:
+        return [f"- {label}: failed: {r['error'][:80]}"]
+    calls = r.get("by_class_calls", {})
+    top = ", ".join(f"{k} {v:.0f} ms" + (f" ({calls[k]} calls)" if k in calls else "")
+                    for k, v in list(r["by_class_ms"].items())[:4])
+    unprofiled = f" ({r['unprofiled_wall_s']:.2f} s unprofiled)" if "unprofiled_wall_s" in r else ""
+    lines = [f"- {label}: wall {r['wall_s']:.2f} s{unprofiled}, GPU busy {r['gpu_busy_s']:.2f} s "
+             f"({100 * r['busy_fraction']:.0f}%); {top}"]
+    if r.get("top_kernels"):
+        lines.append("  - top kernels: " + "; ".join(f"{k['name'][:80]} {k['ms']:.1f} ms x{k['calls']}"
+                                                     for k in r["top_kernels"][:5]))
+    return lines
 
 
 def main(argv=None) -> int:
@@ -668,6 +802,9 @@ def main(argv=None) -> int:
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # one stage, in this process
     p.add_argument("--summarize", default=None, metavar="OUT", help="only remake OUT/summary.md")
     args = p.parse_args(argv)
+    unknown = set(args.stages.split(",")) - set(STAGES) if args.stages else set()
+    if unknown:  # before any stage runs, not when the loop reaches the name
+        p.error(f"unknown stage(s) {', '.join(sorted(unknown))}; known: {','.join(STAGES)}")
     if args.summarize:
         print(summarize(Path(args.summarize)))
         return 0
