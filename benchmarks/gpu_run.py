@@ -19,12 +19,12 @@ and there, from the tree:
 stage on a 2-core CPU); the GPU run starts each from a fresh interpreter, as on the H200.
 
 Each stage appends JSON lines to OUT/gpu_run.jsonl as it measures, so a killed run keeps what it finished; the
-driver gives every stage a time limit and skips what no longer fits the overall budget (default 540 s), and writes
+driver gives every stage a time limit and skips what no longer fits the overall budget (default 480 s: the issue's 8 minutes), and writes
 OUT/summary.md (the README table). Timing rows run null-text inversion + edit with early stop off at `steps` DDIM
 steps and scale to 50 (every step then costs the same); warm-up (compile, graph capture) is timed apart. Every
 stage runs with TF32 off (the engine's fp32 is strict fp32, nti.models.strict_fp32) and says so.
 
-Budget. All stages take about 630 s on an H200, more than one command's 540 s (measured at 3683908: env 15, parity
+Budget. All stages take about 630 s on an H200, more than one command's 480 s (measured at 3683908: env 15, parity
 65, nti_b1 53, nti_b16 67, ddim_b16 49, kernels 12, ops 23, compile 148; estimated: the channels_last rows +7 and
 +10, profile 45, sdxl 100-130, passes 40). STAGES therefore runs the figures the issue asks for first (parity;
 s/image and peak memory at b1, b16 and DDIM; compile time), then the profile (where the GPU time goes), then the
@@ -35,7 +35,7 @@ the command for what it skipped or lost to a timeout, with env again so that fil
     PYTHONPATH=/tmp/site python3 -m nti.benchmarks.gpu_run --out $OUT/run2 --stages env,sdxl --budget 175
 
 Run it, after the same pip install line, on the same warm machine (a session's 15 device minutes hold both: start
-~1.5, first command 9, second 3), then join the two folders here and summarize them together:
+~1.5, first command 8, second 3-4), then join the two folders here and summarize them together:
 
     mkdir both && cat run/gpu_run.jsonl run2/gpu_run.jsonl > both/gpu_run.jsonl && \
         python -m nti.benchmarks.gpu_run --summarize both
@@ -797,7 +797,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/gpu", help="folder for gpu_run.jsonl and summary.md")
     p.add_argument("--quick", action="store_true", help="CPU, tiny model, 2 steps: checks the script, not speed")
-    p.add_argument("--budget", type=float, default=540, help="seconds for all stages (default 540)")
+    p.add_argument("--budget", type=float, default=480, help="seconds for all stages (default 480: 8 minutes)")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # one stage, in this process
     p.add_argument("--summarize", default=None, metavar="OUT", help="only remake OUT/summary.md")
