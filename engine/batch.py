@@ -203,7 +203,7 @@ def run_jobs(args, config: NTIConfig, device) -> int:
                 log.info("kept %d finished output%s of an earlier run of this request (--no-resume makes them "
                          "again)", len(kept), "s" if len(kept) != 1 else "")
             todo = [j for j in todo if j not in kept]
-        written = 0
+        written, done, work_start = 0, 0, time.perf_counter()
         try:
             for part in work_chunks(todo, config):  # each chunk written before the next: an interruption keeps them
                 invert_jobs(pipe, [j for j in part if j.image is not None], config, args.cache, progress, problems)
@@ -218,8 +218,11 @@ def run_jobs(args, config: NTIConfig, device) -> int:
                     for k in range(0, len(ready), chunk):
                         edit_and_save(pipe, ready[k:k + chunk], edit_config, progress, problems)
                 written += sum(j.error is None for j in part)
-                if progress and len(todo) > len(part):
-                    log.info("written %d/%d outputs", written, len(todo))
+                done += len(part)
+                if progress and len(todo) > done:
+                    per = (time.perf_counter() - work_start) / done
+                    log.info("written %d/%d outputs (%.1f s each, about %s left)", written, len(todo), per,
+                             duration(per * (len(todo) - done)))
         except KeyboardInterrupt:
             if written:
                 log.warning("%d of %d outputs were written before the interruption; the same command again keeps "
@@ -229,6 +232,13 @@ def run_jobs(args, config: NTIConfig, device) -> int:
             log.info("done in %.1f s on %s (%s backend, %s)", time.perf_counter() - start, device, config.backend,
                      config.method)
     return report(problems, sum(j.error is None for j in jobs))
+
+
+def duration(seconds: float) -> str:
+    """A progress estimate in words: 42 s, 7 min, 2.5 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def request_of(command: str, job: Job, fingerprint: str, config: NTIConfig, device) -> str | None:
