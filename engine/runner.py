@@ -104,17 +104,20 @@ def _copy_unet(unet: nn.Module, dtype: torch.dtype | None, channels_last: bool) 
 
 
 def prepared_unet(pipe, config: NTIConfig) -> PreparedUNet:
-    """The pipeline's UNet copy for this config's precision, weight casting and memory format (made once)."""
+    """The pipeline's UNet copy for this config's precision, weight casting, memory format and gradient
+    checkpointing (made once)."""
     cuda = pipe.device.type == "cuda"
     if config.channels_last and not cuda:
         warnings.warn("channels_last only helps CUDA convolutions; ignored on this device")
     channels_last = config.channels_last and cuda
     dtype = AUTOCAST.get(config.precision) if config.half_weights else None
-    key = (config.precision, dtype, channels_last)
+    key = (config.precision, dtype, channels_last, config.gradient_checkpointing)
     if key not in pipe.fast_unets:
         module = _copy_unet(pipe.unet, dtype, channels_last)
         if channels_last:
             module.to(memory_format=torch.channels_last)
+        if config.gradient_checkpointing:  # diffusers 0.42 checks grad mode only, not .training: eval mode keeps it
+            module.enable_gradient_checkpointing()
         pipe.fast_unets[key] = PreparedUNet(module.eval(), AUTOCAST.get(config.precision))
     return pipe.fast_unets[key]
 

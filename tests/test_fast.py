@@ -224,10 +224,40 @@ def test_half_weights_give_autocasts_results_with_fewer_ops(tiny_pipe):
     half = nti.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
     for a, b in zip(cast, half):
         assert a.iterations == b.iterations and torch.equal(a.null_embeddings, b.null_embeddings)
-    module = next(p.module for (prec, dtype, _), p in tiny_pipe.fast_unets.items() if dtype == torch.bfloat16)
+    module = next(p.module for (prec, dtype, *_), p in tiny_pipe.fast_unets.items() if dtype == torch.bfloat16)
     assert module.conv_in.weight.dtype == torch.bfloat16 and module.conv_norm_out.weight.dtype == torch.float32
     assert module.conv_norm_out.weight is tiny_pipe.unet.conv_norm_out.weight  # norms shared, not copied
     assert all(p.dtype == torch.float32 for p in tiny_pipe.unet.parameters())  # the reference's UNet untouched
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gradient_checkpointing_gives_the_same_inversion_and_keeps_a_third(tiny_pipe, precision):
+    """Recomputing activations in backward is the same arithmetic: the same embeddings bit for bit, while the UNet
+    pass keeps (saved for backward, weights apart) under a third of the bytes."""
+    from nti.api import null_embedding
+
+    config = BASE.replace(backend="fast", precision=precision, steps=3, inner_steps=3)
+    kept = nti.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
+    recomputed = nti.invert(tiny_pipe, IMAGES, PROMPTS, config.replace(gradient_checkpointing=True), progress=False)
+    for a, b in zip(kept, recomputed):
+        assert a.iterations == b.iterations and torch.equal(a.null_embeddings, b.null_embeddings)
+        assert torch.equal(a.z_T, b.z_T)
+    saved = {}
+    for checkpointing in (False, True):
+        runner = UNetRunner(tiny_pipe, config.replace(gradient_checkpointing=checkpointing))
+        weights = {p.untyped_storage().data_ptr() for p in runner.module.parameters()}
+        storages = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        context = null_embedding(tiny_pipe).expand(2, -1, -1).clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            runner.eps(torch.randn(2, 4, 16, 16), 981, context)
+        saved[checkpointing] = sum(storages.values())
+    assert 0 < saved[True] < saved[False] / 3
+    assert not any(m.gradient_checkpointing for m in tiny_pipe.unet.modules() if hasattr(m, "gradient_checkpointing"))
 
 
 def test_masked_adam_equals_torch_adam_and_leaves_stopped_rows_alone():
