@@ -159,7 +159,8 @@ def timing_row(st: Stage, stage: str, variant: str, config, n: int, flops: tuple
     spent = n * per_image + iters * fwd_bwd
     row = {"variant": variant, "method": config.method, "batch": n, "precision": config.precision,
            "backend": config.backend, "half_weights": config.half_weights, "cuda_graphs": config.cuda_graphs,
-           "compile": config.compile, "early_stop": config.early_stop, "steps": steps,
+           "compile": config.compile, "gradient_checkpointing": config.gradient_checkpointing,
+           "early_stop": config.early_stop, "steps": steps,
            "inner_steps": config.inner_steps,
            "s_per_image": total / n, "s_per_image_50_steps": total / n * scale,
            "latency_50_steps_s": total * scale if n == 1 else None,
@@ -325,7 +326,8 @@ def stage_ddim_b16(st: Stage) -> None:
 
 def stage_sdxl(st: Stage) -> None:
     """SDXL base-shaped random weights at 1024 px (tiny-xl on CPU): bf16 half weights, eager and with CUDA graphs,
-    at SDXL_BATCH images, halving the batch after an out-of-memory error; the rows record the batch that ran."""
+    at SDXL_BATCH images, halving the batch after an out-of-memory error, then eager with gradient checkpointing at
+    twice the batch that ran; the rows record their batch."""
     from nti import NTIConfig
     from nti.models import build_sdxl_shaped_pipeline, build_tiny_xl_pipeline
 
@@ -349,6 +351,17 @@ def stage_sdxl(st: Stage) -> None:
             timing_row(st, "sdxl", "SDXL + CUDA graphs", base.replace(batch_size=n, cuda_graphs=True), n, flops)
         except Exception as err:
             st.emit("sdxl", variant="SDXL + CUDA graphs", batch=n, error=f"{type(err).__name__}: {err}"[:500])
+    if n >= 1:  # gradient checkpointing at twice that batch (the same on CPU): its recompute cost and memory
+        m = 2 * n if st.cuda else n
+        st.pipe.fast_unets.clear()  # the graphs' pools and the other copy give their memory back first
+        if st.cuda:
+            torch.cuda.empty_cache()
+        try:
+            timing_row(st, "sdxl", "SDXL + gradient checkpointing", base.replace(batch_size=m,
+                                                                               gradient_checkpointing=True), m, flops)
+        except Exception as err:
+            st.emit("sdxl", variant="SDXL + gradient checkpointing", batch=m,
+                    error=f"{type(err).__name__}: {err}"[:500])
 
 
 def stage_compile(st: Stage) -> None:

@@ -60,6 +60,11 @@ def test_gpu_run_quick_on_cpu(tmp_path):
 
     sdxl = next(r for r in measured if r["stage"] == "sdxl" and "unet_fwd_gflop" in r)
     assert sdxl["model"] == "tiny-xl" and sdxl["unet_fwd_bwd_gflop"] > sdxl["unet_fwd_gflop"] > 0
+    rows = {r["variant"]: r for r in measured if r["stage"] == "sdxl" and "variant" in r}
+    assert set(rows) == {"SDXL bf16 half weights", "SDXL + gradient checkpointing"}
+    assert rows["SDXL + gradient checkpointing"]["gradient_checkpointing"] is True
+    assert rows["SDXL + gradient checkpointing"]["unet_backward_rows"] == rows["SDXL bf16 half weights"][
+        "unet_backward_rows"] > 0  # the same work, recomputed activations aside
 
     # profile: on CPU the same code tables CPU ops (nested, so "busy" exceeds the wall; the figures check the code)
     profile = {r["batch"]: r for r in measured if r["stage"] == "profile"}
