@@ -396,6 +396,7 @@ def run_batch(args) -> RunReport:
 
     from .api import check_vocabulary
     from .artifact import write_atomic
+    from .images import file_crop_warning
     from .batch import Problems, collect_jobs, request_of
     from .options import config_from_args
     from .outputs import plan_outputs, recorded_request
@@ -424,6 +425,11 @@ def run_batch(args) -> RunReport:
     card = model_card(args.model)
     resolution = card.resolution
     check_vocabulary(card, [j[k] for j in jobs for k in ("source_prompt", "target_prompt") if j.get(k)])
+    for image in dict.fromkeys(j["image"] for j in jobs if not j["image"].startswith("skimage:")):
+        # workers decode, but the user reads the driver's terminal; is_file first: opening a named pipe would block
+        message = file_crop_warning(image, resolution) if Path(image).is_file() else None
+        if message is not None:
+            print(f"nti: {message}", file=sys.stderr)
 
     with connect(ray, args.ray, args.debug):
         device, gpus = engine_device(ray, args.device)

@@ -182,6 +182,17 @@ def crop_warning(size: tuple[int, int], resolution: int, label: str) -> str | No
             f"image){blurry}; crop or pad it to a square first to choose what the model sees")
 
 
+def file_crop_warning(path: str, resolution: int) -> str | None:
+    """crop_warning for an image file from its header alone (no decoding: for a driver that hands decoding to
+    workers); None when it keeps enough or cannot be read (its reader reports that)."""
+    try:
+        with Image.open(path) as img:
+            size = img.size
+    except Exception:
+        return None
+    return crop_warning(size, resolution, f"image {path}")
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """(1, 3, H, W) fp32 in [-1, 1] from an RGB image (notebook: x / 127.5 - 1)."""
     array = np.asarray(img, dtype=np.float32)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from nti.cli import EXIT_BAD_INPUT, EXIT_OK, main
 
@@ -78,16 +79,21 @@ def test_ray_edit_writes_the_single_process_files_and_skips_a_corrupt_input(clus
     records = [json.loads(line) for line in jobs.read_text().splitlines()]
     records.insert(1, {"id": "broken", "image": str(bad), "source_prompt": "a red circle on a white background",
                        "target_prompt": "a blue circle on a white background"})
+    strip = tmp_path / "strip.png"  # 20:1: the driver warns (workers decode it, far from the user's terminal)
+    Image.new("RGB", (400, 20), (200, 30, 30)).save(strip)
+    records.append({"id": "strip", "image": str(strip), "source_prompt": "a red square on a white background",
+                    "target_prompt": "a blue square on a white background"})
     out, cache = tmp_path / "out", tmp_path / "cache"
     code = main(["edit", str(write_jsonl(tmp_path / "jobs.jsonl", records)), "--out", str(out), "--cache",
                  str(cache), *FAST, "--ray", "--num-workers", "2"])
     stdout, err = capsys.readouterr()
     assert code == EXIT_BAD_INPUT
     assert "skipped broken" in err and str(bad) in err and "not a readable image" in err
-    assert "1 of 5 inputs failed" in err
-    assert files(out) == single  # the four good edits: same names, same bytes
-    assert sorted(stdout.split()) == sorted(str(out / name) for name in single)
-    assert len(list(cache.glob("*.safetensors"))) == 2  # one inversion per scene, shared by its two edits
+    assert "1 of 6 inputs failed" in err
+    assert err.count("is 400x20: the model sees only its centre 20x20 square") == 1 and str(strip) in err
+    assert (out / "strip.png").is_file() and {k: v for k, v in files(out).items() if k != "strip.png"} == single
+    assert sorted(stdout.split()) == sorted(str(out / name) for name in [*single, "strip.png"])
+    assert len(list(cache.glob("*.safetensors"))) == 3  # one inversion per image, shared by a scene's two edits
 
 
 def test_an_actor_killed_mid_run_loses_nothing_and_writes_nothing_twice(cluster, jobs, single, tmp_path,
