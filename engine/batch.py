@@ -202,6 +202,8 @@ def run_jobs(args, config: NTIConfig, device) -> int:
             if kept and progress:
                 log.info("kept %d finished output%s of an earlier run of this request (--no-resume makes them "
                          "again)", len(kept), "s" if len(kept) != 1 else "")
+            for job in kept:  # stdout lists every output of the command, kept or made, as a script reads it
+                print(job.out)
             todo = [j for j in todo if j not in kept]
         written, done, work_start = 0, 0, time.perf_counter()
         try:

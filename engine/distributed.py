@@ -446,6 +446,8 @@ def run_batch(args) -> RunReport:
             if kept and not args.quiet:
                 print(f"nti: kept {len(kept)} finished output(s) of an earlier run of this request (--no-resume makes "
                       f"them again)", file=sys.stderr)
+            for job in kept:  # stdout lists every output, kept or made, as the single-process run does
+                print(job["out"])
             jobs = [j for j in jobs if j not in kept]
             if not jobs:
                 return report

@@ -114,13 +114,16 @@ def test_an_actor_killed_mid_run_loses_nothing_and_writes_nothing_twice(cluster,
         assert load_inversion(path).key == path.stem  # whole, readable, under its content key
     # the dead actor's inversion was saved before it died and reused by the retry, not redone
     assert any(p.stat().st_mtime_ns <= flag.stat().st_mtime_ns for p in cache.glob("*.safetensors"))
-    # the same command again: every output is kept (their request keys are the single-process run's), none rewritten
+    # the same command again: every output is kept (their request keys are the single-process run's), none
+    # rewritten, each listed on stdout
     monkeypatch.delenv(CRASH_HOOK)
     capsys.readouterr()
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert main(["edit", str(jobs), "--out", str(out), "--cache", str(cache), *FAST, "--ray",
                  "--num-workers", "2"]) == EXIT_OK
     stdout, err = capsys.readouterr()
-    assert stdout == "" and files(out) == single
+    assert sorted(stdout.split()) == sorted(str(out / name) for name in single) and files(out) == single
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
 
 
 def test_a_batch_that_kills_every_worker_is_given_up_after_max_retries(cluster, jobs, single, tmp_path, monkeypatch,

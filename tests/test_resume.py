@@ -54,10 +54,11 @@ def test_an_interrupted_batch_keeps_what_it_wrote_and_the_same_command_does_only
     done = contents(out)
     assert sorted(done) == ["astronaut.png", "chelsea.png", "coffee.png"]
 
-    with monkeypatch.context() as m:  # all finished: no edit runs at all, and nothing is rewritten
+    with monkeypatch.context() as m:  # all finished: no edit runs at all, nothing is rewritten, all are listed
         calls = edit_calls(m)
-        code, _, _ = run_cli([*EDIT, "--out", out], capsys)
+        code, stdout, _ = run_cli([*EDIT, "--out", out], capsys)
     assert code == EXIT_OK and calls == [] and contents(out) == done
+    assert sorted(stdout.split()) == sorted(str(out / name) for name in done)
 
 
 def test_a_run_without_interruption_equals_the_resumed_one(tmp_path, capsys, monkeypatch):
