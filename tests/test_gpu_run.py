@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,11 @@ def test_device_events_reads_the_profilers_raw_events():
     assert names.count("aten::mm") == 3 and names.count("aten::add") == 2
     assert "a range that spans the ops" not in names and all(us > 0 for _, us in events)
     assert device_events(prof) == []  # no CUDA events on a CPU profile
+    prof.events()  # parsed (and cached) now, then the raw results hidden: a torch whose raw events differ
+    prof.profiler.kineto_results = types.SimpleNamespace()
+    fallback = device_events(prof, torch.autograd.DeviceType.CPU)
+    assert sorted(name for name, _ in fallback) == sorted(names)
+    assert [us for _, us in sorted(fallback)] == pytest.approx([us for _, us in sorted(events)], abs=1)
     table = kernel_table(events)
     mm = next(k for k in table["top_kernels"] if k["name"] == "aten::mm")
     assert mm["calls"] == 3
