@@ -24,7 +24,7 @@ from typing import Annotated, Literal
 from fastapi import FastAPI, File, Form, Path as PathParam, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
@@ -218,13 +218,15 @@ def read_image(data: bytes, settings: ServeSettings, param: str = "image") -> Im
                             f"{settings.max_pixels}", param)
     if width < 1 or height < 1:
         raise APIError(400, f"{param}: image has no pixels", param)
-    from .images import to_rgb  # here, as the other engine imports: torch is not needed to start the server
+    from .images import is_signed_16bit, to_rgb, upright  # here: torch is not needed to start the server
 
     try:
         frames = getattr(img, "n_frames", 1)  # counting seeks through the file: a broken one fails here
+        signed = is_signed_16bit(img)  # before upright: its turned copy has no TIFF tags
         img.load()
-        # the CLI's reading (images.to_rgb): EXIF orientation, 16-bit greys scaled, transparency over white
-        rgb = to_rgb(ImageOps.exif_transpose(img), param)
+        # the CLI's reading (images.open_image): EXIF orientation (as stored when the EXIF cannot be parsed), 16-bit
+        # greys scaled by their sample format, transparency over white
+        rgb = to_rgb(upright(img)[0], param, signed)
     except NTIError as err:  # pixel values it will not guess at
         raise APIError(400, str(err), param) from None
     except Exception as err:  # truncated data, bad CRC, a codec error: all the upload's fault

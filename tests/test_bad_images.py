@@ -147,3 +147,21 @@ def test_the_python_api_warns_about_a_strip_too(shapes_pipe, nti_warnings):
     messages = [r.getMessage() for r in nti_warnings]
     assert [s.size for s in squares] == [(32, 32)] * 2 and len(messages) == 1, messages
     assert messages[0].startswith("images[0] is 4000x40: the model sees only its centre 40x40 square")
+
+
+def test_nti_serve_reads_signed_tiffs_and_corrupt_exif_as_the_cli_does(tmp_path):
+    """The HTTP upload reader shares the CLI's steps: a signed TIFF at full brightness, turned by its orientation tag;
+    a PNG whose EXIF cannot be parsed used as stored (it was a 400 'corrupt')."""
+    pytest.importorskip("fastapi")
+    from nti.serve import ServeSettings, read_image
+
+    turned = np.zeros((16, 16), np.int16)
+    turned[:, :8] = 32767
+    signed_tiff(tmp_path / "turned.tif", turned, orientation=6)
+    Image.new("RGB", (12, 8), (10, 200, 30)).save(tmp_path / "garbled.png", exif=GARBLED_EXIF)
+    for name in ("turned.tif", "garbled.png"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            served = np.asarray(read_image((tmp_path / name).read_bytes(), ServeSettings()))
+        assert np.array_equal(served, np.asarray(load_image(tmp_path / name))), name
+    assert served.shape == (8, 12, 3) and tuple(served[0, 0]) == (10, 200, 30)
