@@ -337,6 +337,11 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
         log.warning("%s: the scheduler config's steps_offset %s is outdated; using 1, as StableDiffusionPipeline "
                     "does (--steps-offset N sets another)", path, scheduler_config.get("steps_offset", "(absent)"))
         scheduler_config = {**scheduler_config, "steps_offset": 1}
+    if second and scheduler_config.get("clip_sample"):
+        # StableDiffusionPipeline forces it off (clipping x0 latents to [-1, 1] ruins them); the SDXL pipeline would
+        # clip: say that this engine does not, rather than differ from it without a word
+        log.warning("%s: the scheduler config asks to clip the predicted x0 (clip_sample); this engine's DDIM step "
+                    "does not clip latents, as StableDiffusionPipeline does not (StableDiffusionXLPipeline would)", path)
     zero_null = bool(_read_config(path, "model_index.json").get("force_zeros_for_empty_prompt", True))
     pipe = _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, dev, str(model), fingerprint_folder(path),
                      zero_null=zero_null, **second)

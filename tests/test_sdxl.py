@@ -241,3 +241,19 @@ def test_a_model_without_zero_null_starts_from_the_empty_prompt(xl_folder, tmp_p
     null = null_embedding(pipe)
     assert negative.abs().amax() > 0
     assert torch.equal(null[:, :77], negative) and torch.equal(null[:, 77, :24], negative_pooled)
+
+
+def test_an_sdxl_scheduler_that_clips_x0_is_named_not_silently_ignored(xl_folder, tmp_path, caplog):
+    """clip_sample: StableDiffusionXLPipeline would clip the predicted x0 latents, the engine (as SD's pipeline) does
+    not: a warning says so at load; the results are the unclipped ones."""
+    copy = tmp_path / "model"
+    shutil.copytree(xl_folder, copy)
+    config_file = copy / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "clip_sample": True}))
+    with caplog.at_level("WARNING", logger="nti"):
+        load_pipeline(copy, device="cpu")
+    assert "clip_sample" in caplog.text and "does not clip" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nti"):
+        load_pipeline(xl_folder, device="cpu")
+    assert "clip_sample" not in caplog.text
