@@ -137,41 +137,42 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def recorded_request(path: Path) -> str | None:
-    """The request key an existing output of nti recorded (PNG text chunk or safetensors header), else None."""
+def nti_tags(path: Path) -> dict | None:
+    """The tags nti writes into its outputs, read without decoding: a PNG's text chunks (with Software=nti) or an
+    inversion's safetensors header (with its "nti" record); None for any other or unreadable file."""
     try:
         if path.suffix.lower() == ".png":
             from PIL import Image
-            with Image.open(path) as img:
-                if img.format == "PNG" and img.info.get("Software") == PNG_SOFTWARE:
-                    return img.info.get(REQUEST_TAG)
-        elif path.suffix == ".safetensors" and path.with_suffix(".json").is_file():  # both halves of an inversion
+            with Image.open(path) as img:  # text chunks before the image data: read at open, no decoding
+                return dict(img.info) if img.format == "PNG" and img.info.get("Software") == PNG_SOFTWARE else None
+        if path.suffix == ".safetensors":
             from safetensors import safe_open
             with safe_open(path, "pt") as fh:
-                return (fh.metadata() or {}).get(REQUEST_TAG)
-    except Exception:  # unreadable or damaged: not a finished output, so it is made again
+                header = fh.metadata() or {}
+            return header if "nti" in header else None
+    except Exception:  # unreadable, damaged, or another format: not ours
         return None
     return None
+
+
+def recorded_request(path: Path) -> str | None:
+    """The request key an existing output of nti recorded (PNG text chunk or safetensors header), else None; an
+    inversion counts only with its .json twin beside it (save_inversion writes the twin first)."""
+    if path.suffix == ".safetensors" and not path.with_suffix(".json").is_file():
+        return None
+    return (nti_tags(path) or {}).get(REQUEST_TAG)
 
 
 def written_by_nti(path: Path) -> bool:
     """Whether an existing file is one nti wrote (a PNG with its Software chunk, an inversion with its metadata, or
     that inversion's readable .json twin), so that writing the same output again loses nothing of the user's."""
-    try:
-        if path.suffix.lower() == ".png":
-            from PIL import Image
-            with Image.open(path) as img:  # text chunks before the image data: read at open, no decoding
-                return img.format == "PNG" and img.info.get("Software") == PNG_SOFTWARE
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-            with safe_open(path, "pt") as fh:
-                return "nti" in (fh.metadata() or {})
-        if path.suffix == ".json":
+    if path.suffix == ".json":
+        try:
             record = json.loads(path.read_text())
-            return isinstance(record, dict) and {"format_version", "key", "source_prompt"} <= record.keys()
-    except Exception:  # unreadable, or another format: not ours
-        return False
-    return False
+        except Exception:  # unreadable, or another format: not ours
+            return False
+        return isinstance(record, dict) and {"format_version", "key", "source_prompt"} <= record.keys()
+    return nti_tags(path) is not None
 
 
 def check_writable_folder(folder: Path, what: str) -> None:
