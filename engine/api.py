@@ -12,7 +12,7 @@ from PIL import Image
 from .artifact import Inversion
 from .config import NTIConfig, NTIError
 from .ddim import guidance_weights, make_schedule
-from .images import center_square, crop_warning, load_image, pixel_hash, to_pil, to_tensor
+from .images import load_square, pixel_hash, to_pil, to_tensor
 from .methods import DIRECT, EditJob, InversionResult, from_pivots, optimizes_null_text
 from .conditioning import conditioning_record, null_grad_mask
 from .models import Pipeline, decode_latents, encode_images, encode_prompts, strict_fp32
@@ -66,14 +66,8 @@ def prepare_images(pipe: Pipeline, images) -> tuple[list[Image.Image], torch.Ten
     """Load, centre-crop and resize to the model's resolution; (B, 3, H, W) in [-1, 1]."""
     if isinstance(images, (str, Image.Image)) or not isinstance(images, Sequence):
         images = [images]
-    squares = []
-    for k, source in enumerate(images):
-        img = load_image(source)
-        message = crop_warning(img.size, pipe.resolution, f"image {source}" if isinstance(source, (str, os.PathLike))
-                               else f"images[{k}]")
-        if message is not None:
-            log.warning(message)
-        squares.append(center_square(img, pipe.resolution))
+    squares = [load_square(source, pipe.resolution, f"image {source}" if isinstance(source, (str, os.PathLike))
+                           else f"images[{k}]") for k, source in enumerate(images)]
     if not squares:
         raise NTIError("no images given")
     return squares, torch.cat([to_tensor(img) for img in squares])

@@ -193,7 +193,7 @@ def run_jobs(args, config: NTIConfig, device) -> int:
             log.warning(f"--model {pipe.name} is a small model with random weights: its images are colour noise (it "
                         f"exists to test the machinery; give --model PATH for Stable Diffusion)")
         check_against_model(pipe, jobs, config, need_target, problems)
-        edit_config = config if need_target else config.replace(edit="regenerate", reweight=(), blend_words=())
+        edit_config = edit_config_for(args.command, config)
         todo = [j for j in jobs if j.error is None]
         for job in todo:
             job.request = request_of(args.command, job, pipe.fingerprint, edit_config, device)
@@ -234,6 +234,12 @@ def run_jobs(args, config: NTIConfig, device) -> int:
             log.info("done in %.1f s on %s (%s backend, %s)", time.perf_counter() - start, device, config.backend,
                      config.method)
     return report(problems, sum(j.error is None for j in jobs))
+
+
+def edit_config_for(command: str, config: NTIConfig) -> NTIConfig:
+    """The config an output is made with: `edit`'s own; `reconstruct` and `invert` regenerate under the source
+    prompt, so no prompt-to-prompt setting applies to them."""
+    return config if command == "edit" else config.replace(edit="regenerate", reweight=(), blend_words=())
 
 
 def duration(seconds: float) -> str:
@@ -280,7 +286,7 @@ def check_against_model(pipe, jobs: list[Job], config: NTIConfig, need_target: b
     each prompt against the tokenizer (length, the shapes model's words), the inversion's model, P2P's word match."""
     from . import api, p2p
     from .ddim import make_schedule
-    from .images import center_square, crop_warning, load_image
+    from .images import load_square
 
     make_schedule(pipe.scheduler_config, config.steps, config.timestep_offset(pipe.scheduler_config))  # NTIError
     squares = {}  # JSONL lines that edit one image decode it, and warn about it, once (read-only: shared)
@@ -289,11 +295,7 @@ def check_against_model(pipe, jobs: list[Job], config: NTIConfig, need_target: b
             continue
         try:
             if job.image is not None and job.image not in squares:
-                img = load_image(job.image)
-                message = crop_warning(img.size, pipe.resolution, f"image {job.image}")
-                if message is not None:
-                    log.warning(message)
-                squares[job.image] = center_square(img, pipe.resolution)
+                squares[job.image] = load_square(job.image, pipe.resolution, f"image {job.image}")
             if job.image is not None:
                 job.square = squares[job.image]
             else:

@@ -397,7 +397,7 @@ def run_batch(args) -> RunReport:
     from .api import check_vocabulary
     from .artifact import write_atomic
     from .images import file_crop_warning
-    from .batch import Problems, collect_jobs, request_of
+    from .batch import Problems, collect_jobs, edit_config_for, request_of
     from .options import config_from_args
     from .outputs import plan_outputs, recorded_request
 
@@ -426,8 +426,7 @@ def run_batch(args) -> RunReport:
     resolution = card.resolution
     check_vocabulary(card, [j[k] for j in jobs for k in ("source_prompt", "target_prompt") if j.get(k)])
     for image in dict.fromkeys(j["image"] for j in jobs if not j["image"].startswith("skimage:")):
-        # workers decode, but the user reads the driver's terminal; is_file first: opening a named pipe would block
-        message = file_crop_warning(image, resolution) if Path(image).is_file() else None
+        message = file_crop_warning(image, resolution)  # workers decode, but the user reads the driver's terminal
         if message is not None:
             print(f"nti: {message}", file=sys.stderr)
 
@@ -438,7 +437,7 @@ def run_batch(args) -> RunReport:
         workers = args.num_workers or (gpus if device.startswith("cuda") else nodes)
         report = RunReport(workers=workers, device=device)
         per_call = config.batch_size if config.backend == "fast" else 1  # what the single-process run inverts at once
-        edit_config = config if need_target else config.replace(edit="regenerate", reweight=(), blend_words=())
+        edit_config = edit_config_for(args.command, config)
         for job, record in zip(jobs, records):  # the key the single-process run records, so either resumes the other
             job["request"] = request_of(args.command, record, card.fingerprint, edit_config, device.split(":")[0])
         if getattr(args, "resume", True):

@@ -184,13 +184,25 @@ def crop_warning(size: tuple[int, int], resolution: int, label: str) -> str | No
 
 def file_crop_warning(path: str, resolution: int) -> str | None:
     """crop_warning for an image file from its header alone (no decoding: for a driver that hands decoding to
-    workers); None when it keeps enough or cannot be read (its reader reports that)."""
+    workers); None when it keeps enough or is not a readable regular file (its reader reports that)."""
     try:
+        if not Path(path).is_file():  # opening a named pipe would block
+            return None
         with Image.open(path) as img:
             size = img.size
     except Exception:
         return None
     return crop_warning(size, resolution, f"image {path}")
+
+
+def load_square(source, resolution: int, label: str) -> Image.Image:
+    """load_image, a warning through the 'nti' logger when the centre crop would spoil it (crop_warning), then
+    center_square at the model's resolution."""
+    img = load_image(source)
+    message = crop_warning(img.size, resolution, label)
+    if message is not None:
+        log.warning(message)
+    return center_square(img, resolution)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
