@@ -55,3 +55,22 @@ def test_the_installed_wheel_runs_from_any_folder(fresh_site, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nti.cli", "--version"], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith("nti-engine "), proc.stderr[-2000:]
+
+
+def test_the_checkouts_kernels_folder_gives_way_to_hugging_faces_kernels_package():
+    """Run from the checkout's root (`python -m ...`, pytest), `import kernels` finds the kernels/ folder first;
+    transformers >= 5 requires Hugging Face's `kernels` package and imports names from it. The folder hands the
+    name over (kernels/__init__.py), and nti.kernels stays the project's."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels package is not installed (transformers < 5)")
+    code = ("import kernels, nti.kernels, transformers.integrations.hub_kernels; "
+            "print(kernels.__file__); print(nti.kernels.__file__); print(hasattr(kernels, 'CUDAProperties'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    hf, ours, has_names = out.stdout.split()
+    assert Path(hf).parent != ROOT / "kernels" and has_names == "True"
+    assert Path(ours) == ROOT / "kernels" / "__init__.py"
