@@ -224,6 +224,7 @@ class EngineWorker:
 
         from . import api
         from .artifact import inversion_bytes
+        from .batch import edit_config_for
         from .images import png_bytes
 
         self.calls += 1
@@ -244,10 +245,11 @@ class EngineWorker:
             targets = [j["target_prompt"] if self.command == "edit" else inv.source_prompt
                        for j, inv in zip(jobs, inversions)]
             chunk = config.batch_size if config.backend == "fast" else 1  # as the single-process run edits
+            edit_config = edit_config_for(self.command, config)  # reconstruct: no prompt-to-prompt setting applies
             files = []
             for k in range(0, len(jobs), chunk):
                 for job, img in zip(jobs[k:k + chunk], api.edit(self.pipe, inversions[k:k + chunk],
-                                                                targets[k:k + chunk], config, False)):
+                                                                targets[k:k + chunk], edit_config, False)):
                     files.append((png_bytes(img, job["request"]), ""))  # what images.save_png writes
         seconds = (time.perf_counter() - start) / len(jobs)
         return [{"name": j["name"], "image": j["image"], "out": j["out"], "data": data, "json": readable,

@@ -193,3 +193,26 @@ def test_batches_group_the_edits_of_one_inversion():
             [("a1", "a.png", "x"), ("b", "b.png", "x"), ("a2", "a.png", "x"), ("a3", "a.png", "y"), ("c", "c.png", "x")]]
     batches = make_batches(jobs, 2)
     assert [[j["name"] for j in b.jobs] for b in batches] == [["a1", "a2", "b"], ["a3", "c"]]
+
+
+def test_a_ray_worker_reconstructs_without_the_edit_settings(shapes_pipe):
+    """`reconstruct` regenerates each image under its own prompt, so no prompt-to-prompt setting applies to it
+    (batch.edit_config_for): a Ray worker given --edit p2p-reweight makes the same image as one given none, as the
+    single-process run does. The actor's batch method runs here in-process (no cluster: no Ray needed)."""
+    import numpy as np
+
+    from nti import NTIConfig
+    from nti.distributed import EngineWorker
+
+    side = shapes_pipe.resolution
+    pixels = np.asarray(Image.open(SCENES / "scene1.png").convert("RGB").resize((side, side))).tobytes()
+    job = {"name": "scene1", "image": str(SCENES / "scene1.png"), "out": "unused.png", "request": None,
+           "source_prompt": "a red square and a red triangle on a black background", "target_prompt": None}
+    plain = NTIConfig(steps=3, inner_steps=1)
+    made = {}
+    for name, config in {"plain": plain, "reweight": plain.replace(edit="p2p-reweight", reweight={"red": 4.0})}.items():
+        worker = object.__new__(EngineWorker)  # the actor's state without Ray's constructor
+        worker.pipe, worker.command, worker.cache, worker.resolution = shapes_pipe, "reconstruct", None, side
+        worker.config, worker.calls = config, 0
+        made[name] = worker.run_batch([job], pixels)[0]["data"]
+    assert made["plain"] and made["reweight"] == made["plain"]
