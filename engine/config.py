@@ -143,6 +143,13 @@ class NTIConfig:
     autocast's own results (it casts each weight to exactly that tensor) without re-casting every weight on every
     call and saving the casts for backward. Costs a half-size copy of those weights. False = autocast over the
     fp32 weights (the kill switch)."""
+    half_norms: bool = setting(False, SPEED, changes_inversion=True, keyed_at_default=False)
+    """bf16/fp16: run the whole UNet copy in that dtype without autocast, GroupNorm/LayerNorm included (PyTorch's
+    norm kernels keep their statistics in fp32; only their outputs are rounded). Autocast runs the norms in fp32,
+    which costs a cast to fp32 and one back per norm: SD v1.4 with CUDA's autocast policy has ~285 casts per forward
+    and half the UNet's non-GEMM memory traffic there. Risk: one more rounding per norm output; results differ from
+    autocast's by about as much as autocast's differ from fp32 (tests/test_fast.py), so it is keyed apart. No effect
+    in fp32; the embeddings, Adam state, latents and DDIM update stay fp32 either way."""
     attention: str = setting("sdpa", SPEED, choices=ATTENTION)
     """Attention kernel: torch SDPA (default), xformers where it imports, or plain matmul-softmax."""
     compile: bool = setting(False, SPEED)
@@ -250,6 +257,8 @@ class NTIConfig:
                     and (f.metadata["keyed_at_default"] or getattr(self, f.name) != f.default)}
         if self.backend == "reference":  # it computes in fp32 whatever precision says: record what really ran
             settings["precision"] = "fp32"
+        if settings["precision"] == "fp32":  # half_norms changes nothing in fp32: the same inversion, the same key
+            settings.pop("half_norms", None)
         return {**settings, "steps_offset": self.timestep_offset(scheduler_config)}
 
     def replace(self, **changes) -> "NTIConfig":

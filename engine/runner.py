@@ -6,6 +6,8 @@ memory format (`prepared_unet`) and kept on the pipeline:
   exactly that tensor on every call (and, for frozen weights, saves the cast copy for backward each time); with
   the weight already in that dtype it casts nothing, so results are autocast's, bit for bit, at a fraction of the
   ops. Norm parameters stay fp32 (autocast runs GroupNorm/LayerNorm in fp32) and are shared with pipe.unet.
+- bf16/fp16 with half_norms: every parameter of the copy in that dtype and no autocast (the norms too; inputs are
+  cast once at the UNet's entry, its output stays in that dtype as autocast's does).
 - fp32: the copy shares every parameter with pipe.unet (no memory), so switches applied to it never touch the
   reference's module.
 CUDA graphs: `forward` captures one graph per batch size for forward-only calls; engine/fast.py captures a whole
@@ -52,7 +54,8 @@ class PreparedUNet:
     """A UNet module set up for fast runs, and what was compiled and captured for it (kept across runs)."""
 
     module: nn.Module
-    autocast: torch.dtype | None
+    autocast: torch.dtype | None  # run it under autocast to this dtype (None: no autocast)
+    input_dtype: torch.dtype | None = None  # half_norms: cast z and the context to the module's dtype at its entry
     compiled_calls: dict = field(default_factory=dict)  # block -> its torch.compile wrapper (made once, reused)
     graphs: dict = field(default_factory=dict)  # (kind, batch, switches...) -> captured call
     compile_failed: str | None = None  # why compile was turned off for this module, if it was
@@ -74,18 +77,19 @@ class PreparedUNet:
             block._compiled_call_impl = self.compiled_calls.get(block) if on else None
 
 
-def _copy_unet(unet: nn.Module, dtype: torch.dtype | None, channels_last: bool) -> nn.Module:
-    """Structural copy of the UNet: Linear/Conv weights and biases cast to `dtype` (None: kept), Conv weights in
-    channels_last if asked; every other parameter and buffer is shared with the original, not copied."""
+def _copy_unet(unet: nn.Module, dtype: torch.dtype | None, channels_last: bool, everything: bool = False) -> nn.Module:
+    """Structural copy of the UNet: Linear/Conv weights and biases (with `everything`, every parameter) cast to
+    `dtype` (None: kept), Conv weights in channels_last if asked; every other parameter and buffer is shared with
+    the original, not copied."""
     memo: dict = {}
     for module in unet.modules():
-        cast = dtype is not None and isinstance(module, (nn.Linear, nn.Conv2d))
+        cast = dtype is not None and (everything or isinstance(module, (nn.Linear, nn.Conv2d)))
         nhwc = channels_last and isinstance(module, nn.Conv2d)
         for p in module.parameters(recurse=False):
             if id(p) in memo:
                 continue
             q = p.detach()
-            if cast:
+            if cast and q.is_floating_point():
                 q = q.to(dtype)
             if nhwc and q.ndim == 4:
                 q = q.contiguous(memory_format=torch.channels_last)
@@ -95,6 +99,11 @@ def _copy_unet(unet: nn.Module, dtype: torch.dtype | None, channels_last: bool) 
     for b in unet.buffers():
         memo.setdefault(id(b), b)
     clone = copy.deepcopy(unet, memo)
+    if everything and dtype is not None:  # a float buffer left fp32 would promote what it touches back to fp32
+        for module in clone.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.is_floating_point():
+                    module._buffers[name] = buffer.to(dtype)
     for module in clone.modules():  # hooks a caller put on pipe.unet (e.g. to count its calls) stay with it
         for name in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_backward_hooks",
                      "_backward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
@@ -110,15 +119,20 @@ def prepared_unet(pipe, config: NTIConfig) -> PreparedUNet:
     if config.channels_last and not cuda:
         warnings.warn("channels_last only helps CUDA convolutions; ignored on this device")
     channels_last = config.channels_last and cuda
-    dtype = AUTOCAST.get(config.precision) if config.half_weights else None
-    key = (config.precision, dtype, channels_last, config.gradient_checkpointing)
+    half = AUTOCAST.get(config.precision)
+    if config.half_norms and half is None:
+        warnings.warn("half_norms only applies to bf16/fp16; the fp32 UNet runs as it is")
+    half_norms = config.half_norms and half is not None
+    dtype = half if config.half_weights or half_norms else None
+    key = (config.precision, dtype, half_norms, channels_last, config.gradient_checkpointing)
     if key not in pipe.fast_unets:
-        module = _copy_unet(pipe.unet, dtype, channels_last)
+        module = _copy_unet(pipe.unet, dtype, channels_last, everything=half_norms)
         if channels_last:
             module.to(memory_format=torch.channels_last)
         if config.gradient_checkpointing:  # diffusers 0.42 checks grad mode only, not .training: eval mode keeps it
             module.enable_gradient_checkpointing()
-        pipe.fast_unets[key] = PreparedUNet(module.eval(), AUTOCAST.get(config.precision))
+        pipe.fast_unets[key] = (PreparedUNet(module.eval(), None, input_dtype=half) if half_norms
+                                else PreparedUNet(module.eval(), half))
     return pipe.fast_unets[key]
 
 
@@ -214,8 +228,8 @@ class UNetRunner:
 
     def fp32(self) -> "UNetRunner":
         """The full-precision eager runner, for steps redone after a non-finite half-precision result."""
-        return UNetRunner(self.pipe, self.config.replace(precision="fp32", cuda_graphs=False, compile=False,
-                                                         channels_last=False, forward_backend="torch"))
+        return UNetRunner(self.pipe, self.config.replace(precision="fp32", half_norms=False, cuda_graphs=False,
+                                                         compile=False, channels_last=False, forward_backend="torch"))
 
     def timestep(self, t) -> torch.Tensor:
         """t as a 0-d device tensor: a python int makes diffusers build one from host memory (a sync) every call."""
@@ -228,6 +242,8 @@ class UNetRunner:
     def eps(self, z: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
         """Eager UNet call; records a graph for backward when grad is enabled."""
         t = self.timestep(t)
+        if self.prepared.input_dtype is not None:  # half_norms: the module's own dtype, no autocast
+            z, context = z.to(self.prepared.input_dtype), context.to(self.prepared.input_dtype)
         with (torch.autocast(self.pipe.device.type, dtype=self.prepared.autocast, cache_enabled=False)
               if self.prepared.autocast is not None else contextlib.nullcontext()):
             try:

@@ -224,10 +224,44 @@ def test_half_weights_give_autocasts_results_with_fewer_ops(tiny_pipe):
     half = nti.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
     for a, b in zip(cast, half):
         assert a.iterations == b.iterations and torch.equal(a.null_embeddings, b.null_embeddings)
-    module = next(p.module for (prec, dtype, *_), p in tiny_pipe.fast_unets.items() if dtype == torch.bfloat16)
+    module = next(p.module for (prec, dtype, half_norms, *_), p in tiny_pipe.fast_unets.items()
+                  if dtype == torch.bfloat16 and not half_norms)
     assert module.conv_in.weight.dtype == torch.bfloat16 and module.conv_norm_out.weight.dtype == torch.float32
     assert module.conv_norm_out.weight is tiny_pipe.unet.conv_norm_out.weight  # norms shared, not copied
     assert all(p.dtype == torch.float32 for p in tiny_pipe.unet.parameters())  # the reference's UNet untouched
+
+
+def test_half_norms_run_the_whole_unet_in_bf16_as_close_to_fp32_as_autocast(tiny_pipe):
+    """half_norms: every parameter of the UNet copy in bf16 and no autocast, so no per-layer casts (CUDA's autocast
+    runs GroupNorm/LayerNorm in fp32: ~285 casts per SD v1.4 forward). Its inversion is as far from the fp32 fast
+    path as autocast's (measured, embeddings rel: autocast 0.015-0.026, half norms 0.016-0.026), it is keyed apart
+    from autocast's in bf16 and not at all in fp32, where it changes nothing."""
+    from nti.api import null_embedding
+    from nti.benchmarks.gpu_run import OpCount
+
+    config = BASE.replace(backend="fast", steps=4, inner_steps=3, batch_size=4)
+    fp32 = nti.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
+    auto = nti.invert(tiny_pipe, IMAGES, PROMPTS, config.replace(precision="bf16"), progress=False)
+    norms = nti.invert(tiny_pipe, IMAGES, PROMPTS, config.replace(precision="bf16", half_norms=True), progress=False)
+    for a, n, f in zip(auto, norms, fp32):
+        assert rel_err(n.null_embeddings, f.null_embeddings) < 1.5 * rel_err(a.null_embeddings, f.null_embeddings)
+        assert rel_err(n.null_embeddings, f.null_embeddings) < 0.05 and rel_err(n.z_T, f.z_T) < 0.15
+    runner = UNetRunner(tiny_pipe, config.replace(precision="bf16", half_norms=True))
+    assert runner.prepared.autocast is None and {p.dtype for p in runner.module.parameters()} == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in tiny_pipe.unet.parameters())  # the reference's UNet untouched
+    context = null_embedding(tiny_pipe).expand(2, -1, -1).clone().requires_grad_(True)
+    with OpCount() as count:
+        eps = runner.eps(torch.randn(2, 4, 16, 16), 981, context)
+    assert eps.dtype == torch.bfloat16 and count.casts <= 4  # z, the context, the timestep embedding: no more
+    (grad,) = torch.autograd.grad(eps.float().square().sum(), context)
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all()  # fp32 embeddings get fp32 gradients
+
+    scheduler = tiny_pipe.scheduler_config
+    assert config.replace(precision="bf16", half_norms=True).result_settings(scheduler)["half_norms"] is True
+    assert "half_norms" not in config.replace(precision="bf16").result_settings(scheduler)  # old keys still valid
+    assert (config.replace(half_norms=True).result_settings(scheduler) == config.result_settings(scheduler))
+    with pytest.warns(UserWarning, match="half_norms only applies to bf16/fp16"):
+        UNetRunner(tiny_pipe, config.replace(half_norms=True))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
