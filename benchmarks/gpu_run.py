@@ -19,18 +19,19 @@ and there, from the tree:
 stage on a 2-core CPU); the GPU run starts each from a fresh interpreter, as on the H200.
 
 Each stage appends JSON lines to OUT/gpu_run.jsonl as it measures, so a killed run keeps what it finished; the
-driver gives every stage a time limit and skips what no longer fits the overall budget (default 480 s: the issue's 8 minutes), and writes
-OUT/summary.md (the README table). Timing rows run null-text inversion + edit with early stop off at `steps` DDIM
-steps and scale to 50 (every step then costs the same); warm-up (compile, graph capture) is timed apart. Every
-stage runs with TF32 off (the engine's fp32 is strict fp32, nti.models.strict_fp32) and says so.
+driver gives every stage a time limit and skips what no longer fits the overall budget (default 480 s: the issue's 8
+minutes), and writes OUT/summary.md (the README table). Timing rows run null-text inversion + edit with early stop
+off at `steps` DDIM steps and scale to 50 (every step then costs the same); warm-up (compile, graph capture) is
+timed apart. Every stage runs with TF32 off (the engine's fp32 is strict fp32, nti.models.strict_fp32) and says so.
 
-Budget. All stages take about 630 s on an H200, more than one command's 480 s (measured at 3683908: env 15, parity
+Budget. All stages take about 660 s on an H200, more than one command's 480 s (measured at 3683908: env 15, parity
 65, nti_b1 53, nti_b16 67, ddim_b16 49, kernels 12, ops 23, compile 148; estimated: the channels_last rows +7 and
-+10, profile 45, sdxl 100-130, passes 40). STAGES therefore runs the figures the issue asks for first (parity;
-s/image and peak memory at b1, b16 and DDIM; compile time), then the profile (where the GPU time goes), then the
-cheap kernels and ops (about 500 s so far). A stage starts only with half its allowance left (at least 30 s, or all
-of it if less): sdxl then is skipped instead of timing out, and passes uses the rest. The driver ends by printing
-the command for what it skipped or lost to a timeout, with env again so that file names its device, e.g.
++10, profile 45, sdxl 100-130, passes 40; the half-norms rows, which replace the autocast-over-fp32-weights rows
+measured then: +7 b1, +12 b16, +5 ddim, +10 parity). STAGES therefore runs the figures the issue asks for first
+(parity; s/image and peak memory at b1, b16 and DDIM; compile time), then the profile (where the GPU time goes),
+then the cheap kernels and ops (about 530 s so far). A stage starts only with half its allowance left (at least 30
+s, or all of it if less): sdxl then is skipped instead of timing out, and passes uses the rest. The driver ends by
+printing the command for what it skipped or lost to a timeout, with env again so that file names its device, e.g.
 
     PYTHONPATH=/tmp/site python3 -m nti.benchmarks.gpu_run --out $OUT/run2 --stages env,sdxl --budget 175
 
@@ -45,6 +46,7 @@ The summary names each device and drops a "skipped" line for a stage that a late
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -57,6 +59,10 @@ import traceback
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 from nti.benchmarks.bench_nti import PHOTOS, rel, sync, unet_flops  # the waterfall's photos and helpers
 from nti.provenance import git_commit
@@ -158,7 +164,8 @@ def timing_row(st: Stage, stage: str, variant: str, config, n: int, flops: tuple
         per_image += steps * (1 + move_on) * fwd
     spent = n * per_image + iters * fwd_bwd
     row = {"variant": variant, "method": config.method, "batch": n, "precision": config.precision,
-           "backend": config.backend, "half_weights": config.half_weights, "cuda_graphs": config.cuda_graphs,
+           "backend": config.backend, "half_weights": config.half_weights, "half_norms": config.half_norms,
+           "cuda_graphs": config.cuda_graphs, "channels_last": config.channels_last,
            "compile": config.compile, "gradient_checkpointing": config.gradient_checkpointing,
            "early_stop": config.early_stop, "steps": steps,
            "inner_steps": config.inner_steps,
@@ -249,7 +256,8 @@ def stage_parity(st: Stage) -> None:
     fast = base.replace(backend="fast", batch_size=1)
     rows = {"fast fp32 b1": fast, "fast fp32 b2": fast.replace(batch_size=2),
             "fast bf16 autocast over fp32 weights b1": fast.replace(precision="bf16", half_weights=False),
-            "fast bf16 half weights b1": fast.replace(precision="bf16")}
+            "fast bf16 half weights b1": fast.replace(precision="bf16"),
+            "fast bf16 half norms b1": fast.replace(precision="bf16", half_norms=True)}
     if st.cuda:
         rows["fast fp32 b1 + CUDA graphs"] = fast.replace(cuda_graphs=True)
         rows["fast bf16 half weights b1 + CUDA graphs"] = fast.replace(precision="bf16", cuda_graphs=True)
@@ -273,8 +281,10 @@ def stage_parity(st: Stage) -> None:
         if eager != name and eager in done:
             row["vs_eager_embeddings_rel"] = rel(invs[0].null_embeddings, done[eager][0][0].null_embeddings)
             row["vs_eager_edit_rel"] = rel(edit[0], done[eager][1][0])
-        if name == "fast bf16 half weights b1" and "fast bf16 autocast over fp32 weights b1" in done:
-            other = done["fast bf16 autocast over fp32 weights b1"]
+        before = {"fast bf16 half weights b1": "fast bf16 autocast over fp32 weights b1",  # what it changes
+                  "fast bf16 half norms b1": "fast bf16 half weights b1"}.get(name)
+        if before in done:
+            other = done[before]
             row["vs_autocast_embeddings_rel"] = rel(invs[0].null_embeddings, other[0][0].null_embeddings)
             row["vs_autocast_edit_rel"] = rel(edit[0], other[1][0])
         st.emit("parity", **row)
@@ -299,12 +309,19 @@ def _waterfall(st: Stage, stage: str, rows: list, n: int, method: str = "null-te
 
 
 def _graph_rows(st: Stage) -> list:
-    rows = [("bf16 autocast over fp32 weights (before)", {"half_weights": False}), ("bf16 half weights", {})]
+    # autocast over fp32 weights (the "before" of half weights) was measured at 3683908 (gpu_run_h200.jsonl)
+    rows = [("bf16 half weights", {})]
     if st.cuda:
-        rows += [("+ CUDA graphs (whole inner iteration)", {"cuda_graphs": True}),
-                 ("+ CUDA graphs, early stop on", {"cuda_graphs": True, "early_stop": True}),
+        graphs = {"cuda_graphs": True}
+        rows += [("+ CUDA graphs (whole inner iteration)", graphs),
+                 ("+ CUDA graphs, early stop on", {**graphs, "early_stop": True}),
+                 # autocast's fp32 norms: ~285 casts per forward and half the non-GEMM bytes (stage ops)
+                 ("+ CUDA graphs, half norms", {**graphs, "half_norms": True}),
                  # the H200 profile put NCHW<->NHWC layout kernels at 26% of batch 1's GPU time
-                 ("+ CUDA graphs, channels_last", {"cuda_graphs": True, "channels_last": True})]
+                 ("+ CUDA graphs, channels_last", {**graphs, "channels_last": True}),
+                 ("+ CUDA graphs, half norms, channels_last", {**graphs, "half_norms": True, "channels_last": True})]
+    else:
+        rows.append(("+ half norms", {"half_norms": True}))
     return rows
 
 
@@ -319,7 +336,8 @@ def stage_nti_b16(st: Stage) -> None:
 def stage_ddim_b16(st: Stage) -> None:
     rows = [("DDIM bf16 half weights", {})]
     if st.cuda:
-        rows.append(("DDIM + CUDA graphs", {"cuda_graphs": True}))
+        rows += [("DDIM + CUDA graphs", {"cuda_graphs": True}),
+                 ("DDIM + CUDA graphs, half norms", {"cuda_graphs": True, "half_norms": True})]
     st.steps = 50 if st.cuda else st.steps  # forward-only: cheap enough to run all 50 steps
     _waterfall(st, "ddim_b16", rows, st.big, method="ddim")
 
@@ -567,32 +585,66 @@ def stage_passes(st: Stage) -> None:
                 first_image_iterations=list(invs[0].iterations))
 
 
-def stage_ops(st: Stage) -> None:
-    """Aten ops and bytes saved for backward in one inner iteration's UNet forward + backward, bf16, batch 1:
-    autocast over fp32 weights vs the half-weight copy (SD v1.4 layers; on CPU an 8x8 latent, as the op count does
-    not depend on the resolution)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+GEMM_OPS = ("convolution", "mm", "bmm", "addmm", "baddbmm", "scaled_dot_product", "_flash_attention",
+            "_efficient_attention", "_cudnn_attention")  # aten op names whose cost is compute, not memory traffic
 
+
+class OpCount(TorchDispatchMode):
+    """Aten ops run, dtype casts among them, and the bytes the others read and write (inputs + outputs; views
+    excluded): the memory traffic of the non-GEMM ops, which is what precision choices change besides the GEMMs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.casts, self.nongemm_bytes = 0, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        self.casts += func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype)
+        name = func.overloadpacket.__name__
+        if not func.is_view and not any(g in name for g in GEMM_OPS):
+            tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+            self.nongemm_bytes += sum(t.numel() * t.element_size() for t in tensors)
+        return out
+
+
+class CudaAutocastPolicy(TorchFunctionMode):
+    """CUDA autocast's casts for the ops an SD UNet runs, on any device: norms, softmax and exp in fp32, GEMMs and
+    attention in bf16 (torch's autocast_mode.cpp lists). CPU autocast keeps GroupNorm/LayerNorm in the input's
+    dtype, so on CPU this is what stands in for a GPU's casts and bytes."""
+
+    FP32 = {F.group_norm, F.layer_norm, F.softmax, torch.softmax, torch.Tensor.softmax, torch.exp, torch.Tensor.exp}
+    LOW = {F.linear, F.conv2d, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.baddbmm,
+           F.scaled_dot_product_attention}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dtype = torch.float32 if func in self.FP32 else torch.bfloat16 if func in self.LOW else None
+        if dtype is not None:
+            def cast(t):
+                return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            args, kwargs = tree_map(cast, args), tree_map(cast, kwargs)
+        return func(*args, **kwargs)
+
+
+def stage_ops(st: Stage) -> None:
+    """Aten ops, casts, non-GEMM bytes and bytes saved for backward in one inner iteration's UNet forward +
+    backward, bf16, batch 1: autocast over fp32 weights, the half-weight copy under autocast, and half norms (the
+    whole copy in bf16, no autocast). SD v1.4 layers; on CPU an 8x8 latent, as the op counts do not depend on the
+    resolution (bytes do; the non-quick CPU run takes a 32x32 latent). CPU autocast keeps GroupNorm/LayerNorm in
+    bf16 where CUDA's runs them in fp32, so off CUDA the autocast rows run under CudaAutocastPolicy as well."""
     from nti import NTIConfig
     from nti.api import null_embedding
     from nti.models import build_sd14_shaped_pipeline
     from nti.runner import UNetRunner
 
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops, self.casts = 0, 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops += 1
-            self.casts += func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype)
-            return func(*args, **(kwargs or {}))
-
     pipe = build_sd14_shaped_pipeline(device=st.device) if not st.quick else st.model()
-    side = pipe.unet.config.sample_size if st.cuda else 8
+    side = pipe.unet.config.sample_size if st.cuda else 8 if st.quick else 32
     z = torch.randn(1, 4, side, side, device=st.device)
-    for half in (False, True):
-        runner = UNetRunner(pipe, NTIConfig(backend="fast", precision="bf16", half_weights=half))
+    base = NTIConfig(backend="fast", precision="bf16")
+    for variant, config in (("autocast over fp32 weights", base.replace(half_weights=False)),
+                            ("half weights", base), ("half norms", base.replace(half_norms=True))):
+        runner = UNetRunner(pipe, config)
         ctx = null_embedding(pipe).clone().requires_grad_(True)
         weights = {p.untyped_storage().data_ptr() for p in runner.module.parameters()}
         saved = {}
@@ -601,12 +653,18 @@ def stage_ops(st: Stage) -> None:
             if t.untyped_storage().data_ptr() not in weights:
                 saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
-        with Count() as fwd_count, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        emulate = not st.cuda and not config.half_norms
+        with (OpCount() as fwd_count, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+              CudaAutocastPolicy() if emulate else contextlib.nullcontext()):
             out = runner.eps(z, 981, ctx)
-        with Count() as bwd_count:
+        with OpCount() as bwd_count:
             torch.autograd.grad(out.float().square().mean(), ctx)
-        st.emit("ops", half_weights=half, latent_side=side, forward_ops=fwd_count.ops, forward_casts=fwd_count.casts,
-                backward_ops=bwd_count.ops, saved_for_backward_gib=sum(saved.values()) / 2**30,
+        st.emit("ops", variant=variant, half_weights=config.half_weights, half_norms=config.half_norms,
+                cuda_autocast_policy="emulated" if emulate else "none" if config.half_norms else "native",
+                latent_side=side, forward_ops=fwd_count.ops, forward_casts=fwd_count.casts,
+                backward_ops=bwd_count.ops, backward_casts=bwd_count.casts,
+                nongemm_gib=(fwd_count.nongemm_bytes + bwd_count.nongemm_bytes) / 2**30,
+                saved_for_backward_gib=sum(saved.values()) / 2**30,
                 weight_gib=sum(p.numel() * p.element_size() for p in runner.module.parameters()) / 2**30)
 
 
@@ -757,7 +815,7 @@ def summarize(out: Path) -> str:
     parity = [r for r in rows if r["stage"] == "parity" and not r.get("driver")]
     if parity:
         lines += ["| parity vs eager fp32 reference (3 steps, 3 inner, strict fp32) | z_T rel | embeddings rel | "
-                  "edit rel | same iterations | vs eager / autocast (emb) |", "|---|---|---|---|---|---|"]
+                  "edit rel | same iterations | vs eager / the row it changes (emb) |", "|---|---|---|---|---|---|"]
         for r in parity:
             if "error" in r:
                 lines.append(f"| {r['variant']} | failed: {r['error'][:80]} |||||")
@@ -774,11 +832,12 @@ def summarize(out: Path) -> str:
                          f"grad {r['mse_grad_rel']:.1e}; {r['fused_step_us']:.0f} us fused vs "
                          f"{r['torch_step_us']:.0f} us torch")
         if r["stage"] == "ops" and "forward_ops" in r:
-            weights = "half weights" if r["half_weights"] else "autocast over fp32"
-            lines.append(f"- one inner iteration's UNet, {weights}: {r['forward_ops']} forward aten ops "
+            variant = r.get("variant") or ("half weights" if r["half_weights"] else "autocast over fp32")
+            moved = f", non-GEMM ops move {r['nongemm_gib']:.3g} GiB" if "nongemm_gib" in r else ""
+            lines.append(f"- one inner iteration's UNet, {variant}: {r['forward_ops']} forward aten ops "
                          f"({r['forward_casts']} casts), {r['backward_ops']} "
-                         f"backward, {r['saved_for_backward_gib']:.2f} GiB saved for backward besides the weights "
-                         f"({r['latent_side']}x{r['latent_side']} latent)")
+                         f"backward, {r['saved_for_backward_gib']:.3g} GiB saved for backward besides the weights"
+                         f"{moved} ({r['latent_side']}x{r['latent_side']} latent)")
         if r["stage"] == "passes" and "unet_forward_per_image" in r:
             lines.append(f"- UNet passes per image, {r['backend']}, early stop {'on' if r['early_stop'] else 'off'}: "
                          f"{r['unet_forward_per_image']:.0f} forward, {r['unet_backward_per_image']:.0f} backward "

@@ -44,9 +44,13 @@ def test_gpu_run_quick_on_cpu(tmp_path):
             assert r["unet_backward_rows"] == r["batch"] * its
             assert r["unet_forward_rows"] == r["batch"] * (its + r["steps"] * (5 if its else 3))
 
-    ops = {r["half_weights"]: r for r in measured if r["stage"] == "ops"}
-    assert ops[True]["forward_casts"] < ops[False]["forward_casts"] and ops[True]["forward_ops"] < ops[False][
-        "forward_ops"]
+    ops = {r["variant"]: r for r in measured if r["stage"] == "ops"}
+    autocast, half, norms = ops["autocast over fp32 weights"], ops["half weights"], ops["half norms"]
+    assert half["forward_casts"] < autocast["forward_casts"] and half["forward_ops"] < autocast["forward_ops"]
+    # no autocast: only the entry casts of z and the context (and the timestep embedding's), none per layer
+    assert norms["forward_casts"] <= 4 and norms["forward_ops"] < half["forward_ops"]
+    assert norms["nongemm_gib"] < half["nongemm_gib"] < autocast["nongemm_gib"]
+    assert parity["fast bf16 half norms b1"]["vs_autocast_embeddings_rel"] < 0.05
 
     passes = {(r["backend"], r["early_stop"]): r for r in measured if r["stage"] == "passes"}
     for (backend, _), r in passes.items():  # DDIM inversion, cond pass, inner, move-on (reference: batch 2), edit
