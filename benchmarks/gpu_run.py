@@ -815,7 +815,7 @@ def summarize(out: Path) -> str:
     parity = [r for r in rows if r["stage"] == "parity" and not r.get("driver")]
     if parity:
         lines += ["| parity vs eager fp32 reference (3 steps, 3 inner, strict fp32) | z_T rel | embeddings rel | "
-                  "edit rel | same iterations | vs eager / the row it changes (emb) |", "|---|---|---|---|---|---|"]
+                  "edit rel | same iterations | vs eager / autocast (emb) |", "|---|---|---|---|---|---|"]
         for r in parity:
             if "error" in r:
                 lines.append(f"| {r['variant']} | failed: {r['error'][:80]} |||||")
@@ -836,7 +836,7 @@ def summarize(out: Path) -> str:
             moved = f", non-GEMM ops move {r['nongemm_gib']:.3g} GiB" if "nongemm_gib" in r else ""
             lines.append(f"- one inner iteration's UNet, {variant}: {r['forward_ops']} forward aten ops "
                          f"({r['forward_casts']} casts), {r['backward_ops']} "
-                         f"backward, {r['saved_for_backward_gib']:.3g} GiB saved for backward besides the weights"
+                         f"backward, {r['saved_for_backward_gib']:.2f} GiB saved for backward besides the weights"
                          f"{moved} ({r['latent_side']}x{r['latent_side']} latent)")
         if r["stage"] == "passes" and "unet_forward_per_image" in r:
             lines.append(f"- UNet passes per image, {r['backend']}, early stop {'on' if r['early_stop'] else 'off'}: "
