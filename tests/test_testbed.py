@@ -161,14 +161,18 @@ def test_nti_beats_ddim_under_cfg(recon):
     assert ddim_w1.mean() > 33.0 and ddim_w1.mean() > ddim.mean() + 3.0, (ddim_w1, ddim)
 
 
-def test_bf16_half_weights_stay_within_0p3_db_of_fp32(shapes_pipe, recon):
+@pytest.mark.parametrize("half_norms", [False, True])
+def test_bf16_half_weights_stay_within_0p3_db_of_fp32(shapes_pipe, recon, half_norms):
     """The GPU default (bf16 UNet copy with pre-cast weights under autocast; embeddings, Adam and latents fp32) on
     the same scenes. Measured against the fp32 reference: +0.09, +0.12, -0.06 dB (fp16: -0.03, +0.21, +0.22); the
-    fp32 fast path is 0.000, 0.000, 0.007 dB from it."""
-    config = NTIConfig(backend="fast", batch_size=3, precision="bf16")
+    fp32 fast path is 0.000, 0.000, 0.007 dB from it. With half_norms (the whole UNet in bf16, no autocast):
+    -0.37, -0.36, +0.06 dB. Single scenes scatter by tenths of a dB either way (rounding, amplified by the
+    optimization); over 24 scenes (benchmarks/results/precision_shapes_cpu.json) half norms are -0.02 dB from fp32
+    on average, 0.16 dB per scene, 0.39 at most (autocast: +0.00, 0.25, 0.72), hence its looser bound here."""
+    config = NTIConfig(backend="fast", batch_size=3, precision="bf16", half_norms=half_norms)
     inversions = api.invert(shapes_pipe, recon["images"], recon["captions"], config, progress=False)
     bf16 = reconstruction_psnr(shapes_pipe, recon["images"], inversions, config)
-    assert np.abs(bf16 - recon["null-text_psnr"]).max() < 0.3, (bf16, recon["null-text_psnr"])
+    assert np.abs(bf16 - recon["null-text_psnr"]).max() < (0.5 if half_norms else 0.3), (bf16, recon["null-text_psnr"])
 
 
 # The fast path on this model: tests/test_golden.py (fp32, against the official notebook's numbers: identical inner
