@@ -52,30 +52,31 @@ def main(argv=None) -> dict:
     p.add_argument("--scenes", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (the notebook's 50; fewer only to try it)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated rows to run (fp32, the baseline, always runs first)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/precision_shapes_<device>.json)")
     args = p.parse_args(argv)
-    pipe = load_pipeline("shapes", args.device)
-    rng = random.Random(args.seed + 100)  # bench_testbed's scenes
-    scene_list = [scenes.random_scene(rng) for _ in range(args.scenes)]
-    images, captions = [scenes.render(s) for s in scene_list], [s.caption for s in scene_list]
-    base = NTIConfig(backend="fast", batch_size=args.batch)
-    result = {"benchmark": "null-text reconstruction PSNR by precision, shapes model", "model": pipe.name,
-              "device": args.device, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "scenes": args.scenes, "commit": git_commit(),
-              "command": "python -m nti.benchmarks.bench_precision" + "".join(
-                  f" --{name} '{value}'" for name, value in (("scenes", args.scenes), ("variants", args.variants))
-                  if value != p.get_default(name)),
-              "rows": []}
-    out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results"
-                                           / f"precision_shapes_{args.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     wanted = ["fp32"] + [v for v in args.variants.split(",") if v != "fp32"]
     unknown = [v for v in wanted if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    pipe = load_pipeline("shapes", args.device)
+    rng = random.Random(args.seed + 100)  # bench_testbed's scenes
+    scene_list = [scenes.random_scene(rng) for _ in range(args.scenes)]
+    images, captions = [scenes.render(s) for s in scene_list], [s.caption for s in scene_list]
+    base = NTIConfig(backend="fast", batch_size=args.batch, steps=args.steps)
+    result = {"benchmark": "null-text reconstruction PSNR by precision, shapes model", "model": pipe.name,
+              "device": args.device, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "scenes": args.scenes, "steps": args.steps, "commit": git_commit(),
+              "command": "python -m nti.benchmarks.bench_precision" + "".join(
+                  f" --{name} '{getattr(args, name)}'" for name in ("scenes", "steps", "variants")
+                  if getattr(args, name) != p.get_default(name)),
+              "rows": []}
+    out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results"
+                                           / f"precision_shapes_{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     fp32 = None
     for name in wanted:
         changes = VARIANTS[name]
