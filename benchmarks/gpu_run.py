@@ -26,7 +26,7 @@ timed apart. Every stage runs with TF32 off (the engine's fp32 is strict fp32, n
 
 Budget. All stages take about 660 s on an H200, more than one command's 480 s (measured at 3683908: env 15, parity
 65, nti_b1 53, nti_b16 67, ddim_b16 49, kernels 12, ops 23, compile 148; estimated: the channels_last rows +7 and
-+10, profile 45, sdxl 100-130, passes 40; the half-norms rows, which replace the autocast-over-fp32-weights rows
++10, profile 50, sdxl 100-130, passes 40; the half-norms rows, which replace the autocast-over-fp32-weights rows
 measured then: +7 b1, +12 b16, +5 ddim, +10 parity). STAGES therefore runs the figures the issue asks for first
 (parity; s/image and peak memory at b1, b16 and DDIM; compile time), then the profile (where the GPU time goes),
 then the cheap kernels and ops (about 530 s so far). A stage starts only with half its allowance left (at least 30
@@ -426,12 +426,15 @@ def stage_profile(st: Stage) -> None:
     from nti import NTIConfig
 
     # graphs first: their kernels are eager's without the launch gaps, and an eager step's trace costs the most
-    configs = [(st.big, True, False), (st.big, True, True), (1, True, False), (1, True, True), (1, False, False),
-               (st.big, False, False)] if st.cuda else [(1, False, False), (st.big, False, False)]
-    for n, graphs, nhwc in configs:
-        label = {"batch": n, "cuda_graphs": graphs, "channels_last": nhwc, "inner_steps": PROFILE_INNER}
+    # (batch, CUDA graphs, channels_last, half norms)
+    configs = [(st.big, True, False, False), (st.big, True, False, True), (st.big, True, True, False),
+               (1, True, False, False), (1, True, True, False), (1, False, False, False),
+               (st.big, False, False, False)] if st.cuda else [(1, False, False, False), (st.big, False, False, False)]
+    for n, graphs, nhwc, half_norms in configs:
+        label = {"batch": n, "cuda_graphs": graphs, "channels_last": nhwc, "half_norms": half_norms,
+                 "inner_steps": PROFILE_INNER}
         config = NTIConfig(steps=1, inner_steps=PROFILE_INNER, early_stop=False, backend="fast", precision="bf16",
-                           batch_size=n, cuda_graphs=graphs, channels_last=nhwc)
+                           batch_size=n, cuda_graphs=graphs, channels_last=nhwc, half_norms=half_norms)
         try:
             unprofiled, wall, table = profiled_step(st, config)
         except Exception as err:
@@ -853,8 +856,8 @@ def summarize(out: Path) -> str:
 def profile_lines(r: dict) -> list[str]:
     """A profile row in the summary: wall vs GPU busy and the top classes; the top 5 kernels under it."""
     label = f"profile b{r['batch']}" + (" + CUDA graphs" if r["cuda_graphs"] else "")
-    label += (", channels_last" if r.get("channels_last") else "") + (f", {r['inner_steps']} inner"
-                                                                      if "inner_steps" in r else "")
+    label += (", channels_last" if r.get("channels_last") else "") + (", half norms" if r.get("half_norms") else "")
+    label += f", {r['inner_steps']} inner" if "inner_steps" in r else ""
     if "error" in r:
         return [f"- {label}: failed: {r['error'][:80]}"]
     calls = r.get("by_class_calls", {})
