@@ -146,10 +146,11 @@ class NTIConfig:
     half_norms: bool = setting(False, SPEED, changes_inversion=True, keyed_at_default=False)
     """bf16/fp16: run the whole UNet copy in that dtype without autocast, GroupNorm/LayerNorm included (PyTorch's
     norm kernels keep their statistics in fp32; only their outputs are rounded). Autocast runs the norms in fp32,
-    which costs a cast to fp32 and one back per norm: SD v1.4 with CUDA's autocast policy has ~285 casts per forward
-    and half the UNet's non-GEMM memory traffic there. Risk: one more rounding per norm output; results differ from
-    autocast's by about as much as autocast's differ from fp32 (tests/test_fast.py), so it is keyed apart. No effect
-    in fp32; the embeddings, Adam state, latents and DDIM update stay fp32 either way."""
+    which costs a cast to fp32 and one back per norm: SD v1.4 with CUDA's autocast policy makes ~285 casts per
+    forward, and 44% of its non-GEMM memory traffic goes with them (benchmarks/gpu_run.py, stage ops). Risk: one more
+    rounding per norm output; results differ from autocast's by about as much as autocast's differ from fp32, so it
+    is keyed apart (24-scene fidelity: docs/benchmarks.md). No effect in fp32; the embeddings, Adam state, latents
+    and DDIM update stay fp32 either way."""
     attention: str = setting("sdpa", SPEED, choices=ATTENTION)
     """Attention kernel: torch SDPA (default), xformers where it imports, or plain matmul-softmax."""
     compile: bool = setting(False, SPEED)
