@@ -78,9 +78,9 @@ class PreparedUNet:
 
 
 def _copy_unet(unet: nn.Module, dtype: torch.dtype | None, channels_last: bool, everything: bool = False) -> nn.Module:
-    """Structural copy of the UNet: Linear/Conv weights and biases (with `everything`, every parameter) cast to
-    `dtype` (None: kept), Conv weights in channels_last if asked; every other parameter and buffer is shared with
-    the original, not copied."""
+    """Structural copy of the UNet: Linear/Conv weights and biases (with `everything`, every float parameter and
+    buffer) cast to `dtype` (None: kept), Conv weights in channels_last if asked; every other parameter and buffer
+    is shared with the original, not copied."""
     memo: dict = {}
     for module in unet.modules():
         cast = dtype is not None and (everything or isinstance(module, (nn.Linear, nn.Conv2d)))
@@ -96,14 +96,9 @@ def _copy_unet(unet: nn.Module, dtype: torch.dtype | None, channels_last: bool, 
             memo[id(p)] = p if q.data_ptr() == p.data_ptr() else nn.Parameter(q, requires_grad=False)
     for p in unet.parameters():
         memo.setdefault(id(p), p)
-    for b in unet.buffers():
-        memo.setdefault(id(b), b)
+    for b in unet.buffers():  # with `everything`, a float buffer left fp32 would promote what it touches to fp32
+        memo.setdefault(id(b), b.to(dtype) if everything and dtype is not None and b.is_floating_point() else b)
     clone = copy.deepcopy(unet, memo)
-    if everything and dtype is not None:  # a float buffer left fp32 would promote what it touches back to fp32
-        for module in clone.modules():
-            for name, buffer in module._buffers.items():
-                if buffer is not None and buffer.is_floating_point():
-                    module._buffers[name] = buffer.to(dtype)
     for module in clone.modules():  # hooks a caller put on pipe.unet (e.g. to count its calls) stay with it
         for name in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_backward_hooks",
                      "_backward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
