@@ -34,6 +34,7 @@ from .report import IMAGE_DIR, MANIFEST, PLOT_DIR, REPORT, SAMPLES, SUMMARY, saf
 from .scoring import EVAL_METHODS, PIE_BENCH, PROTOCOLS, SEED, Scorer  # noqa: F401  (SEED: tests read it here)
 
 log = logging.getLogger("nti")
+CROP_WARNINGS_SHOWN = 3  # samples whose crop warning is logged in full; the rest are counted
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -236,7 +237,7 @@ def _run_eval(args, session) -> str:
     from tqdm.auto import tqdm
 
     from .api import check_vocabulary
-    from .images import center_square, load_image
+    from .images import center_square, crop_warning, load_image
     from .options import config_from_args
     from .data import load_dataset
     from .metrics import load_clip_scorer, load_dino, load_pie_lpips
@@ -303,12 +304,18 @@ def _run_eval(args, session) -> str:
         group = list(group)
         size = config.batch_size if config.backend == "fast" and method != "baseline" else 1
         chunks += [group[k:k + size] for k in range(0, len(group), size)]
-    sources = {}
+    sources, cropped = {}, []
 
     def prepare(chunk) -> None:  # the centre square the model sees, loaded once per sample
         for s, *_ in chunk:
             if s.id not in sources:
-                sources[s.id] = center_square(load_image(s.get_image()), pipe.resolution)
+                img = load_image(s.get_image())
+                message = crop_warning(img.size, pipe.resolution, f"sample {s.id}")
+                if message is not None:  # a data set of wide photos: the first few in full, then a count at the end
+                    cropped.append(s.id)
+                    if len(cropped) <= CROP_WARNINGS_SHOWN:
+                        log.warning(message)
+                sources[s.id] = center_square(img, pipe.resolution)
 
     cache = Path(args.cache) if args.cache else None
     remote, gave_up = None, []
@@ -339,6 +346,10 @@ def _run_eval(args, session) -> str:
                 writer.writerow({c: cell(row.get(c)) for c in columns})
                 f.flush()  # an interrupted run keeps every finished row
             bar.update(len(chunk))
+    if len(cropped) > CROP_WARNINGS_SHOWN:
+        log.warning("%d of %d samples lost over half of their image to the centre crop (the first %d are named "
+                    "above): their scores rate the model on a centre square", len(cropped), len(samples),
+                    CROP_WARNINGS_SHOWN)
     if gave_up:
         from .distributed import GaveUp
         raise GaveUp("; ".join(gave_up) + f". The other rows are in {out / SAMPLES}: rerun to resume")

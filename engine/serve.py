@@ -104,6 +104,8 @@ class InversionStatus(BaseModel):
     finished_at: float | None = None
     timings: dict = {}
     error: ErrorDetail | None = None
+    warnings: list[str] = Field([], description="what the request's image loses before the model sees it (a centre "
+                                                "crop that drops most of it); the job runs regardless")
 
 
 class EditRequest(BaseModel):
@@ -420,25 +422,27 @@ class Service:
             raise APIError(400, f"inner_steps: must be in [0, {self.settings.max_inner_steps}]; got {inner_steps}",
                            "inner_steps")
 
-    def submit_inversion(self, img: Image.Image, source_prompt: str, settings: dict) -> tuple[Job, bool]:
-        """The inversion job for these pixels, prompt and settings: an existing live one, or a new queued one."""
+    def submit_inversion(self, img: Image.Image, source_prompt: str, settings: dict) -> tuple[Job, bool, list[str]]:
+        """The inversion job for these pixels, prompt and settings (an existing live one, or a new queued one), and
+        this upload's warnings (images.crop_warning: the model sees only its centre square)."""
         from .artifact import inversion_key
-        from .images import center_square, pixel_hash
+        from .images import center_square, crop_warning, pixel_hash
 
         pipe = self.pipe()
         self.check_prompt(source_prompt, "source_prompt")
         settings = {k: v for k, v in settings.items() if v is not None}
         self.check_steps(settings.get("steps"), settings.get("inner_steps"))
         config = self.config(**settings)
+        warned = [w for w in (crop_warning(img.size, pipe.resolution, "image"),) if w]
         square = center_square(img, pipe.resolution)
         result_settings = config.result_settings(pipe.scheduler_config)
         key = inversion_key(pixel_hash(square), source_prompt, pipe.fingerprint, result_settings)
         existing = self.store.find_inversion(key)
         if existing is not None:
-            return existing, True
+            return existing, True, warned
         job = Job(id=new_id(), kind="invert", state="queued", key=key,
                   request={"source_prompt": source_prompt, "settings": settings, "steps": config.steps,
-                           "result_settings": result_settings})
+                           "result_settings": result_settings, "warnings": warned})
         source = self.store.path("sources", job.id)
         atomic_write(source, png_bytes(square))  # the file before the row (outside the lock: fsyncs overlap)
         with self.submit_lock:
@@ -452,10 +456,10 @@ class Service:
                 self.store.add(job)
         if existing is not None:
             source.unlink(missing_ok=True)
-            return existing, True
-        log_event("job_accepted", job=job.id, kind="invert", key=key)
+            return existing, True, warned
+        log_event("job_accepted", job=job.id, kind="invert", key=key, warnings=len(warned))
         self.batcher.wake()
-        return job, False
+        return job, False, warned
 
     def submit_edit(self, inversion: Job, target_prompt: str, edit_settings: dict) -> Job:
         self.check_prompt(target_prompt, "target_prompt")
@@ -495,7 +499,9 @@ class Service:
         expected = per_step * job.request.get("steps", self.settings.steps)
         return Progress(phase="running", fraction=round(min(0.99, (time.time() - job.started_at) / expected), 3))
 
-    def inversion_status(self, job: Job, reused: bool = False) -> InversionStatus:
+    def inversion_status(self, job: Job, reused: bool = False, warned: list[str] | None = None) -> InversionStatus:
+        """The job's public status; warned: this request's warnings (a reused job's stored ones are another
+        upload's)."""
         timings = {}
         if job.started_at:
             timings["queue_s"] = job.started_at - job.created_at
@@ -506,7 +512,8 @@ class Service:
                                edits=len(self.store.children(job.id)), created_at=job.created_at,
                                started_at=job.started_at, finished_at=job.finished_at, timings=timings,
                                error=ErrorDetail(message=job.error, type="job_failed", param=job.error_param)
-                               if job.error else None)
+                               if job.error else None,
+                               warnings=job.request.get("warnings", []) if warned is None else warned)
 
     def edit_timings(self, job: Job) -> dict:
         """Where the time went, and whether this edit had to wait for an inversion or reused a stored one."""
@@ -660,7 +667,7 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
             raise APIError(400, f"size: this model makes {side}x{side} images; got {size!r}", "size")
         service.check_prompt(prompt, "prompt")
         img = await run_in_threadpool(read_image, await upload_bytes(image, settings), settings)
-        inversion, _ = await run_in_threadpool(service.submit_inversion, img, source_prompt, {
+        inversion, _, warned = await run_in_threadpool(service.submit_inversion, img, source_prompt, {
             "method": method, "steps": steps, "inner_steps": inner_steps, "guidance": guidance,
             "guidance_schedule": guidance_schedule})
         job = await run_in_threadpool(service.submit_edit, inversion, prompt, {"edit": edit} if edit else {})
@@ -670,7 +677,7 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
         b64 = base64.b64encode(service.store.path("edits", job.id).read_bytes()).decode()
         return ImagesResponse(created=int(time.time()), data=[ImageData(b64_json=b64)],
                               nti={"edit_id": job.id, "inversion_id": inversion.id,
-                                   "timings": service.edit_timings(job)})
+                                   "timings": service.edit_timings(job), "warnings": warned})
 
     # --- native
     @app.post("/v1/inversions", tags=["inversions"], status_code=202, response_model=InversionStatus,
@@ -689,10 +696,10 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
         result-changing settings (200, reused=true)."""
         service.pipe()
         img = await run_in_threadpool(read_image, await upload_bytes(image, settings), settings)
-        job, reused = await run_in_threadpool(service.submit_inversion, img, source_prompt, {
+        job, reused, warned = await run_in_threadpool(service.submit_inversion, img, source_prompt, {
             "method": method, "steps": steps, "inner_steps": inner_steps, "guidance": guidance,
             "guidance_schedule": guidance_schedule, "early_stop": early_stop})
-        body = service.inversion_status(job, reused).model_dump(mode="json")
+        body = service.inversion_status(job, reused, warned).model_dump(mode="json")
         return JSONResponse(body, status_code=200 if reused else 202)
 
     @app.get("/v1/inversions/{inversion_id}", tags=["inversions"], response_model=InversionStatus,

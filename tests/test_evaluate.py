@@ -211,6 +211,32 @@ def test_masks_are_cropped_like_the_image(tmp_path, capsys):
     assert "schedules: constant\n" in report and "decay" not in report  # no decaying schedule to speak of
 
 
+def test_wide_samples_are_named_then_counted(tmp_path, capsys):
+    """A data set of 3:1 photos: the model rates only their centre squares, and the user is told which and how many
+    (the first CROP_WARNINGS_SHOWN in full, the rest in one line), as the CLI's invert and edit warn per image."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from nti.evaluate import CROP_WARNINGS_SHOWN
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (20, 60, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "square.png")
+    n_wide = CROP_WARNINGS_SHOWN + 2
+    records = [{"id": f"w{k}", "image": "wide.png", "source_prompt": "a red car", "target_prompt": "a blue car"}
+               for k in range(n_wide)]
+    records.append({"id": "sq", "image": "square.png", "source_prompt": "a red car", "target_prompt": "a blue car"})
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    assert main(["eval", "--data", str(tmp_path), "--out", str(tmp_path / "eval"), "--methods", "ddim", *FAST]) == 0
+    stderr = capsys.readouterr().err
+    named = [k for k in range(n_wide) if f"sample w{k} is 60x20: the model sees only its centre 20x20" in stderr]
+    assert named == list(range(CROP_WARNINGS_SHOWN)) and "sample sq" not in stderr
+    assert f"{n_wide} of {n_wide + 1} samples lost over half of their image to the centre crop" in stderr
+    assert len(read_samples(tmp_path / "eval")) == n_wide + 1  # warned, and scored all the same
+
+
 def _pie_background_psnr(source, edit, mask512) -> float:
     """PIE-Bench's background PSNR written out: the 512 px mask brought to the image size (nearest), its 1-pixel
     border marked edited, the edited region zeroed in both images, MSE over the whole image."""

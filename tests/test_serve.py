@@ -93,6 +93,7 @@ def test_native_flow_inverts_once_and_serves_three_edits(server, scene1_png):
             assert e["timings"]["inversion_reused"] is True and e["timings"]["invert_s"] == 0.0
         status = c.get(f"/v1/inversions/{inv['id']}").json()
         assert status["status"] == "done" and status["edits"] == 3 and status["progress"]["fraction"] == 1.0
+        assert inv["warnings"] == [] and status["warnings"] == []  # a square image loses nothing
         # the same pixels, prompt and settings again: the stored inversion, nothing queued
         again = c.post("/v1/inversions", files={"image": ("s.png", scene1_png, "image/png")},
                        data={"source_prompt": "a red square and a red triangle on a black background"})
@@ -115,6 +116,29 @@ def test_native_flow_inverts_once_and_serves_three_edits(server, scene1_png):
 @pytest.fixture(scope="module")
 def scene1_png():
     return scene_png("scene1")
+
+
+def test_a_wide_upload_is_served_with_the_crop_warning(server, scene1_png):
+    """As the CLI's: the model sees only the centre square of a 3:1 image; the job runs, the answers say so."""
+    wide = Image.new("RGB", (96, 32), (128, 128, 128))
+    wide.paste(Image.open(io.BytesIO(scene1_png)).convert("RGB"), (32, 0))
+    buf = io.BytesIO()
+    wide.save(buf, format="PNG")
+    with client(server) as c:
+        r = c.post("/v1/images/edits", files={"image": ("wide.png", buf.getvalue(), "image/png")},
+                   data={"prompt": "a red square and a blue triangle on a black background",
+                         "source_prompt": "a red square and a red triangle on a black background"})
+        assert r.status_code == 200, r.text
+        nti = r.json()["nti"]
+        [message] = nti["warnings"]
+        assert "96x32" in message and "centre 32x32 square (33% of the image)" in message
+        status = c.get(f"/v1/inversions/{nti['inversion_id']}").json()
+        assert status["warnings"] == [message]
+        # the same centre square sent alone: the stored inversion is reused, and this upload loses nothing
+        again = c.post("/v1/inversions", files={"image": ("s.png", scene1_png, "image/png")},
+                       data={"source_prompt": "a red square and a red triangle on a black background"}).json()
+        assert again["id"] == nti["inversion_id"] and again["reused"] is True and again["warnings"] == []
+        assert c.delete(f"/v1/inversions/{nti['inversion_id']}").json()["deleted"] is True
 
 
 def test_concurrent_edits_form_batches(server):
