@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
               "device": args.device, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "scenes": args.scenes, "steps": args.steps, "commit": git_commit(),
               "command": "python -m nti.benchmarks.bench_precision" + "".join(
-                  f" --{name} '{getattr(args, name)}'" for name in ("scenes", "steps", "variants")
+                  f" --{name} '{getattr(args, name)}'" for name in ("scenes", "seed", "batch", "steps", "variants", "device")
                   if getattr(args, name) != p.get_default(name)),
               "rows": []}
     out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results"

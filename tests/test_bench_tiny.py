@@ -47,13 +47,15 @@ def test_bench_precision_script_runs_and_compares_with_fp32(tmp_path):
 
     from nti.benchmarks.bench_precision import main
     out = tmp_path / "precision.json"
-    main(["--scenes", "1", "--steps", "10", "--variants", "bf16 half norms (no autocast)", "--out", str(out)])
+    main(["--scenes", "1", "--batch", "2", "--steps", "10", "--variants", "bf16 half norms (no autocast)",
+          "--out", str(out)])
     result = json.loads(out.read_text())
     fp32, norms = result["rows"]
     assert fp32["variant"] == "fp32" and norms["half_norms"] is True and len(norms["psnr"]) == 1
     assert norms["mean_delta_db"] == pytest.approx(norms["psnr"][0] - fp32["psnr"][0], abs=2e-3)  # 3 decimals
     assert norms["max_abs_delta_db"] < 1.0 and fp32["mean_psnr"] > 30  # null-text on the shapes model
     assert result["steps"] == 10
-    assert result["command"].endswith("--scenes '1' --steps '10' --variants 'bf16 half norms (no autocast)'")
+    assert result["command"].endswith("--scenes '1' --batch '2' --steps '10' --variants 'bf16 half norms (no "
+                                      "autocast)'")  # every setting that changes the figures, not --out
     with pytest.raises(SystemExit):
         main(["--variants", "bf17", "--out", str(tmp_path / "x.json")])
