@@ -380,6 +380,29 @@ def test_regional_compile_stays_compiled_through_buckets(monkeypatch):
     assert len({tuple(inv.iterations) for inv in invs}) > 1  # images really stopped at different iterations
 
 
+def test_regional_compile_runs_inside_gradient_checkpointing(monkeypatch):
+    """--compile with --gradient-checkpointing: diffusers calls the compiled transformer blocks through
+    torch.utils.checkpoint; dynamo traces them there without a graph break or an eager fallback, and the embeddings
+    equal those without checkpointing bit for bit (dynamo only, as above)."""
+    import nti.runner as runner
+    monkeypatch.setattr(runner, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    pipe = nti.build_tiny_pipeline()
+    config = BASE.replace(backend="fast", compile=True, steps=3, inner_steps=3, batch_size=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kept = nti.invert(pipe, IMAGES[:2], PROMPTS[:2], config, progress=False)
+        recomputed = nti.invert(pipe, IMAGES[:2], PROMPTS[:2], config.replace(gradient_checkpointing=True),
+                                progress=False)
+    assert not [w for w in caught if "eager" in str(w.message) or "compile" in str(w.message)]
+    stats, breaks = _compile_counters()
+    assert breaks == 0 and stats["unique_graphs"] > 0
+    checkpointed = pipe.fast_unets[("fp32", None, False, False, True)]
+    assert checkpointed.compile_failed is None and checkpointed.compiled_calls
+    for a, b in zip(kept, recomputed):
+        assert a.iterations == b.iterations and torch.equal(a.null_embeddings, b.null_embeddings)
+
+
 def test_compile_failure_says_so_and_runs_eager(monkeypatch):
     import nti.runner as runner
     monkeypatch.setattr(runner, "COMPILE_BACKEND", "eager")
