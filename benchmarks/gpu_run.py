@@ -24,14 +24,15 @@ minutes), and writes OUT/summary.md (the README table). Timing rows run null-tex
 off at `steps` DDIM steps and scale to 50 (every step then costs the same); warm-up (compile, graph capture) is
 timed apart. Every stage runs with TF32 off (the engine's fp32 is strict fp32, nti.models.strict_fp32) and says so.
 
-Budget. All stages take about 660 s on an H200, more than one command's 480 s (measured at 3683908: env 15, parity
+Budget. All stages take about 670 s on an H200, more than one command's 480 s (measured at 3683908: env 15, parity
 65, nti_b1 53, nti_b16 67, ddim_b16 49, kernels 12, ops 23, compile 148; estimated: the channels_last rows +7 and
 +10, profile 50, sdxl 100-130, passes 40; the half-norms rows, which replace the autocast-over-fp32-weights rows
-measured then: +7 b1, +12 b16, +5 ddim, +10 parity). STAGES therefore runs the figures the issue asks for first
-(parity; s/image and peak memory at b1, b16 and DDIM; compile time), then the profile (where the GPU time goes),
-then the cheap kernels and ops (about 530 s so far). A stage starts only with half its allowance left (at least 30
-s, or all of it if less): sdxl then is skipped instead of timing out, and passes uses the rest. The driver ends by
-printing the command for what it skipped or lost to a timeout, with env again so that file names its device, e.g.
+measured then: +7 b1, +12 b16, +5 ddim, +10 parity; the gradient-checkpointing parity rows +10). STAGES therefore
+runs the figures the issue asks for first (parity; s/image and peak memory at b1, b16 and DDIM; compile time), then
+the profile (where the GPU time goes), then the cheap kernels and ops (about 540 s so far). A stage starts only with
+half its allowance left (at least 30 s, or all of it if less): sdxl then is skipped instead of timing out, and
+passes uses the rest. The driver ends by printing the command for what it skipped or lost to a timeout, with env
+again so that file names its device, e.g.
 
     PYTHONPATH=/tmp/site python3 -m nti.benchmarks.gpu_run --out $OUT/run2 --stages env,sdxl --budget 175
 
@@ -69,7 +70,7 @@ from nti.provenance import git_commit
 
 STAGES = {  # name -> (seconds allowed on a GPU, what it measures); run in this order (module docstring: budget)
     "env": (45, "versions, GPU, Triton, matmul rate and copy bandwidth"),
-    "parity": (80, "fast paths vs the eager fp32 reference (strict fp32)"),
+    "parity": (95, "fast paths vs the eager fp32 reference (strict fp32)"),
     "nti_b1": (100, "null-text inversion + edit, one image"),
     "nti_b16": (110, "null-text inversion + edit, batch 16"),
     "ddim_b16": (60, "DDIM inversion + edit, batch 16"),
@@ -257,12 +258,17 @@ def stage_parity(st: Stage) -> None:
     rows = {"fast fp32 b1": fast, "fast fp32 b2": fast.replace(batch_size=2),
             "fast bf16 autocast over fp32 weights b1": fast.replace(precision="bf16", half_weights=False),
             "fast bf16 half weights b1": fast.replace(precision="bf16"),
-            "fast bf16 half norms b1": fast.replace(precision="bf16", half_norms=True)}
+            "fast bf16 half norms b1": fast.replace(precision="bf16", half_norms=True),
+            # recomputing activations in backward is the same fp32 arithmetic: expected bit for bit
+            "fast fp32 b1, gradient checkpointing": fast.replace(gradient_checkpointing=True)}
     if st.cuda:
         rows["fast fp32 b1 + CUDA graphs"] = fast.replace(cuda_graphs=True)
         rows["fast bf16 half weights b1 + CUDA graphs"] = fast.replace(precision="bf16", cuda_graphs=True)
         rows["fast bf16 half weights b2 + CUDA graphs"] = fast.replace(precision="bf16", cuda_graphs=True,
                                                                        batch_size=2)
+        # checkpoint recompute inside a captured inner iteration: not yet run on a GPU
+        rows["fast fp32 b1 + CUDA graphs, gradient checkpointing"] = fast.replace(cuda_graphs=True,
+                                                                                 gradient_checkpointing=True)
     done = {}
     for name, config in rows.items():
         n = config.batch_size
@@ -281,6 +287,10 @@ def stage_parity(st: Stage) -> None:
         if eager != name and eager in done:
             row["vs_eager_embeddings_rel"] = rel(invs[0].null_embeddings, done[eager][0][0].null_embeddings)
             row["vs_eager_edit_rel"] = rel(edit[0], done[eager][1][0])
+        kept = name.replace(", gradient checkpointing", "")
+        if kept != name and kept in done:
+            row["vs_no_checkpointing_embeddings_rel"] = rel(invs[0].null_embeddings, done[kept][0][0].null_embeddings)
+            row["vs_no_checkpointing_edit_rel"] = rel(edit[0], done[kept][1][0])
         before = {"fast bf16 half weights b1": "fast bf16 autocast over fp32 weights b1",  # what it changes
                   "fast bf16 half norms b1": "fast bf16 half weights b1"}.get(name)
         if before in done:
@@ -827,6 +837,10 @@ def summarize(out: Path) -> str:
             lines.append(f"| {r['variant']} | {f(r['zT_rel'], '.1e')} | {f(r['embeddings_rel'], '.1e')} | "
                          f"{f(r['edit_rel'], '.1e')} | {r['iterations_equal']} | {f(other, '.1e')} |")
         lines.append("")
+        lines += [f"- {r['variant']} vs the same without checkpointing: embeddings "
+                  f"{f(r['vs_no_checkpointing_embeddings_rel'], '.1e')}, edit "
+                  f"{f(r['vs_no_checkpointing_edit_rel'], '.1e')}" for r in parity
+                  if "vs_no_checkpointing_embeddings_rel" in r]
     for r in rows:
         if r["stage"] == "profile" and ("wall_s" in r or "error" in r):
             lines += profile_lines(r)

@@ -34,6 +34,8 @@ def test_gpu_run_quick_on_cpu(tmp_path):
     fp32 = parity["fast fp32 b1"]
     assert fp32["iterations_equal"] and fp32["embeddings_rel"] < 1e-4 and fp32["zT_rel"] < 1e-4
     assert parity["fast bf16 half weights b1"]["vs_autocast_embeddings_rel"] == 0  # bit for bit on CPU
+    checkpointed = parity["fast fp32 b1, gradient checkpointing"]  # recompute: the same arithmetic
+    assert checkpointed["vs_no_checkpointing_embeddings_rel"] == 0 and checkpointed["vs_no_checkpointing_edit_rel"] == 0
 
     timing = [r for r in measured if "s_per_image" in r]
     assert {r["stage"] for r in timing} == {"nti_b1", "nti_b16", "ddim_b16", "sdxl"}
@@ -86,6 +88,7 @@ def test_gpu_run_quick_on_cpu(tmp_path):
 
     summary = (tmp_path / "summary.md").read_text()
     assert "| nti_b16 |" in summary and "parity vs eager fp32 reference" in summary and "UNet passes" in summary
+    assert "- fast fp32 b1, gradient checkpointing vs the same without checkpointing: embeddings 0.0e+00" in summary
     assert "- profile b2, 3 inner: wall" in summary and "  - top kernels: " in summary
 
 
