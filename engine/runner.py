@@ -24,6 +24,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .conditioning import null_grad_mask, unet_inputs
@@ -107,6 +108,12 @@ def _copy_unet(unet: nn.Module, dtype: torch.dtype | None, channels_last: bool, 
     return clone
 
 
+def checkpoint_without_rng(module: nn.Module, *args):
+    """diffusers' gradient-checkpointing call without saving and restoring RNG states: the UNet in eval mode draws no
+    random numbers (no dropout), and torch before 2.10 cannot read a CUDA RNG state inside a CUDA graph capture."""
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, preserve_rng_state=False)
+
+
 def prepared_unet(pipe, config: NTIConfig) -> PreparedUNet:
     """The pipeline's UNet copy for this config's precision, weight casting, memory format and gradient
     checkpointing (made once)."""
@@ -125,7 +132,7 @@ def prepared_unet(pipe, config: NTIConfig) -> PreparedUNet:
         if channels_last:
             module.to(memory_format=torch.channels_last)
         if config.gradient_checkpointing:  # diffusers 0.42 checks grad mode only, not .training: eval mode keeps it
-            module.enable_gradient_checkpointing()
+            module.enable_gradient_checkpointing(checkpoint_without_rng)
         pipe.fast_unets[key] = (PreparedUNet(module.eval(), None, input_dtype=half) if half_norms
                                 else PreparedUNet(module.eval(), half))
     return pipe.fast_unets[key]
