@@ -4,8 +4,8 @@
     python -m nti.benchmarks.bench_precision --scenes 6      # a quick look at every row
 
 24 scenes by default; JSON under benchmarks/results/, rewritten after each row. On a 2-core CPU fp32 and each bf16
-row take 2-4 min, but fp16 is slow on CPUs: its autocast row took 15 min and its half-norms row had not finished
-after 37 (2026-12-06), hence the first command.
+row take 2-4 min, but fp16 is slow on CPUs (no fast fp16 convolution): its autocast row took 15 min, and its
+half-norms row 22 min alone at one thread (precision_shapes_cpu_fp16_half_norms.json), hence the first command.
 
 Each row inverts the same rendered scenes with the fast path (batch 8, w=7.5, 50 steps, early stop as the
 notebook) and reconstructs them; the figure is each scene's PSNR minus the fp32 fast path's (which equals the
