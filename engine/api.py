@@ -25,7 +25,10 @@ log = logging.getLogger("nti")
 def _check_prompts(prompts: Sequence[str], n: int | None, what: str, pipe: Pipeline | None = None) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts] * n
-    prompts = list(prompts)
+    try:
+        prompts = list(prompts)
+    except TypeError:  # None, a number: list() would say "'NoneType' object is not iterable"
+        raise NTIError(f"{what} must be a string or a list of strings, got {type(prompts).__name__}") from None
     if n is not None and len(prompts) != n:
         raise NTIError(f"{what}: got {len(prompts)} prompts for {n} images")
     for p in prompts:
@@ -64,7 +67,7 @@ def null_embedding(pipe: Pipeline) -> torch.Tensor:
 
 def prepare_images(pipe: Pipeline, images) -> tuple[list[Image.Image], torch.Tensor]:
     """Load, centre-crop and resize to the model's resolution; (B, 3, H, W) in [-1, 1]."""
-    if isinstance(images, (str, Image.Image)) or not isinstance(images, Sequence):
+    if isinstance(images, (str, bytes, Image.Image)) or not isinstance(images, Sequence):
         images = [images]
     squares = [load_square(source, pipe.resolution, f"image {source}" if isinstance(source, (str, os.PathLike))
                            else f"images[{k}]") for k, source in enumerate(images)]

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .config import NTIError
-from .images import SKIMAGE_PREFIX, check_image_file, load_image, open_image
+from .images import SKIMAGE_PREFIX, check_image_file, load_image, open_image, skimage_names
 from .validate import is_blank
 
 SAMPLE_PROMPTS = Path(__file__).parent / "assets" / "sample" / "prompts.jsonl"
@@ -299,10 +299,8 @@ def _prompt_record(line: str, where: str, number: int, base: Path, require_promp
     if not isinstance(name, str) or not name.strip():
         raise NTIError(f"{where}: 'image' / 'skimage' must name a file or photo, got {name!r}")
     if "skimage" in record or name.startswith(SKIMAGE_PREFIX):
-        import skimage.data
-
         name = name.removeprefix(SKIMAGE_PREFIX)
-        if not callable(getattr(skimage.data, name, None)):
+        if name not in skimage_names():
             raise NTIError(f"{where}: scikit-image has no bundled image {name!r}")
         image, default_id = SKIMAGE_PREFIX + name, name
     else:

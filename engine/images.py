@@ -26,25 +26,69 @@ TIFF_BITS_PER_SAMPLE, TIFF_SAMPLE_FORMAT, TIFF_SIGNED = 258, 339, 2  # SampleFor
 
 
 def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
-    """An RGB PIL image from a path, 'skimage:NAME', a PIL image or an HxWx3 uint8 array; clear errors otherwise."""
+    """An RGB PIL image from a path, 'skimage:NAME', a PIL image or an HxW / HxWx3 / HxWx4 array (read as
+    array_to_rgb says); clear errors otherwise."""
     if isinstance(source, Image.Image):
         return to_rgb(source)
     if isinstance(source, np.ndarray):
-        if source.ndim == 2 or (source.ndim == 3 and source.shape[2] in (3, 4)):
-            return Image.fromarray(np.ascontiguousarray(source).astype(np.uint8)).convert("RGB")
-        raise NTIError(f"image array must be HxW or HxWx3/4, got shape {source.shape}")
+        return array_to_rgb(source, "image array")
+    if not isinstance(source, (str, os.PathLike)):  # str() of a tensor or bytes is no path to look up
+        raise NTIError(f"an image must be a file path, 'skimage:NAME', a PIL image or a numpy array; got "
+                       f"{type(source).__name__}")
     text = str(source)
     if text.startswith(SKIMAGE_PREFIX):
-        import skimage.data
-
-        name = text[len(SKIMAGE_PREFIX):]
-        loader = getattr(skimage.data, name, None)
-        if loader is None or not callable(loader):
-            raise NTIError(f"{text}: scikit-image has no bundled image {name!r} (try skimage:chelsea)")
-        return load_image(loader())
+        return array_to_rgb(skimage_photo(text), text)
     path = Path(text).expanduser()
     check_image_file(path)
     return open_image(path, f"image {path}")
+
+
+# scikit-image's data functions that return no photo (a folder, a download, a checksum, a cascade file's path)
+SKIMAGE_NOT_PHOTOS = ("data_dir", "download_all", "file_hash", "lbp_frontal_face_cascade_filename")
+
+
+def skimage_names() -> list[str]:
+    """The NAMEs `skimage:NAME` may give: scikit-image's data functions that return an image."""
+    import skimage.data
+
+    return [name for name in skimage.data.__all__
+            if name not in SKIMAGE_NOT_PHOTOS and callable(getattr(skimage.data, name, None))]
+
+
+def skimage_photo(text: str) -> np.ndarray:
+    """The array of 'skimage:NAME': only scikit-image's photos are called (never download_all or another helper),
+    and one it would download first, or that is no single image, is refused with what to use instead."""
+    import skimage.data
+
+    name = text[len(SKIMAGE_PREFIX):]
+    if name not in skimage_names():
+        raise NTIError(f"{text}: scikit-image has no bundled image {name!r} (try skimage:chelsea)")
+    try:
+        image = getattr(skimage.data, name)()
+    except Exception as err:  # not in the wheel: fetched on first use through pooch, over the network
+        raise NTIError(f"{text} is not bundled with scikit-image, which would download it ({type(err).__name__}); "
+                       f"use a bundled photo such as skimage:chelsea, or save the image to a file") from None
+    if not isinstance(image, np.ndarray):
+        raise NTIError(f"{text} is not one image (scikit-image returns a {type(image).__name__}); save the image "
+                       f"to edit to a file")
+    return image
+
+
+def array_to_rgb(array: np.ndarray, label: str) -> Image.Image:
+    """RGB from an HxW, HxWx3 or HxWx4 array, read as to_rgb reads an image file of its kind: uint8 as it is, bool
+    as black and white, uint16 from 0..65535, other integers from 0..255 (0..65535 when they exceed 255), floats
+    from 0..1 when they fit it, else 0..255; alpha over white. Values outside the range are refused, not wrapped
+    or clipped (a silently wrong image)."""
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise NTIError(f"{label} must be HxW or HxWx3/4, got shape {array.shape}")
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype != np.uint8:
+        if array.dtype.kind not in "iuf":
+            raise NTIError(f"{label} has {array.dtype} values; give numbers (uint8, uint16, or floats in 0..1)")
+        kind = "16bit" if array.dtype == np.uint16 else "float" if array.dtype.kind == "f" else "int"
+        array = to_8bit(array, label, kind)
+    return to_rgb(Image.fromarray(np.ascontiguousarray(array)), label)
 
 
 def check_image_file(path: Path, where: str = "") -> None:
@@ -135,29 +179,36 @@ def to_rgb(img: Image.Image, label: str = "image", signed16: bool | None = None)
     Float images are taken as [0, 1] when they fit it, else as [0, 255]. Wider values (a 32-bit or negative integer
     image, HDR floats) are refused: clipping them would be a silently wrong image."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        array = np.asarray(img, dtype=np.float64)
-        if not np.isfinite(array).all():
-            raise NTIError(f"{label} has non-finite pixel values")
-        low, high = array.min(initial=0), array.max(initial=0)
-        if is_signed_16bit(img) if signed16 is None else signed16:
-            array, limit = array * (255.0 / 32767.0), "0..32767"  # 32767 -> 255; negatives are refused below
-        elif img.mode.startswith("I;16") or (img.mode == "I" and high > 255):
-            array, limit = array / 257.0, "0..65535"  # 65535 -> 255
-        elif img.mode == "F" and high <= 1.0:
-            array, limit = array * 255.0, "0..1"
-        else:
-            limit = "0..255"
-        if low < 0 or array.max(initial=0) > 255.5:
-            raise NTIError(f"{label} has pixel values from {low:g} to {high:g}, outside {limit}; save it as an "
-                           f"unsigned 8- or 16-bit image")
-        gray = np.clip(np.round(array), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray).convert("RGB")
+        kind = "16bit" if img.mode.startswith("I;16") else "int" if img.mode == "I" else "float"
+        signed = is_signed_16bit(img) if signed16 is None else signed16
+        return Image.fromarray(to_8bit(np.asarray(img), label, kind, signed)).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # P's palette alpha, or RGB's / L's colour
         # key (PNG tRNS): transparent pixels over white, as a viewer shows them (convert("RGB") keeps their colour)
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def to_8bit(values: np.ndarray, label: str, kind: str, signed16: bool = False) -> np.ndarray:
+    """uint8 pixels of wider values (kind: '16bit', 'int' or 'float'), scaled as to_rgb says; refused when not
+    finite or outside the range they are scaled from."""
+    array = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(array).all():
+        raise NTIError(f"{label} has non-finite pixel values")
+    low, high = array.min(initial=0), array.max(initial=0)
+    if signed16:
+        array, limit = array * (255.0 / 32767.0), "0..32767"  # 32767 -> 255; negatives are refused below
+    elif kind == "16bit" or (kind == "int" and high > 255):
+        array, limit = array / 257.0, "0..65535"  # 65535 -> 255
+    elif kind == "float" and high <= 1.0:
+        array, limit = array * 255.0, "0..1"
+    else:
+        limit = "0..255"
+    if low < 0 or array.max(initial=0) > 255.5:
+        raise NTIError(f"{label} has pixel values from {low:g} to {high:g}, outside {limit}; save it as an "
+                       f"unsigned 8- or 16-bit image")
+    return np.clip(np.round(array), 0, 255).astype(np.uint8)
 
 
 def center_square(img: Image.Image, size: int) -> Image.Image:
@@ -199,6 +250,8 @@ def load_square(source, resolution: int, label: str) -> Image.Image:
     """load_image, a warning through the 'nti' logger when the centre crop would spoil it (crop_warning), then
     center_square at the model's resolution."""
     img = load_image(source)
+    if 0 in img.size:  # nothing to crop or scale: resizing it would make up a whole image
+        raise NTIError(f"{label} is empty ({img.size[0]}x{img.size[1]} pixels)")
     message = crop_warning(img.size, resolution, label)
     if message is not None:
         log.warning(message)

@@ -262,3 +262,65 @@ def test_a_users_file_at_an_output_path_is_kept_and_nti_replaces_only_its_own(tm
     code, _, err = run_cli(invert, capsys)
     assert code == EXIT_BAD_INPUT and "scene0.json exists and was not written by nti" in error_line(err)
     assert saved.with_suffix(".json").read_text() == '{"notes": "mine"}'
+
+
+# ------------------------------------------------------------------------------- arrays and skimage:NAME (the API)
+
+def test_arrays_are_read_as_image_files_of_their_kind_not_cast_to_uint8():
+    """load_image cast every array to uint8: floats in [0, 1] (skimage:shepp_logan_phantom) and bool masks
+    (skimage:binary_blobs, skimage:horse) became an all-black image, 300 wrapped to 44, -5 to 251, NaN to noise."""
+    from nti.config import NTIError
+    from nti.images import load_image
+    assert np.asarray(load_image(np.full((8, 8, 3), 0.5))).max() == 128  # [0, 1] floats, as a float TIFF
+    assert np.asarray(load_image(np.ones((8, 8), bool))).min() == 255
+    assert np.asarray(load_image(np.full((8, 8), 65535, np.uint16))).min() == 255
+    assert np.asarray(load_image("skimage:binary_blobs")).max() == 255
+    assert np.asarray(load_image(np.dstack([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8)]))).min() == 255
+    for bad, message in [(np.full((8, 8, 3), np.nan), "non-finite"), (np.full((8, 8, 3), -5), "outside 0..255"),
+                         (np.full((8, 8), 1e6), "outside 0..255"), (np.zeros((8, 8), complex), "complex")]:
+        with pytest.raises(NTIError, match=message):
+            load_image(bad)
+
+
+@pytest.mark.parametrize("source, message", [
+    (np.zeros((0, 0, 3), np.uint8), r"images\[0\] is empty \(0x0 pixels\)"),
+    (Image.new("RGB", (0, 4)), r"images\[0\] is empty \(0x4 pixels\)"),
+    ("torch", "an image must be a file path, 'skimage:NAME', a PIL image or a numpy array; got Tensor"),
+    (b"\x89PNG", "got bytes"),
+    (None, "got NoneType"),
+])
+def test_the_api_refuses_empty_images_and_other_objects_with_nti_errors(tiny_pipe, source, message):
+    """A 0x0 image was resized into a made-up 32x32 one; a tensor's str() was looked up as a file name (OSError:
+    File name too long); bytes were read as one image per byte ('image 137 does not exist')."""
+    import torch
+
+    import nti
+    from nti.config import NTIError
+    source = torch.zeros(3, 8, 8) if isinstance(source, str) and source == "torch" else source
+    with pytest.raises(NTIError, match=message):
+        nti.invert(tiny_pipe, source, "a cat", nti.NTIConfig(steps=1, inner_steps=0), progress=False)
+
+
+@pytest.mark.parametrize("prompts", [None, 5])
+def test_the_api_says_prompts_must_be_strings(tiny_pipe, prompts):
+    """TypeError: 'NoneType' object is not iterable."""
+    import nti
+    from nti.config import NTIError
+    with pytest.raises(NTIError, match="source prompts must be a string or a list of strings"):
+        nti.invert(tiny_pipe, "skimage:chelsea", prompts, nti.NTIConfig(steps=1, inner_steps=0), progress=False)
+
+
+def test_skimage_names_run_only_photos_and_name_what_is_not_bundled(tmp_path, capsys, monkeypatch):
+    """skimage:NAME called any function of skimage.data: download_all (a download of every data set), file_hash
+    (TypeError: internal error, exit 1), stereo_motorcycle (a tuple, whose repr became a 'File name too long' error
+    of 600 lines), and brain & co. (need pooch and a download: internal error, exit 1)."""
+    import skimage.data
+
+    monkeypatch.setattr(skimage.data, "download_all", lambda *a, **k: pytest.fail("skimage:download_all was run"))
+    monkeypatch.setattr(skimage.data, "brain", lambda: (_ for _ in ()).throw(ModuleNotFoundError("needs pooch")))
+    code, _, err = run_cli(["reconstruct", "skimage:download_all", "skimage:file_hash", "skimage:stereo_motorcycle",
+                            "skimage:brain", "--prompt", "a cat", "--out", tmp_path / "out", *TINY], capsys)
+    assert code == EXIT_BAD_INPUT and "4 inputs failed" in error_line(err) and "internal error" not in err
+    assert "skimage:download_all: scikit-image has no bundled image" in err
+    assert "skimage:stereo_motorcycle is not one image" in err and len(err.splitlines()) < 10
+    assert "skimage:brain is not bundled with scikit-image" in err and "skimage:chelsea" in err
