@@ -28,6 +28,7 @@ ALGORITHM, EDITING, SPEED = "algorithm", "editing", "speed"
 GROUPS = {ALGORITHM: "inversion algorithm", EDITING: "editing (prompt-to-prompt)", SPEED: "speed (fast backend)"}
 GUIDANCE_MAX = 100.0  # SD images saturate past w ~ 20; past 100 the guided step is numerical garbage, not an edit
 SEED_RANGE = (0, 2 ** 63 - 1)  # what torch.Generator.manual_seed takes without wrapping
+REWEIGHT_MAX = 3.4028234663852886e38  # float32's largest: the attention equalizer holds the factors in fp32
 
 
 def _is_number(value) -> bool:
@@ -215,8 +216,9 @@ class NTIConfig:
             if not word.strip() or len(word.split()) != 1:
                 raise NTIError(f"reweight and blend words must be single words; got {word!r}")
         for word, factor in self.reweight:
-            if not (factor >= 0 and factor < float("inf")):
-                raise NTIError(f"reweight: factor of {word!r} must be finite and >= 0; got {factor!r}")
+            if not 0 <= factor <= REWEIGHT_MAX:
+                raise NTIError(f"reweight: factor of {word!r} must be finite and >= 0 (at most {REWEIGHT_MAX:.3g}, "
+                               f"float32's largest); got {factor!r}")
         if self.edit == "p2p-reweight" and not self.reweight:
             raise NTIError("edit mode p2p-reweight needs words to reweight, e.g. reweight={'tiger': 2.0} "
                            "(--reweight tiger=2)")

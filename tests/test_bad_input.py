@@ -202,6 +202,8 @@ def test_guidance_out_of_range_is_refused(capsys, tmp_path, no_model, value):
     (["--steps-offset", "5000"], "reaches timestep"),
     (["--device", "meta"], "not supported"),
     (["--seed", "99999999999999999999"], "seed must be an integer"),
+    (["--edit", "p2p-reweight", "--reweight", "b=1e39"], "float32's largest"),  # was exit 1: overflow in the fp32
+    # attention equalizer
 ])
 def test_other_options_out_of_range_exit_2(capsys, tmp_path, option, message):
     code, _, err = run_cli(["edit", "skimage:chelsea", "--prompt", "a", "--target", "b", "--out",
