@@ -118,7 +118,15 @@ def run_settings(args, pipe, device, config, scorer: Scorer) -> dict:
 
 
 def prepare_out(out: Path, settings: dict, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix results of other settings into --out; clear it on --overwrite."""
+    """Refuse to mix results of other settings into --out; clear it on --overwrite. Names an eval run writes or
+    clears that already hold something with no run.json beside them (written first by every run) are the user's:
+    refused, even with --overwrite, rather than replaced or deleted."""
+    if out.exists() and not out.is_dir():
+        raise NTIError(f"--out {out} is a file; nti eval writes a folder of results: choose a folder")
+    theirs = [name for name in (SAMPLES, SUMMARY, REPORT, IMAGE_DIR, PLOT_DIR) if (out / name).exists()]
+    if theirs and not (out / MANIFEST).is_file():
+        raise NTIError(f"--out {out} already holds {', '.join(theirs)} that no nti eval run wrote (no {MANIFEST}); "
+                       f"choose a new or empty folder, so that nothing of yours is replaced or deleted")
     has_results = (out / MANIFEST).is_file() or (out / SAMPLES).is_file()
     if has_results and overwrite:
         for name in (MANIFEST, SAMPLES, SUMMARY, REPORT):

@@ -324,3 +324,22 @@ def test_skimage_names_run_only_photos_and_name_what_is_not_bundled(tmp_path, ca
     assert "skimage:download_all: scikit-image has no bundled image" in err
     assert "skimage:stereo_motorcycle is not one image" in err and len(err.splitlines()) < 10
     assert "skimage:brain is not bundled with scikit-image" in err and "skimage:chelsea" in err
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_nti_eval_never_replaces_or_deletes_a_users_files_in_out(tmp_path, capsys, overwrite):
+    """`nti eval --out FOLDER` wrote its report.md and summary.csv over the user's files of those names and deleted
+    the folder's plots/ with whatever was in it (rmtree before drawing the plots), with exit 0."""
+    out = tmp_path / "notes"
+    (out / "plots").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(out / "plots" / "mine.png")
+    (out / "report.md").write_text("my notes")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    argv = ["eval", "--out", out, "--methods", "ddim", "--n", "1", "--steps", "2", "--inner-steps", "1", "--quiet",
+            "--device", "cpu", *overwrite]
+    code, _, err = run_cli(argv, capsys)
+    assert code == EXIT_BAD_INPUT and "holds report.md, plots that no nti eval run wrote" in error_line(err)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    code, _, err = run_cli([*argv[:2], out / "report.md", *argv[3:]], capsys)
+    assert code == EXIT_BAD_INPUT and "report.md is a file; nti eval writes a folder" in error_line(err)
+    assert run_cli([*argv[:2], tmp_path / "results", *argv[3:]], capsys)[0] == EXIT_OK  # a new folder: fine
