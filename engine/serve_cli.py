@@ -5,7 +5,7 @@ import argparse
 import os
 
 from .config import NTIError
-from .options import positive_int
+from .options import int_at_least, positive_int
 
 
 def positive_float(text: str) -> float:
@@ -18,20 +18,40 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (a wait of 0 means none; nan, inf or a negative wait broke the batcher's clock)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 0..65535 (0: any free port). Past 65535 the socket layer wrapped it to another port."""
+    port = int_at_least(0)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 0..65535, got {port}")
+    return port
+
+
 def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="HTTP backend: OpenAI-compatible /v1/images/edits and the native inversion API "
                        "(needs the serve extra: pip install -e '.[serve]')")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--data", default="nti-serve-data", help="folder for the job table (SQLite) and artifacts; "
                    "a restart re-runs the jobs it holds that were accepted but not finished")
     p.add_argument("--model", default=None, help="as for the other commands (default: the built-in shapes model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=positive_int, default=8, help="most jobs in one fast-path batch")
-    p.add_argument("--max-delay-ms", type=float, default=50.0, help="how long the oldest job waits for a batch to "
-                   "fill before it runs with what is there")
+    p.add_argument("--max-delay-ms", type=non_negative_float, default=50.0, help="how long the oldest job waits for "
+                   "a batch to fill before it runs with what is there")
     p.add_argument("--max-queue", type=positive_int, default=256, help="queued jobs before 429 + Retry-After")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a waiting request waits at most")
+    p.add_argument("--request-timeout", type=positive_float, default=600.0,
+                   help="seconds a waiting request waits at most")
     p.add_argument("--token", default=None, help="bearer token required on every route but /healthz, /readyz and "
                    "the page (default: $NTI_SERVE_TOKEN; none: no auth)")
     p.add_argument("--max-upload-bytes", type=positive_int, default=10 * 2**20)
@@ -39,9 +59,10 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-prompt-chars", type=positive_int, default=500)
     p.add_argument("--max-steps", type=positive_int, default=100)
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps of requests that do not say")
-    p.add_argument("--inner-steps", type=int, default=10, help="Adam iterations per step of requests that do not "
-                   "say")
-    p.add_argument("--drain", type=float, default=30.0, help="seconds a shutdown keeps batching queued jobs")
+    p.add_argument("--inner-steps", type=int_at_least(0), default=10, help="Adam iterations per step of requests "
+                   "that do not say")
+    p.add_argument("--drain", type=non_negative_float, default=30.0,
+                   help="seconds a shutdown keeps batching queued jobs")
     p.add_argument("--quiet", action="store_true", help="warnings and errors only in the log")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.add_argument("--cache", default=None, help=argparse.SUPPRESS)  # read by the CLI's interrupt message
@@ -66,6 +87,8 @@ def run_serve(args) -> int:
                 if getattr(args, name) != default]
     if args.ray is None and ray_only:
         raise NTIError(f"{', '.join(ray_only)} only apply with --ray (engine replicas on a Ray cluster)")
+    if args.steps > args.max_steps:  # requests that name no steps would run past the limit the others are held to
+        raise NTIError(f"--steps {args.steps} is over --max-steps {args.max_steps}; lower --steps or raise --max-steps")
     try:
         from .serve import ServeSettings, serve
     except ImportError as err:
@@ -84,5 +107,22 @@ def run_serve(args) -> int:
                 from None
         scaling = Scaling(args.min_replicas, args.max_replicas, args.target_ongoing_requests, args.replica_cpus)
         return serve_on_ray(settings, args.host, args.port, args.ray, scaling, args.quiet)
+    check_listen(args.host, args.port)
     serve(settings, args.host, args.port)
     return 0
+
+
+def check_listen(host: str, port: int) -> None:
+    """Bind host:port once before serving: a port in use, or an address that is not this machine's, is bad input (one
+    line, exit 2), not uvicorn's log line and exit 3 after the model has loaded."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+            sock.bind(address)
+    except OSError as err:
+        raise NTIError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port, or a --host "
+                       f"address of this machine") from None

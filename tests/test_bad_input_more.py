@@ -343,3 +343,32 @@ def test_nti_eval_never_replaces_or_deletes_a_users_files_in_out(tmp_path, capsy
     code, _, err = run_cli([*argv[:2], out / "report.md", *argv[3:]], capsys)
     assert code == EXIT_BAD_INPUT and "report.md is a file; nti eval writes a folder" in error_line(err)
     assert run_cli([*argv[:2], tmp_path / "results", *argv[3:]], capsys)[0] == EXIT_OK  # a new folder: fine
+
+
+# ------------------------------------------------------------------------------------------------------ nti serve
+
+@pytest.mark.parametrize("option, message", [
+    (["--port", "99999"], "must be a TCP port in 0..65535"),  # served on 99999 % 65536 = 34463 without a word
+    (["--port", "-1"], "must be at least 0"),  # uvicorn's exit 3 after a 30 s drain
+    (["--drain", "nan"], "--drain: must be a finite number >= 0"),  # exit 1: int(nan) at uvicorn's start
+    (["--max-delay-ms", "-5"], "--max-delay-ms: must be a finite number >= 0"),
+    (["--request-timeout", "nan"], "--request-timeout: must be a finite number > 0"),
+    (["--inner-steps", "-1"], "--inner-steps: must be at least 0"),  # served, never ready: the model never 'loaded'
+    (["--steps", "500"], "--steps 500 is over --max-steps 100"),  # requests that name no steps ran past the limit
+])
+def test_nti_serve_refuses_flags_it_would_serve_wrongly(capsys, option, message):
+    pytest.importorskip("fastapi")
+    code, _, err = run_cli(["serve", "--device", "cpu", *option], capsys)
+    assert code == EXIT_BAD_INPUT and message in error_line(err)
+
+
+def test_nti_serve_on_a_port_in_use_is_one_error_line(tmp_path, capsys):
+    """uvicorn logged '[Errno 98] address already in use' as JSON and exited 3, after loading the model."""
+    import socket
+    pytest.importorskip("fastapi")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = run_cli(["serve", "--device", "cpu", "--port", port, "--data", tmp_path / "data"], capsys)
+    assert code == EXIT_BAD_INPUT and f"cannot listen on 127.0.0.1:{port}" in error_line(err)
