@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -201,11 +201,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        os.close(fd)
+        for attempt in range(8):  # O_EXCL: never someone else's file; a name taken (1 in 4e9) draws another
+            temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")  # TEMP_NAME_EXTRA
+            try:  # mode 0o666 less the umask, as any new file (mkstemp's 0600 made outputs no one else could read)
+                os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+                break
+            except FileExistsError:
+                if attempt == 7:
+                    raise
     except OSError as err:
         raise NTIError(f"could not write {path}: {err.strerror or err}") from None
-    temp = Path(temp)
     try:
         write(temp)
         with open(temp, "rb+") as fh:  # on disk before the rename: a crash cannot leave an empty file in place

@@ -180,6 +180,22 @@ def test_an_out_name_too_long_for_the_filesystem_is_refused_before_the_work(tmp_
     assert code == EXIT_BAD_INPUT and "too long" in error_line(err)
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_get_the_mode_of_any_new_file(tmp_path, grey, capsys, umask):
+    """Outputs went through mkstemp's temp file and kept its 0600: results in a shared folder no one else could read.
+    Now 0666 less the umask, as for any file a program creates, and no temp file stays behind."""
+    old = os.umask(umask)
+    try:
+        code, _, err = run_cli(["edit", grey, "--prompt", "a cat", "--target", "a dog", "--out", tmp_path / "out",
+                                "--method", "ddim", *TINY], capsys)
+    finally:
+        os.umask(old)
+    assert code == EXIT_OK, err
+    written = sorted((tmp_path / "out").iterdir())
+    assert written and all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in written)
+    assert not [p for p in written if p.name.endswith(".part")]
+
+
 def test_jsonl_messages_say_what_is_wrong(tmp_path, grey, capsys, no_model):
     """A folder named as a line's image was reported as 'does not exist'; a file not in UTF-8 as a byte position,
     with no line and no way out."""
