@@ -147,7 +147,8 @@ def load_inversion(path: str | os.PathLike) -> Inversion:
     try:
         check_inversion(inv)
     except NTIError as err:
-        raise NTIError(f"{path}: {err}") from None
+        raise NTIError(f"{path}: {err}; the file is damaged or not an inversion this engine wrote: invert again") \
+            from None
     return inv
 
 
@@ -185,4 +186,4 @@ def check_inversion(inv: Inversion) -> None:
     for name in ("z_T", "z_0", "null_embeddings", "pivots"):
         tensor = getattr(inv, name)
         if tensor is not None and (not tensor.is_floating_point() or not torch.isfinite(tensor).all()):
-            raise NTIError(f"{name} holds non-finite values (NaN or inf): the file is damaged; invert again")
+            raise NTIError(f"{name} holds non-finite values (NaN or inf)")

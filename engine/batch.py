@@ -325,7 +325,9 @@ def invert_jobs(pipe, jobs: list[Job], config: NTIConfig, cache, progress: bool,
         try:
             check_inversion(inv)
         except NTIError as err:
-            problems.add(job, f"{job.label}: the inversion failed ({err}); lower --guidance")
+            raised = [f"--{k}" for k in ("guidance", "lr") if getattr(config, k) > getattr(NTIConfig(), k)]
+            problems.add(job, f"{job.label}: the inversion diverged ({err}); lower "
+                              f"{' or '.join(raised) or '--guidance'}")
             continue
         job.inversion = inv
 

@@ -180,6 +180,16 @@ def test_an_out_name_too_long_for_the_filesystem_is_refused_before_the_work(tmp_
     assert code == EXIT_BAD_INPUT and "too long" in error_line(err)
 
 
+def test_a_diverged_inversion_names_the_setting_to_lower(tmp_path, grey, capsys):
+    """--lr 1e30 made the null embeddings NaN, and the message blamed a damaged file and --guidance."""
+    code, _, err = run_cli(["reconstruct", grey, "--prompt", "a cat", "--lr", "1e30", "--steps", "2",
+                            "--inner-steps", "2", "--out", tmp_path / "out", *TINY], capsys)
+    line = error_line(err)
+    assert code == EXIT_BAD_INPUT and "the inversion diverged" in line and line.endswith("lower --lr")
+    assert "damaged" not in line
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # nothing written
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_outputs_get_the_mode_of_any_new_file(tmp_path, grey, capsys, umask):
     """Outputs went through mkstemp's temp file and kept its 0600: results in a shared folder no one else could read.
