@@ -111,11 +111,14 @@ OPTIONAL_FIELDS = {"versions": dict, "iterations": list, "losses": list, "fp32_r
 def load_inversion(path: str | os.PathLike) -> Inversion:
     """Read an artifact written by `save_inversion`; clear errors (NTIError) for missing, foreign, damaged or
     self-contradicting files, so a bad file is refused before any model runs instead of editing garbage."""
+    if not str(path).strip():  # Path("") is ".", which would be reported as a folder
+        raise NTIError("the inversion path is empty; give a .safetensors file written by nti invert")
     path = Path(path)
     if path.is_dir():
         raise NTIError(f"inversion {path} is a folder; give the .safetensors file(s) in it")
     if not path.is_file():
-        raise NTIError(f"inversion file {path} does not exist")
+        raise NTIError(f"inversion {path} is not a regular file (a device or pipe); give a .safetensors file"
+                       if path.exists() else f"inversion file {path} does not exist")
     try:
         tensors = load_file(str(path))
         from safetensors import safe_open

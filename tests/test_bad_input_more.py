@@ -180,6 +180,14 @@ def test_an_out_name_too_long_for_the_filesystem_is_refused_before_the_work(tmp_
     assert code == EXIT_BAD_INPUT and "too long" in error_line(err)
 
 
+@pytest.mark.parametrize("given, said", [("/dev/null", "is not a regular file (a device or pipe)"),
+                                        ("", "the inversion path is empty")])
+def test_an_inversion_that_is_a_device_or_empty_says_so(tmp_path, capsys, no_model, given, said):
+    """--inversion /dev/null said 'does not exist', and --inversion '' that '.' is a folder."""
+    code, _, err = run_cli(["edit", "--inversion", given, "--target", "a dog", "--out", tmp_path / "out"], capsys)
+    assert code == EXIT_BAD_INPUT and said in error_line(err)
+
+
 def test_a_diverged_inversion_names_the_setting_to_lower(tmp_path, grey, capsys):
     """--lr 1e30 made the null embeddings NaN, and the message blamed a damaged file and --guidance."""
     code, _, err = run_cli(["reconstruct", grey, "--prompt", "a cat", "--lr", "1e30", "--steps", "2",
