@@ -85,6 +85,8 @@ def plan_outputs(out: str, names: list[str], suffix: str, inputs: Iterable[Path]
         if len(os.fsencode(part)) > FS_NAME_BYTES:
             raise NTIError(f"--out {out}: the name {part[:40]}... is too long ({len(os.fsencode(part))} bytes; a "
                            f"file system takes {FS_NAME_BYTES})")
+    if out_path.exists() and not (out_path.is_dir() or out_path.is_file()):
+        raise NTIError(f"--out {out} is a device or pipe, not a file or folder; give where to write the results")
     photos = [Path(p) for p in photos]
     inputs = [Path(p) for p in inputs] + photos
     one_file = len(names) == 1 and bool(out_path.suffix) and not out_path.is_dir()

@@ -180,6 +180,12 @@ def test_an_out_name_too_long_for_the_filesystem_is_refused_before_the_work(tmp_
     assert code == EXIT_BAD_INPUT and "too long" in error_line(err)
 
 
+def test_an_out_that_is_a_device_says_so(tmp_path, grey, capsys, no_model):
+    """--out /dev/null said '1 inputs need a folder'."""
+    code, _, err = run_cli(["reconstruct", grey, "--prompt", "a cat", "--out", "/dev/null", *TINY], capsys)
+    assert code == EXIT_BAD_INPUT and "--out /dev/null is a device or pipe" in error_line(err)
+
+
 @pytest.mark.parametrize("given, said", [("/dev/null", "is not a regular file (a device or pipe)"),
                                         ("", "the inversion path is empty")])
 def test_an_inversion_that_is_a_device_or_empty_says_so(tmp_path, capsys, no_model, given, said):
