@@ -498,32 +498,58 @@ class Engine:
 
     def _invert(self, tasks: list[Task]) -> list[Outcome]:
         from . import invert
-        from .artifact import inversion_bytes
+        from .artifact import check_inversion, inversion_bytes
+        from .config import NTIError
 
         config = self.base.replace(**tasks[0].settings)
         start = time.perf_counter()
         inversions = invert(self.pipe, [t.image for t in tasks], [t.prompt for t in tasks], config, progress=False)
         seconds = time.perf_counter() - start
         log_event("batch", kind="invert", size=len(tasks), seconds=round(seconds, 3))
-        batch = new_id()
-        return [Outcome(t.job_id, inversion_bytes(inv)[0], {"invert_s": seconds, "batch_size": len(tasks),
-                                                            "inner_iterations": int(sum(inv.iterations))},
-                        batch=batch, batch_s=seconds) for t, inv in zip(tasks, inversions)]
+        batch, outcomes = new_id(), []
+        for task, inv in zip(tasks, inversions):
+            try:  # as the CLI: a diverged inversion is the job's error, never a stored artifact an edit reads later
+                check_inversion(inv)
+            except NTIError as err:
+                outcomes.append(self._failed(task, f"the inversion diverged ({err}); lower guidance"))
+                continue
+            outcomes.append(Outcome(task.job_id, inversion_bytes(inv)[0],
+                                    {"invert_s": seconds, "batch_size": len(tasks),
+                                     "inner_iterations": int(sum(inv.iterations))}, batch=batch, batch_s=seconds))
+        return outcomes
 
     def _edit(self, tasks: list[Task]) -> list[Outcome]:
         import io
 
-        from . import edit
+        from .api import edit_latents
+        from .config import NTIError
+        from .images import to_pil
+        from .models import decode_latents
+        from .validate import check_finite_latents
 
         config = self.base.replace(**tasks[0].settings)
         start = time.perf_counter()
-        images = edit(self.pipe, [t.inversion for t in tasks], [t.prompt for t in tasks], config, progress=False)
+        latents = edit_latents(self.pipe, [t.inversion for t in tasks], [t.prompt for t in tasks], config,
+                               progress=False)
+        images = decode_latents(self.pipe, latents)  # one batch, as nti.edit (the VAE keeps rows apart)
+        batch, outcomes = new_id(), []
+        for task, z, pixels in zip(tasks, latents.split(1), images.split(1)):
+            try:  # as the CLI: a non-finite or diverged edit is the job's error, not a black PNG
+                check_finite_latents(z, "the edit")
+                check_finite_latents(pixels, "the edit")
+            except NTIError as err:
+                outcomes.append(self._failed(task, str(err).replace("--guidance", "guidance")))
+                continue
+            png = io.BytesIO()
+            to_pil(pixels)[0].save(png, format="PNG")
+            outcomes.append(Outcome(task.job_id, png.getvalue(), {"batch_size": len(tasks)}, batch=batch))
         seconds = time.perf_counter() - start
         log_event("batch", kind="edit", size=len(tasks), seconds=round(seconds, 3))
-        batch, outcomes = new_id(), []
-        for task, img in zip(tasks, images):
-            png = io.BytesIO()
-            img.save(png, format="PNG")
-            outcomes.append(Outcome(task.job_id, png.getvalue(), {"edit_s": seconds, "batch_size": len(tasks)},
-                                    batch=batch, batch_s=seconds))
+        for outcome in outcomes:
+            outcome.result["edit_s"], outcome.batch_s = seconds, seconds
         return outcomes
+
+    @staticmethod
+    def _failed(task: Task, error: str) -> Outcome:
+        log_event("job_failed", logging.WARNING, job=task.job_id, error=error)
+        return Outcome(task.job_id, error=error)

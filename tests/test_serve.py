@@ -141,6 +141,41 @@ def test_a_wide_upload_is_served_with_the_crop_warning(server, scene1_png):
         assert c.delete(f"/v1/inversions/{nti['inversion_id']}").json()["deleted"] is True
 
 
+def test_a_diverged_job_fails_alone_and_stores_nothing(tmp_path, monkeypatch):
+    """As the CLI: an inversion or edit that is not finite is that job's error (never a stored artifact or a black
+    PNG), and its batch mate still gets its result."""
+    import nti
+    import nti.api
+    from nti.serve_jobs import Engine, ServeSettings, Task
+
+    engine = Engine(ServeSettings(data=str(tmp_path), model="tiny", device="cpu", steps=2, inner_steps=1))
+    engine.load()
+    images = [Image.new("RGB", (32, 32), colour) for colour in ((200, 40, 40), (40, 40, 200))]
+    tasks = [Task(f"job{k}", "invert", "a photo", {}, image=img) for k, img in enumerate(images)]
+    real_invert, real_edit = nti.invert, nti.api.edit_latents
+
+    def invert_second_diverges(*args, **kwargs):
+        invs = real_invert(*args, **kwargs)
+        invs[1].null_embeddings[0, 0, 0] = float("nan")
+        return invs
+    monkeypatch.setattr(nti, "invert", invert_second_diverges)
+    good, bad = engine.run(tasks)
+    assert bad.error.startswith("the inversion diverged (null_embeddings holds non-finite values") and not bad.data
+    assert good.error is None and good.data
+    (tmp_path / "inv.safetensors").write_bytes(good.data)
+    inversion = nti.load_inversion(tmp_path / "inv.safetensors")  # checked: finite, consistent
+
+    def edit_second_diverges(*args, **kwargs):
+        latents = real_edit(*args, **kwargs)
+        latents[1] = float("inf")
+        return latents
+    monkeypatch.setattr(nti.api, "edit_latents", edit_second_diverges)
+    edits = [Task(f"edit{k}", "edit", "a photo", {}, inversion=inversion) for k in range(2)]
+    good, bad = engine.run(edits)
+    assert bad.error.startswith("the edit: the result is not finite") and "lower guidance" in bad.error
+    assert not bad.data and good.error is None and png_of(base64.b64encode(good.data)).size == (32, 32)
+
+
 def test_concurrent_edits_form_batches(server):
     """A small load test: 8 concurrent OpenAI-route edits at batch size 4 form batches larger than one."""
     jobs = scene_jobs(8, seed=3)
