@@ -314,6 +314,16 @@ def check_against_model(pipe, jobs: list[Job], config: NTIConfig, need_target: b
             problems.add(job, f"{job.label}: {err}")
 
 
+def check_new_inversion(inv, config: NTIConfig) -> None:
+    """artifact.check_inversion for an inversion just made: one that is not finite diverged; the NTIError names the
+    raised setting to lower (the guidance weight by default)."""
+    try:
+        check_inversion(inv)
+    except NTIError as err:
+        raised = [f"--{k}" for k in ("guidance", "lr") if getattr(config, k) > getattr(NTIConfig(), k)]
+        raise NTIError(f"the inversion diverged ({err}); lower {' or '.join(raised) or '--guidance'}") from None
+
+
 def invert_jobs(pipe, jobs: list[Job], config: NTIConfig, cache, progress: bool, problems: Problems) -> None:
     """Inversions of the image jobs (through --cache when given); one that is not finite is a bad input."""
     if not jobs:
@@ -323,11 +333,9 @@ def invert_jobs(pipe, jobs: list[Job], config: NTIConfig, cache, progress: bool,
                                progress)
     for job, inv in zip(jobs, inversions):
         try:
-            check_inversion(inv)
+            check_new_inversion(inv, config)
         except NTIError as err:
-            raised = [f"--{k}" for k in ("guidance", "lr") if getattr(config, k) > getattr(NTIConfig(), k)]
-            problems.add(job, f"{job.label}: the inversion diverged ({err}); lower "
-                              f"{' or '.join(raised) or '--guidance'}")
+            problems.add(job, f"{job.label}: {err}")
             continue
         job.inversion = inv
 

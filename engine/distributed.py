@@ -209,7 +209,7 @@ class EngineWorker:
                 rows += [{"name": j["name"], "image": j["image"], "out": j["out"], "data": b"", "json": "",
                           "error": why, "seconds": 0.0, "gave_up": True} for j in good]
             else:
-                rows += [{**r, "error": "", "gave_up": False} for r in self.run_batch(good, batch["pixels"][k])]
+                rows += [{"error": "", "gave_up": False, **r} for r in self.run_batch(good, batch["pixels"][k])]
             rows += [{"name": j["name"], "image": j["image"], "out": j["out"], "data": b"", "json": "",
                       "error": j["error"], "seconds": 0.0, "gave_up": False} for j in bad]
         columns = ("name", "image", "out", "data", "json", "error", "seconds", "gave_up")
@@ -224,8 +224,10 @@ class EngineWorker:
 
         from . import api
         from .artifact import inversion_bytes
-        from .batch import edit_config_for
-        from .images import png_bytes
+        from .batch import check_new_inversion, edit_config_for
+        from .images import png_bytes, to_pil
+        from .models import decode_latents
+        from .validate import check_finite_latents
 
         self.calls += 1
         if not jobs:
@@ -239,21 +241,36 @@ class EngineWorker:
         inversions = api.invert_cached(self.pipe, images, [j["source_prompt"] for j in jobs], config, self.cache,
                                        progress=False)
         self.maybe_crash(jobs)
+        errors, files = {}, {}  # job index -> why it has no output / its file's bytes and readable twin
+        for k, inv in enumerate(inversions):  # checked as the single-process run checks (batch.py)
+            try:
+                check_new_inversion(inv, config)
+            except NTIError as err:
+                errors[k] = str(err)
+        kept = [k for k in range(len(jobs)) if k not in errors]
         if self.command == "invert":
-            files = [inversion_bytes(inv, j["request"]) for j, inv in zip(jobs, inversions)]
+            files = {k: inversion_bytes(inversions[k], jobs[k]["request"]) for k in kept}
         else:
-            targets = [j["target_prompt"] if self.command == "edit" else inv.source_prompt
-                       for j, inv in zip(jobs, inversions)]
             chunk = config.batch_size if config.backend == "fast" else 1  # as the single-process run edits
             edit_config = edit_config_for(self.command, config)  # reconstruct: no prompt-to-prompt setting applies
-            files = []
-            for k in range(0, len(jobs), chunk):
-                for job, img in zip(jobs[k:k + chunk], api.edit(self.pipe, inversions[k:k + chunk],
-                                                                targets[k:k + chunk], edit_config, False)):
-                    files.append((png_bytes(img, job["request"]), ""))  # what images.save_png writes
+            for start_k in range(0, len(kept), chunk):
+                part = kept[start_k:start_k + chunk]
+                targets = [jobs[k]["target_prompt"] if self.command == "edit" else inversions[k].source_prompt
+                           for k in part]
+                latents = api.edit_latents(self.pipe, [inversions[k] for k in part], targets, edit_config, False)
+                images = decode_latents(self.pipe, latents)  # as api.edit: one batch
+                for k, z, pixels in zip(part, latents.split(1), images.split(1)):
+                    try:
+                        check_finite_latents(z, jobs[k]["name"])
+                        check_finite_latents(pixels, jobs[k]["name"])
+                    except NTIError as err:
+                        errors[k] = str(err)
+                        continue
+                    files[k] = (png_bytes(to_pil(pixels)[0], jobs[k]["request"]), "")  # as images.save_png
         seconds = (time.perf_counter() - start) / len(jobs)
-        return [{"name": j["name"], "image": j["image"], "out": j["out"], "data": data, "json": readable,
-                 "seconds": seconds} for j, (data, readable) in zip(jobs, files)]
+        return [{"name": j["name"], "image": j["image"], "out": j["out"], "data": files.get(k, (b"", ""))[0],
+                 "json": files.get(k, (b"", ""))[1], "error": errors.get(k, ""), "seconds": seconds}
+                for k, j in enumerate(jobs)]
 
     def maybe_crash(self, jobs: list[dict], before: bool = False) -> None:
         """The test hook (CRASH_HOOK)."""

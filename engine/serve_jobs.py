@@ -498,7 +498,8 @@ class Engine:
 
     def _invert(self, tasks: list[Task]) -> list[Outcome]:
         from . import invert
-        from .artifact import check_inversion, inversion_bytes
+        from .artifact import inversion_bytes
+        from .batch import check_new_inversion
         from .config import NTIError
 
         config = self.base.replace(**tasks[0].settings)
@@ -509,9 +510,9 @@ class Engine:
         batch, outcomes = new_id(), []
         for task, inv in zip(tasks, inversions):
             try:  # as the CLI: a diverged inversion is the job's error, never a stored artifact an edit reads later
-                check_inversion(inv)
-            except NTIError as err:
-                outcomes.append(self._failed(task, f"the inversion diverged ({err}); lower guidance"))
+                check_new_inversion(inv, config)
+            except NTIError as err:  # the request's field names, not the CLI's flags
+                outcomes.append(self._failed(task, str(err).replace("--guidance", "guidance")))
                 continue
             outcomes.append(Outcome(task.job_id, inversion_bytes(inv)[0],
                                     {"invert_s": seconds, "batch_size": len(tasks),

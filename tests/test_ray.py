@@ -218,3 +218,46 @@ def test_a_ray_worker_reconstructs_without_the_edit_settings(shapes_pipe):
         worker.config, worker.calls = config, 0
         made[name] = worker.run_batch([job], pixels)[0]["data"]
     assert made["plain"] and made["reweight"] == made["plain"]
+
+
+def test_a_ray_worker_reports_a_diverged_job_and_writes_nothing_for_it(shapes_pipe, monkeypatch):
+    """The single-process run refuses a non-finite inversion or edit (bad input, nothing written); the Ray worker
+    shipped them as outputs. Now each is that job's error, and its batch mate still gets its image."""
+    import io
+
+    import numpy as np
+
+    import nti.api
+    from nti import NTIConfig
+    from nti.distributed import EngineWorker
+
+    side = shapes_pipe.resolution
+    pixels = b"".join(np.asarray(Image.open(SCENES / f"scene{k}.png").convert("RGB").resize((side, side))).tobytes()
+                      for k in (1, 2))
+    jobs = [{"name": f"scene{k}", "image": str(SCENES / f"scene{k}.png"), "out": "unused.png", "request": None,
+             "source_prompt": "a red square and a red triangle on a black background",
+             "target_prompt": "a red square and a blue triangle on a black background"} for k in (1, 2)]
+    worker = object.__new__(EngineWorker)  # the actor's state without Ray's constructor
+    worker.pipe, worker.command, worker.cache, worker.resolution = shapes_pipe, "edit", None, side
+    worker.config, worker.calls = NTIConfig(backend="fast", steps=3, inner_steps=1, batch_size=2), 0
+    real_invert, real_edit = nti.api.invert_cached, nti.api.edit_latents
+
+    def second_diverges(*args, **kwargs):
+        invs = real_invert(*args, **kwargs)
+        invs[1].z_T[(0,) * invs[1].z_T.dim()] = float("nan")
+        return invs
+    monkeypatch.setattr(nti.api, "invert_cached", second_diverges)
+    good, bad = worker.run_batch(jobs, pixels)
+    assert good["error"] == "" and good["data"] and not bad["data"]
+    assert bad["error"].startswith("the inversion diverged (z_T holds non-finite values")
+    assert bad["error"].endswith("lower --guidance")
+
+    def first_edit_diverges(*args, **kwargs):
+        latents = real_edit(*args, **kwargs)
+        latents[0] = float("inf")
+        return latents
+    monkeypatch.setattr(nti.api, "invert_cached", real_invert)
+    monkeypatch.setattr(nti.api, "edit_latents", first_edit_diverges)
+    bad, good = worker.run_batch(jobs, pixels)
+    assert bad["error"].startswith("scene1: the result is not finite") and not bad["data"]
+    assert good["error"] == "" and Image.open(io.BytesIO(good["data"])).size == (side, side)
