@@ -16,7 +16,7 @@ from .images import load_square, pixel_hash, to_pil, to_tensor
 from .methods import DIRECT, EditJob, InversionResult, from_pivots, optimizes_null_text
 from .conditioning import conditioning_record, null_grad_mask
 from .models import Pipeline, decode_latents, encode_images, encode_prompts, strict_fp32
-from .validate import check_prompt_length, prompt_words
+from .validate import check_finite_latents, check_prompt_length, prompt_words
 from . import p2p, reference
 
 log = logging.getLogger("nti")
@@ -238,6 +238,22 @@ def edit(pipe: Pipeline, inversions: Sequence[Inversion], target_prompts: Sequen
          config: NTIConfig | None = None, progress: bool = True) -> list[Image.Image]:
     """Edited images (PIL, the model's resolution) of inversions under target prompts, by config.edit."""
     return to_pil(decode_latents(pipe, edit_latents(pipe, inversions, target_prompts, config, progress)))
+
+
+def decode_checked(pipe: Pipeline, latents: torch.Tensor, labels: Sequence[str]) -> list[Image.Image | NTIError]:
+    """edit's images of edited latents (decoded as one batch, as edit does), with an NTIError in place of each one
+    whose latents or pixels are not finite or diverged (validate.check_finite_latents): never a black image."""
+    images = decode_latents(pipe, latents)
+    out = []
+    for label, z, pixels in zip(labels, latents.split(1), images.split(1)):
+        try:
+            check_finite_latents(z, label)
+            check_finite_latents(pixels, label)
+        except NTIError as err:
+            out.append(err)
+            continue
+        out.append(to_pil(pixels)[0])
+    return out
 
 
 def reconstruct(pipe: Pipeline, inversions: Sequence[Inversion], config: NTIConfig | None = None,

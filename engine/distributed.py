@@ -225,9 +225,7 @@ class EngineWorker:
         from . import api
         from .artifact import inversion_bytes
         from .batch import check_new_inversion, edit_config_for
-        from .images import png_bytes, to_pil
-        from .models import decode_latents
-        from .validate import check_finite_latents
+        from .images import png_bytes
 
         self.calls += 1
         if not jobs:
@@ -258,15 +256,11 @@ class EngineWorker:
                 targets = [jobs[k]["target_prompt"] if self.command == "edit" else inversions[k].source_prompt
                            for k in part]
                 latents = api.edit_latents(self.pipe, [inversions[k] for k in part], targets, edit_config, False)
-                images = decode_latents(self.pipe, latents)  # as api.edit: one batch
-                for k, z, pixels in zip(part, latents.split(1), images.split(1)):
-                    try:
-                        check_finite_latents(z, jobs[k]["name"])
-                        check_finite_latents(pixels, jobs[k]["name"])
-                    except NTIError as err:
-                        errors[k] = str(err)
-                        continue
-                    files[k] = (png_bytes(to_pil(pixels)[0], jobs[k]["request"]), "")  # as images.save_png
+                for k, img in zip(part, api.decode_checked(self.pipe, latents, [jobs[k]["name"] for k in part])):
+                    if isinstance(img, Exception):  # not finite: reported, not written, as the single-process run
+                        errors[k] = str(img)
+                    else:
+                        files[k] = (png_bytes(img, jobs[k]["request"]), "")  # what images.save_png writes
         seconds = (time.perf_counter() - start) / len(jobs)
         return [{"name": j["name"], "image": j["image"], "out": j["out"], "data": files.get(k, (b"", ""))[0],
                  "json": files.get(k, (b"", ""))[1], "error": errors.get(k, ""), "seconds": seconds}

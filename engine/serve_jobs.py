@@ -522,32 +522,24 @@ class Engine:
     def _edit(self, tasks: list[Task]) -> list[Outcome]:
         import io
 
-        from .api import edit_latents
-        from .config import NTIError
-        from .images import to_pil
-        from .models import decode_latents
-        from .validate import check_finite_latents
+        from .api import decode_checked, edit_latents
 
         config = self.base.replace(**tasks[0].settings)
         start = time.perf_counter()
         latents = edit_latents(self.pipe, [t.inversion for t in tasks], [t.prompt for t in tasks], config,
                                progress=False)
-        images = decode_latents(self.pipe, latents)  # one batch, as nti.edit (the VAE keeps rows apart)
-        batch, outcomes = new_id(), []
-        for task, z, pixels in zip(tasks, latents.split(1), images.split(1)):
-            try:  # as the CLI: a non-finite or diverged edit is the job's error, not a black PNG
-                check_finite_latents(z, "the edit")
-                check_finite_latents(pixels, "the edit")
-            except NTIError as err:
-                outcomes.append(self._failed(task, str(err).replace("--guidance", "guidance")))
-                continue
-            png = io.BytesIO()
-            to_pil(pixels)[0].save(png, format="PNG")
-            outcomes.append(Outcome(task.job_id, png.getvalue(), {"batch_size": len(tasks)}, batch=batch))
+        images = decode_checked(self.pipe, latents, ["the edit"] * len(tasks))  # as the CLI: never a black PNG
         seconds = time.perf_counter() - start
         log_event("batch", kind="edit", size=len(tasks), seconds=round(seconds, 3))
-        for outcome in outcomes:
-            outcome.result["edit_s"], outcome.batch_s = seconds, seconds
+        batch, outcomes = new_id(), []
+        for task, img in zip(tasks, images):
+            if isinstance(img, Exception):  # the request's field names, not the CLI's flags
+                outcomes.append(self._failed(task, str(img).replace("--guidance", "guidance")))
+                continue
+            png = io.BytesIO()
+            img.save(png, format="PNG")
+            outcomes.append(Outcome(task.job_id, png.getvalue(), {"edit_s": seconds, "batch_size": len(tasks)},
+                                    batch=batch, batch_s=seconds))
         return outcomes
 
     @staticmethod
