@@ -110,7 +110,18 @@ def invert(pipe: Pipeline, images, source_prompts: Sequence[str] | str, config: 
             model_fingerprint=pipe.fingerprint, settings=config.result_settings(pipe.scheduler_config),
             iterations=res.iterations, losses=res.losses, fp32_retries=res.fp32_retries, timings=res.timings,
             conditioning=conditioning_record(pipe.pooled)))
+    _warn_not_finite("inversion", [inv.z_T for inv in inversions])
     return inversions
+
+
+def _warn_not_finite(what: str, tensors) -> None:
+    """The Python API returns what it made (nti eval scores a diverged sample as it is), but never without a word:
+    the CLI, Ray and nti serve refuse such results instead."""
+    bad = [k for k, t in enumerate(tensors) if not torch.isfinite(t).all()]
+    if bad:
+        which = f"{what}s {bad} are" if len(bad) > 1 else f"{what} {bad[0]} is"
+        log.warning("%s not finite (NaN or inf: diverged), so no real image comes of it; lower the guidance weight",
+                    which)
 
 
 def invert_cached(pipe: Pipeline, images, source_prompts: Sequence[str], config: NTIConfig,
@@ -237,7 +248,9 @@ def _two_branch(pipe: Pipeline, jobs: list[EditJob], config: NTIConfig, progress
 def edit(pipe: Pipeline, inversions: Sequence[Inversion], target_prompts: Sequence[str] | str,
          config: NTIConfig | None = None, progress: bool = True) -> list[Image.Image]:
     """Edited images (PIL, the model's resolution) of inversions under target prompts, by config.edit."""
-    return to_pil(decode_latents(pipe, edit_latents(pipe, inversions, target_prompts, config, progress)))
+    latents = edit_latents(pipe, inversions, target_prompts, config, progress)
+    _warn_not_finite("edit", latents)
+    return to_pil(decode_latents(pipe, latents))
 
 
 def decode_checked(pipe: Pipeline, latents: torch.Tensor, labels: Sequence[str]) -> list[Image.Image | NTIError]:

@@ -412,3 +412,35 @@ def test_nti_serve_on_a_port_in_use_is_one_error_line(tmp_path, capsys):
         port = taken.getsockname()[1]
         code, _, err = run_cli(["serve", "--device", "cpu", "--port", port, "--data", tmp_path / "data"], capsys)
     assert code == EXIT_BAD_INPUT and f"cannot listen on 127.0.0.1:{port}" in error_line(err)
+
+
+def test_the_python_api_says_when_an_edit_is_not_finite(tiny_pipe, monkeypatch, caplog):
+    """nti.edit returns what it made (nti eval scores a diverged sample as it is), but a non-finite edit, which
+    decodes to no real image, used to come back without a word."""
+    import logging
+
+    import torch
+
+    import nti
+    import nti.api
+
+    pipe = tiny_pipe
+    config = nti.NTIConfig(steps=2, inner_steps=1, method="ddim")
+    invs = nti.invert(pipe, [Image.new("RGB", (32, 32), (200, 40, 40))] * 2, ["a photo"] * 2, config, progress=False)
+    real = nti.api.edit_latents
+
+    def second_diverges(*args, **kwargs):
+        latents = real(*args, **kwargs)
+        latents[1] = float("nan")
+        return latents
+    monkeypatch.setattr(nti.api, "edit_latents", second_diverges)
+    with caplog.at_level(logging.WARNING, logger="nti"):
+        images = nti.edit(pipe, invs, ["a dog"] * 2, config, progress=False)
+    assert len(images) == 2
+    assert [r.getMessage() for r in caplog.records if "not finite" in r.getMessage()] == [
+        "edit 1 is not finite (NaN or inf: diverged), so no real image comes of it; lower the guidance weight"]
+    caplog.clear()
+    monkeypatch.setattr(nti.api, "edit_latents", real)
+    nti.edit(pipe, invs, ["a dog"] * 2, config, progress=False)
+    assert not [r for r in caplog.records if "not finite" in r.getMessage()]
+    assert torch.isfinite(invs[0].z_T).all()
