@@ -120,8 +120,8 @@ def _warn_not_finite(what: str, tensors) -> None:
     bad = [k for k, t in enumerate(tensors) if not torch.isfinite(t).all()]
     if bad:
         which = f"{what}s {bad} are" if len(bad) > 1 else f"{what} {bad[0]} is"
-        log.warning("%s not finite (NaN or inf: diverged), so no real image comes of it; lower the guidance weight",
-                    which)
+        log.warning("%s not finite (NaN or inf: diverged), so no real image comes of it; lower the guidance weight "
+                    "(or lr, if raised)", which)
 
 
 def invert_cached(pipe: Pipeline, images, source_prompts: Sequence[str], config: NTIConfig,
