@@ -363,14 +363,20 @@ def _compile_counters():
     return dict(counters["stats"]), sum(counters["unimplemented"].values()) + sum(counters["graph_break"].values())
 
 
-def test_regional_compile_stays_compiled_through_buckets(monkeypatch):
-    """14+ graphs per block code object (shapes x buckets x grad mode) used to pass dynamo's default recompile limit
-    of 8, after which it ran the blocks eager without a word. Dynamo only (backend 'eager'): inductor's codegen takes
-    minutes on this CPU, and the limit is dynamo's."""
+@pytest.fixture
+def dynamo_pipe(monkeypatch):
+    """A fresh tiny pipeline whose --compile traces with dynamo only (backend 'eager': inductor's codegen takes
+    minutes on this CPU; the recompile limit and graph breaks are dynamo's), dynamo's caches and counters reset."""
     import nti.runner as runner
     monkeypatch.setattr(runner, "COMPILE_BACKEND", "eager")
     torch._dynamo.reset()
-    pipe = nti.build_tiny_pipeline()
+    return nti.build_tiny_pipeline()
+
+
+def test_regional_compile_stays_compiled_through_buckets(dynamo_pipe):
+    """14+ graphs per block code object (shapes x buckets x grad mode) used to pass dynamo's default recompile limit
+    of 8, after which it ran the blocks eager without a word."""
+    pipe = dynamo_pipe
     config = BASE.replace(backend="fast", compile=True, early_stop_eps=0.1, steps=6, batch_size=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -387,14 +393,11 @@ def test_regional_compile_stays_compiled_through_buckets(monkeypatch):
     assert len({tuple(inv.iterations) for inv in invs}) > 1  # images really stopped at different iterations
 
 
-def test_regional_compile_runs_inside_gradient_checkpointing(monkeypatch):
+def test_regional_compile_runs_inside_gradient_checkpointing(dynamo_pipe):
     """--compile with --gradient-checkpointing: diffusers calls the compiled transformer blocks through
     torch.utils.checkpoint; dynamo traces them there without a graph break or an eager fallback, and the embeddings
-    equal those without checkpointing bit for bit (dynamo only, as above)."""
-    import nti.runner as runner
-    monkeypatch.setattr(runner, "COMPILE_BACKEND", "eager")
-    torch._dynamo.reset()
-    pipe = nti.build_tiny_pipeline()
+    equal those without checkpointing bit for bit."""
+    pipe = dynamo_pipe
     config = BASE.replace(backend="fast", compile=True, steps=3, inner_steps=3, batch_size=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -410,12 +413,10 @@ def test_regional_compile_runs_inside_gradient_checkpointing(monkeypatch):
         assert a.iterations == b.iterations and torch.equal(a.null_embeddings, b.null_embeddings)
 
 
-def test_compile_failure_says_so_and_runs_eager(monkeypatch):
+def test_compile_failure_says_so_and_runs_eager(dynamo_pipe, monkeypatch):
     import nti.runner as runner
-    monkeypatch.setattr(runner, "COMPILE_BACKEND", "eager")
     monkeypatch.setattr(runner, "RECOMPILE_LIMIT", 1)
-    torch._dynamo.reset()
-    pipe = nti.build_tiny_pipeline()
+    pipe = dynamo_pipe
     config = BASE.replace(backend="fast", compile=True, steps=2, inner_steps=2)
     with torch._dynamo.config.patch(recompile_limit=1, accumulated_recompile_limit=4):
         with pytest.warns(UserWarning, match="torch.compile failed"):
