@@ -320,8 +320,7 @@ def check_new_inversion(inv, config: NTIConfig) -> None:
     try:
         check_inversion(inv)
     except NTIError as err:
-        raised = [f"--{k}" for k in ("guidance", "lr") if getattr(config, k) > getattr(NTIConfig(), k)]
-        raise NTIError(f"the inversion diverged ({err}); lower {' or '.join(raised) or '--guidance'}") from None
+        raise NTIError(f"the inversion diverged ({err}); {config.divergence_advice()}") from None
 
 
 def invert_jobs(pipe, jobs: list[Job], config: NTIConfig, cache, progress: bool, problems: Problems) -> None:

@@ -264,6 +264,12 @@ class NTIConfig:
             settings.pop("half_norms", None)
         return {**settings, "steps_offset": self.timestep_offset(scheduler_config)}
 
+    def divergence_advice(self) -> str:
+        """What to lower when a result diverged (NaN or inf): the flags among --guidance and --lr raised above their
+        defaults, else --guidance."""
+        raised = [f"--{name}" for name in ("guidance", "lr") if getattr(self, name) > getattr(NTIConfig, name)]
+        return "lower " + (" or ".join(raised) or "--guidance")
+
     def replace(self, **changes) -> "NTIConfig":
         return dataclasses.replace(self, **changes)
 

@@ -148,7 +148,7 @@ def _invert_chunk(runner, z0, conds, null, schedule, weights, config, ops, progr
         bad = ~_finite_rows(pivots)
     if bad.any():
         raise NTIError(f"DDIM inversion produced non-finite values for image(s) {bad.nonzero().flatten().tolist()} "
-                       f"even in fp32; check the input image and prompt")
+                       f"even in fp32; check the input image and prompt")  # no guidance or lr in DDIM inversion
     ddim_s = (time.perf_counter() - start) / b
     if not optimizes_null_text(config.method):
         return from_pivots(config.method, pivots, conds, schedule.steps, retries, {"ddim_invert_s": ddim_s})
@@ -176,7 +176,7 @@ def _invert_chunk(runner, z0, conds, null, schedule, weights, config, ops, progr
         if not step.finite.all():
             rows = (~step.finite).nonzero().flatten().tolist()
             raise NTIError(f"null-text optimization produced non-finite values for image(s) {rows} at step {i} "
-                           f"even in fp32; check the input image and prompt")
+                           f"even in fp32: it diverged; {config.divergence_advice()}")
         uncond, z = step.uncond, step.z_next
         embeddings[i] = uncond
         iterations[i], losses[i] = step.iterations, step.losses

@@ -194,12 +194,14 @@ def test_an_inversion_that_is_a_device_or_empty_says_so(tmp_path, capsys, no_mod
     assert code == EXIT_BAD_INPUT and said in error_line(err)
 
 
-def test_a_diverged_inversion_names_the_setting_to_lower(tmp_path, grey, capsys):
-    """--lr 1e30 made the null embeddings NaN, and the message blamed a damaged file and --guidance."""
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_a_diverged_inversion_names_the_setting_to_lower(tmp_path, grey, capsys, backend):
+    """--lr 1e30 made the null embeddings NaN, and the message blamed a damaged file and --guidance (reference
+    backend) or 'the input image and prompt' (fast backend, which finds it during the optimization)."""
     code, _, err = run_cli(["reconstruct", grey, "--prompt", "a cat", "--lr", "1e30", "--steps", "2",
-                            "--inner-steps", "2", "--out", tmp_path / "out", *TINY], capsys)
+                            "--inner-steps", "2", "--backend", backend, "--out", tmp_path / "out", *TINY], capsys)
     line = error_line(err)
-    assert code == EXIT_BAD_INPUT and "the inversion diverged" in line and line.endswith("lower --lr")
+    assert code == EXIT_BAD_INPUT and "diverged" in line and line.endswith("lower --lr")
     assert "damaged" not in line
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # nothing written
 
