@@ -110,18 +110,18 @@ def invert(pipe: Pipeline, images, source_prompts: Sequence[str] | str, config: 
             model_fingerprint=pipe.fingerprint, settings=config.result_settings(pipe.scheduler_config),
             iterations=res.iterations, losses=res.losses, fp32_retries=res.fp32_retries, timings=res.timings,
             conditioning=conditioning_record(pipe.pooled)))
-    _warn_not_finite("inversion", [inv.z_T for inv in inversions])
+    _warn_not_finite("inversion", [inv.z_T for inv in inversions], config)
     return inversions
 
 
-def _warn_not_finite(what: str, tensors) -> None:
+def _warn_not_finite(what: str, tensors, config: NTIConfig) -> None:
     """The Python API returns what it made (nti eval scores a diverged sample as it is), but never without a word:
     the CLI, Ray and nti serve refuse such results instead."""
     bad = [k for k, t in enumerate(tensors) if not torch.isfinite(t).all()]
     if bad:
         which = f"{what}s {bad} are" if len(bad) > 1 else f"{what} {bad[0]} is"
-        log.warning("%s not finite (NaN or inf: diverged), so no real image comes of it; lower the guidance weight "
-                    "(or lr, if raised)", which)
+        log.warning("%s not finite (NaN or inf: diverged), so no real image comes of it; %s", which,
+                    config.divergence_advice().replace("--", ""))  # the config's field names
 
 
 def invert_cached(pipe: Pipeline, images, source_prompts: Sequence[str], config: NTIConfig,
@@ -249,7 +249,7 @@ def edit(pipe: Pipeline, inversions: Sequence[Inversion], target_prompts: Sequen
          config: NTIConfig | None = None, progress: bool = True) -> list[Image.Image]:
     """Edited images (PIL, the model's resolution) of inversions under target prompts, by config.edit."""
     latents = edit_latents(pipe, inversions, target_prompts, config, progress)
-    _warn_not_finite("edit", latents)
+    _warn_not_finite("edit", latents, config or NTIConfig())
     return to_pil(decode_latents(pipe, latents))
 
 
