@@ -333,6 +333,21 @@ def test_nti_export_prints_the_cached_path(onnx_fp32, export_dir, capsys):
     assert "NVIDIA GPUs only" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["--kind", "onnx", "--max-batch", "4"], "--max-batch applies to aoti and tensorrt"),  # was silently ignored
+    (["--kind", "aoti", "--max-batch", "-3"], "must be at least 1"),
+    (["--kind", "onnx", "--out", ""], "--out is empty"),  # was the current folder taken for the cache
+])
+def test_nti_export_refuses_flags_it_would_ignore_or_misread(argv, said, capsys):
+    from nti.cli import main
+
+    try:
+        code = main(["export", *argv, "--device", "cpu", "--model", "tiny"])
+    except SystemExit as stop:  # argparse's own refusal
+        code = stop.code
+    assert code == 2 and said in capsys.readouterr().err
+
+
 def test_bench_forward_smoke(tiny_pipe, export_dir, onnx_fp32, aoti_pkg):
     from nti.export.bench_forward import bench_forward
 
