@@ -317,7 +317,8 @@ def _prompt_record(line: str, where: str, number: int, base: Path, require_promp
         raise NTIError(f"{where}: 'id' must be text or a number, got {type(record_id).__name__}")
     sample_id = str(record_id if record_id not in (None, "") else default_id)
     if sample_id in ids:
-        raise NTIError(f"{where}: duplicate id {sample_id!r} (give each line a unique 'id')")
+        derived = " taken from the image's name" if record_id in (None, "") else ""
+        raise NTIError(f"{where}: duplicate id {sample_id!r}{derived} (give each line a unique 'id')")
     edit_type = record.get("edit_type") or record.get("edit")  # the bundled sets' names for it
     return PromptRecord(
         sample_id, image, _stripped(record.get("source_prompt")), _stripped(record.get("target_prompt")),

@@ -162,7 +162,9 @@ def test_folder_loader(prompt_folder):
     ('{"image": "nope.png", "source_prompt": "x", "target_prompt": "y"}', "line 2: image .*nope.png does not exist"),
     ('{"image": "a.png", "source_prompt": "x", ', "line 2: not valid JSON"),
     ('{"source_prompt": "x", "target_prompt": "y"}', "line 2: give exactly one of 'image'"),
-    ('{"image": "a.png", "source_prompt": "x", "target_prompt": "y"}', "line 2: duplicate id 'a'"),
+    ('{"image": "a.png", "source_prompt": "x", "target_prompt": "y"}',
+     "line 2: duplicate id 'a' taken from the image's name"),
+    ('{"id": "a", "image": "a.png", "source_prompt": "x", "target_prompt": "y"}', r"line 2: duplicate id 'a' \("),
 ])
 def test_folder_loader_names_the_bad_line(prompt_folder, bad_line, message):
     good = '{"image": "a.png", "source_prompt": "a", "target_prompt": "b"}'
