@@ -8,25 +8,24 @@ from .config import NTIError
 from .options import int_at_least, positive_int
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
+def finite_float_above(low: float, inclusive: bool):
+    """argparse type: a finite number > low (>= low if inclusive); nan, inf or a value below broke the batcher's
+    clock or the Ray autoscaler's arithmetic."""
+    relation = ">=" if inclusive else ">"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not (value >= low if inclusive else value > low) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number {relation} {low:g}, got {text!r}")
+        return value
+    return parse
 
 
-def non_negative_float(text: str) -> float:
-    """A finite number >= 0 (a wait of 0 means none; nan, inf or a negative wait broke the batcher's clock)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
+positive_float = finite_float_above(0, inclusive=False)
+non_negative_float = finite_float_above(0, inclusive=True)  # a wait of 0 means none
 
 
 def port_number(text: str) -> int:
