@@ -88,7 +88,7 @@ def invert(pipe: Pipeline, images, source_prompts: Sequence[str] | str, config: 
     schedule = make_schedule(pipe.scheduler_config, config.steps, config.timestep_offset(pipe.scheduler_config))
     weights = guidance_weights(config.guidance, config.steps, config.guidance_schedule, config.guidance_min)
     start = time.perf_counter()
-    z0 = encode_images(pipe, pixels)
+    z0 = encode_images(pipe, pixels, config.model_batch)
     conds = encode_prompts(pipe, prompts)
     encode_s = (time.perf_counter() - start) / len(squares)
 
@@ -249,8 +249,9 @@ def edit(pipe: Pipeline, inversions: Sequence[Inversion], target_prompts: Sequen
          config: NTIConfig | None = None, progress: bool = True) -> list[Image.Image]:
     """Edited images (PIL, the model's resolution) of inversions under target prompts, by config.edit."""
     latents = edit_latents(pipe, inversions, target_prompts, config, progress)
-    _warn_not_finite("edit", latents, config or NTIConfig())
-    return to_pil(decode_latents(pipe, latents))
+    config = config or NTIConfig()
+    _warn_not_finite("edit", latents, config)
+    return to_pil(decode_latents(pipe, latents, config.model_batch))
 
 
 def decode_checked(pipe: Pipeline, latents: torch.Tensor, labels: Sequence[str]) -> list[Image.Image | NTIError]:
@@ -294,7 +295,7 @@ def generate(pipe: Pipeline, prompts: Sequence[str] | str, config: NTIConfig | N
         job = EditJob(z_T=z, cond=encode_prompts(pipe, [prompt]), null=null_embedding(pipe), schedule=schedule,
                       weights=weights)
         out.append(reference.sample(pipe, job, progress))
-    return to_pil(decode_latents(pipe, torch.cat(out)))
+    return to_pil(decode_latents(pipe, torch.cat(out), config.model_batch))
 
 
 def method_outputs(pipe, config, method: str, guidance: float, schedule: str, squares, source_prompts, target_prompts,

@@ -20,7 +20,7 @@ from .config import NTIConfig, NTIError
 from .data import read_prompts_jsonl
 from .images import SKIMAGE_PREFIX, pixel_hash
 from .outputs import check_writable_folder, file_digest, plan_outputs, recorded_request, request_key
-from .validate import check_finite_latents, check_flags_against_inversion, check_prompt_length, is_blank
+from .validate import check_flags_against_inversion, check_prompt_length, is_blank
 from .version import __version__
 
 log = logging.getLogger("nti")
@@ -216,7 +216,7 @@ def run_jobs(args, config: NTIConfig, device) -> int:
                         save_inversion(job.inversion, job.out, job.request)
                         print(job.out)
                 else:
-                    chunk = config.batch_size if config.backend == "fast" else 1
+                    chunk = config.model_batch
                     for k in range(0, len(ready), chunk):
                         edit_and_save(pipe, ready[k:k + chunk], edit_config, progress, problems)
                 written += sum(j.error is None for j in part)
@@ -271,7 +271,7 @@ def work_chunks(jobs: list[Job], config: NTIConfig) -> list[list[Job]]:
     """The jobs cut into chunks that are inverted, edited and written in turn: saved inversions first (nothing to
     invert), then the images, `batch_size` distinct (image, prompt) pairs per chunk on the fast backend, one on the
     reference, as the inversion batches them; edits of the same image share its chunk, and so its inversion."""
-    per = config.batch_size if config.backend == "fast" else 1
+    per = config.model_batch
     saved = [j for j in jobs if j.image is None]
     groups: dict = {}
     for job in (j for j in jobs if j.image is not None):
@@ -343,8 +343,7 @@ def edit_and_save(pipe, jobs: list[Job], config: NTIConfig, progress: bool, prob
     """Edit one batch, check each result, write it. A batch refused as a whole is retried image by image, so one
     bad input does not cost the others their results."""
     from . import api
-    from .images import save_png, to_pil
-    from .models import decode_latents
+    from .images import save_png
 
     try:
         latents = api.edit_latents(pipe, [j.inversion for j in jobs], [j.target_prompt for j in jobs], config,
@@ -356,15 +355,11 @@ def edit_and_save(pipe, jobs: list[Job], config: NTIConfig, progress: bool, prob
             for job in jobs:
                 edit_and_save(pipe, [job], config, progress, problems)
         return
-    for job, z in zip(jobs, latents.split(1)):
-        try:
-            check_finite_latents(z, job.label)
-            pixels = decode_latents(pipe, z)
-            check_finite_latents(pixels, job.label)
-        except NTIError as err:
-            problems.add(job, str(err))
+    for job, image in zip(jobs, api.decode_checked(pipe, latents, [job.label for job in jobs])):
+        if isinstance(image, NTIError):  # not finite: reported, never written as a black image
+            problems.add(job, str(image))
             continue
-        save_png(to_pil(pixels)[0], job.out, job.request)
+        save_png(image, job.out, job.request)
         print(job.out)
 
 

@@ -97,7 +97,7 @@ def invert_through_cache(pipe, squares: list, prompts: list[str], config: NTICon
     for k, pair in enumerate(pairs):
         first.setdefault(pair, k)
     unique = sorted(set(first.values()))
-    chunk = config.batch_size if config.backend == "fast" else 1
+    chunk = config.model_batch
     results: dict[int, Inversion] = {}
 
     def run(indices: list[int], on_done) -> None:

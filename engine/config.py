@@ -264,6 +264,12 @@ class NTIConfig:
             settings.pop("half_norms", None)
         return {**settings, "steps_offset": self.timestep_offset(scheduler_config)}
 
+    @property
+    def model_batch(self) -> int:
+        """Images one model call takes (UNet and VAE): batch_size on the fast backend, 1 on the reference (batch 1 by
+        design, as the notebook)."""
+        return self.batch_size if self.backend == "fast" else 1
+
     def divergence_advice(self) -> str:
         """What to lower when a result diverged (NaN or inf): the flags among --guidance and --lr raised above their
         defaults, else --guidance."""

@@ -249,7 +249,7 @@ class EngineWorker:
         if self.command == "invert":
             files = {k: inversion_bytes(inversions[k], jobs[k]["request"]) for k in kept}
         else:
-            chunk = config.batch_size if config.backend == "fast" else 1  # as the single-process run edits
+            chunk = config.model_batch  # as the single-process run edits
             edit_config = edit_config_for(self.command, config)  # reconstruct: no prompt-to-prompt setting applies
             for start_k in range(0, len(kept), chunk):
                 part = kept[start_k:start_k + chunk]
@@ -449,7 +449,7 @@ def run_batch(args) -> RunReport:
         nodes = len([n for n in ray.nodes() if n.get("Alive")])
         workers = args.num_workers or (gpus if device.startswith("cuda") else nodes)
         report = RunReport(workers=workers, device=device)
-        per_call = config.batch_size if config.backend == "fast" else 1  # what the single-process run inverts at once
+        per_call = config.model_batch  # what the single-process run inverts at once
         edit_config = edit_config_for(args.command, config)
         for job, record in zip(jobs, records):  # the key the single-process run records, so either resumes the other
             job["request"] = request_of(args.command, record, card.fingerprint, edit_config, device.split(":")[0])

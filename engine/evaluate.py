@@ -310,7 +310,7 @@ def _run_eval(args, session) -> str:
     chunks = []  # one model batch each: a method and setting, up to --batch-size samples (fast backend)
     for (method, guidance, schedule), group in groupby(items, key=lambda item: item[1:]):
         group = list(group)
-        size = config.batch_size if config.backend == "fast" and method != "baseline" else 1
+        size = config.model_batch if method != "baseline" else 1
         chunks += [group[k:k + size] for k in range(0, len(group), size)]
     sources, cropped = {}, []
 

@@ -57,6 +57,28 @@ def test_batching_chunks_do_not_change_results(tiny_pipe):
         assert rel_err(x.null_embeddings, y.null_embeddings) < 1e-4
 
 
+@pytest.mark.parametrize("backend, calls", [("fast", [2, 1]), ("reference", [1, 1, 1])])
+def test_vae_takes_a_model_batch_at_a_time(tiny_pipe, backend, calls):
+    """nti.invert / nti.edit of many images must not push them all through the VAE at once (about 1 GB per 512px
+    image in fp32): batch_size per call on the fast backend, one on the reference, as the UNet."""
+    from nti.api import prepare_images
+    from nti.models import encode_images
+
+    seen = {"encoder": [], "decoder": []}
+    hooks = [getattr(tiny_pipe.vae, part).register_forward_pre_hook(lambda m, args, part=part: seen[part].append(
+        args[0].shape[0])) for part in seen]
+    config = BASE.replace(backend=backend, batch_size=2, steps=2, inner_steps=1)
+    try:
+        invs = nti.invert(tiny_pipe, IMAGES, PROMPTS, config, progress=False)
+        images = nti.edit(tiny_pipe, invs, PROMPTS, config, progress=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == {"encoder": calls, "decoder": calls} and len(images) == 3
+    alone = encode_images(tiny_pipe, prepare_images(tiny_pipe, IMAGES[2])[1])
+    assert rel_err(invs[2].z_0, alone[0]) < 1e-5  # the last, short chunk is the same image's latents
+
+
 @pytest.mark.parametrize("precision, slack", [("bf16", 0.15), ("fp16", 0.05)])
 def test_mixed_precision_keeps_reconstruction_fidelity(tiny_pipe, reference, precision, slack):
     # On random weights at w=7.5 trajectories are chaotic, so fidelity is judged by reconstruction error vs the
