@@ -319,14 +319,27 @@ class Service:
         self.metrics.batch_seconds.labels(kind).observe(seconds)
 
     def _run_batch(self, pipe, jobs: list[Job]) -> None:
-        """One fast-path batch in this process."""
-        self.complete(jobs, self.engine.run([self.task(job) for job in jobs]))
+        """One fast-path batch in this process; a job whose stored input cannot be read fails alone."""
+        tasks, outcomes = {}, {}
+        for job in jobs:
+            try:
+                tasks[job.id] = self.task(job)
+            except NTIError as err:
+                outcomes[job.id] = Outcome(job.id, error=str(err))
+        if tasks:
+            outcomes.update(zip(tasks, self.engine.run(list(tasks.values()))))
+        self.complete(jobs, [outcomes[job.id] for job in jobs])
 
     def task(self, job: Job) -> Task:
-        """What the engine needs of a job: the stored source square, or the stored inversion and edit settings."""
+        """What the engine needs of a job: the stored source square, or the stored inversion and edit settings.
+        NTIError when what is stored cannot be read (a damaged disk, a file removed by hand)."""
         if job.kind == "invert":
-            with Image.open(self.store.path("sources", job.id)) as img:
-                image = img.convert("RGB")
+            try:
+                with Image.open(self.store.path("sources", job.id)) as img:
+                    image = img.convert("RGB")
+            except (OSError, ValueError, SyntaxError, EOFError) as err:  # PIL's errors for truncated or bad data
+                log_event("upload_unreadable", logging.ERROR, job=job.id, error=f"{type(err).__name__}: {err}")
+                raise NTIError("the stored upload is damaged and could not be read; post the image again") from None
             return Task(job.id, "invert", job.request["source_prompt"], job.request["settings"], image=image)
         parent = self.store.get(job.parent)
         return Task(job.id, "edit", job.request["target_prompt"], {**parent.request["settings"],
@@ -364,12 +377,20 @@ class Service:
             log_event("job_" + states[job.id], job=job.id, kind=job.kind, batch_size=len(jobs))
 
     def inversion(self, job_id: str):
+        """A stored inversion (cached). One that cannot be read fails its edits with NTIError, and its own job is
+        marked failed: the same upload then inverts anew instead of reusing it, and new edits get a 409."""
         from . import load_inversion
 
         with self.submit_lock:  # the Ray worker loads inversions from several threads
             if job_id in self._inversions:
                 return self._inversions[job_id]
-        inv = load_inversion(self.store.path("inversions", job_id))
+        try:
+            inv = load_inversion(self.store.path("inversions", job_id))
+        except NTIError as err:
+            why = "its stored file is damaged and could not be read; post the image again to invert it anew"
+            self.store.fail(job_id, why)  # what was wrong, with the server's path, goes to the log only
+            log_event("inversion_unreadable", logging.ERROR, job=job_id, error=str(err))
+            raise NTIError(f"inversion {job_id}: {why}") from None
         with self.submit_lock:
             if len(self._inversions) >= 64:
                 self._inversions.pop(next(iter(self._inversions)))

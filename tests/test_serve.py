@@ -176,6 +176,42 @@ def test_a_diverged_job_fails_alone_and_stores_nothing(tmp_path, monkeypatch):
     assert not bad.data and good.error is None and png_of(base64.b64encode(good.data)).size == (32, 32)
 
 
+def test_a_damaged_stored_inversion_fails_its_edit_alone_and_is_inverted_anew(tmp_path):
+    """A stored inversion that no longer reads (a damaged disk, a file cut short) fails its own edits with a message
+    that says what to do, its batch mate still gets its image, and the same upload then inverts anew instead of
+    reusing the damaged file; no server path leaks into the message."""
+    from nti.serve import Service
+    from nti.serve_jobs import ServeSettings
+
+    service = Service(ServeSettings(data=str(tmp_path), model="tiny", device="cpu", steps=2, inner_steps=1,
+                                    batch_size=4))
+    assert service.batcher._load_model()
+    pipe = service.batcher.pipe
+
+    def run(jobs):
+        service.store.start([job.id for job in jobs])
+        service._run_batch(pipe, jobs)
+        return [service.store.get(job.id) for job in jobs]
+    red, blue = (Image.new("RGB", (32, 32), colour) for colour in ((200, 40, 40), (40, 40, 200)))
+    inversions = [service.submit_inversion(img, "a photo", {})[0] for img in (red, blue)]
+    assert [job.state for job in run(inversions)] == ["done", "done"]
+    stored = service.store.path("inversions", inversions[0].id)
+    stored.write_bytes(stored.read_bytes()[:100])  # cut short
+    edits = [service.submit_edit(service.store.get(inv.id), "a photo", {"edit": "regenerate"}) for inv in inversions]
+    damaged, good = run(edits)
+    assert damaged.state == "failed" and "could not be read" in damaged.error, damaged.error
+    assert "post the image again" in damaged.error and str(tmp_path) not in damaged.error
+    assert good.state == "done" and service.store.path("edits", good.id).stat().st_size > 0
+    assert service.store.get(inversions[0].id).state == "failed"  # new edits of it: 409, not the same error again
+    again, reused, _ = service.submit_inversion(red, "a photo", {})
+    assert not reused and again.id != inversions[0].id and run([again])[0].state == "done"
+    green = service.submit_inversion(Image.new("RGB", (32, 32), (40, 200, 40)), "a photo", {})[0]
+    service.store.path("sources", green.id).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # the upload, damaged
+    failed = run([green])[0]
+    assert failed.state == "failed" and failed.error.startswith("the stored upload is damaged")
+    assert str(tmp_path) not in failed.error
+
+
 def test_concurrent_edits_form_batches(server):
     """A small load test: 8 concurrent OpenAI-route edits at batch size 4 form batches larger than one."""
     jobs = scene_jobs(8, seed=3)
