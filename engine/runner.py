@@ -95,8 +95,6 @@ def _copy_unet(unet: nn.Module, dtype: torch.dtype | None, channels_last: bool, 
             if nhwc and q.ndim == 4:
                 q = q.contiguous(memory_format=torch.channels_last)
             memo[id(p)] = p if q.data_ptr() == p.data_ptr() else nn.Parameter(q, requires_grad=False)
-    for p in unet.parameters():
-        memo.setdefault(id(p), p)
     for b in unet.buffers():  # with `everything`, a float buffer left fp32 would promote what it touches to fp32
         memo.setdefault(id(b), b.to(dtype) if everything and dtype is not None and b.is_floating_point() else b)
     clone = copy.deepcopy(unet, memo)

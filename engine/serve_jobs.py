@@ -511,8 +511,8 @@ class Engine:
         for task, inv in zip(tasks, inversions):
             try:  # as the CLI: a diverged inversion is the job's error, never a stored artifact an edit reads later
                 check_new_inversion(inv, config)
-            except NTIError as err:  # the request's field names, not the CLI's flags
-                outcomes.append(self._failed(task, str(err).replace("--guidance", "guidance")))
+            except NTIError as err:
+                outcomes.append(self._failed(task, str(err)))
                 continue
             outcomes.append(Outcome(task.job_id, inversion_bytes(inv)[0],
                                     {"invert_s": seconds, "batch_size": len(tasks),
@@ -533,8 +533,8 @@ class Engine:
         log_event("batch", kind="edit", size=len(tasks), seconds=round(seconds, 3))
         batch, outcomes = new_id(), []
         for task, img in zip(tasks, images):
-            if isinstance(img, Exception):  # the request's field names, not the CLI's flags
-                outcomes.append(self._failed(task, str(img).replace("--guidance", "guidance")))
+            if isinstance(img, Exception):
+                outcomes.append(self._failed(task, str(img)))
                 continue
             png = io.BytesIO()
             img.save(png, format="PNG")
@@ -544,5 +544,7 @@ class Engine:
 
     @staticmethod
     def _failed(task: Task, error: str) -> Outcome:
+        """A diverged result's outcome; its advice names the request's field, not the CLI's flag."""
+        error = error.replace("--guidance", "guidance")
         log_event("job_failed", logging.WARNING, job=task.job_id, error=error)
         return Outcome(task.job_id, error=error)
