@@ -151,8 +151,12 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
+            single = path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin")
             raise NTIError(f"--model {model}: expected a diffusers folder (with unet/, vae/, text_encoder/, "
-                           f"tokenizer/, scheduler/), got a file")
+                           f"tokenizer/, scheduler/), got a file" + (
+                               "; a single-file checkpoint must be converted once: diffusers' StableDiffusionPipeline"
+                               ".from_single_file(FILE, config=A_DIFFUSERS_FOLDER_OF_THE_SAME_KIND).save_pretrained("
+                               "FOLDER), then --model FOLDER" if single else ""))
         return path
     if str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
         try:

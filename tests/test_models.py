@@ -57,6 +57,16 @@ def test_missing_folder_and_uncached_repo_id_fail_without_network(tmp_path, monk
         load_pipeline("CompVis/stable-diffusion-v1-4", device="cpu")
 
 
+def test_a_single_file_checkpoint_is_refused_with_how_to_convert_it(tmp_path):
+    checkpoint, other = tmp_path / "v1-5-pruned.safetensors", tmp_path / "notes.txt"
+    checkpoint.write_bytes(b"\0" * 16)
+    other.write_text("x")
+    with pytest.raises(NTIError, match=r"got a file; a single-file checkpoint must be converted once: .*from_single_file"):
+        load_pipeline(checkpoint, device="cpu")
+    with pytest.raises(NTIError, match=r"got a file$"):
+        load_pipeline(other, device="cpu")
+
+
 def test_unavailable_device_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
