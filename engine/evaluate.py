@@ -265,12 +265,15 @@ def _run_eval(args, session) -> str:
             raise NTIError("--protocol pie-bench computes its metrics with torchmetrics, which is not installed: "
                            "pip install torchmetrics") from None
     methods, guidances, schedules = parse_sweep(args)
-    if session is None:
-        device = score_device = parse_device(args.device)
-        pipe = load_pipeline(args.model, device, seed=0)
-    else:  # the engines' device (the cluster's GPUs, or cpu) and the model's card; the scorers run here
-        device, score_device = torch.device(session.device.split(":")[0]), parse_device("auto")
-        pipe = session.card
+    # the engines' device (in process, or the cluster's GPUs or cpu); the scorers run here
+    device = parse_device(args.device) if session is None else torch.device(session.device.split(":")[0])
+    score_device = device if session is None else parse_device("auto")
+    clip = load_clip_scorer(args.clip, device=str(score_device))  # a wrong folder is refused before the model loads
+    pie = None
+    if protocol is PIE_BENCH:
+        pie = PieModels(clip, load_pie_lpips(args.lpips, device=str(score_device)),
+                        load_dino(args.dino, device=str(score_device)))
+    pipe = load_pipeline(args.model, device, seed=0) if session is None else session.card
     config = config_from_args(args, device)
     if args.data is None:  # photos mean nothing to the closed-vocabulary shapes model, and scenes nothing to SD
         args.data = "scenes" if pipe.vocabulary else "sample"
@@ -281,11 +284,6 @@ def _run_eval(args, session) -> str:
         raise NTIError(f"data set {args.data!r} repeats sample ids; results are keyed by id")
     check_vocabulary(pipe, [p for s in samples for p in (s.source_prompt, s.target_prompt)])
     out = Path(args.out)
-    clip = load_clip_scorer(args.clip, device=str(score_device))
-    pie = None
-    if protocol is PIE_BENCH:
-        pie = PieModels(clip, load_pie_lpips(args.lpips, device=str(score_device)),
-                        load_dino(args.dino, device=str(score_device)))
     scorer = Scorer(protocol, clip, pie, oracle=bool(pipe.vocabulary))
     settings = run_settings(args, pipe, device, config, scorer)
     prepare_out(out, settings, args.resume, args.overwrite)

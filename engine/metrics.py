@@ -249,8 +249,17 @@ def _clip_folder_problem(path: Path) -> str | None:
     return None
 
 
+def _unusable(flag: str, path, problem: str, skipped: str) -> None:
+    """A model folder that cannot serve: NTIError when the user named it (a typo must not cost a long run its
+    metric), one warning that the metric is skipped when it was only the default place to look."""
+    if path is not None and str(path) != "":
+        raise NTIError(f"{flag} {path}: {problem}")
+    log.warning("%s (%s)", skipped, problem)
+
+
 def load_clip_scorer(path: str | os.PathLike | None, device: str = "cpu") -> ClipScorer | None:
-    """A ClipScorer from a local folder, or None with one warning when there is none (never the network)."""
+    """A ClipScorer from a local folder (never the network); None with one warning when no folder is given,
+    NTIError when the given one does not hold a usable CLIP model."""
     if path is None or str(path) == "":
         log.warning(CLIP_SKIPPED)
         return None
@@ -261,7 +270,7 @@ def load_clip_scorer(path: str | os.PathLike | None, device: str = "cpu") -> Cli
             return ClipScorer(folder, device=device)
         except (OSError, ValueError, KeyError) as err:
             problem = f"loading {folder} failed: {type(err).__name__}: {err}"
-    log.warning("%s (%s)", CLIP_SKIPPED, problem)
+    _unusable("--clip", path, problem, CLIP_SKIPPED)
     return None
 
 
@@ -521,8 +530,8 @@ def _lpips_heads_file(folder: Path) -> Path | None:
 
 
 def load_pie_lpips(path: str | os.PathLike | None, device: str = "cpu") -> SqueezeLpips | None:
-    """SqueezeLpips from a local folder (default: the torch hub cache, where torchvision keeps its weights), or None
-    with one warning saying what to pass."""
+    """SqueezeLpips from a local folder (default: the torch hub cache, where torchvision keeps its weights); None
+    with one warning saying what to pass when the default holds none, NTIError when a given folder does not."""
     import torch
 
     folder = Path(path).expanduser() if path else Path(torch.hub.get_dir()) / "checkpoints"
@@ -538,7 +547,7 @@ def load_pie_lpips(path: str | os.PathLike | None, device: str = "cpu") -> Squee
                                 torch.load(heads, map_location="cpu", weights_only=True), device, backbones[0])
         except (OSError, RuntimeError, KeyError, ValueError) as err:
             problem = f"loading {backbones[0]} / {heads} failed: {type(err).__name__}: {err}"
-    log.warning("%s (%s)", PIE_LPIPS_SKIPPED, problem)
+    _unusable("--lpips", path, problem, PIE_LPIPS_SKIPPED)
     return None
 
 
@@ -624,7 +633,8 @@ def dino_input(image):
 
 
 def load_dino(path: str | os.PathLike | None, device: str = "cpu") -> DinoStructure | None:
-    """DinoStructure from a local transformers ViT folder, or None with one warning saying what to pass."""
+    """DinoStructure from a local transformers ViT folder; None with one warning saying what to pass when no folder
+    is given, NTIError when the given one does not hold a ViT."""
     if path is None or str(path) == "":
         log.warning(DINO_SKIPPED)
         return None
@@ -641,7 +651,7 @@ def load_dino(path: str | os.PathLike | None, device: str = "cpu") -> DinoStruct
             return DinoStructure(folder, device=device)
         except (OSError, ValueError, KeyError) as err:
             problem = f"loading {folder} failed: {type(err).__name__}: {err}"
-    log.warning("%s (%s)", DINO_SKIPPED, problem)
+    _unusable("--dino", path, problem, DINO_SKIPPED)
     return None
 
 

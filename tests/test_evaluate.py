@@ -181,6 +181,23 @@ def test_clip_columns_with_a_local_clip(tmp_path, capsys, tiny_clip_folder):  # 
     assert str(tiny_clip_folder) in (out / "report.md").read_text()
 
 
+def test_a_named_metric_folder_without_its_model_exits_2_before_any_work(tmp_path, capsys, monkeypatch):
+    import nti.models
+
+    monkeypatch.setattr(nti.models, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded first"))
+    cases = [("--clip", "seed")]
+    try:
+        import torchmetrics  # noqa: F401
+        cases.append(("--dino", "pie-bench"))
+    except ImportError:
+        pass
+    for flag, protocol in cases:
+        out = tmp_path / flag.strip("-")
+        code = main(["eval", "--out", str(out), "--protocol", protocol, flag, str(tmp_path / "typo"), *FAST])
+        assert code == EXIT_BAD_INPUT and not out.exists()
+        assert f"{flag} {tmp_path / 'typo'}: " in capsys.readouterr().err
+
+
 def test_masks_are_cropped_like_the_image(tmp_path, capsys):
     import json
 

@@ -245,26 +245,22 @@ def test_clip_scorer_matches_manual_cosine(tiny_clip_folder, photo):
     assert load_clip_scorer(tiny_clip_folder) is not None
 
 
-def test_load_clip_scorer_skips_without_a_model(tmp_path, caplog, monkeypatch, tiny_clip_folder):
+def test_load_clip_scorer_skips_without_a_model_and_refuses_a_wrong_folder(tmp_path, caplog, monkeypatch,
+                                                                           tiny_clip_folder):
     import shutil
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with caplog.at_level(logging.WARNING, logger="nti"):
         assert load_clip_scorer(None) is None
     assert [r.message for r in caplog.records] == [CLIP_SKIPPED]
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="nti"):
-        assert load_clip_scorer(tmp_path / "no_such_folder") is None
-    assert len(caplog.records) == 1 and CLIP_SKIPPED in caplog.records[0].message
-    assert "no_such_folder" in caplog.records[0].message
-    # a folder with the model but no image processor is incomplete: skipped, with the missing piece named
-    incomplete = tmp_path / "incomplete"
+    # a folder the user named that holds no CLIP model is an error, not a run without the metric they asked for
+    with pytest.raises(NTIError, match=r"^--clip .*no_such_folder: .*is not a folder"):
+        load_clip_scorer(tmp_path / "no_such_folder")
+    incomplete = tmp_path / "incomplete"  # the model but no image processor: the missing piece named
     shutil.copytree(tiny_clip_folder, incomplete)
     (incomplete / "preprocessor_config.json").unlink()
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="nti"):
-        assert load_clip_scorer(incomplete) is None
-    assert len(caplog.records) == 1 and "preprocessor_config.json" in caplog.records[0].message
+    with pytest.raises(NTIError, match="preprocessor_config.json"):
+        load_clip_scorer(incomplete)
 
 
 # --- PIE-Bench (cure-lab/PnPInversion evaluation/): fixture pairs and masks in PIE-Bench format -----------------
@@ -592,13 +588,17 @@ def test_pie_scores_fill_what_the_mask_and_models_allow(pie_pairs, tiny_clip_fol
     assert unmasked.clip_whole == pytest.approx(scores.clip_whole)
 
 
-def test_pie_models_skip_with_one_message_naming_the_flag(tmp_path, caplog):
+def test_pie_models_skip_with_one_message_naming_the_flag(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # the default place holds nothing
     with caplog.at_level(logging.WARNING, logger="nti"):
-        assert load_pie_lpips(tmp_path) is None
+        assert load_pie_lpips(None) is None
         assert load_dino(None) is None
-        assert load_dino(tmp_path) is None
     messages = [r.message for r in caplog.records]
-    assert len(messages) == 3
-    assert PIE_LPIPS_SKIPPED in messages[0] and "--lpips" in messages[0] and str(tmp_path) in messages[0]
+    assert len(messages) == 2
+    assert PIE_LPIPS_SKIPPED in messages[0] and "--lpips" in messages[0] and str(tmp_path / "hub") in messages[0]
     assert messages[1] == DINO_SKIPPED and "--dino" in messages[1]
-    assert DINO_SKIPPED in messages[2] and "config.json" in messages[2]
+    # folders the user named that hold no such model: errors naming the flag and what is missing
+    with pytest.raises(NTIError, match=r"^--lpips .*: no squeezenet1_1\*.pth in"):
+        load_pie_lpips(tmp_path)
+    with pytest.raises(NTIError, match=r"^--dino .*config.json is missing"):
+        load_dino(tmp_path)
