@@ -199,8 +199,11 @@ def check_writable_folder(folder: Path, what: str) -> None:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Write `path` through write(temp_path) and rename it into place: readers (and a Ctrl-C) see the old file or
-    the whole new one, never a part. The temp file sits in the same folder, so the rename stays on one filesystem."""
+    the whole new one, never a part. The temp file sits in the same folder, so the rename stays on one filesystem.
+    A symbolic link is written through, as a shell's `>` does: its target gets the new file, the link stays."""
     path = Path(path)
+    if path.is_symlink():  # the rename would otherwise put a plain file where the user's link was
+        path = Path(os.path.realpath(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         for attempt in range(8):  # O_EXCL: never someone else's file; a name taken (1 in 4e9) draws another

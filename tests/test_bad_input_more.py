@@ -222,6 +222,26 @@ def test_outputs_get_the_mode_of_any_new_file(tmp_path, grey, capsys, umask):
     assert not [p for p in written if p.name.endswith(".part")]
 
 
+def test_an_out_that_is_a_symbolic_link_is_written_through(tmp_path, grey, capsys):
+    """--out latest.png -> runs/edit.png: the rename into place used to put a plain file where the link was (the
+    link lost, the target never written). Now the target gets the image, as a shell's `>` would, and the link stays;
+    a dangling link too."""
+    (tmp_path / "runs").mkdir()
+    link = tmp_path / "latest.png"
+    link.symlink_to(tmp_path / "runs" / "edit.png")  # dangling until nti writes
+    requests = []
+    for target in ("a dog", "a fox"):  # the second run replaces nti's own earlier image through the link
+        code, out, err = run_cli(["edit", grey, "--prompt", "a cat", "--target", target, "--out", link,
+                                  "--method", "ddim", *TINY], capsys)
+        assert code == EXIT_OK, err
+        assert link.is_symlink() and os.readlink(link) == str(tmp_path / "runs" / "edit.png")
+        with Image.open(tmp_path / "runs" / "edit.png") as img:
+            assert img.format == "PNG" and img.text["Software"] == "nti"
+            requests.append(img.text["nti-request"])
+    assert requests[0] != requests[1]  # the second image, not the first kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grey.png", "latest.png", "runs"]
+
+
 def test_jsonl_messages_say_what_is_wrong(tmp_path, grey, capsys, no_model):
     """A folder named as a line's image was reported as 'does not exist'; a file not in UTF-8 as a byte position,
     with no line and no way out."""
