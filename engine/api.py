@@ -16,7 +16,7 @@ from .images import load_square, pixel_hash, to_pil, to_tensor
 from .methods import DIRECT, EditJob, InversionResult, from_pivots, optimizes_null_text
 from .conditioning import conditioning_record, null_grad_mask
 from .models import Pipeline, decode_latents, encode_images, encode_prompts, strict_fp32
-from .validate import check_finite_latents, check_prompt_length, prompt_words
+from .validate import WORD, check_finite_latents, check_prompt_length, prompt_words
 from . import p2p, reference
 
 log = logging.getLogger("nti")
@@ -45,7 +45,9 @@ def check_vocabulary(pipe: Pipeline, prompts: Sequence[str]) -> None:
     if not pipe.vocabulary:
         return
     known = set(pipe.vocabulary)
-    unknown = sorted({w for p in prompts for w in prompt_words(p) if w not in known})
+    unknown = sorted({w for p in prompts for w in prompt_words(p) if w not in known}
+                     # symbols outside words (an emoji, a zero-width space) reach CLIP as byte tokens it never saw
+                     | {ch for p in prompts for ch in WORD.sub(" ", p) if not ch.isascii()})
     if unknown:
         like = f" captions like {pipe.prompt_example!r}" if pipe.prompt_example else ""
         raise NTIError(f"the {pipe.name} model does not know the word(s) {', '.join(map(repr, unknown))}; it was "

@@ -109,6 +109,11 @@ def test_default_model_is_the_trained_shapes_folder(shapes_pipe):
 def test_closed_vocabulary_refuses_unknown_words(shapes_pipe):
     with pytest.raises(NTIError, match="does not know the word.*'tiger'"):
         api.generate(shapes_pipe, "a tiger on a white background", progress=False)
+    # symbols outside words reach CLIP as byte tokens the model never saw; ASCII punctuation is a separator
+    for symbol in ("\U0001F431", "\u200b", "\u2026"):
+        with pytest.raises(NTIError, match="does not know the word"):
+            api.check_vocabulary(shapes_pipe, [f"a red circle{symbol} on a white background"])
+    api.check_vocabulary(shapes_pipe, ["A red circle, on a white background!"])
 
 
 def held_out_captions(n_pairs: int = 10) -> list[str]:
