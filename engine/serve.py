@@ -342,6 +342,8 @@ class Service:
                 raise NTIError("the stored upload is damaged and could not be read; post the image again") from None
             return Task(job.id, "invert", job.request["source_prompt"], job.request["settings"], image=image)
         parent = self.store.get(job.parent)
+        if parent is None:  # DELETE /v1/inversions/ID came while this edit was already running
+            raise NTIError(f"inversion {job.parent} was deleted before this edit ran")
         return Task(job.id, "edit", job.request["target_prompt"], {**parent.request["settings"],
                                                                    **job.request["edit"]},
                     inversion=self.inversion(job.parent))
@@ -750,13 +752,15 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
             return Deleted(id=job.id, deleted=False, status="cancelling")
         for child in service.store.children(job.id):
             if service.store.get(child.id).state in FINAL:
-                service.store.path("edits", child.id).unlink(missing_ok=True)
                 service.store.delete(child.id)
-        service.store.path("sources", job.id).unlink(missing_ok=True)
-        service.store.path("inversions", job.id).unlink(missing_ok=True)
+                service.store.path("edits", child.id).unlink(missing_ok=True)
+        # the row before its files: an edit already running then finds no inversion ("deleted"), never a row whose
+        # file is missing ("damaged"); a crash in between leaves only files no row names
+        service.store.delete(job.id)
         with service.submit_lock:
             service._inversions.pop(job.id, None)
-        service.store.delete(job.id)
+        service.store.path("sources", job.id).unlink(missing_ok=True)
+        service.store.path("inversions", job.id).unlink(missing_ok=True)
         log_event("inversion_deleted", job=job.id)
         return Deleted(id=job.id, deleted=True, status="deleted")
 

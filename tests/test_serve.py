@@ -205,6 +205,15 @@ def test_a_damaged_stored_inversion_fails_its_edit_alone_and_is_inverted_anew(tm
     assert service.store.get(inversions[0].id).state == "failed"  # new edits of it: 409, not the same error again
     again, reused, _ = service.submit_inversion(red, "a photo", {})
     assert not reused and again.id != inversions[0].id and run([again])[0].state == "done"
+    # DELETE /v1/inversions/ID while an edit of it was already running (the route removes the row, then the files):
+    # that edit alone fails, saying so
+    blue_edit = service.submit_edit(service.store.get(inversions[1].id), "a photo", {"edit": "regenerate"})
+    again_edit = service.submit_edit(service.store.get(again.id), "a photo", {"edit": "regenerate"})
+    service.store.start([blue_edit.id, again_edit.id])
+    service.store.delete(inversions[1].id)
+    service._run_batch(pipe, [service.store.get(job.id) for job in (blue_edit, again_edit)])
+    assert service.store.get(blue_edit.id).error == f"inversion {inversions[1].id} was deleted before this edit ran"
+    assert service.store.get(again_edit.id).state == "done"
     green = service.submit_inversion(Image.new("RGB", (32, 32), (40, 200, 40)), "a photo", {})[0]
     service.store.path("sources", green.id).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # the upload, damaged
     failed = run([green])[0]
