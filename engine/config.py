@@ -11,6 +11,8 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
+import os
 import textwrap
 from dataclasses import dataclass, field
 
@@ -33,6 +35,10 @@ REWEIGHT_MAX = 3.4028234663852886e38  # float32's largest: the attention equaliz
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not a step count
 
 
 class NTIError(Exception):
@@ -189,7 +195,13 @@ class NTIConfig:
                            f"got {self.reweight!r}") from None
         if isinstance(self.blend_words, str):
             self.blend_words = (self.blend_words,)
-        self.blend_words = tuple(str(word) for word in self.blend_words)
+        try:
+            words = tuple(self.blend_words)
+        except TypeError:
+            words = None
+        if words is None or not all(isinstance(word, str) for word in words):  # str(None) would be the word 'None'
+            raise NTIError(f"blend_words must be a word or a list of words (strings); got {self.blend_words!r}")
+        self.blend_words = words
         self.validate()
 
     def validate(self) -> None:
@@ -207,9 +219,16 @@ class NTIConfig:
         choice("edit", EDIT_MODES)
         choice("direct_target_offset", DIRECT_TARGET_OFFSETS)
         for name in ("cross_replace", "self_replace", "blend_start"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
+            if not _is_number(getattr(self, name)) or not 0.0 <= getattr(self, name) <= 1.0:
                 raise NTIError(f"{name} must be a fraction of the steps in [0, 1]; got {getattr(self, name)!r}")
-        if not isinstance(self.self_replace_max_tokens, int) or self.self_replace_max_tokens < 0:
+        # compared with every attention value: nan gives an empty mask (the edit silently undone), a string a crash
+        if not _is_number(self.blend_threshold) or not math.isfinite(self.blend_threshold):
+            raise NTIError(f"blend_threshold must be a finite number; got {self.blend_threshold!r}")
+        for f in dataclasses.fields(self):  # "no" or 0 for a switch would be read by truthiness, not refused
+            value, optional = getattr(self, f.name), "None" in str(f.type)
+            if str(f.type).startswith("bool") and not (isinstance(value, bool) or (optional and value is None)):
+                raise NTIError(f"{f.name} must be True or False{' or None' if optional else ''}; got {value!r}")
+        if not _is_int(self.self_replace_max_tokens) or self.self_replace_max_tokens < 0:
             raise NTIError(f"self_replace_max_tokens must be a non-negative integer; "
                            f"got {self.self_replace_max_tokens!r}")
         for word in [w for w, _ in self.reweight] + list(self.blend_words):
@@ -227,11 +246,11 @@ class NTIConfig:
                            "(--edit p2p-replace|p2p-refine|p2p-reweight)")
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise NTIError(f"{name} must be a positive integer; got {value!r}")
         if self.steps > 1000:
             raise NTIError(f"steps must be at most 1000 (the model's training timesteps); got {self.steps}")
-        if not isinstance(self.inner_steps, int) or self.inner_steps < 0:
+        if not _is_int(self.inner_steps) or self.inner_steps < 0:
             raise NTIError(f"inner_steps must be a non-negative integer; got {self.inner_steps!r}")
         for name in ("guidance", "guidance_min"):  # inf or 1e30 would pass ">= 0" and write an all-black image
             value = getattr(self, name)
@@ -239,13 +258,15 @@ class NTIConfig:
                 raise NTIError(f"{name} must be a number in [0, {GUIDANCE_MAX:g}]; got {value!r}")
         if not _is_number(self.early_stop_eps) or not 0 <= self.early_stop_eps < float("inf"):
             raise NTIError(f"early_stop_eps must be finite and >= 0; got {self.early_stop_eps!r}")
-        if not isinstance(self.seed, int) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+        if not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise NTIError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]; got {self.seed!r}")
-        if self.steps_offset is not None and (not isinstance(self.steps_offset, int) or self.steps_offset < 0):
+        if self.steps_offset is not None and (not _is_int(self.steps_offset) or self.steps_offset < 0):
             raise NTIError(f"steps_offset must be a non-negative integer or None (the model's); "
                            f"got {self.steps_offset!r}")
         if not _is_number(self.lr) or not 0 < self.lr < float("inf"):
             raise NTIError(f"lr must be finite and > 0; got {self.lr!r}")
+        if self.export_cache is not None and not isinstance(self.export_cache, (str, os.PathLike)):
+            raise NTIError(f"export_cache must be a folder path or None; got {self.export_cache!r}")
 
     def timestep_offset(self, scheduler_config: dict) -> int:
         """The DDIM steps_offset this config runs with a model's scheduler config (diffusers' default: 0)."""
