@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from .artifact import Inversion
+from .artifact import Inversion, check_inversion
 from .config import NTIConfig, NTIError
 from .ddim import guidance_weights, make_schedule
 from .images import load_square, pixel_hash, to_pil, to_tensor
@@ -22,9 +22,50 @@ from . import p2p, reference
 log = logging.getLogger("nti")
 
 
+def _check_pipe(pipe) -> None:
+    if not isinstance(pipe, Pipeline):  # a model name is the likely mistake: 'str' object has no attribute ...
+        raise NTIError(f"pipe must be a Pipeline from nti.load_pipeline(...); got {type(pipe).__name__}")
+
+
+def _check_config(config) -> NTIConfig:
+    """config (None: the defaults), validated again: a field assigned after construction is checked too."""
+    if config is None:
+        return NTIConfig()
+    if not isinstance(config, NTIConfig):
+        raise NTIError(f"config must be an nti.NTIConfig, e.g. NTIConfig(steps=20), or None; got "
+                       f"{type(config).__name__}")
+    config.validate()
+    return config
+
+
+def _check_inversions(inversions) -> list[Inversion]:
+    """A list of Inversions (one alone is taken as a list of one, as invert takes one image), each one agreeing
+    with itself: an in-memory Inversion may have been changed since invert made it."""
+    if isinstance(inversions, Inversion):
+        inversions = [inversions]
+    try:
+        inversions = list(inversions)
+    except TypeError:
+        raise NTIError(f"inversions must be a list of nti.Inversion, got {type(inversions).__name__}") from None
+    if not inversions:
+        raise NTIError("no inversions given")
+    for k, inv in enumerate(inversions):
+        if not isinstance(inv, Inversion):
+            hint = "; read a file with nti.load_inversion" if isinstance(inv, (str, os.PathLike)) else ""
+            raise NTIError(f"inversions[{k}] is a {type(inv).__name__}, not an nti.Inversion (what nti.invert "
+                           f"returns){hint}")
+        try:
+            check_inversion(inv, finite=False)  # a diverged one is edited as it is, with a warning (nti eval)
+        except NTIError as err:
+            raise NTIError(f"inversions[{k}]: {err}; invert again") from None
+    return inversions
+
+
 def _check_prompts(prompts: Sequence[str], n: int | None, what: str, pipe: Pipeline | None = None) -> list[str]:
     if isinstance(prompts, str):
-        prompts = [prompts] * n
+        prompts = [prompts] * (1 if n is None else n)
+    if isinstance(prompts, (bytes, bytearray)):  # list() would make one prompt of each byte, a number
+        raise NTIError(f"{what} must be a string or a list of strings, got {type(prompts).__name__}")
     try:
         prompts = list(prompts)
     except TypeError:  # None, a number: list() would say "'NoneType' object is not iterable"
@@ -83,8 +124,8 @@ def invert(pipe: Pipeline, images, source_prompts: Sequence[str] | str, config: 
            progress: bool = True) -> list[Inversion]:
     """Invert images under their source prompts: DDIM inversion, then what config.method adds to it (null-text
     optimization, the negative-prompt null; direct inversion keeps the DDIM pivots)."""
-    config = config or NTIConfig()
-    config.validate()
+    _check_pipe(pipe)
+    config = _check_config(config)
     squares, pixels = prepare_images(pipe, images)
     prompts = _check_prompts(source_prompts, len(squares), "source prompts", pipe)
     schedule = make_schedule(pipe.scheduler_config, config.steps, config.timestep_offset(pipe.scheduler_config))
@@ -196,10 +237,12 @@ def edit_job(pipe: Pipeline, inv: Inversion, prompt: str, config: NTIConfig) -> 
     plan = p2p.make_plan(pipe.tokenizer, inv.source_prompt, prompt, config) if (
         two_branch and config.edit != "regenerate") else None
     null = inv.null_embeddings if inv.null_embeddings is not None else null_embedding(pipe).cpu()
-    job = EditJob(z_T=inv.z_T[None].to(pipe.device), cond=encode_prompts(pipe, [prompt]), null=null.to(pipe.device),
+    # fp32 whatever an in-memory Inversion holds (invert writes fp32; float64 or fp16 would fail in the UNet)
+    job = EditJob(z_T=inv.z_T[None].to(pipe.device, torch.float32), cond=encode_prompts(pipe, [prompt]),
+                  null=null.to(pipe.device, torch.float32),
                   schedule=make_schedule(pipe.scheduler_config, s["steps"], s["steps_offset"]),
                   weights=guidance_weights(s["guidance"], s["steps"], s["guidance_schedule"], s["guidance_min"]),
-                  pivots=inv.pivots.to(pipe.device) if direct else None)
+                  pivots=inv.pivots.to(pipe.device, torch.float32) if direct else None)
     if two_branch:
         job.two_branch, job.plan = True, plan
         job.cond_source = encode_prompts(pipe, [inv.source_prompt])
@@ -213,11 +256,12 @@ def edit_latents(pipe: Pipeline, inversions: Sequence[Inversion], target_prompts
                  config: NTIConfig | None = None, progress: bool = True) -> torch.Tensor:
     """Edit each inversion under its target prompt, as config.edit says (edit_job decides how); (B, 4, h, w)
     latents of the edits."""
-    inversions = list(inversions)
+    _check_pipe(pipe)
+    inversions = _check_inversions(inversions)
     prompts = _check_prompts(target_prompts, len(inversions), "target prompts", pipe)
     for inv in inversions:
         check_compatible(pipe, inv)
-    config = config or NTIConfig()
+    config = _check_config(config)
     jobs = [edit_job(pipe, inv, prompt, config) for inv, prompt in zip(inversions, prompts)]  # errors come first
     out: list = [None] * len(jobs)
     for two_branch, sampler in ((False, _regenerate), (True, _two_branch)):
@@ -251,7 +295,7 @@ def edit(pipe: Pipeline, inversions: Sequence[Inversion], target_prompts: Sequen
          config: NTIConfig | None = None, progress: bool = True) -> list[Image.Image]:
     """Edited images (PIL, the model's resolution) of inversions under target prompts, by config.edit."""
     latents = edit_latents(pipe, inversions, target_prompts, config, progress)
-    config = config or NTIConfig()
+    config = _check_config(config)
     _warn_not_finite("edit", latents, config)
     return to_pil(decode_latents(pipe, latents, config.model_batch))
 
@@ -276,8 +320,8 @@ def reconstruct(pipe: Pipeline, inversions: Sequence[Inversion], config: NTIConf
                 progress: bool = True) -> list[Image.Image]:
     """Reconstruction: regenerating with the source prompt as the target (P2P with identical prompts is the same
     image at twice the cost, so the edit mode is not used here)."""
-    inversions = list(inversions)
-    config = (config or NTIConfig()).replace(edit="regenerate", reweight=(), blend_words=())
+    inversions = _check_inversions(inversions)
+    config = _check_config(config).replace(edit="regenerate", reweight=(), blend_words=())
     return edit(pipe, inversions, [inv.source_prompt for inv in inversions], config, progress)
 
 
@@ -286,8 +330,11 @@ def reconstruct(pipe: Pipeline, inversions: Sequence[Inversion], config: NTIConf
 def generate(pipe: Pipeline, prompts: Sequence[str] | str, config: NTIConfig | None = None,
              progress: bool = True) -> list[Image.Image]:
     """Text-to-image from seeded noise with CFG (the evaluation's baseline: no inversion at all)."""
-    config = config or NTIConfig()
-    prompts = _check_prompts([prompts] if isinstance(prompts, str) else list(prompts), None, "prompts", pipe)
+    _check_pipe(pipe)
+    config = _check_config(config)
+    prompts = _check_prompts(prompts, None, "prompts", pipe)
+    if not prompts:
+        raise NTIError("no prompts given")
     schedule = make_schedule(pipe.scheduler_config, config.steps, config.timestep_offset(pipe.scheduler_config))
     weights = guidance_weights(config.guidance, config.steps, config.guidance_schedule, config.guidance_min)
     generator = torch.Generator().manual_seed(config.seed)

@@ -17,6 +17,7 @@ from .outputs import REQUEST_TAG, atomic_write
 FORMAT_VERSION = 1  # written when the inversion stores no pivots: older readers still load it
 FORMAT_VERSION_PIVOTS = 2  # with pivots (direct inversion): older readers refuse it rather than edit without them
 READABLE_FORMATS = (FORMAT_VERSION, FORMAT_VERSION_PIVOTS)
+TENSORS = ("z_T", "z_0", "null_embeddings", "pivots")  # an Inversion's tensor fields; the rest is its metadata
 
 
 def library_versions() -> dict:
@@ -57,8 +58,7 @@ class Inversion:
         return inversion_key(self.image_hash, self.source_prompt, self.model_fingerprint, self.settings)
 
     def metadata(self) -> dict:
-        tensors = ("z_T", "z_0", "null_embeddings", "pivots")
-        meta = {k: v for k, v in asdict(self).items() if k not in tensors and (k != "conditioning" or v)}
+        meta = {k: v for k, v in asdict(self).items() if k not in TENSORS and (k != "conditioning" or v)}
         version = FORMAT_VERSION if self.pivots is None else FORMAT_VERSION_PIVOTS
         return {"format_version": version, "key": self.key, **meta}
 
@@ -159,9 +159,19 @@ SETTING_KEYS = ("method", "steps", "guidance", "guidance_schedule", "guidance_mi
                 "early_stop_eps", "precision", "steps_offset")
 
 
-def check_inversion(inv: Inversion) -> None:
+def check_inversion(inv: Inversion, finite: bool = True) -> None:
     """An inversion is usable only when it agrees with itself: valid settings, a finite latent of the right rank,
-    one null embedding per step (or one for all), one pivot per step plus z_T, finite tensors. Raises NTIError."""
+    one null embedding per step (or one for all), one pivot per step plus z_T, finite tensors. Raises NTIError.
+    `finite=False` checks all but finiteness (the Python API edits a diverged inversion, with a warning)."""
+    if not isinstance(inv.settings, dict) or not isinstance(inv.source_prompt, str):
+        raise NTIError(f"its settings must be a dict and its source_prompt a string; got "
+                       f"{type(inv.settings).__name__} and {type(inv.source_prompt).__name__}")
+    for name in TENSORS:  # an in-memory Inversion may hold anything: a numpy array, an integer tensor
+        tensor = getattr(inv, name)
+        if (tensor is not None or name in ("z_T", "z_0")) and not (
+                isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
+            kind = f"a {tensor.dtype} tensor" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise NTIError(f"{name} must be a floating-point torch tensor; got {kind}")
     missing = [k for k in SETTING_KEYS if k not in inv.settings]
     if missing:
         raise NTIError(f"settings lack {', '.join(missing)}")
@@ -186,7 +196,7 @@ def check_inversion(inv: Inversion) -> None:
                        f"{0 if nulls is None else nulls.shape[0]}")
     if inv.pivots is not None and tuple(inv.pivots.shape) != (steps + 1, *inv.z_T.shape):
         raise NTIError(f"pivots have shape {tuple(inv.pivots.shape)}, expected {(steps + 1, *inv.z_T.shape)}")
-    for name in ("z_T", "z_0", "null_embeddings", "pivots"):
+    for name in TENSORS if finite else ():
         tensor = getattr(inv, name)
-        if tensor is not None and (not tensor.is_floating_point() or not torch.isfinite(tensor).all()):
+        if tensor is not None and not torch.isfinite(tensor).all():
             raise NTIError(f"{name} holds non-finite values (NaN or inf)")

@@ -53,3 +53,108 @@ def test_config_values_that_stay_accepted():
                            early_stop=False, steps_offset=None, export_cache=None, reweight={"cat": 2})
     assert config.blend_words == ("cat",) and config.reweight == (("cat", 2.0),)
     assert nti.NTIConfig(blend_threshold=1, cross_replace=1, self_replace=0).blend_threshold == 1
+
+
+# ------------------------------------------------------------------------------------------- invert, edit, generate
+
+@pytest.fixture(scope="module")
+def inv(tiny_pipe):
+    image = Image.new("RGB", (32, 32), (200, 40, 40))
+    return nti.invert(tiny_pipe, image, "a cat", nti.NTIConfig(**FEW), progress=False)[0]
+
+
+def calls(pipe, inv, config):
+    """Every public function that takes a pipeline, with its other arguments good."""
+    image = Image.new("RGB", (32, 32), (200, 40, 40))
+    return {
+        "invert": lambda: nti.invert(pipe, image, "a cat", config, progress=False),
+        "edit": lambda: nti.edit(pipe, [inv], "a dog", config, progress=False),
+        "edit_latents": lambda: nti.edit_latents(pipe, [inv], "a dog", config, progress=False),
+        "reconstruct": lambda: nti.reconstruct(pipe, [inv], config, progress=False),
+        "generate": lambda: nti.generate(pipe, "a cat", config, progress=False),
+    }
+
+
+@pytest.mark.parametrize("name", ["invert", "edit", "edit_latents", "reconstruct", "generate"])
+def test_a_pipe_or_config_of_the_wrong_kind_is_named(tiny_pipe, inv, name):
+    """AttributeError: 'str' object has no attribute 'resolution' (a model name for the pipeline); 'dict' object has
+    no attribute 'validate' / 'edit' / 'replace' / 'steps' (keyword settings as a dict)."""
+    with pytest.raises(NTIError, match="pipe must be a Pipeline from nti.load_pipeline"):
+        calls("tiny", inv, nti.NTIConfig(**FEW))[name]()
+    with pytest.raises(NTIError, match="config must be an nti.NTIConfig, e.g. NTIConfig"):
+        calls(tiny_pipe, inv, {"steps": 2})[name]()
+
+
+@pytest.mark.parametrize("name", ["invert", "edit", "edit_latents", "reconstruct", "generate"])
+def test_a_config_changed_after_construction_is_checked_again(tiny_pipe, inv, name):
+    """invert validated its config, the others did not: steps='2' set on a config crashed generate with
+    TypeError deep in the schedule."""
+    config = nti.NTIConfig(**FEW)
+    config.steps = "2"
+    with pytest.raises(NTIError, match="steps must be a positive integer; got '2'"):
+        calls(tiny_pipe, inv, config)[name]()
+
+
+@pytest.mark.parametrize("call, message", [
+    # ValueError: torch.cat(): expected a non-empty list of Tensors
+    (lambda pipe: nti.edit(pipe, [], [], nti.NTIConfig(**FEW), progress=False), "no inversions given"),
+    (lambda pipe: nti.edit_latents(pipe, [], "a dog", nti.NTIConfig(**FEW), progress=False), "no inversions given"),
+    (lambda pipe: nti.reconstruct(pipe, [], nti.NTIConfig(**FEW), progress=False), "no inversions given"),
+    (lambda pipe: nti.generate(pipe, [], nti.NTIConfig(**FEW), progress=False), "no prompts given"),
+    # TypeError: 'NoneType' object is not iterable
+    (lambda pipe: nti.edit(pipe, None, "a dog", progress=False), "inversions must be a list of nti.Inversion"),
+    (lambda pipe: nti.reconstruct(pipe, None, progress=False), "inversions must be a list of nti.Inversion"),
+    (lambda pipe: nti.generate(pipe, None, progress=False), "prompts must be a string or a list of strings"),
+    (lambda pipe: nti.generate(pipe, 5, progress=False), "prompts must be a string or a list of strings, got int"),
+    # AttributeError: 'str' object has no attribute 'model_fingerprint'
+    (lambda pipe: nti.edit(pipe, ["inv.safetensors"], "a dog", progress=False),
+     r"inversions\[0\] is a str, not an nti.Inversion .*; read a file with nti.load_inversion"),
+    (lambda pipe: nti.reconstruct(pipe, [{"z_T": 1}], progress=False), r"inversions\[0\] is a dict"),
+    # bytes were taken as one prompt per byte: 'got 5 prompts for 1 images'
+    (lambda pipe: nti.invert(pipe, Image.new("RGB", (32, 32)), b"a cat", nti.NTIConfig(**FEW), progress=False),
+     "source prompts must be a string or a list of strings, got bytes"),
+])
+def test_empty_and_foreign_arguments_are_named(tiny_pipe, call, message):
+    with pytest.raises(NTIError, match=message):
+        call(tiny_pipe)
+
+
+def test_one_inversion_alone_is_taken_as_a_list_of_one(tiny_pipe, inv):
+    """invert takes one image alone; edit and reconstruct said TypeError: 'Inversion' object is not iterable."""
+    config = nti.NTIConfig(**FEW)
+    assert torch.equal(nti.edit_latents(tiny_pipe, inv, "a dog", config, progress=False),
+                       nti.edit_latents(tiny_pipe, [inv], "a dog", config, progress=False))
+    assert len(nti.reconstruct(tiny_pipe, inv, config, progress=False)) == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    # each of these was edited without a word: extra, missing or misshapen rows were indexed or broadcast
+    (lambda inv: {"null_embeddings": inv.null_embeddings[:1]}, "a null-text inversion of 2 steps needs 2 null"),
+    (lambda inv: {"null_embeddings": torch.cat([inv.null_embeddings] * 2)}, r"null embeddings have shape \(4, "),
+    (lambda inv: {"settings": {**inv.settings, "steps": 3}}, "the inversion records 3 steps"),
+    (lambda inv: {"pivots": torch.zeros(5)}, r"pivots have shape \(5,\), expected \(3, 4, 16, 16\)"),
+    # TypeError / KeyError / AttributeError / ValueError from deep inside
+    (lambda inv: {"settings": {**inv.settings, "steps": "2"}}, "settings hold a non-integer step count"),
+    (lambda inv: {"settings": {k: v for k, v in inv.settings.items() if k != "steps"}}, "settings lack steps"),
+    (lambda inv: {"settings": {**inv.settings, "guidance_schedule": "bogus"}}, "invalid settings: guidance_sch"),
+    (lambda inv: {"settings": None}, "its settings must be a dict"),
+    (lambda inv: {"source_prompt": None}, "its source_prompt a string; got dict and NoneType"),
+    (lambda inv: {"z_T": inv.z_T.numpy()}, "z_T must be a floating-point torch tensor; got ndarray"),
+    (lambda inv: {"z_T": inv.z_T.long()}, "z_T must be a floating-point torch tensor; got a torch.int64 tensor"),
+])
+def test_an_inversion_changed_in_memory_is_checked_before_editing(tiny_pipe, inv, change, message):
+    """load_inversion checked a file's inversion against itself; an Inversion handed over in memory (changed by the
+    caller since invert made it) was edited as it was."""
+    bad = dataclasses.replace(inv, **change(inv))
+    for call in (lambda: nti.edit(tiny_pipe, [inv, bad], "a dog", nti.NTIConfig(**FEW), progress=False),
+                 lambda: nti.reconstruct(tiny_pipe, [inv, bad], nti.NTIConfig(edit="p2p-refine"), progress=False)):
+        with pytest.raises(NTIError, match=rf"inversions\[1\]: .*{message}.*; invert again"):
+            call()
+
+
+def test_other_float_dtypes_in_memory_edit_as_fp32(tiny_pipe, inv):
+    """RuntimeError: mat1 and mat2 must have the same dtype, but got Double and Float."""
+    config = nti.NTIConfig(**FEW)
+    want = nti.edit_latents(tiny_pipe, [inv], "a dog", config, progress=False)
+    double = dataclasses.replace(inv, z_T=inv.z_T.double(), null_embeddings=inv.null_embeddings.double())
+    assert torch.equal(nti.edit_latents(tiny_pipe, [double], "a dog", config, progress=False), want)
