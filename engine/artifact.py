@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .config import NTIConfig, NTIError
-from .outputs import REQUEST_TAG, atomic_write
+from .outputs import REQUEST_TAG, atomic_write, check_writable_folder, written_by_nti
 
 FORMAT_VERSION = 1  # written when the inversion stores no pivots: older readers still load it
 FORMAT_VERSION_PIVOTS = 2  # with pivots (direct inversion): older readers refuse it rather than edit without them
@@ -71,12 +71,34 @@ def inversion_key(image_hash: str, source_prompt: str, model_fingerprint: str, s
 
 def save_inversion(inv: Inversion, path: str | os.PathLike, request: str | None = None) -> Path:
     """Write PATH (.safetensors: tensors + metadata JSON in the header) and a readable PATH.json beside it;
-    `request`: the outputs.request_key it answers, recorded in the header for --resume."""
-    path = Path(path)
+    `request`: the outputs.request_key it answers, recorded in the header for --resume. Refused (NTIError), with
+    nothing written: an inversion load_inversion would refuse, and either file name taken by a file nti did not
+    write (a rerun replaces nti's own files, never a user's), as the command line's outputs."""
+    if not isinstance(inv, Inversion):
+        raise NTIError(f"save_inversion takes an nti.Inversion (what nti.invert returns), then a path; got "
+                       f"{type(inv).__name__}")
+    if request is not None and not isinstance(request, str):
+        raise NTIError(f"request must be a string (outputs.request_key) or None; got {type(request).__name__}")
+    path = path_argument(path)
+    if path.name in ("", ".", ".."):  # with_suffix would raise ValueError: PosixPath('.') has an empty name
+        raise NTIError(f"inversion path {path} names a folder; give a file name such as "
+                       f"{path / 'inversion.safetensors'}")
     if path.suffix != ".safetensors":
         path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data, readable = inversion_bytes(inv, request)
+    try:
+        check_inversion(inv)
+    except NTIError as err:
+        raise NTIError(f"inversion not saved to {path}: {err}; load_inversion would refuse the file") from None
+    for target in (path, path.with_suffix(".json")):
+        if target.is_dir():
+            raise NTIError(f"inversion path {target} is a folder; give another path")
+        if target.exists() and not written_by_nti(target):
+            raise NTIError(f"{target} exists and was not written by nti; move it, or give another path")
+    check_writable_folder(path.parent, "inversion path")  # a parent that is a file: FileExistsError from mkdir
+    try:
+        data, readable = inversion_bytes(inv, request)
+    except (TypeError, ValueError) as err:  # a metadata field set to something JSON cannot hold (a tensor)
+        raise NTIError(f"inversion not saved to {path}: its metadata cannot be written as JSON ({err})") from None
     write_atomic(path.with_suffix(".json"), readable.encode())
     write_atomic(path, data)  # last: a cache reader only looks for the .safetensors, so it never sees half an entry
     return path
@@ -102,6 +124,16 @@ def write_atomic(path: Path, data: bytes) -> None:
     atomic_write(path, lambda temp: temp.write_bytes(data))
 
 
+def path_argument(path) -> Path:
+    """An inversion file path given to the API, `~` expanded as the command line expands it; NTIError for what is
+    no path (None, a number, an Inversion) or an empty one."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise NTIError(f"the inversion path must be a str or a pathlib.Path; got {type(path).__name__}")
+    if not str(path).strip():  # Path("") is ".", which would be reported as a folder
+        raise NTIError("the inversion path is empty; give a .safetensors file written by nti invert")
+    return Path(path).expanduser()
+
+
 REQUIRED_FIELDS = {"source_prompt": str, "image_hash": str, "model_name": str, "model_fingerprint": str,
                    "settings": dict}
 OPTIONAL_FIELDS = {"versions": dict, "iterations": list, "losses": list, "fp32_retries": list, "timings": dict,
@@ -111,9 +143,7 @@ OPTIONAL_FIELDS = {"versions": dict, "iterations": list, "losses": list, "fp32_r
 def load_inversion(path: str | os.PathLike) -> Inversion:
     """Read an artifact written by `save_inversion`; clear errors (NTIError) for missing, foreign, damaged or
     self-contradicting files, so a bad file is refused before any model runs instead of editing garbage."""
-    if not str(path).strip():  # Path("") is ".", which would be reported as a folder
-        raise NTIError("the inversion path is empty; give a .safetensors file written by nti invert")
-    path = Path(path)
+    path = path_argument(path)
     if path.is_dir():
         raise NTIError(f"inversion {path} is a folder; give the .safetensors file(s) in it")
     if not path.is_file():

@@ -158,3 +158,89 @@ def test_other_float_dtypes_in_memory_edit_as_fp32(tiny_pipe, inv):
     want = nti.edit_latents(tiny_pipe, [inv], "a dog", config, progress=False)
     double = dataclasses.replace(inv, z_T=inv.z_T.double(), null_embeddings=inv.null_embeddings.double())
     assert torch.equal(nti.edit_latents(tiny_pipe, [double], "a dog", config, progress=False), want)
+
+
+# ------------------------------------------------------------------------------------ save_inversion, load_inversion
+
+def test_save_inversion_never_replaces_a_users_file(inv, tmp_path):
+    """save_inversion(inv, 'notes.safetensors') replaced the user's notes.json with the readable twin, and a
+    safetensors file of the user's (weights, say) with the inversion, without a word."""
+    (tmp_path / "notes.json").write_text("my notes")
+    (tmp_path / "weights.safetensors").write_bytes(b"my weights")
+    with pytest.raises(NTIError, match="notes.json exists and was not written by nti; move it, or give another"):
+        nti.save_inversion(inv, tmp_path / "notes.safetensors")
+    with pytest.raises(NTIError, match="weights.safetensors exists and was not written by nti"):
+        nti.save_inversion(inv, tmp_path / "weights")
+    assert (tmp_path / "notes.json").read_text() == "my notes"
+    assert (tmp_path / "weights.safetensors").read_bytes() == b"my weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.json", "weights.safetensors"]
+    # nti's own files are replaced: saving again (another inversion to the same name) works
+    path = nti.save_inversion(inv, tmp_path / "inv.safetensors")
+    assert nti.save_inversion(dataclasses.replace(inv, source_prompt="a dog"), path) == path
+    assert nti.load_inversion(path).source_prompt == "a dog"
+
+
+@pytest.mark.parametrize("make, path, message", [
+    # ValueError: PosixPath('.') has an empty name
+    (None, "", "the inversion path is empty"),
+    (None, ".", r"inversion path \. names a folder; give a file name such as inversion.safetensors"),
+    # FileExistsError from mkdir
+    ("file", "afile/x.safetensors", "afile is a file, not a folder"),
+    # the twin was written first, then: could not write ...: Is a directory
+    ("folder", "adir.safetensors", "adir.safetensors is a folder"),
+    # TypeError: expected str, bytes or os.PathLike object, not NoneType
+    (None, None, "the inversion path must be a str or a pathlib.Path; got NoneType"),
+])
+def test_save_inversion_refuses_odd_paths_and_writes_nothing(inv, tmp_path, monkeypatch, make, path, message):
+    monkeypatch.chdir(tmp_path)
+    if make == "file":
+        (tmp_path / "afile").write_text("mine")
+    elif make == "folder":
+        (tmp_path / "adir.safetensors").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(NTIError, match=message):
+        nti.save_inversion(inv, path)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("change, message", [
+    # written, then refused by load_inversion: a file that can never be used
+    (lambda inv: {"z_T": torch.full_like(inv.z_T, float("nan"))}, "z_T holds non-finite values"),
+    (lambda inv: {"settings": {**inv.settings, "steps": 5}}, "the inversion records 5 steps"),
+    # AttributeError: 'numpy.ndarray' object has no attribute 'detach'
+    (lambda inv: {"z_T": inv.z_T.numpy()}, "z_T must be a floating-point torch tensor; got ndarray"),
+    # TypeError: Object of type Tensor is not JSON serializable
+    (lambda inv: {"timings": {"x": torch.tensor(1.0)}}, "its metadata cannot be written as JSON"),
+])
+def test_save_inversion_refuses_what_load_inversion_would(inv, tmp_path, change, message):
+    with pytest.raises(NTIError, match=f"inversion not saved to .*{message}"):
+        nti.save_inversion(dataclasses.replace(inv, **change(inv)), tmp_path / "bad.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args", [lambda inv, path: (None, path), lambda inv, path: ({"z_T": 1}, path),
+                                  lambda inv, path: ([inv], path), lambda inv, path: (path, inv)])
+def test_save_inversion_names_an_object_that_is_no_inversion(inv, tmp_path, args):
+    """AttributeError: 'dict' object has no attribute 'z_T'; the arguments swapped: TypeError: expected str, bytes or
+    os.PathLike object, not Inversion."""
+    with pytest.raises(NTIError, match="save_inversion takes an nti.Inversion .*, then a path; got"):
+        nti.save_inversion(*args(inv, tmp_path / "x.safetensors"))
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("given", [None, 5, b"inv.safetensors", "inversion"])
+def test_load_inversion_names_a_path_of_the_wrong_kind(inv, given):
+    """TypeError: expected str, bytes or os.PathLike object, not NoneType (or int, or Inversion); bytes: argument
+    should be a str object or an os.PathLike object returning str."""
+    with pytest.raises(NTIError, match="the inversion path must be a str or a pathlib.Path; got"):
+        nti.load_inversion(inv if given == "inversion" else given)
+
+
+def test_save_and_load_expand_the_home_folder(inv, tmp_path, monkeypatch):
+    """'~/x.safetensors' made a folder named '~' in the working directory, as load_image and the command line do
+    not: they expand it."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    path = nti.save_inversion(inv, "~/inv.safetensors")
+    assert path == tmp_path / "home" / "inv.safetensors" and path.is_file() and not (tmp_path / "~").exists()
+    assert nti.load_inversion("~/inv.safetensors").key == inv.key
