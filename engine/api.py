@@ -25,6 +25,13 @@ log = logging.getLogger("nti")
 def _check_pipe(pipe) -> None:
     if not isinstance(pipe, Pipeline):  # a model name is the likely mistake: 'str' object has no attribute ...
         raise NTIError(f"pipe must be a Pipeline from nti.load_pipeline(...); got {type(pipe).__name__}")
+    # the engine runs fp32 weights (the reference is the truth); half weights failed deep inside torch: "mat1 and
+    # mat2 must have the same dtype"
+    dtypes = {next(m.parameters()).dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder)}
+    if dtypes != {torch.float32}:
+        raise NTIError(f"the pipeline's weights are {', '.join(sorted(map(str, dtypes)))}; load it with "
+                       f"dtype=torch.float32 and ask NTIConfig(backend='fast', precision='bf16' or 'fp16') for "
+                       f"half-precision UNet compute")
 
 
 def _check_config(config) -> NTIConfig:

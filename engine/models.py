@@ -305,6 +305,10 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
     """Load SD v1.x / 2.x / SDXL from a local diffusers folder or the local HF cache; None or 'shapes' is the built-in
     trained shapes model (read from engine/assets/shapes through this same loader), 'tiny' and 'tiny-xl' the
     built-in random SD- and SDXL-shaped ones."""
+    if model is not None and (not isinstance(model, (str, os.PathLike)) or not str(model).strip()):
+        raise NTIError(f"model must be a diffusers folder path, a cached repo id, 'shapes', 'tiny', 'tiny-xl' or "
+                       f"None (the shapes model); got {model!r}")  # '' was the working directory
+    check_dtype(dtype)
     dev = parse_device(device)
     if str(model) == TINY:
         return build_tiny_pipeline(seed=seed, device=dev, dtype=dtype)
@@ -359,6 +363,18 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
         card = json.loads((path / VOCABULARY_FILE).read_text())
         pipe.vocabulary, pipe.prompt_example = tuple(card["words"]), card.get("example", "")
     return pipe
+
+
+def check_dtype(dtype) -> None:
+    """A weight dtype torch can load a model in (a string like 'float16' reached torch as a device name)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise NTIError(f"dtype must be a floating-point torch.dtype such as torch.float32; got {dtype!r}")
+
+
+def check_seed(seed) -> None:
+    """A tiny model's seed: an int (1.5 was recorded as seed 1.5 while torch drew seed 1)."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise NTIError(f"seed must be an integer; got {seed!r}")
 
 
 def _variant(folder: Path) -> dict:
@@ -478,6 +494,9 @@ def build_tiny_components(seed: int = 0):
 
 def build_tiny_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype=torch.float32) -> Pipeline:
     """The built-in tiny model: same code paths as SD v1.4, random weights, so its edits mean nothing."""
+    check_seed(seed)
+    check_dtype(dtype)
+    device = parse_device(device)  # None, 'gpu', 'cuda' without CUDA: one clear error, as load_pipeline's
     unet, vae, text_encoder, tokenizer, scheduler_config = build_tiny_components(seed)
     if dtype != torch.float32:
         unet, vae, text_encoder = (m.to(dtype) for m in (unet, vae, text_encoder))
@@ -517,6 +536,9 @@ def build_tiny_xl_components(seed: int = 0):
 
 def build_tiny_xl_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype=torch.float32) -> Pipeline:
     """The built-in tiny SDXL-shaped model: SDXL's code paths (pooled embedding, time ids), random weights."""
+    check_seed(seed)
+    check_dtype(dtype)
+    device = parse_device(device)
     unet, vae, text_encoder, tokenizer, scheduler_config, text_encoder_2, tokenizer_2 = build_tiny_xl_components(seed)
     modules = [m if dtype == torch.float32 else m.to(dtype) for m in (unet, vae, text_encoder, text_encoder_2)]
     return _assemble(*modules[:3], tokenizer, scheduler_config, torch.device(device), TINY_XL,
@@ -591,7 +613,12 @@ def save_pipeline_folder(pipe: Pipeline, path: str | os.PathLike) -> Path:
     """Write a pipeline as a diffusers SD / SDXL folder (what `load_pipeline(path)` reads)."""
     from diffusers import DDIMScheduler
 
-    path = Path(path)
+    if not isinstance(pipe, Pipeline) or not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise NTIError(f"save_pipeline_folder takes a Pipeline and a folder path; got {type(pipe).__name__} and "
+                       f"{path!r}")
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():  # NotADirectoryError from the first component written into it
+        raise NTIError(f"model folder {path} is a file; give a folder to write the model into")
     pipe.unet.save_pretrained(path / "unet")
     pipe.vae.save_pretrained(path / "vae")
     pipe.text_encoder.save_pretrained(path / "text_encoder")

@@ -244,3 +244,54 @@ def test_save_and_load_expand_the_home_folder(inv, tmp_path, monkeypatch):
     path = nti.save_inversion(inv, "~/inv.safetensors")
     assert path == tmp_path / "home" / "inv.safetensors" and path.is_file() and not (tmp_path / "~").exists()
     assert nti.load_inversion("~/inv.safetensors").key == inv.key
+
+
+# ------------------------------------------------------------------------------------------------ models, the package
+
+@pytest.mark.parametrize("call, message", [
+    # TypeError: expected str, bytes or os.PathLike object, not int; '' was read as the working directory
+    (lambda: nti.load_pipeline(5, "cpu"), "model must be a diffusers folder path, .* got 5"),
+    (lambda: nti.load_pipeline("", "cpu"), "model must be a diffusers folder path, .* got ''"),
+    # RuntimeError: Invalid device string: 'float16'; TypeError: nn.Module.to only accepts floating point ...
+    (lambda: nti.load_pipeline("tiny", "cpu", dtype="float16"), "dtype must be a floating-point torch.dtype"),
+    (lambda: nti.build_tiny_pipeline(dtype=torch.int8), "dtype must be a floating-point torch.dtype"),
+    # TypeError: int() argument must be ... not 'NoneType'; 1.5 was recorded as seed 1.5 while torch drew seed 1
+    (lambda: nti.load_pipeline("tiny", "cpu", seed=None), "seed must be an integer; got None"),
+    (lambda: nti.build_tiny_pipeline(seed=1.5), "seed must be an integer; got 1.5"),
+    # RuntimeError: Expected one of cpu, cuda, ipu, ... device type at start of device string: gpu
+    (lambda: nti.build_tiny_pipeline(device="gpu"), "unknown device 'gpu'; use cpu, cuda, cuda:N or auto"),
+    # AttributeError: 'str' object has no attribute 'unet'; NotADirectoryError
+    (lambda: nti.save_pipeline_folder("tiny", "folder"), "save_pipeline_folder takes a Pipeline and a folder path"),
+])
+def test_model_loading_arguments_of_the_wrong_kind_are_named(call, message):
+    with pytest.raises(NTIError, match=message):
+        call()
+
+
+def test_save_pipeline_folder_onto_a_file_is_refused(tiny_pipe, tmp_path):
+    (tmp_path / "mine").write_text("mine")
+    with pytest.raises(NTIError, match="is a file; give a folder to write the model into"):
+        nti.save_pipeline_folder(tiny_pipe, tmp_path / "mine")
+    assert (tmp_path / "mine").read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", ["invert", "edit", "edit_latents", "reconstruct", "generate"])
+def test_a_half_precision_pipeline_is_refused_with_what_to_do(inv, name):
+    """load_pipeline(dtype=torch.float16) loaded, then every call failed deep in torch: 'mat1 and mat2 must have
+    the same dtype, but got Float and Half' (on either backend)."""
+    half = nti.build_tiny_pipeline(seed=0, dtype=torch.float16)
+    with pytest.raises(NTIError, match="weights are torch.float16; load it with dtype=torch.float32 and ask "
+                                       r"NTIConfig\(backend='fast', precision="):
+        calls(half, inv, nti.NTIConfig(**FEW))[name]()
+
+
+def test_submodules_are_attributes_of_nti_whatever_was_touched_first():
+    """`nti.models.build_tiny_pipeline` raised AttributeError in a fresh process until an export from nti.models
+    (nti.load_pipeline, say) had been used: the lazy __getattr__ knew only the exports."""
+    import subprocess
+    import sys
+    code = "import nti; print(nti.models.build_tiny_pipeline.__name__, nti.images.to_pil.__name__, nti.Inversion)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("build_tiny_pipeline to_pil")
+    with pytest.raises(AttributeError, match="has no attribute 'nonexistent'"):
+        nti.nonexistent
