@@ -36,6 +36,8 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Im
         raise NTIError(f"an image must be a file path, 'skimage:NAME', a PIL image or a numpy array; got "
                        f"{type(source).__name__}")
     text = str(source)
+    if not text.strip():  # Path("") is ".", which was reported as "image . is a folder"
+        raise NTIError("an image path is empty; give an image file, 'skimage:NAME' or a PIL image")
     if text.startswith(SKIMAGE_PREFIX):
         return array_to_rgb(skimage_photo(text), text)
     path = Path(text).expanduser()

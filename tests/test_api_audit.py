@@ -295,3 +295,9 @@ def test_submodules_are_attributes_of_nti_whatever_was_touched_first():
     assert out.startswith("build_tiny_pipeline to_pil")
     with pytest.raises(AttributeError, match="has no attribute 'nonexistent'"):
         nti.nonexistent
+
+
+def test_an_empty_image_path_is_named_as_empty(tiny_pipe):
+    """It said 'image . is a folder, not an image file'."""
+    with pytest.raises(NTIError, match="an image path is empty"):
+        nti.invert(tiny_pipe, "", "a cat", nti.NTIConfig(**FEW), progress=False)
