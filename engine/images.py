@@ -267,8 +267,10 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """PIL images from (B, 3, H, W) in [0, 1]."""
-    array = (images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    """PIL images from (B, 3, H, W) in [0, 1]; NaN pixels (a diverged result the API returns with a warning) black,
+    as said, not left to numpy's undefined NaN-to-uint8 cast."""
+    pixels = images.detach().float().cpu().nan_to_num(0.0).clamp(0, 1)
+    array = (pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in array]
 
 

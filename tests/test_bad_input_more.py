@@ -3,6 +3,7 @@
 import json
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -456,9 +457,10 @@ def test_the_python_api_says_when_an_edit_is_not_finite(tiny_pipe, monkeypatch, 
         latents[1] = float("nan")
         return latents
     monkeypatch.setattr(nti.api, "edit_latents", second_diverges)
-    with caplog.at_level(logging.WARNING, logger="nti"):
+    with caplog.at_level(logging.WARNING, logger="nti"), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's "invalid value encountered in cast" of NaN pixels
         images = nti.edit(pipe, invs, ["a dog"] * 2, config, progress=False)
-    assert len(images) == 2
+    assert len(images) == 2 and not np.asarray(images[1]).any()  # black, as the warning says: no real image
     assert [r.getMessage() for r in caplog.records if "not finite" in r.getMessage()] == [
         "edit 1 is not finite (NaN or inf: diverged), so no real image comes of it; lower guidance"]
     caplog.clear()
