@@ -76,6 +76,16 @@ def _genai_image_bytes(value, label: str) -> bytes:
     raise NTIError(f"{label}: source_image holds no image bytes (got {type(value).__name__})")
 
 
+def _genai_prompt(record: dict, column: str, label: str) -> str:
+    """A row's prompt; a missing one is refused: inverting under an empty prompt is another experiment."""
+    prompt = record[column]
+    if prompt is not None and not isinstance(prompt, str):
+        raise NTIError(f"{label}: {column} must be text, got {type(prompt).__name__}")
+    if prompt is None or is_blank(prompt):
+        raise NTIError(f"{label}: {column} is empty; fill it in or drop the row")
+    return prompt
+
+
 def load_genai_bench(parquet_path: str | os.PathLike, limit: int | None = None,
                      dedupe: bool = True) -> list[EditSample]:
     """GenAI-Bench image-edition rows; dedupe drops repeats of the same image and prompts (arena rows repeat inputs)."""
@@ -106,7 +116,7 @@ def load_genai_bench(parquet_path: str | os.PathLike, limit: int | None = None,
         for record in batch.to_pylist():
             label = f"{path.name} row {row}"
             data = _genai_image_bytes(record["source_image"], label)
-            source, target = record["source_prompt"] or "", record["target_prompt"] or ""
+            source, target = (_genai_prompt(record, column, label) for column in ("source_prompt", "target_prompt"))
             instruction = record["instruct_prompt"] or None
             key = (hashlib.sha1(data).hexdigest(), source, target, instruction)
             if not (dedupe and key in seen):
@@ -133,7 +143,12 @@ def decode_pie_mask(rle, shape: tuple[int, int] = PIE_MASK_SHAPE, mark_border: b
     """
     height, width = shape
     size = height * width
-    code = np.asarray(rle, dtype=np.int64).ravel()
+    code = np.asarray(rle)
+    # PnPInversion's mask_decode indexes with these numbers: a float, a text or a nested pair would be truncated or
+    # flattened into another mask here, so only a flat list of integers is PIE-Bench's code
+    if code.size and (code.ndim != 1 or code.dtype.kind not in "biu"):
+        raise NTIError("PIE-Bench mask code must be a flat list of whole numbers [start, length, ...]")
+    code = code.astype(np.int64)
     if code.size % 2:
         raise NTIError(f"PIE-Bench mask code must hold [start, length] pairs, got an odd count ({code.size})")
     starts, lengths = code[0::2], code[1::2]
@@ -156,6 +171,16 @@ def strip_brackets(prompt: str) -> str:
     return " ".join(re.sub(r"[\[\]]", "", prompt).split())
 
 
+def _unique_keys(pairs: list[tuple]) -> dict:
+    """A JSON object as a dict, refusing a repeated key (json's default keeps the last: a sample would vanish)."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise NTIError(f"it names {key!r} twice; give each entry (and each field of one) a unique key")
+        seen[key] = value
+    return seen
+
+
 def load_pie_bench(root: str | os.PathLike, limit: int | None = None,
                    mark_border: bool = False) -> list[EditSample]:
     """PIE-Bench from root/mapping_file.json and root/annotation_images/; prompts unbracketed, masks decoded."""
@@ -164,8 +189,12 @@ def load_pie_bench(root: str | os.PathLike, limit: int | None = None,
     mapping_path = root / PIE_MAPPING
     if not mapping_path.is_file():
         raise NTIError(f"{root} is not a PIE-Bench folder: {PIE_MAPPING} is missing")
-    try:
-        mapping = json.loads(mapping_path.read_text(encoding="utf-8"))
+    try:  # a byte-order mark (Windows editors) is not JSON
+        mapping = json.loads(mapping_path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError as err:
+        raise NTIError(f"{mapping_path} is not UTF-8 ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    except NTIError as err:  # a repeated key
+        raise NTIError(f"{mapping_path}: {err}") from None
     except ValueError as err:
         raise NTIError(f"{mapping_path} is not valid JSON ({err})") from None
     if not isinstance(mapping, dict):
@@ -177,6 +206,15 @@ def load_pie_bench(root: str | os.PathLike, limit: int | None = None,
         missing = [key for key in PIE_REQUIRED if not isinstance(record, dict) or key not in record]
         if missing:
             raise NTIError(f"{mapping_path}: entry {sample_id} lacks {', '.join(missing)}")
+        if not isinstance(record["image_path"], str) or not record["image_path"].strip():
+            raise NTIError(f"{mapping_path}: entry {sample_id}: image_path must be a file name under "
+                           f"annotation_images/, got {record['image_path']!r}")
+        for key in ("original_prompt", "editing_prompt"):
+            if not isinstance(record[key], str):
+                raise NTIError(f"{mapping_path}: entry {sample_id}: {key} must be text, got "
+                               f"{type(record[key]).__name__}")
+            if is_blank(strip_brackets(record[key])):
+                raise NTIError(f"{mapping_path}: entry {sample_id}: {key} is empty; give the prompt")
         image_path = root / "annotation_images" / record["image_path"]
         if not image_path.is_file():
             raise NTIError(f"{mapping_path}: entry {sample_id} names image {image_path}, which does not exist")

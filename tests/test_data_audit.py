@@ -1,0 +1,101 @@
+"""Malformed data sets for `nti eval` and its loaders: each is a clear NTIError (exit 2 on the CLI), never a
+traceback, a dropped sample, a misread mask or prompt, or one sample's images written over another's."""
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nti.config import NTIError
+from nti.data import decode_pie_mask, load_genai_bench, load_pie_bench
+
+RECORD = {"image_path": "1/a.jpg", "original_prompt": "a [cat]", "editing_prompt": "a [dog]",
+          "editing_instruction": "", "editing_type_id": "1", "blended_word": "", "mask": [512 * 100 + 50, 100]}
+
+
+def pie_folder(root, mapping, sizes=None):
+    """A PIE-Bench folder with `mapping` (a dict, or the mapping file's exact text or bytes); each record's
+    image_path, if text, is written as a JPEG of sizes[path] (default 512x512)."""
+    records = mapping.values() if isinstance(mapping, dict) else []
+    names = {r["image_path"] for r in records if isinstance(r, dict) and isinstance(r.get("image_path"), str)
+             and r["image_path"]}
+    for name in names | set(sizes or {}):
+        (root / "annotation_images" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (sizes or {}).get(name, (512, 512)), (30, 90, 150)).save(root / "annotation_images" / name)
+    text = json.dumps(mapping) if isinstance(mapping, dict) else mapping
+    (root / "mapping_file.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    return root
+
+
+# --- PIE-Bench ---------------------------------------------------------------------------------------------------
+
+
+def test_pie_duplicate_ids_are_refused_not_dropped(tmp_path):
+    # json.loads keeps the last of two equal keys: one of the two samples would vanish without a word
+    first, second = json.dumps(RECORD), json.dumps(dict(RECORD, image_path="1/b.jpg"))
+    pie_folder(tmp_path, f'{{"000": {first}, "000": {second}}}', sizes={"1/a.jpg": (512, 512), "1/b.jpg": (512, 512)})
+    with pytest.raises(NTIError, match="'000' twice"):
+        load_pie_bench(tmp_path)
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("original_prompt", None, "original_prompt must be text"),
+    ("editing_prompt", 5, "editing_prompt must be text"),
+    ("editing_prompt", " [ ] ", "editing_prompt is empty"),
+    ("image_path", 3, "image_path must be"),
+    ("image_path", "", "image_path must be"),
+])
+def test_pie_fields_of_the_wrong_kind_are_refused(tmp_path, field, value, says):
+    pie_folder(tmp_path, {"000": dict(RECORD, **{field: value})}, sizes={"1/a.jpg": (512, 512)})
+    with pytest.raises(NTIError, match=f"entry 000.*{says}"):
+        load_pie_bench(tmp_path)
+
+
+@pytest.mark.parametrize("code", [[10.7, 20.2], ["10", "20"], [[10, 20], [30, 5]], [0, 10 ** 30]])
+def test_pie_mask_code_that_is_not_whole_numbers_is_refused(tmp_path, code):
+    # PnPInversion's mask_decode indexes with these numbers: floats, text or pairs in lists stop it; ours must
+    # not truncate or flatten them into another mask
+    with pytest.raises(NTIError, match="flat list of whole numbers"):
+        decode_pie_mask(code)
+    pie_folder(tmp_path, {"000": dict(RECORD, mask=code)})
+    with pytest.raises(NTIError, match="entry 000 has a bad mask"):
+        load_pie_bench(tmp_path)
+
+
+def test_pie_mask_code_still_reads_as_pnpinversion_does():
+    mask = decode_pie_mask(np.array([3, 2, 14, 10]), shape=(4, 4))  # an int array, a run clipped at the end
+    assert mask.ravel().nonzero()[0].tolist() == [3, 4, 14, 15]
+    assert not decode_pie_mask([], shape=(4, 4)).any()
+
+
+def test_pie_mapping_with_a_byte_order_mark_loads_and_other_encodings_name_utf8(tmp_path):
+    pie_folder(tmp_path, b"\xef\xbb\xbf" + json.dumps({"000": RECORD}).encode(), sizes={"1/a.jpg": (512, 512)})
+    assert [s.source_prompt for s in load_pie_bench(tmp_path)] == ["a cat"]
+    latin = json.dumps({"000": dict(RECORD, original_prompt="a caf\u00e9")}, ensure_ascii=False).encode("latin-1")
+    pie_folder(tmp_path, latin)
+    with pytest.raises(NTIError, match="not UTF-8.*save it as UTF-8"):
+        load_pie_bench(tmp_path)
+
+
+# --- GenAI-Bench -------------------------------------------------------------------------------------------------
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("column, values, says", [
+    ("source_prompt", ["a cat", None], "row 1: source_prompt is empty"),
+    ("target_prompt", ["a dog", "  "], "row 1: target_prompt is empty"),
+    ("source_prompt", [7, 8], "row 0: source_prompt must be text"),
+])
+def test_genai_rows_without_a_prompt_are_refused(tmp_path, column, values, says):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    cells = {"source_prompt": ["a cat", "a cat"], "target_prompt": ["a dog", "a dog"],
+             "instruct_prompt": ["make it a dog"] * 2, "source_image": [_png(), _png()], column: values}
+    pq.write_table(pa.table(cells), tmp_path / "genai.parquet")
+    with pytest.raises(NTIError, match=says):
+        load_genai_bench(tmp_path / "genai.parquet")
