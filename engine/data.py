@@ -349,7 +349,7 @@ def _prompt_record(line: str, where: str, number: int, base: Path, require_promp
     if record.get("mask"):
         mask = base / str(record["mask"])
         if not mask.is_file():
-            raise NTIError(f"{where}: mask {mask} does not exist")
+            raise NTIError(f"{where}: mask {mask} {'is not a file' if mask.exists() else 'does not exist'}")
     record_id = record.get("id")
     if record_id is not None and (isinstance(record_id, bool) or not isinstance(record_id, (str, int))):
         raise NTIError(f"{where}: 'id' must be text or a number, got {type(record_id).__name__}")
