@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -194,6 +195,26 @@ def square_mask(mask):
     return mask[top:top + side, left:left + side]
 
 
+def check_mask_shape(sample, size: tuple[int, int]) -> None:
+    """Refuse a mask shaped unlike its image (beyond a pixel of rounding): the metrics would stretch it onto the
+    image, scoring the background over the wrong pixels. A mask at another scale of the same shape is fine."""
+    if sample.mask is None:
+        return
+    (mask_h, mask_w), (width, height) = sample.mask.shape[:2], size
+    if abs(mask_w * height - mask_h * width) > max(width, height):
+        raise NTIError(f"sample {sample.id}: its mask is {mask_w}x{mask_h} but its image {width}x{height} (width x "
+                       f"height); give a mask of the image's size (a PIE-Bench mask is for a 512x512 image)")
+
+
+def sample_folder(sample_id: str) -> str:
+    """The sample's folder under images/: its safe name, with a hash of the id when that name is not the id
+    (lower-cased: case-insensitive disks), so ids that differ in unsafe characters or case never share one."""
+    name, text = safe_name(sample_id), str(sample_id)
+    if name != text.lower():
+        name += "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+    return f"{IMAGE_DIR}/{name}"
+
+
 def run_chunk(pipe, chunk, config, sources, scorer: Scorer, out: Path, cache) -> list[dict]:
     """Rows of one batch of samples under one method and setting: invert once, reconstruct and edit from it."""
     from .api import method_outputs
@@ -215,7 +236,7 @@ def score_chunk(chunk, sources, timings: list[dict], recons, edits, scorer: Scor
         row = {"id": s.id, "method": method, "guidance": repr(float(guidance)), "schedule": schedule,
                "edit_type": s.edit_type, "source_prompt": s.source_prompt, "target_prompt": s.target_prompt, **timing}
         square, mask = sources[s.id], square_mask(s.mask)
-        folder = f"{IMAGE_DIR}/{safe_name(s.id)}"
+        folder = sample_folder(s.id)
         if not (out / folder / "source.png").is_file():
             save_png(square, out / folder / "source.png")  # the grids' first column: what the model saw
         stem = f"{folder}/{method}_w{guidance:g}_{schedule}"
@@ -265,6 +286,8 @@ def _run_eval(args, session) -> str:
             raise NTIError("--protocol pie-bench computes its metrics with torchmetrics, which is not installed: "
                            "pip install torchmetrics") from None
     methods, guidances, schedules = parse_sweep(args)
+    if not args.out.strip():  # Path('') is the current folder: an unset $OUT in a script would spill results there
+        raise NTIError("--out is empty: give the folder for the results")
     # the engines' device (in process, or the cluster's GPUs or cpu); the scorers run here
     device = parse_device(args.device) if session is None else torch.device(session.device.split(":")[0])
     score_device = device if session is None else parse_device("auto")
@@ -283,7 +306,7 @@ def _run_eval(args, session) -> str:
     if len({s.id for s in samples}) != len(samples):
         raise NTIError(f"data set {args.data!r} repeats sample ids; results are keyed by id")
     check_vocabulary(pipe, [p for s in samples for p in (s.source_prompt, s.target_prompt)])
-    out = Path(args.out)
+    out = Path(args.out).expanduser()  # as every other path option: `--out=~/x` is no folder named '~'
     scorer = Scorer(protocol, clip, pie, oracle=bool(pipe.vocabulary))
     settings = run_settings(args, pipe, device, config, scorer)
     prepare_out(out, settings, args.resume, args.overwrite)
@@ -316,6 +339,7 @@ def _run_eval(args, session) -> str:
         for s, *_ in chunk:
             if s.id not in sources:
                 img = load_image(s.get_image())
+                check_mask_shape(s, img.size)
                 message = crop_warning(img.size, pipe.resolution, f"sample {s.id}")
                 if message is not None:  # a data set of wide photos: the first few in full, then a count at the end
                     cropped.append(s.id)

@@ -5,7 +5,7 @@ import json
 import logging
 import math
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .outputs import atomic_write, safe_name  # noqa: F401  (evaluate imports safe_name from here)
 from .config import GUIDANCE_SCHEDULES, NTIError
@@ -177,7 +177,8 @@ def plot_grid(df, out: Path, guidance: float, schedule: str, path: Path) -> bool
     axes = fig.subplots(len(ids), len(columns) + 1, squeeze=False)
     for r, sample_id in enumerate(ids):
         rows = part[part["id"] == sample_id]
-        cells = [("source", f"{IMAGE_DIR}/{safe_name(sample_id)}/source.png")]
+        # beside the sample's outputs: evaluate.sample_folder names it (an older run's rows keep their folder)
+        cells = [("source", f"{PurePosixPath(rows['edit_png'].iloc[0]).parent}/source.png")]
         for m, kind in columns:
             paths = rows.loc[rows["method"] == m, f"{kind}_png"].dropna()
             cells.append((f"{m}\n{kind}", paths.iloc[0] if len(paths) else None))

@@ -1,5 +1,6 @@
 """Malformed data sets for `nti eval` and its loaders: each is a clear NTIError (exit 2 on the CLI), never a
 traceback, a dropped sample, a misread mask or prompt, or one sample's images written over another's."""
+import csv
 import io
 import json
 
@@ -7,9 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nti.cli import EXIT_BAD_INPUT, main
 from nti.config import NTIError
-from nti.data import decode_pie_mask, load_genai_bench, load_pie_bench
+from nti.data import decode_pie_mask, load_dataset, load_genai_bench, load_pie_bench
 
+FAST = ["--n", "2", "--steps", "2", "--inner-steps", "1", "--methods", "ddim", "--quiet", "--device", "cpu",
+        "--model", "tiny"]
 RECORD = {"image_path": "1/a.jpg", "original_prompt": "a [cat]", "editing_prompt": "a [dog]",
           "editing_instruction": "", "editing_type_id": "1", "blended_word": "", "mask": [512 * 100 + 50, 100]}
 
@@ -26,6 +30,11 @@ def pie_folder(root, mapping, sizes=None):
     text = json.dumps(mapping) if isinstance(mapping, dict) else mapping
     (root / "mapping_file.json").write_bytes(text if isinstance(text, bytes) else text.encode())
     return root
+
+
+def run_cli(argv, capsys):
+    code = main(argv)
+    return code, capsys.readouterr().err
 
 
 # --- PIE-Bench ---------------------------------------------------------------------------------------------------
@@ -99,3 +108,70 @@ def test_genai_rows_without_a_prompt_are_refused(tmp_path, column, values, says)
     pq.write_table(pa.table(cells), tmp_path / "genai.parquet")
     with pytest.raises(NTIError, match=says):
         load_genai_bench(tmp_path / "genai.parquet")
+
+
+# --- prompts JSONL -----------------------------------------------------------------------------------------------
+
+
+def test_jsonl_mask_that_is_a_folder_is_named_as_one(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "masks").mkdir()
+    line = {"image": "a.png", "mask": "masks", "source_prompt": "a", "target_prompt": "b"}
+    (tmp_path / "prompts.jsonl").write_text(json.dumps(line))
+    with pytest.raises(NTIError, match="line 1: mask .*masks is not a file"):
+        load_dataset(tmp_path)
+
+
+# --- nti eval ----------------------------------------------------------------------------------------------------
+
+
+def test_eval_refuses_a_mask_shaped_unlike_its_image(tmp_path, capsys):
+    # a 20x40 mask over a 40x20 photo would be stretched onto it: every background score over the wrong pixels
+    Image.new("RGB", (40, 20), (9, 9, 9)).save(tmp_path / "a.png")
+    Image.new("L", (20, 40), 255).save(tmp_path / "tall.png")
+    line = {"image": "a.png", "mask": "tall.png", "source_prompt": "a dark photo", "target_prompt": "a red photo"}
+    (tmp_path / "prompts.jsonl").write_text(json.dumps(line))
+    code, err = run_cli(["eval", "--data", str(tmp_path), "--out", str(tmp_path / "out"), *FAST], capsys)
+    assert code == EXIT_BAD_INPUT and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("nti: error: sample a: its mask is 20x40 but its image 40x20")
+    # a PIE-Bench mask indexes a 512x512 image: a 768x512 photo in its folder is refused the same way
+    pie = pie_folder(tmp_path / "pie", {"000": RECORD}, sizes={"1/a.jpg": (768, 512)})
+    code, err = run_cli(["eval", "--data", str(pie), "--out", str(tmp_path / "out2"), *FAST], capsys)
+    assert code == EXIT_BAD_INPUT and "its mask is 512x512 but its image 768x512" in err
+
+
+def test_eval_gives_each_sample_its_own_image_folder(tmp_path, capsys):
+    # 'a/b' and 'a_b' (and two ids of CJK letters) made the same safe folder name: the second sample's
+    # reconstruction and edit were written over the first's, and both rows named the same PNGs
+    colours = {"a.png": (250, 10, 10), "b.png": (10, 250, 10), "c.png": (10, 10, 250), "d.png": (250, 250, 10)}
+    for name, colour in colours.items():
+        Image.new("RGB", (32, 32), colour).save(tmp_path / name)
+    ids = {"a.png": "a/b", "b.png": "a_b", "c.png": "\u732b", "d.png": "\u72ac"}
+    lines = [{"image": name, "id": ids[name], "source_prompt": "a photo", "target_prompt": "a painting"}
+             for name in colours]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    out = tmp_path / "out"
+    code, err = run_cli(["eval", "--data", str(tmp_path), "--out", str(out), *FAST, "--n", "4"], capsys)
+    assert code == 0, err
+    with open(out / "samples.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and len({row["edit_png"] for row in rows}) == 4
+    for row in rows:
+        name = next(n for n, i in ids.items() if i == row["id"])
+        folder = (out / row["edit_png"]).parent
+        assert folder.parent == out / "images"
+        source = np.asarray(Image.open(folder / "source.png").convert("RGB"), dtype=int)
+        assert np.abs(source - np.array(colours[name])).max() <= 2, row["id"]
+
+
+def test_eval_refuses_an_empty_out(tmp_path, monkeypatch, capsys):
+    # Path('') is the current folder: an unset $OUT in a script would spill results into wherever it ran
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["eval", "--out", "", *FAST], capsys)
+    assert code == EXIT_BAD_INPUT and "--out is empty" in err
+    assert list(tmp_path.iterdir()) == []
+    # and `--out=~/results` (no shell expands that ~) is the home folder's, as every other path option takes it
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    code, err = run_cli(["eval", "--out=~/results", *FAST, "--n", "1"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "home" / "results" / "samples.csv").is_file() and not (tmp_path / "~").exists()
