@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import shutil
+import warnings
 from pathlib import Path, PurePosixPath
 
 from .outputs import atomic_write, safe_name  # noqa: F401  (evaluate imports safe_name from here)
@@ -69,7 +70,10 @@ def markdown_table(summary, columns: list[str]) -> str:
 
 
 def save_figure(fig, path: Path) -> None:
-    atomic_write(path, lambda temp: fig.savefig(temp, format=path.suffix[1:], dpi=100, bbox_inches="tight"))
+    """The figure to path, atomically."""
+    with warnings.catch_warnings():  # a sample id in a script the font lacks (CJK) is drawn as boxes: no raw
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # Python warning for each letter
+        atomic_write(path, lambda temp: fig.savefig(temp, format=path.suffix[1:], dpi=100, bbox_inches="tight"))
 
 
 def plot_metrics(summary, columns: list[str], labels: list[str], path: Path) -> None:
