@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -64,6 +65,24 @@ def entry_dir(cache_dir, kind: str, component: str, fields: dict) -> Path:
     return root / kind / f"{component}-{fields.get('precision', '')}-{cache_key(fields)}"
 
 
+def _remove_dead_builds(parent: Path) -> None:
+    """Delete the temp build folders in parent (.KEY.HOST.PID.tmp) of this host's processes that are gone: a build
+    killed mid-way (SIGKILL, out of memory, a power cut) left one that nothing reads or removes, GBs for SD."""
+    if os.name == "nt":  # os.kill(pid, 0) terminates the process there
+        return
+    host = socket.gethostname()
+    for tmp in parent.glob(".*.tmp"):
+        head, _, pid = tmp.name[:-len(".tmp")].rpartition(".")
+        if not (head.endswith(f".{host}") and pid.isdigit() and tmp.is_dir()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # dead; PermissionError means alive (another user's)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (OSError, OverflowError):
+            pass
+
+
 def cached_build(folder: Path, fields: dict, artifact: str, build) -> tuple[Path, bool]:
     """Path of `artifact` in `folder`, built by `build(tmp_folder) -> None` if missing. Returns (path, built).
 
@@ -73,10 +92,12 @@ def cached_build(folder: Path, fields: dict, artifact: str, build) -> tuple[Path
     path = folder / artifact
     if (folder / META).is_file() and path.exists():
         return path, False
-    tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    # the host too: on a shared disk another host's pid says nothing here
+    tmp = folder.parent / f".{folder.name}.{socket.gethostname()}.{os.getpid()}.tmp"
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_dead_builds(folder.parent)
         tmp.mkdir()
     except OSError as err:
         raise NTIError(f"cannot write the export cache {folder.parent} ({err}); pass another --export-cache "

@@ -180,3 +180,31 @@ def test_eval_refuses_an_empty_out(tmp_path, monkeypatch, capsys):
     code, err = run_cli(["eval", "--out=~/results", *FAST, "--n", "1"], capsys)
     assert code == 0, err
     assert (tmp_path / "home" / "results" / "samples.csv").is_file() and not (tmp_path / "~").exists()
+
+
+# --- nti export --------------------------------------------------------------------------------------------------
+
+
+def test_export_build_removes_temp_folders_of_killed_builds(tmp_path):
+    # a build killed mid-way (SIGKILL, out of memory) left its hidden temp folder for ever: never served, never
+    # removed, GBs for an SD UNet. The next build removes those of dead processes, not of live ones
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from nti.export import cache
+
+    folder = tmp_path / "onnx" / "unet-fp32-abc"
+    folder.parent.mkdir(parents=True)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    prefix = f".{folder.name}.{socket.gethostname()}."
+    dead, alive = folder.parent / f"{prefix}{gone.stdout.strip()}.tmp", folder.parent / f"{prefix}{os.getppid()}.tmp"
+    other_key = folder.parent / f".unet-fp16-def.{socket.gethostname()}.{gone.stdout.strip()}.tmp"
+    for tmp in (dead, alive, other_key):
+        tmp.mkdir()
+        (tmp / "model.onnx").write_bytes(b"half")
+    path, built = cache.cached_build(folder, {"kind": "test"}, "model.onnx",
+                                     lambda tmp: (tmp / "model.onnx").write_bytes(b"x"))
+    assert built and path.read_bytes() == b"x"
+    assert not dead.exists() and not other_key.exists() and alive.is_dir()
