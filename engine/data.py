@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from PIL import Image
 from .config import NTIError
 from .images import SKIMAGE_PREFIX, check_image_file, load_image, open_image, skimage_names
 from .validate import is_blank
+
+log = logging.getLogger("nti")
 
 SAMPLE_PROMPTS = Path(__file__).parent / "assets" / "sample" / "prompts.jsonl"
 SCENE_PROMPTS = Path(__file__).parent / "assets" / "scenes" / "prompts.jsonl"  # for the built-in shapes model
@@ -76,14 +79,13 @@ def _genai_image_bytes(value, label: str) -> bytes:
     raise NTIError(f"{label}: source_image holds no image bytes (got {type(value).__name__})")
 
 
-def _genai_prompt(record: dict, column: str, label: str) -> str:
-    """A row's prompt; a missing one is refused: inverting under an empty prompt is another experiment."""
+def _genai_prompt(record: dict, column: str, label: str) -> str | None:
+    """A row's prompt, None when it is empty (the row is skipped, with a warning: inverting or editing under an empty
+    prompt is another experiment); NTIError when the column holds something other than text."""
     prompt = record[column]
     if prompt is not None and not isinstance(prompt, str):
         raise NTIError(f"{label}: {column} must be text, got {type(prompt).__name__}")
-    if prompt is None or is_blank(prompt):
-        raise NTIError(f"{label}: {column} is empty; fill it in or drop the row")
-    return prompt
+    return None if prompt is None or is_blank(prompt) else prompt
 
 
 def load_genai_bench(parquet_path: str | os.PathLike, limit: int | None = None,
@@ -109,25 +111,30 @@ def load_genai_bench(parquet_path: str | os.PathLike, limit: int | None = None,
               pa.types.is_boolean)
     meta_columns = [f.name for f in parquet.schema_arrow
                     if f.name not in GENAI_COLUMNS and any(check(f.type) for check in scalar)]
-    samples, seen, row = [], set(), 0
+    samples, seen, empty = [], set(), []
     if limit == 0:
         return samples
-    for batch in parquet.iter_batches(batch_size=64, columns=list(GENAI_COLUMNS) + meta_columns):
-        for record in batch.to_pylist():
-            label = f"{path.name} row {row}"
-            data = _genai_image_bytes(record["source_image"], label)
-            source, target = (_genai_prompt(record, column, label) for column in ("source_prompt", "target_prompt"))
-            instruction = record["instruct_prompt"] or None
-            key = (hashlib.sha1(data).hexdigest(), source, target, instruction)
-            if not (dedupe and key in seen):
-                seen.add(key)
-                meta = {"dataset": "genai-bench", "row": row, **{c: record[c] for c in meta_columns}}
-                sample_id = str(record["id"]) if record.get("id") is not None else f"genai-{row:04d}"
-                samples.append(EditSample(sample_id, partial(_decode_image_bytes, data, label), source, target,
-                                          instruction, None, meta))
-                if limit is not None and len(samples) >= limit:
-                    return samples
-            row += 1
+    batches = parquet.iter_batches(batch_size=64, columns=list(GENAI_COLUMNS) + meta_columns)
+    for row, record in enumerate(record for batch in batches for record in batch.to_pylist()):
+        label = f"{path.name} row {row}"
+        data = _genai_image_bytes(record["source_image"], label)
+        source, target = (_genai_prompt(record, column, label) for column in ("source_prompt", "target_prompt"))
+        instruction = record["instruct_prompt"] or None
+        key = (hashlib.sha1(data).hexdigest(), source, target, instruction)
+        if source is None or target is None:
+            empty.append(row)
+        elif not (dedupe and key in seen):
+            seen.add(key)
+            meta = {"dataset": "genai-bench", "row": row, **{c: record[c] for c in meta_columns}}
+            sample_id = str(record["id"]) if record.get("id") is not None else f"genai-{row:04d}"
+            samples.append(EditSample(sample_id, partial(_decode_image_bytes, data, label), source, target,
+                                      instruction, None, meta))
+            if limit is not None and len(samples) >= limit:
+                break
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+        log.warning("%s: %d row(s) with an empty source_prompt or target_prompt skipped (rows %s)", path.name,
+                    len(empty), shown)
     return samples
 
 

@@ -97,18 +97,29 @@ def _png() -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("column, values, says", [
-    ("source_prompt", ["a cat", None], "row 1: source_prompt is empty"),
-    ("target_prompt", ["a dog", "  "], "row 1: target_prompt is empty"),
-    ("source_prompt", [7, 8], "row 0: source_prompt must be text"),
-])
-def test_genai_rows_without_a_prompt_are_refused(tmp_path, column, values, says):
+def _genai_parquet(path, column, values):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
-    cells = {"source_prompt": ["a cat", "a cat"], "target_prompt": ["a dog", "a dog"],
+    cells = {"source_prompt": ["a cat", "a cow"], "target_prompt": ["a dog", "a dog"],
              "instruct_prompt": ["make it a dog"] * 2, "source_image": [_png(), _png()], column: values}
-    pq.write_table(pa.table(cells), tmp_path / "genai.parquet")
-    with pytest.raises(NTIError, match=says):
-        load_genai_bench(tmp_path / "genai.parquet")
+    pq.write_table(pa.table(cells), path)
+    return path
+
+
+@pytest.mark.parametrize("column, values", [("source_prompt", ["a cat", None]), ("target_prompt", ["a dog", "  "])])
+def test_genai_rows_without_a_prompt_are_skipped_with_a_warning(tmp_path, caplog, column, values):
+    """An empty prompt used to run as "" (another experiment than the row's): the row is left out, and said so."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="nti"):
+        samples = load_genai_bench(_genai_parquet(tmp_path / "genai.parquet", column, values))
+    assert [s.source_prompt for s in samples] == ["a cat"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "genai.parquet: 1 row(s) with an empty source_prompt or target_prompt skipped (rows 1)"]
+
+
+def test_genai_prompts_that_are_not_text_are_refused(tmp_path):
+    with pytest.raises(NTIError, match="row 0: source_prompt must be text"):
+        load_genai_bench(_genai_parquet(tmp_path / "genai.parquet", "source_prompt", [7, 8]))
 
 
 # --- prompts JSONL -----------------------------------------------------------------------------------------------
