@@ -65,15 +65,24 @@ def entry_dir(cache_dir, kind: str, component: str, fields: dict) -> Path:
     return root / kind / f"{component}-{fields.get('precision', '')}-{cache_key(fields)}"
 
 
+DEAD_BUILD_AGE_S = 3600  # a container sharing this disk and host name has its own pids: leave recent folders alone
+
+
 def _remove_dead_builds(parent: Path) -> None:
-    """Delete the temp build folders in parent (.KEY.HOST.PID.tmp) of this host's processes that are gone: a build
-    killed mid-way (SIGKILL, out of memory, a power cut) left one that nothing reads or removes, GBs for SD."""
+    """Delete the temp build folders in parent (.KEY.HOST.PID.tmp) of this host's processes that are gone, once
+    untouched for DEAD_BUILD_AGE_S: a build killed mid-way (SIGKILL, out of memory, a power cut) left one that
+    nothing reads or removes, GBs for SD."""
     if os.name == "nt":  # os.kill(pid, 0) terminates the process there
         return
     host = socket.gethostname()
     for tmp in parent.glob(".*.tmp"):
         head, _, pid = tmp.name[:-len(".tmp")].rpartition(".")
         if not (head.endswith(f".{host}") and pid.isdigit() and tmp.is_dir()):
+            continue
+        try:
+            if time.time() - tmp.stat().st_mtime < DEAD_BUILD_AGE_S:
+                continue
+        except OSError:  # removed meanwhile
             continue
         try:
             os.kill(int(pid), 0)
