@@ -203,7 +203,11 @@ class JobStore:
         return states
 
     def fail(self, job_id: str, message: str, param: str | None = None) -> None:
-        self.update(job_id, state="failed", error=message, error_param=param, finished_at=time.time())
+        """Mark a job failed, with why; cancelled (why kept) when a cancel came while it ran, as finish does."""
+        with self.lock:
+            job = self.get(job_id)
+            state = "cancelled" if job is not None and job.cancel else "failed"
+            self.update(job_id, state=state, error=message, error_param=param, finished_at=time.time())
 
     def cancel(self, job_id: str) -> str | None:
         """Cancel a queued job at once, a running one when its batch ends; the state after, None if unknown."""

@@ -210,9 +210,11 @@ def test_a_damaged_stored_inversion_fails_its_edit_alone_and_is_inverted_anew(tm
     blue_edit = service.submit_edit(service.store.get(inversions[1].id), "a photo", {"edit": "regenerate"})
     again_edit = service.submit_edit(service.store.get(again.id), "a photo", {"edit": "regenerate"})
     service.store.start([blue_edit.id, again_edit.id])
+    assert service.store.cancel(blue_edit.id) == "running"  # what the route does to a running edit of it
     service.store.delete(inversions[1].id)
     service._run_batch(pipe, [service.store.get(job.id) for job in (blue_edit, again_edit)])
-    assert service.store.get(blue_edit.id).error == f"inversion {inversions[1].id} was deleted before this edit ran"
+    gone = service.store.get(blue_edit.id)
+    assert gone.state == "cancelled" and gone.error == f"inversion {inversions[1].id} was deleted before this edit ran"
     assert service.store.get(again_edit.id).state == "done"
     green = service.submit_inversion(Image.new("RGB", (32, 32), (40, 200, 40)), "a photo", {})[0]
     service.store.path("sources", green.id).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # the upload, damaged
