@@ -334,11 +334,12 @@ class Service:
         """What the engine needs of a job: the stored source square, or the stored inversion and edit settings.
         NTIError when what is stored cannot be read (a damaged disk, a file removed by hand)."""
         if job.kind == "invert":
-            try:
-                with Image.open(self.store.path("sources", job.id)) as img:
-                    image = img.convert("RGB")
-            except (OSError, ValueError, SyntaxError, EOFError) as err:  # PIL's errors for truncated or bad data
-                log_event("upload_unreadable", logging.ERROR, job=job.id, error=f"{type(err).__name__}: {err}")
+            from .images import open_image
+
+            try:  # the readers' own checks; their message names the server's path, so it goes to the log only
+                image = open_image(self.store.path("sources", job.id), "the stored upload")
+            except NTIError as err:
+                log_event("upload_unreadable", logging.ERROR, job=job.id, error=str(err))
                 raise NTIError("the stored upload is damaged and could not be read; post the image again") from None
             return Task(job.id, "invert", job.request["source_prompt"], job.request["settings"], image=image)
         parent = self.store.get(job.parent)
