@@ -243,7 +243,10 @@ def check_supported_model(path: Path) -> None:
 def fingerprint_folder(path: Path) -> str:
     """Fast model identity: configs in full, weight files by size and their first and last MiB."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    # os.walk following links, not rglob: rglob does not descend into symlinked folders (a unet/ linked to a shared
+    # copy), whose weights then counted for nothing and two different models had one fingerprint
+    files = [Path(root, name) for root, _, names in os.walk(path, followlinks=True) for name in names]
+    for file in sorted(p for p in files if p.is_file() and not p.name.startswith(".")):
         rel = file.relative_to(path).as_posix()
         if rel.startswith(("unet", "vae", "text_encoder", "tokenizer", "scheduler")):
             digest.update(rel.encode())
