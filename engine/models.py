@@ -330,18 +330,15 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
     path = resolve_model_path(model)
     check_supported_model(path)  # first: a refiner is refused as one, not as a folder missing text_encoder/
     check_model_folder(path)
-    kw = dict(local_files_only=True, torch_dtype=dtype)
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw, **_variant(path / "unet"))
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw, **_variant(path / "vae"))
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw,
-                                                     **_variant(path / "text_encoder"))
+        unet = _load_weights(UNet2DConditionModel, path, "unet", dtype)
+        vae = _load_weights(AutoencoderKL, path, "vae", dtype)
+        text_encoder = _load_weights(CLIPTextModel, path, "text_encoder", dtype)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
         second = {}
         if is_xl_folder(path):
             second = dict(
-                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-                    path, subfolder="text_encoder_2", **kw, **_variant(path / "text_encoder_2")),
+                text_encoder_2=_load_weights(CLIPTextModelWithProjection, path, "text_encoder_2", dtype),
                 tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True))
         scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     except NTIError:
@@ -378,6 +375,20 @@ def check_seed(seed) -> None:
     """A tiny model's seed: an int (1.5 was recorded as seed 1.5 while torch drew seed 1)."""
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise NTIError(f"seed must be an integer; got {seed!r}")
+
+
+def _load_weights(cls, path: Path, sub: str, dtype: torch.dtype):
+    """One component's model from its subfolder, every tensor read from the folder's weights. A weight file that lacks
+    some is refused: from_pretrained only warns, and transformers initializes those at random (a silently wrong
+    text encoder) while diffusers leaves them on the meta device (NotImplementedError at the first .to())."""
+    model, info = cls.from_pretrained(path, subfolder=sub, local_files_only=True, torch_dtype=dtype,
+                                      output_loading_info=True, **_variant(path / sub))
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise NTIError(f"model folder {path}: its {sub}/ weights lack {len(missing)} of the model's tensors "
+                       f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); the weight file is "
+                       f"incomplete or from another model: download or convert {sub}/ again")
+    return model
 
 
 def _variant(folder: Path) -> dict:
