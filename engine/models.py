@@ -19,12 +19,10 @@ from .runner import RunStats
 
 log = logging.getLogger("nti")
 
-COMPONENTS = {  # subfolder -> files that must be there (any one of each tuple)
-    "unet": (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
-                                "diffusion_pytorch_model.fp16.safetensors")),
-    "vae": (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
-                               "diffusion_pytorch_model.fp16.safetensors")),
-    "text_encoder": (("config.json",), ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors")),
+COMPONENTS = {  # subfolder -> files that must be there (any one of each tuple; weights in any form _weight_forms names)
+    "unet": (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")),
+    "vae": (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")),
+    "text_encoder": (("config.json",), ("model.safetensors", "pytorch_model.bin")),
     "tokenizer": (("tokenizer_config.json", "vocab.json", "tokenizer.json"),),
     "scheduler": (("scheduler_config.json",),),
 }
@@ -198,10 +196,22 @@ def check_model_folder(path: Path) -> None:
             missing.append(f"{sub}/")
             continue
         for group in groups:
-            if not any((path / sub / name).is_file() for name in group):
-                missing.append(f"{sub}/{' or '.join(group)}")
+            if not any((path / sub / form).is_file() for name in group for form in _weight_forms(name)):
+                weights = len(_weight_forms(group[0])) > 1
+                missing.append(f"{sub}/{' or '.join(group)}" + (" (or their fp16 variant or shard index)"
+                                                                if weights else ""))
     if missing:
         raise NTIError(f"model folder {path} is incomplete: missing {', '.join(missing)}")
+
+
+def _weight_forms(name: str) -> tuple[str, ...]:
+    """The files from_pretrained reads a weight file's tensors from: the file, its fp16 variant, or the index json of
+    its shards (save_pretrained shards a component past max_shard_size: SDXL's fp32 UNet is 10.3 GB, diffusers'
+    default 10 GB), e.g. model.safetensors, model.fp16.safetensors, model.safetensors.index(.fp16).json."""
+    stem, dot, ext = name.rpartition(".")
+    if ext not in ("safetensors", "bin"):
+        return (name,)
+    return name, f"{stem}.fp16.{ext}", f"{name}.index.json", f"{name}.index.fp16.json"
 
 
 def check_supported_model(path: Path) -> None:
@@ -395,8 +405,8 @@ def _variant(folder: Path) -> dict:
     """from_pretrained's variant for a component folder that holds only fp16 weight files (a common way SD and SDXL
     folders are shipped); the weights are still loaded in the dtype asked for."""
     names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
-    plain = any(n in names for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
-                                      "model.safetensors", "pytorch_model.bin"))
+    plain = any(n in names for w in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                                     "model.safetensors", "pytorch_model.bin") for n in (w, f"{w}.index.json"))
     return {"variant": "fp16"} if not plain and any(".fp16." in n for n in names) else {}
 
 
