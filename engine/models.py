@@ -355,6 +355,7 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
         raise
     except Exception as err:  # corrupt weights, wrong architecture, ...: say which folder, keep the cause
         raise NTIError(f"could not load the model in {path}: {type(err).__name__}: {err}") from err
+    check_prompt_length(path, text_encoder, tokenizer, second.get("text_encoder_2"), second.get("tokenizer_2"))
     if not second and scheduler_config.get("steps_offset", 0) != 1:
         # StableDiffusionPipeline's constructor rewrites an outdated steps_offset to 1, so the official notebook (and
         # every SD 1.x/2.x pipeline) ran t = 981..1 on such a folder too; StableDiffusionXLPipeline keeps the config's
@@ -373,6 +374,25 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
         card = json.loads((path / VOCABULARY_FILE).read_text())
         pipe.vocabulary, pipe.prompt_example = tuple(card["words"]), card.get("example", "")
     return pipe
+
+
+def check_prompt_length(path: Path, text_encoder, tokenizer, text_encoder_2=None, tokenizer_2=None) -> None:
+    """Prompts are padded to the tokenizer's model_max_length (as the pipelines pad them): the text encoder must have
+    that many positions. A tokenizer folder without tokenizer_config.json has transformers' 1e30, which padded every
+    prompt towards it; SDXL's two token sequences also sit side by side, so they must be as long."""
+    pairs = [("tokenizer", tokenizer, "text_encoder", text_encoder)]
+    if tokenizer_2 is not None:
+        pairs.append(("tokenizer_2", tokenizer_2, "text_encoder_2", text_encoder_2))
+    for tok_name, tok, enc_name, enc in pairs:
+        positions = int(enc.config.max_position_embeddings)
+        if tok.model_max_length > positions:
+            raise NTIError(f"model folder {path}: {tok_name}/ pads prompts to {tok.model_max_length} tokens, but "
+                           f"{enc_name}/ reads at most {positions} (max_position_embeddings); set "
+                           f"\"model_max_length\": {positions} in {tok_name}/tokenizer_config.json")
+    if tokenizer_2 is not None and tokenizer_2.model_max_length != tokenizer.model_max_length:
+        raise NTIError(f"model folder {path}: tokenizer/ pads prompts to {tokenizer.model_max_length} tokens and "
+                       f"tokenizer_2/ to {tokenizer_2.model_max_length}; SDXL puts the two encoders' tokens side by "
+                       f"side, so set the same model_max_length in both tokenizer_config.json files")
 
 
 def check_dtype(dtype) -> None:
