@@ -70,6 +70,10 @@ class DDIMSchedule:
 def scheduler_problems(scheduler_config: dict) -> list[str]:
     """What in a scheduler config the DDIM step here (Eq. 12 on eps, no x0 clipping) cannot follow; [] if nothing."""
     why = []
+    kind = str(scheduler_config.get("_class_name", ""))
+    if kind.startswith(("EDM", "FlowMatch")):  # no betas: DDIMScheduler.from_config would use its default ones
+        why.append(f"its scheduler is {kind}, whose noise levels are EDM sigmas or flow-matching times, not the DDPM "
+                   f"betas this DDIM step is built from")
     prediction = scheduler_config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         why.append(f"its scheduler predicts {prediction!r}, which is none of {', '.join(PREDICTION_TYPES)}")

@@ -219,11 +219,25 @@ def check_supported_model(path: Path) -> None:
     null-text loss take a UNet output that DDIMSchedule.eps can read as noise, CLIP text conditioning (one encoder,
     or SDXL's two with pooled embedding and size time ids) and a plain 4-channel latent UNet."""
     index = _read_config(path, "model_index.json")
+    if not (path / "unet").is_dir():  # say what the folder is, rather than call it incomplete (a cut-short download)
+        own = _read_config(path, "config.json")
+        own = own.get("_class_name") or (own.get("architectures") or [None])[0]
+        if own:
+            raise NTIError(f"model folder {path} holds one {own} (a pipeline's component), not a whole pipeline; "
+                           f"pass the folder that holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and "
+                           f"scheduler/")
+        pipeline = index.get("_class_name")
+        if pipeline and pipeline not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+            raise NTIError(f"model folder {path} cannot be inverted by this engine: its model_index.json names "
+                           f"{pipeline}, not a UNet Stable Diffusion pipeline (StableDiffusionPipeline, "
+                           f"StableDiffusionXLPipeline). Use a Stable Diffusion v1.x, 2.x or SDXL base folder")
     unet, scheduler = _read_config(path, "unet", "config.json"), _read_config(path, "scheduler", "scheduler_config.json")
+    vae = _read_config(path, "vae", "config.json")
     why = []
     added = unet.get("addition_embed_type")
-    if index.get("requires_aesthetics_score") or (
-            (path / "text_encoder_2").is_dir() and not (path / "text_encoder").is_dir()):
+    refiner = index.get("requires_aesthetics_score") or (
+        (path / "text_encoder_2").is_dir() and not (path / "text_encoder").is_dir())
+    if refiner:
         why.append("it is an SDXL refiner (aesthetic-score conditioning, no first text encoder), which refines "
                    "images rather than generating them from text")
     elif added not in (None, "text_time"):
@@ -241,6 +255,22 @@ def check_supported_model(path: Path) -> None:
     for name in ("class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
         if unet.get(name):
             why.append(f"its UNet has {name}={unet[name]!r} (a conditioning this engine does not feed)")
+    # components taken from different models load, then fail at the first UNet call on a matmul or conv shape
+    encoders = ["text_encoder", "text_encoder_2"] if is_xl_folder(path) and not refiner else ["text_encoder"]
+    widths = [_read_config(path, name, "config.json").get("hidden_size") for name in encoders]
+    width = unet.get("cross_attention_dim")
+    if not refiner and isinstance(width, int) and all(isinstance(w, int) for w in widths) and width != sum(widths):
+        named = (f"text encoder's width {widths[0]}" if len(widths) == 1 else
+                 f"text encoders' widths {' + '.join(map(str, widths))}")
+        why.append(f"its UNet cross_attention_dim {width} is not its {named} (components of different models?)")
+    channels = vae.get("latent_channels", 4)
+    if unet and unet.get("in_channels", 4) == unet.get("out_channels", 4) != channels:
+        why.append(f"its VAE makes {channels}-channel latents for a UNet of {unet.get('in_channels', 4)} input "
+                   f"channels (components of different models?)")
+    shifted = [name for name in ("latents_mean", "latents_std", "shift_factor") if vae.get(name) is not None]
+    if shifted:  # AutoencoderKL writes them as null; set, the pipelines shift or normalize latents with them
+        why.append(f"its VAE shifts or normalizes latents ({', '.join(shifted)}: Playground v2.5, SD3, Flux), "
+                   f"which this engine, scaling latents by scaling_factor alone, does not")
     why += scheduler_problems(scheduler)
     if unet and unet.get("in_channels", 4) != unet.get("out_channels", 4):
         why.append(f"its UNet takes {unet['in_channels']} input channels for {unet.get('out_channels', 4)} output "

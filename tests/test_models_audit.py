@@ -1,0 +1,252 @@
+"""Local Stable Diffusion folders in the shapes they are kept on disk: each loads and runs as diffusers would, or is
+refused with one NTIError naming the folder and what to do (CLI: `nti: error:`, exit 2), never a traceback."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import nti
+from nti import NTIConfig, NTIError, load_pipeline, save_pipeline_folder
+from nti.models import build_tiny_pipeline, build_tiny_xl_pipeline, encode_prompts, fingerprint_folder, unet_eps
+
+FEW = dict(steps=2, inner_steps=1)
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tiny_pipe, tmp_path_factory):
+    return save_pipeline_folder(tiny_pipe, tmp_path_factory.mktemp("audit-sd"))
+
+
+@pytest.fixture(scope="module")
+def other_folder(tmp_path_factory):
+    """Another model of the same shapes and file sizes (seed 1)."""
+    return save_pipeline_folder(build_tiny_pipeline(seed=1), tmp_path_factory.mktemp("audit-other"))
+
+
+@pytest.fixture(scope="module")
+def xl_folder(tmp_path_factory):
+    return save_pipeline_folder(build_tiny_xl_pipeline(seed=0), tmp_path_factory.mktemp("audit-xl"))
+
+
+def _copy(folder, tmp_path, name="model"):
+    copy = tmp_path / name
+    shutil.copytree(folder, copy)
+    return copy
+
+
+def _edit_json(file, **changes):
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+
+
+def _cli(tmp_path, model):
+    from nti.cli import main
+    return main(["edit", "skimage:chelsea", "--model", str(model), "--prompt", "a cat", "--target", "a dog",
+                 "--out", str(tmp_path / "out.png"), "--steps", "2", "--inner-steps", "1"])
+
+
+# ------------------------------------------------------------------------------------------- identity (fingerprint)
+
+def test_symlinked_component_folders_are_fingerprinted_by_their_weights(sd_folder, other_folder, tmp_path):
+    """A model folder whose unet/, vae/, ... are symlinks (one copy of the weights shared between folders): the
+    fingerprint skipped every file behind them, so two different models had the same (empty) fingerprint, and a
+    cached or saved inversion of the one was used with the other."""
+    links = {}
+    for name, source in (("a", sd_folder), ("b", other_folder)):
+        links[name] = tmp_path / name
+        links[name].mkdir()
+        for entry in source.iterdir():
+            (links[name] / entry.name).symlink_to(entry)
+    assert fingerprint_folder(links["a"]) == fingerprint_folder(sd_folder)
+    assert fingerprint_folder(links["b"]) == fingerprint_folder(other_folder) != fingerprint_folder(sd_folder)
+    assert load_pipeline(links["b"], device="cpu").fingerprint == load_pipeline(other_folder, device="cpu").fingerprint
+
+
+# ---------------------------------------------------------------------------------------------- weight file layouts
+
+def test_sharded_weights_with_an_index_load_to_the_same_model(sd_folder, tiny_pipe, tmp_path):
+    """save_pretrained shards a component past its max_shard_size (SDXL's fp32 UNet, 10.3 GB, with diffusers'
+    default 10 GB): `diffusion_pytorch_model-0000N-of-0000M.safetensors` plus an index json. It was refused as
+    'incomplete: missing unet/diffusion_pytorch_model.safetensors'."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = _copy(sd_folder, tmp_path)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    shutil.rmtree(folder / "unet")
+    shutil.rmtree(folder / "text_encoder")
+    unet.save_pretrained(folder / "unet", max_shard_size="200KB")
+    text_encoder.save_pretrained(folder / "text_encoder", max_shard_size="100KB", variant="fp16")  # fp32 values
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert (folder / "text_encoder" / "model.safetensors.index.fp16.json").is_file()
+    pipe = load_pipeline(folder, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), tiny_pipe.unet.state_dict().values()))
+    assert torch.equal(encode_prompts(pipe, ["a cat"]), encode_prompts(tiny_pipe, ["a cat"]))
+    assert nti.invert(pipe, "skimage:chelsea", "a cat", NTIConfig(**FEW), progress=False)[0].z_T.isfinite().all()
+
+
+def test_fp16_bin_variant_weights_load_as_fp32(sd_folder, tiny_pipe, tmp_path):
+    """Only `*.fp16.bin` weight files (the pickled fp16 variant that SD v1.5 and 2.x repositories carry): refused
+    as incomplete; now loaded, in the fp32 asked for, to the fp16-rounded weights."""
+    folder = _copy(sd_folder, tmp_path)
+    for sub, name in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                      ("text_encoder", "model")):
+        file = folder / sub / f"{name}.safetensors"
+        bin_name = "pytorch_model" if sub == "text_encoder" else name
+        torch.save({k: v.half() for k, v in load_file(file).items()}, folder / sub / f"{bin_name}.fp16.bin")
+        file.unlink()
+    pipe = load_pipeline(folder, device="cpu")
+    assert next(pipe.unet.parameters()).dtype == torch.float32
+    assert torch.equal(pipe.unet.conv_in.weight, tiny_pipe.unet.conv_in.weight.half().float())
+    ours, theirs = pipe.text_encoder.state_dict(), tiny_pipe.text_encoder.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k].half().float()) for k in ours)
+
+
+@pytest.mark.parametrize("sub, file", [("unet", "diffusion_pytorch_model.safetensors"),
+                                       ("vae", "diffusion_pytorch_model.safetensors"),
+                                       ("text_encoder", "model.safetensors")])
+def test_a_weight_file_lacking_tensors_is_refused_naming_them(sd_folder, tmp_path, sub, file):
+    """A weight file without some of the model's tensors (truncated conversion, another architecture's file): the
+    UNet and VAE failed later with NotImplementedError 'Cannot copy out of meta tensor' (a traceback from
+    load_pipeline); the text encoder loaded with the missing tensors randomly initialized, a silently wrong model."""
+    folder = _copy(sd_folder, tmp_path)
+    weights = load_file(folder / sub / file)
+    dropped = sorted(weights)[-1]
+    del weights[dropped]
+    save_file(weights, folder / sub / file, metadata={"format": "pt"})
+    with pytest.raises(NTIError, match=rf"{sub}/ weights lack 1 of the model's tensors \({dropped}\)"):
+        load_pipeline(folder, device="cpu")
+
+
+def test_a_weight_file_lacking_tensors_exits_2_on_the_cli(sd_folder, tmp_path, capsys):
+    folder = _copy(sd_folder, tmp_path)
+    weights = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
+    del weights[sorted(weights)[0]]
+    save_file(weights, folder / "vae" / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    assert _cli(tmp_path, folder) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nti: error:") and "vae/ weights lack" in err and "internal error" not in err
+
+
+# ------------------------------------------------------------------------------------------------ component configs
+
+@pytest.mark.parametrize("length", [None, 100])
+def test_a_tokenizer_longer_than_the_text_encoder_is_refused_at_load(sd_folder, tmp_path, length):
+    """A tokenizer folder without tokenizer_config.json (vocab and merges, or tokenizer.json, alone) has
+    model_max_length 1e30: the context was (1e30, D) and encoding a prompt padded to it. One of 100 positions for
+    a 77-position text encoder failed at the first prompt with ValueError."""
+    folder = _copy(sd_folder, tmp_path)
+    config = folder / "tokenizer" / "tokenizer_config.json"
+    if length is None:
+        config.unlink()
+    else:
+        _edit_json(config, model_max_length=length)
+    with pytest.raises(NTIError, match=r"tokenizer/ pads prompts to \d+ tokens, but text_encoder/ reads at most 77 "
+                                       r"\(max_position_embeddings\); set \"model_max_length\": 77 in "
+                                       r"tokenizer/tokenizer_config.json"):
+        load_pipeline(folder, device="cpu")
+
+
+def test_sdxl_tokenizers_of_different_lengths_are_refused_at_load(xl_folder, tmp_path):
+    """SDXL concatenates the two encoders' token states along the features: 77 and 64 tokens loaded, then the first
+    prompt failed in torch.cat with RuntimeError."""
+    folder = _copy(xl_folder, tmp_path)
+    _edit_json(folder / "tokenizer_2" / "tokenizer_config.json", model_max_length=64)
+    with pytest.raises(NTIError, match=r"tokenizer/ pads prompts to 77 tokens and tokenizer_2/ to 64; .*same "
+                                       r"model_max_length"):
+        load_pipeline(folder, device="cpu")
+
+
+def test_a_unet_whose_cross_attention_disagrees_with_the_text_encoder_is_refused(sd_folder, tmp_path):
+    """A UNet from another model (cross_attention_dim 48) next to a 32-wide text encoder loaded, then the first UNet
+    call failed: RuntimeError 'mat1 and mat2 shapes cannot be multiplied (77x32 and 48x32)'."""
+    from diffusers import UNet2DConditionModel
+
+    folder = _copy(sd_folder, tmp_path)
+    _rebuild(folder, "unet", UNet2DConditionModel, cross_attention_dim=48)
+    with pytest.raises(NTIError, match=r"UNet cross_attention_dim 48 is not its text encoder's width 32"):
+        load_pipeline(folder, device="cpu")
+
+
+def test_an_sdxl_unet_whose_cross_attention_disagrees_with_both_encoders_is_refused(xl_folder, tmp_path):
+    folder = _copy(xl_folder, tmp_path)
+    _edit_json(folder / "text_encoder_2" / "config.json", hidden_size=40)
+    with pytest.raises(NTIError, match=r"UNet cross_attention_dim 48 is not its text encoders' widths 16 \+ 40"):
+        load_pipeline(folder, device="cpu")
+
+
+def _rebuild(folder, sub, cls, **changes):
+    """Replace a component by a randomly initialized one of its config with `changes` (consistent weights)."""
+    config = {k: v for k, v in json.loads((folder / sub / "config.json").read_text()).items() if not k.startswith("_")}
+    shutil.rmtree(folder / sub)
+    cls(**{**config, **changes}).save_pretrained(folder / sub)
+
+
+def test_a_vae_with_other_latent_channels_is_refused(sd_folder, tmp_path):
+    """A 16-channel VAE (SD3's kind) next to a 4-channel UNet loaded, then failed in the first UNet call."""
+    from diffusers import AutoencoderKL
+
+    folder = _copy(sd_folder, tmp_path)
+    _rebuild(folder, "vae", AutoencoderKL, latent_channels=16)
+    with pytest.raises(NTIError, match=r"its VAE makes 16-channel latents for a UNet of 4 input channels"):
+        load_pipeline(folder, device="cpu")
+
+
+@pytest.mark.parametrize("change, match", [
+    # Playground v2.5 (SDXL architecture): latents normalized per channel, an EDM noise schedule without betas
+    (("vae", "config.json", dict(latents_mean=[0.1] * 4, latents_std=[0.5] * 4)), "latents_mean"),
+    (("vae", "config.json", dict(shift_factor=0.1159)), "shift_factor"),
+    (("scheduler", "scheduler_config.json", dict(_class_name="EDMDPMSolverMultistepScheduler", sigma_data=0.5)),
+     "EDMDPMSolverMultistepScheduler"),
+    (("scheduler", "scheduler_config.json", dict(_class_name="FlowMatchEulerDiscreteScheduler", shift=3.0)),
+     "FlowMatchEulerDiscreteScheduler"),
+])
+def test_latent_normalization_and_non_ddpm_schedules_are_refused(sd_folder, tmp_path, change, match):
+    """The engine scales latents by scaling_factor alone and builds DDIM from the config's betas: a VAE that also
+    shifts or normalizes latents, or an EDM / flow-matching scheduler (no betas: DDIMScheduler.from_config fell back
+    to its default linear 1e-4..0.02), loaded and ran with silently wrong latents or noise levels."""
+    folder = _copy(sd_folder, tmp_path)
+    *parts, changes = change
+    _edit_json(folder.joinpath(*parts), **changes)
+    with pytest.raises(NTIError, match=rf"cannot be inverted by this engine: .*{match}"):
+        load_pipeline(folder, device="cpu")
+
+
+def test_null_latent_normalization_fields_are_fine(sd_folder, tiny_pipe, tmp_path):
+    """AutoencoderKL writes latents_mean/latents_std/shift_factor as null (SDXL's VAE config has them so)."""
+    folder = _copy(sd_folder, tmp_path)
+    _edit_json(folder / "vae" / "config.json", latents_mean=None, latents_std=None, shift_factor=None)
+    pipe = load_pipeline(folder, device="cpu")
+    z = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(unet_eps(pipe, z, 501, encode_prompts(pipe, ["a cat"])),
+                                   unet_eps(tiny_pipe, z, 501, encode_prompts(tiny_pipe, ["a cat"])))
+
+
+# --------------------------------------------------------------------------------- folders that are not SD pipelines
+
+@pytest.mark.parametrize("kind", ["sd3", "flux", "unet_component", "controlnet"])
+def test_folders_of_other_kinds_are_named_not_called_incomplete(sd_folder, tmp_path, kind):
+    """An SD3 or Flux folder (transformer/, no unet/), one component folder (the model's unet/ itself, a
+    ControlNet): each was refused as 'incomplete: missing unet/, ...', as if a download had been cut short."""
+    folder = tmp_path / kind
+    if kind in ("sd3", "flux"):
+        name = "StableDiffusion3Pipeline" if kind == "sd3" else "FluxPipeline"
+        (folder / "transformer").mkdir(parents=True)
+        (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": name,
+                                                             "transformer": ["diffusers", "SD3Transformer2DModel"]}))
+        match = rf"model_index.json names {name}, not .*StableDiffusionPipeline"
+    elif kind == "unet_component":
+        folder = sd_folder / "unet"
+        match = r"holds one UNet2DConditionModel \(a pipeline's component\), not a whole pipeline; pass the folder " \
+                r"that holds model_index.json, unet/, vae/"
+    else:
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 16)
+        match = r"holds one ControlNetModel"
+    with pytest.raises(NTIError, match=match):
+        load_pipeline(folder, device="cpu")
