@@ -202,6 +202,18 @@ def check_model_folder(path: Path) -> None:
                                                                 if weights else ""))
     if missing:
         raise NTIError(f"model folder {path} is incomplete: missing {', '.join(missing)}")
+    for sub in components:  # placeholders where weights belong: the libraries' own errors do not say what to do
+        for file in sorted((path / sub).iterdir()):
+            if file.suffix not in (".safetensors", ".bin") or not file.is_file() or file.stat().st_size > 1024:
+                continue
+            rel = file.relative_to(path).as_posix()
+            head = file.read_bytes()
+            if not head:
+                raise NTIError(f"model folder {path}: {rel} is empty (0 bytes: an interrupted download or copy?); "
+                               f"copy it again")
+            if head.startswith(b"version https://git-lfs"):
+                raise NTIError(f"model folder {path}: {rel} is a Git LFS pointer, not the weights (a git clone "
+                               f"without git-lfs); run `git lfs install && git lfs pull` in {path}")
 
 
 def _weight_forms(name: str) -> tuple[str, ...]:
@@ -263,6 +275,8 @@ def check_supported_model(path: Path) -> None:
         named = (f"text encoder's width {widths[0]}" if len(widths) == 1 else
                  f"text encoders' widths {' + '.join(map(str, widths))}")
         why.append(f"its UNet cross_attention_dim {width} is not its {named} (components of different models?)")
+    if not isinstance(unet.get("sample_size", 64), int):  # the engine's images and latents are square
+        why.append(f"its UNet sample_size {unet['sample_size']} is not square (one number)")
     channels = vae.get("latent_channels", 4)
     if unet and unet.get("in_channels", 4) == unet.get("out_channels", 4) != channels:
         why.append(f"its VAE makes {channels}-channel latents for a UNet of {unet.get('in_channels', 4)} input "

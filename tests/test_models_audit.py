@@ -250,3 +250,32 @@ def test_folders_of_other_kinds_are_named_not_called_incomplete(sd_folder, tmp_p
         match = r"holds one ControlNetModel"
     with pytest.raises(NTIError, match=match):
         load_pipeline(folder, device="cpu")
+
+
+LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize 492265879\n".format("0" * 64)
+
+
+@pytest.mark.parametrize("file, content, match", [
+    # a `git clone` of a hub repository without git-lfs: transformers said 'SafetensorError: Error while
+    # deserializing header: header too large'
+    ("text_encoder/model.safetensors", LFS_POINTER,
+     r"text_encoder/model.safetensors is a Git LFS pointer, not the weights \(a git clone without git-lfs\); run "
+     r"`git lfs install && git lfs pull` in "),
+    ("unet/diffusion_pytorch_model.safetensors", LFS_POINTER, r"unet/diffusion_pytorch_model.safetensors is a Git LFS"),
+    # an interrupted copy: 'OSError: Unable to load weights from checkpoint file for ...'
+    ("vae/diffusion_pytorch_model.safetensors", "", r"vae/diffusion_pytorch_model.safetensors is empty \(0 bytes: "
+                                                    r"an interrupted download or copy\?\); copy it again"),
+])
+def test_placeholder_weight_files_are_named_with_what_to_do(sd_folder, tmp_path, file, content, match):
+    folder = _copy(sd_folder, tmp_path)
+    (folder / file).write_text(content)
+    with pytest.raises(NTIError, match=match):
+        load_pipeline(folder, device="cpu")
+
+
+def test_a_non_square_unet_sample_size_is_refused(sd_folder, tmp_path):
+    """sample_size [16, 8] loaded (resolution [16, 8, 16, 8]) and failed in the image preparation with TypeError."""
+    folder = _copy(sd_folder, tmp_path)
+    _edit_json(folder / "unet" / "config.json", sample_size=[16, 8])
+    with pytest.raises(NTIError, match=r"its UNet sample_size \[16, 8\] is not square"):
+        load_pipeline(folder, device="cpu")
