@@ -146,8 +146,16 @@ def strict_fp32(fn):
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
     """A local diffusers folder, or a repo id found in the local Hugging Face cache. Never touches the network."""
-    path = Path(model).expanduser()
-    if path.exists():
+    try:
+        path = Path(model).expanduser()
+        exists = path.exists()
+    except RuntimeError:  # '~name' of no user on this machine
+        user = str(model).split("/")[0]
+        raise NTIError(f"--model {model}: there is no user {user[1:]} to expand {user}; give the folder's full "
+                       f"path") from None
+    except OSError as err:  # a name too long to look up, say
+        raise NTIError(f"--model {model}: {err.strerror or err}") from None
+    if exists:
         if not path.is_dir():
             single = path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin")
             raise NTIError(f"--model {model}: expected a diffusers folder (with unet/, vae/, text_encoder/, "

@@ -279,3 +279,15 @@ def test_a_non_square_unet_sample_size_is_refused(sd_folder, tmp_path):
     _edit_json(folder / "unet" / "config.json", sample_size=[16, 8])
     with pytest.raises(NTIError, match=r"its UNet sample_size \[16, 8\] is not square"):
         load_pipeline(folder, device="cpu")
+
+
+@pytest.mark.parametrize("model, match", [
+    # RuntimeError: Could not determine home directory (CLI: 'internal error')
+    ("~nti-no-such-user/models/sd", r"--model ~nti-no-such-user/models/sd: there is no user nti-no-such-user to "
+                                    r"expand ~nti-no-such-user"),
+    # OSError: [Errno 36] File name too long
+    ("m" * 300 + "/sd", r"--model m+/sd: File name too long"),
+])
+def test_unusable_model_paths_are_an_ntierror(model, match):
+    with pytest.raises(NTIError, match=match):
+        load_pipeline(model, device="cpu")
