@@ -272,6 +272,9 @@ def check_supported_model(path: Path) -> None:
         elif added != "text_time" or got != want:
             why.append(f"its SDXL conditioning does not add up (UNet addition_embed_type {added!r}, added input "
                        f"{want} wide, text_encoder_2 projection_dim {pooled} + {TIME_IDS} time ids = {got})")
+    if unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":  # loaded as one, it would be
+        # another model (an unconditional DDPM UNet) or lose what makes it one (AnimateDiff's motion modules)
+        why.append(f"its unet/ is a {unet['_class_name']}, not Stable Diffusion's UNet2DConditionModel")
     for name in ("class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
         if unet.get(name):
             why.append(f"its UNet has {name}={unet[name]!r} (a conditioning this engine does not feed)")

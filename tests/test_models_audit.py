@@ -291,3 +291,18 @@ def test_a_non_square_unet_sample_size_is_refused(sd_folder, tmp_path):
 def test_unusable_model_paths_are_an_ntierror(model, match):
     with pytest.raises(NTIError, match=match):
         load_pipeline(model, device="cpu")
+
+
+@pytest.mark.parametrize("unet_class", ["UNet2DModel", "UNetMotionModel", "UNetSpatioTemporalConditionModel"])
+def test_a_unet_of_another_class_is_refused_naming_it(sd_folder, tmp_path, unet_class):
+    """An unconditional DDPM folder (unet/ only) was 'incomplete: missing vae/, text_encoder/, ...'; AnimateDiff's
+    motion UNet loaded as a plain image UNet with its motion modules dropped."""
+    folder = _copy(sd_folder, tmp_path)
+    _edit_json(folder / "unet" / "config.json", _class_name=unet_class)
+    if unet_class == "UNet2DModel":
+        for sub in ("vae", "text_encoder", "tokenizer"):
+            shutil.rmtree(folder / sub)
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
+    with pytest.raises(NTIError, match=rf"cannot be inverted by this engine: its unet/ is a {unet_class}, not "
+                                       r"Stable Diffusion's UNet2DConditionModel"):
+        load_pipeline(folder, device="cpu")
