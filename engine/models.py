@@ -275,6 +275,13 @@ def check_supported_model(path: Path) -> None:
     if unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":  # loaded as one, it would be
         # another model (an unconditional DDPM UNet) or lose what makes it one (AnimateDiff's motion modules)
         why.append(f"its unet/ is a {unet['_class_name']}, not Stable Diffusion's UNet2DConditionModel")
+    if vae.get("_class_name", "AutoencoderKL") != "AutoencoderKL":  # the tiny, asymmetric, consistency decoders
+        why.append(f"its vae/ is a {vae['_class_name']}, not AutoencoderKL")
+    for name in ("text_encoder", "text_encoder_2"):  # AltDiffusion's XLM-R, T5: their weights do not fit CLIP's
+        encoder = _read_config(path, name, "config.json")
+        if encoder.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
+            kind = (encoder.get("architectures") or [encoder["model_type"]])[0]
+            why.append(f"its {name}/ is a {kind}, not CLIP's text model")
     for name in ("class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
         if unet.get(name):
             why.append(f"its UNet has {name}={unet[name]!r} (a conditioning this engine does not feed)")

@@ -306,3 +306,19 @@ def test_a_unet_of_another_class_is_refused_naming_it(sd_folder, tmp_path, unet_
     with pytest.raises(NTIError, match=rf"cannot be inverted by this engine: its unet/ is a {unet_class}, not "
                                        r"Stable Diffusion's UNet2DConditionModel"):
         load_pipeline(folder, device="cpu")
+
+
+@pytest.mark.parametrize("sub, changes, match", [
+    ("vae", dict(_class_name="AutoencoderTiny"), r"its vae/ is a AutoencoderTiny, not AutoencoderKL"),
+    ("text_encoder", dict(model_type="t5", architectures=["T5EncoderModel"]),
+     r"its text_encoder/ is a T5EncoderModel, not CLIP's text model"),
+    ("text_encoder", dict(model_type="roberta", architectures=["RobertaSeriesModelWithTransformation"]),
+     r"its text_encoder/ is a RobertaSeriesModelWithTransformation, not CLIP's text model"),
+])
+def test_other_vae_and_text_encoder_classes_are_refused_naming_them(sd_folder, tmp_path, sub, changes, match):
+    """Loaded as AutoencoderKL / CLIPTextModel, another class's weights read as tensors missing from an incomplete
+    file (or loaded into the wrong architecture): say what the component is instead."""
+    folder = _copy(sd_folder, tmp_path)
+    _edit_json(folder / sub / "config.json", **changes)
+    with pytest.raises(NTIError, match=rf"cannot be inverted by this engine: {match}"):
+        load_pipeline(folder, device="cpu")
