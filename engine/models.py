@@ -144,6 +144,11 @@ def strict_fp32(fn):
 
 # ------------------------------------------------------------------------------------------------------------ loading
 
+CONVERT_SINGLE_FILE = ("a single-file checkpoint must be converted once: diffusers' StableDiffusionPipeline"
+                       ".from_single_file(FILE, config=A_DIFFUSERS_FOLDER_OF_THE_SAME_KIND).save_pretrained(FOLDER), "
+                       "then --model FOLDER")
+
+
 def resolve_model_path(model: str | os.PathLike) -> Path:
     """A local diffusers folder, or a repo id found in the local Hugging Face cache. Never touches the network."""
     try:
@@ -160,9 +165,7 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
             single = path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin")
             raise NTIError(f"--model {model}: expected a diffusers folder (with unet/, vae/, text_encoder/, "
                            f"tokenizer/, scheduler/), got a file" + (
-                               "; a single-file checkpoint must be converted once: diffusers' StableDiffusionPipeline"
-                               ".from_single_file(FILE, config=A_DIFFUSERS_FOLDER_OF_THE_SAME_KIND).save_pretrained("
-                               "FOLDER), then --model FOLDER" if single else ""))
+                               "; " + CONVERT_SINGLE_FILE if single else ""))
         return path
     if str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
         try:
@@ -246,6 +249,10 @@ def check_supported_model(path: Path) -> None:
             raise NTIError(f"model folder {path} holds one {own} (a pipeline's component), not a whole pipeline; "
                            f"pass the folder that holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and "
                            f"scheduler/")
+        singles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".safetensors", ".ckpt"))
+        if singles and not index:  # a web UI's checkpoint folder
+            raise NTIError(f"model folder {path} holds single-file checkpoints ({', '.join(singles[:3])}"
+                           f"{', ...' if len(singles) > 3 else ''}), not a diffusers folder; {CONVERT_SINGLE_FILE}")
         pipeline = index.get("_class_name")
         if pipeline and pipeline not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
             raise NTIError(f"model folder {path} cannot be inverted by this engine: its model_index.json names "

@@ -322,3 +322,13 @@ def test_other_vae_and_text_encoder_classes_are_refused_naming_them(sd_folder, t
     _edit_json(folder / sub / "config.json", **changes)
     with pytest.raises(NTIError, match=rf"cannot be inverted by this engine: {match}"):
         load_pipeline(folder, device="cpu")
+
+
+def test_a_folder_of_single_file_checkpoints_is_named_with_how_to_convert(tmp_path):
+    """A web UI's checkpoint folder (v1-5-pruned-emaonly.safetensors, ...): was 'incomplete: missing unet/, vae/,
+    text_encoder/, tokenizer/, scheduler/'."""
+    for name in ("v1-5-pruned-emaonly.safetensors", "dreamshaper_8.ckpt"):
+        (tmp_path / name).write_bytes(b"\0" * 16)
+    with pytest.raises(NTIError, match=r"holds single-file checkpoints \(dreamshaper_8.ckpt, v1-5-pruned-emaonly"
+                                       r".safetensors\), not a diffusers folder; .*from_single_file\(FILE, "):
+        load_pipeline(tmp_path, device="cpu")
