@@ -332,3 +332,41 @@ def test_a_folder_of_single_file_checkpoints_is_named_with_how_to_convert(tmp_pa
     with pytest.raises(NTIError, match=r"holds single-file checkpoints \(dreamshaper_8.ckpt, v1-5-pruned-emaonly"
                                        r".safetensors\), not a diffusers folder; .*from_single_file\(FILE, "):
         load_pipeline(tmp_path, device="cpu")
+
+
+SD14_SCHEDULER = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.7.0.dev0", "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+                  "clip_sample": False}  # stable-diffusion-v1-4/scheduler/scheduler_config.json
+
+
+def test_sd14_layout_with_another_vae_scale_generates_as_stable_diffusion_pipeline(sd_folder, tmp_path):
+    """SD v1.4's own layout (a PNDM scheduler config, safety checker and feature extractor listed and present) with
+    a VAE scaling_factor of 0.5: the engine's DDIM from that config and its latent scaling give the images
+    StableDiffusionPipeline gives with DDIMScheduler.from_config of the folder's scheduler."""
+    import numpy as np
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    folder = _copy(sd_folder, tmp_path)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD14_SCHEDULER))
+    _edit_json(folder / "vae" / "config.json", scaling_factor=0.5)
+    _edit_json(folder / "model_index.json", scheduler=["diffusers", "PNDMScheduler"], requires_safety_checker=True,
+               safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+               feature_extractor=["transformers", "CLIPImageProcessor"])
+    for sub, name in (("safety_checker", "config.json"), ("feature_extractor", "preprocessor_config.json")):
+        (folder / sub).mkdir()
+        (folder / sub / name).write_text("{}")
+    pipe = load_pipeline(folder, device="cpu")
+    assert pipe.scaling_factor == 0.5
+    config = NTIConfig(steps=4, guidance=5.0, seed=3)
+    ours = np.asarray(nti.generate(pipe, "a cat", config, progress=False)[0], dtype=np.float32) / 255
+    theirs = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                     unet=pipe.unet, scheduler=DDIMScheduler.from_config(SD14_SCHEDULER),
+                                     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    z_T = torch.randn((1, *pipe.latent_shape), generator=torch.Generator().manual_seed(3))
+    image = theirs("a cat", latents=z_T, num_inference_steps=4, guidance_scale=5.0, height=32, width=32,
+                   output_type="np").images[0]
+    assert np.abs(ours - image).max() <= 1 / 255 + 1e-4
+    # and the latent scale is the folder's: with SD's 0.18215 the same latents decode to another image
+    assert np.abs(np.asarray(nti.generate(load_pipeline(sd_folder, device="cpu"), "a cat", config, progress=False)[0],
+                             dtype=np.float32) / 255 - image).max() > 0.05
