@@ -249,8 +249,11 @@ def check_supported_model(path: Path) -> None:
             raise NTIError(f"model folder {path} holds one {own} (a pipeline's component), not a whole pipeline; "
                            f"pass the folder that holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and "
                            f"scheduler/")
-        singles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".safetensors", ".ckpt"))
-        if singles and not index:  # a web UI's checkpoint folder
+        # a web UI's checkpoint folder: whole models are GBs (SD 1.5 pruned fp16: 2 GB), saved inversions and
+        # LoRAs are MBs
+        singles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".safetensors", ".ckpt")
+                         and p.is_file() and p.stat().st_size > 1 << 30)
+        if singles and not index:
             raise NTIError(f"model folder {path} holds single-file checkpoints ({', '.join(singles[:3])}"
                            f"{', ...' if len(singles) > 3 else ''}), not a diffusers folder; {CONVERT_SINGLE_FILE}")
         pipeline = index.get("_class_name")

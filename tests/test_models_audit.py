@@ -327,8 +327,12 @@ def test_other_vae_and_text_encoder_classes_are_refused_naming_them(sd_folder, t
 def test_a_folder_of_single_file_checkpoints_is_named_with_how_to_convert(tmp_path):
     """A web UI's checkpoint folder (v1-5-pruned-emaonly.safetensors, ...): was 'incomplete: missing unet/, vae/,
     text_encoder/, tokenizer/, scheduler/'."""
+    import os
+
     for name in ("v1-5-pruned-emaonly.safetensors", "dreamshaper_8.ckpt"):
-        (tmp_path / name).write_bytes(b"\0" * 16)
+        (tmp_path / name).touch()
+        os.truncate(tmp_path / name, 2 << 30)  # sparse: 2 GB as a checkpoint is, no disk used
+    (tmp_path / "inv.safetensors").write_bytes(b"\0" * 16)  # a saved inversion, not a checkpoint
     with pytest.raises(NTIError, match=r"holds single-file checkpoints \(dreamshaper_8.ckpt, v1-5-pruned-emaonly"
                                        r".safetensors\), not a diffusers folder; .*from_single_file\(FILE, "):
         load_pipeline(tmp_path, device="cpu")
