@@ -325,12 +325,28 @@ def check_supported_model(path: Path) -> None:
 def fingerprint_folder(path: Path) -> str:
     """Fast model identity: configs in full, weight files by size and their first and last MiB."""
     digest = hashlib.sha256()
+    components = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     # os.walk following links, not rglob: rglob does not descend into symlinked folders (a unet/ linked to a shared
-    # copy), whose weights then counted for nothing and two different models had one fingerprint
-    files = [Path(root, name) for root, _, names in os.walk(path, followlinks=True) for name in names]
+    # copy), whose weights then counted for nothing and two different models had one fingerprint. Only the component
+    # folders are walked (a link elsewhere in the folder may lead anywhere), each real folder once (a link to a
+    # folder above would loop until the path is too long)
+    files, seen = [], {os.path.realpath(path)}
+    for entry in sorted(path.iterdir()):
+        if not entry.name.startswith(components):
+            continue
+        if not entry.is_dir():
+            files.append(entry)
+            continue
+        for root, dirs, names in os.walk(entry, followlinks=True):
+            if os.path.realpath(root) in seen:
+                dirs.clear()
+                continue
+            seen.add(os.path.realpath(root))
+            dirs.sort()  # which of two links to one folder is walked must not depend on the listing's order
+            files += [Path(root, name) for name in names]
     for file in sorted(p for p in files if p.is_file() and not p.name.startswith(".")):
         rel = file.relative_to(path).as_posix()
-        if rel.startswith(("unet", "vae", "text_encoder", "tokenizer", "scheduler")):
+        if rel.startswith(components):
             digest.update(rel.encode())
             size = file.stat().st_size
             digest.update(str(size).encode())

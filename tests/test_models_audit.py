@@ -374,3 +374,11 @@ def test_sd14_layout_with_another_vae_scale_generates_as_stable_diffusion_pipeli
     # and the latent scale is the folder's: with SD's 0.18215 the same latents decode to another image
     assert np.abs(np.asarray(nti.generate(load_pipeline(sd_folder, device="cpu"), "a cat", config, progress=False)[0],
                              dtype=np.float32) / 255 - image).max() > 0.05
+
+
+def test_a_symlink_loop_in_a_model_folder_is_walked_once(sd_folder, tmp_path):
+    """Following symlinked folders, a link back up (unet/up -> ..) was walked until the path was too long: forty
+    nested copies of the model hashed into its fingerprint, seconds per load."""
+    folder = _copy(sd_folder, tmp_path)
+    (folder / "unet" / "up").symlink_to("..")
+    assert fingerprint_folder(folder) == fingerprint_folder(sd_folder)
