@@ -265,8 +265,9 @@ def check_supported_model(path: Path) -> None:
     vae = _read_config(path, "vae", "config.json")
     why = []
     added = unet.get("addition_embed_type")
-    refiner = index.get("requires_aesthetics_score") or (
-        (path / "text_encoder_2").is_dir() and not (path / "text_encoder").is_dir())
+    refiner = index.get("requires_aesthetics_score") or (  # an SDXL base folder without text_encoder/ is incomplete
+        (path / "text_encoder_2").is_dir() and not (path / "text_encoder").is_dir()
+        and index.get("_class_name") != "StableDiffusionXLPipeline")
     if refiner:
         why.append("it is an SDXL refiner (aesthetic-score conditioning, no first text encoder), which refines "
                    "images rather than generating them from text")

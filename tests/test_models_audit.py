@@ -382,3 +382,12 @@ def test_a_symlink_loop_in_a_model_folder_is_walked_once(sd_folder, tmp_path):
     folder = _copy(sd_folder, tmp_path)
     (folder / "unet" / "up").symlink_to("..")
     assert fingerprint_folder(folder) == fingerprint_folder(sd_folder)
+
+
+def test_an_sdxl_base_folder_without_its_first_text_encoder_is_incomplete_not_a_refiner(xl_folder, tmp_path):
+    """model_index.json says StableDiffusionXLPipeline (a refiner's says StableDiffusionXLImg2ImgPipeline and
+    requires_aesthetics_score): a missing text_encoder/ (a cut-short download) was called 'an SDXL refiner'."""
+    folder = _copy(xl_folder, tmp_path)
+    shutil.rmtree(folder / "text_encoder")
+    with pytest.raises(NTIError, match=r"is incomplete: missing text_encoder/$"):
+        load_pipeline(folder, device="cpu")
