@@ -391,3 +391,26 @@ def test_an_sdxl_base_folder_without_its_first_text_encoder_is_incomplete_not_a_
     shutil.rmtree(folder / "text_encoder")
     with pytest.raises(NTIError, match=r"is incomplete: missing text_encoder/$"):
         load_pipeline(folder, device="cpu")
+
+
+@pytest.mark.parametrize("offline", ["1", "0"])
+def test_a_repo_id_in_the_local_cache_loads_without_the_network(sd_folder, tmp_path, monkeypatch, offline):
+    """A repo id resolves to its snapshot in the local Hugging Face cache, HF_HUB_OFFLINE set or not, and nothing
+    opens a connection; one not cached says so."""
+    import socket
+
+    import huggingface_hub.constants
+
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--someone--sd-tiny"
+    shutil.copytree(sd_folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail(f"a connection was opened: {a}"))
+    pipe = load_pipeline("someone/sd-tiny", device="cpu")
+    assert pipe.name == "someone/sd-tiny" and pipe.fingerprint == fingerprint_folder(sd_folder)
+    with pytest.raises(NTIError, match="'someone/other' is not in the local Hugging Face cache and nothing is "
+                                       "downloaded here"):
+        load_pipeline("someone/other", device="cpu")
