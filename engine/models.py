@@ -433,12 +433,12 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
         unet = _load_weights(UNet2DConditionModel, path, "unet", dtype)
         vae = _load_weights(AutoencoderKL, path, "vae", dtype)
         text_encoder = _load_weights(CLIPTextModel, path, "text_encoder", dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+        tokenizer = _load_part(path, "tokenizer", CLIPTokenizer.from_pretrained, local_files_only=True)
         second = {}
         if is_xl_folder(path):
             second = dict(
                 text_encoder_2=_load_weights(CLIPTextModelWithProjection, path, "text_encoder_2", dtype),
-                tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True))
+                tokenizer_2=_load_part(path, "tokenizer_2", CLIPTokenizer.from_pretrained, local_files_only=True))
         scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     except NTIError:
         raise
@@ -496,12 +496,22 @@ def check_seed(seed) -> None:
         raise NTIError(f"seed must be an integer; got {seed!r}")
 
 
+def _load_part(path: Path, sub: str, from_pretrained, **kw):
+    """from_pretrained(path, subfolder=sub, **kw); the libraries' errors (corrupt weights, a truncated json, another
+    architecture's shapes) as an NTIError that names the component folder, the cause kept."""
+    try:
+        return from_pretrained(path, subfolder=sub, **kw)
+    except Exception as err:
+        raise NTIError(f"could not load the model in {path}: its {sub}/ failed to load ({type(err).__name__}: "
+                       f"{err}); copy or download {sub}/ again") from err
+
+
 def _load_weights(cls, path: Path, sub: str, dtype: torch.dtype):
     """One component's model from its subfolder, every tensor read from the folder's weights. A weight file that lacks
     some is refused: from_pretrained only warns, and transformers initializes those at random (a silently wrong
     text encoder) while diffusers leaves them on the meta device (NotImplementedError at the first .to())."""
-    model, info = cls.from_pretrained(path, subfolder=sub, local_files_only=True, torch_dtype=dtype,
-                                      output_loading_info=True, **_variant(path / sub))
+    model, info = _load_part(path, sub, cls.from_pretrained, local_files_only=True, torch_dtype=dtype,
+                             output_loading_info=True, **_variant(path / sub))
     missing = sorted(info["missing_keys"])
     if missing:
         raise NTIError(f"model folder {path}: its {sub}/ weights lack {len(missing)} of the model's tensors "

@@ -414,3 +414,15 @@ def test_a_repo_id_in_the_local_cache_loads_without_the_network(sd_folder, tmp_p
     with pytest.raises(NTIError, match="'someone/other' is not in the local Hugging Face cache and nothing is "
                                        "downloaded here"):
         load_pipeline("someone/other", device="cpu")
+
+
+@pytest.mark.parametrize("file", ["tokenizer/tokenizer_config.json", "text_encoder/model.safetensors"])
+def test_a_component_that_fails_to_load_is_named(sd_folder, tmp_path, file):
+    """'could not load the model in FOLDER: JSONDecodeError: Unterminated string starting at: line 3 column 16' did
+    not say which of the folder's files to replace."""
+    folder = _copy(sd_folder, tmp_path)
+    (folder / file).write_text((folder / file).read_text(errors="replace")[:50])
+    part = file.split("/")[0]
+    with pytest.raises(NTIError, match=rf"could not load the model in .*: its {part}/ failed to load \(\w+Error: .*"
+                                       rf"\); copy or download {part}/ again"):
+        load_pipeline(folder, device="cpu")
