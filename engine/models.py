@@ -231,7 +231,7 @@ def _weight_forms(name: str) -> tuple[str, ...]:
     """The files from_pretrained reads a weight file's tensors from: the file, its fp16 variant, or the index json of
     its shards (save_pretrained shards a component past max_shard_size: SDXL's fp32 UNet is 10.3 GB, diffusers'
     default 10 GB), e.g. model.safetensors, model.fp16.safetensors, model.safetensors.index(.fp16).json."""
-    stem, dot, ext = name.rpartition(".")
+    stem, _, ext = name.rpartition(".")
     if ext not in ("safetensors", "bin"):
         return (name,)
     return name, f"{stem}.fp16.{ext}", f"{name}.index.json", f"{name}.index.fp16.json"
@@ -249,6 +249,13 @@ def check_supported_model(path: Path) -> None:
             raise NTIError(f"model folder {path} holds one {own} (a pipeline's component), not a whole pipeline; "
                            f"pass the folder that holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and "
                            f"scheduler/")
+        snapshots = sorted(p for p in (path / "snapshots").glob("*") if p.is_dir())
+        if path.name.startswith("models--") and snapshots:  # the HF cache's folder of a repo, not a model folder
+            repo = path.name[len("models--"):].replace("--", "/", 1)
+            main = path / "refs" / "main"
+            main = path / "snapshots" / main.read_text().strip() if main.is_file() else None
+            raise NTIError(f"model folder {path} is a Hugging Face cache entry; pass its repo id {repo} (from this "
+                           f"cache) or its snapshot folder {main if main in snapshots else snapshots[-1]}")
         # a web UI's checkpoint folder: whole models are GBs (SD 1.5 pruned fp16: 2 GB), saved inversions and
         # LoRAs are MBs
         singles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".safetensors", ".ckpt")

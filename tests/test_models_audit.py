@@ -426,3 +426,15 @@ def test_a_component_that_fails_to_load_is_named(sd_folder, tmp_path, file):
     with pytest.raises(NTIError, match=rf"could not load the model in .*: its {part}/ failed to load \(\w+Error: .*"
                                        rf"\); copy or download {part}/ again"):
         load_pipeline(folder, device="cpu")
+
+
+def test_a_hugging_face_cache_entry_is_named_with_its_repo_id(sd_folder, tmp_path):
+    """~/.cache/huggingface/hub/models--org--name itself (its files are under snapshots/HASH/): was 'incomplete:
+    missing unet/, vae/, text_encoder/, tokenizer/, scheduler/'."""
+    entry = tmp_path / "models--someone--sd-tiny"
+    shutil.copytree(sd_folder, entry / "snapshots" / ("0" * 40))
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("0" * 40)
+    with pytest.raises(NTIError, match=r"is a Hugging Face cache entry; pass its repo id someone/sd-tiny \(from "
+                                       r"this cache\) or its snapshot folder .*snapshots/0{40}"):
+        load_pipeline(entry, device="cpu")
