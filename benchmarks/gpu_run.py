@@ -29,15 +29,17 @@ Budget. All stages take about 670 s on an H200, more than one command's 480 s (m
 +10, profile 50, sdxl 100-130, passes 40; the half-norms rows, which replace the autocast-over-fp32-weights rows
 measured then: +7 b1, +12 b16, +5 ddim, +10 parity; the gradient-checkpointing parity rows +10). STAGES therefore
 runs the figures the issue asks for first (parity; s/image and peak memory at b1, b16 and DDIM; compile time), then
-the profile (where the GPU time goes), then the cheap kernels and ops (about 540 s so far). A stage starts only with
-half its allowance left (at least 30 s, or all of it if less): sdxl then is skipped instead of timing out, and
-passes uses the rest. The driver ends by printing the command for what it skipped or lost to a timeout, with env
-again so that file names its device, e.g.
+the profile (where the GPU time goes), then compile at batch 1 and the whole-UNet compile (added after the H200
+run; their compile times are unknown, so their allowances, 360 and 240 s, are guesses), then the cheap kernels and
+ops (about 540 s before the compile stages). A stage starts only with half its allowance left (at least 30 s, or
+all of it if less): sdxl then is skipped instead of timing out, and passes uses the rest. The driver ends by
+printing the command for what it skipped or lost to a timeout, with env again so that file names its device, e.g.
 
     PYTHONPATH=/tmp/site python3 -m nti.benchmarks.gpu_run --out $OUT/run2 --stages env,sdxl --budget 175
 
-Run it, after the same pip install line, on the same warm machine (a session's 15 device minutes hold both: start
-~1.5, first command 8, second 3-4), then join the two folders here and summarize them together:
+Run it, after the same pip install line, on the same warm machine (a session's 15 device minutes: start ~1.5,
+first command 8, so give the second a --budget of what is left, about 240 s; its stages run in STAGES order, the
+compile stages first), then join the two folders here and summarize them together:
 
     mkdir both && cat run/gpu_run.jsonl run2/gpu_run.jsonl > both/gpu_run.jsonl && \
         python -m nti.benchmarks.gpu_run --summarize both
@@ -76,12 +78,17 @@ STAGES = {  # name -> (seconds allowed on a GPU, what it measures); run in this 
     "ddim_b16": (60, "DDIM inversion + edit, batch 16"),
     "compile": (180, "regional torch.compile + CUDA graphs, batch 16"),  # took 148 s on the H200
     "profile": (75, "GPU-busy vs wall time of one outer step, by kernel class, and the top kernels"),
+    # batch 1 is bound by its ~40k kernels per outer step even under CUDA graphs (H200 profile): fusion is what is
+    # left, and regional compile leaves the ResNet blocks and the norms around the transformer blocks eager
+    "compile_b1": (360, "torch.compile + CUDA graphs, one image: the whole UNet (also channels_last), the blocks"),
+    "compile_unet": (240, "whole-UNet torch.compile + CUDA graphs, batch 16"),
     "kernels": (40, "fused Triton DDIM ops vs torch"),
     "ops": (40, "aten ops and bytes saved for backward per inner iteration (device-independent)"),
     "sdxl": (130, "SDXL-shaped null-text inversion + edit at 1024 px, the largest batch that fits"),
     "passes": (60, "UNet passes per image (shapes model, device-independent: last, as CPU runs measure it too)"),
 }
-GOALS = {"nti_b1": 6.0, "nti_b16": 2.0, "ddim_b16": 0.25}  # s/image at 50 steps (issue 13)
+GOALS = {"nti_b1": 6.0, "nti_b16": 2.0, "ddim_b16": 0.25,  # s/image at 50 steps (issue 13)
+         "compile": 2.0, "compile_b1": 6.0, "compile_unet": 2.0}
 SDXL_BATCH = 8  # first try of the sdxl stage, halved on out-of-memory (docs/sdxl-memory.md: the 80 GB plan)
 
 
@@ -167,7 +174,7 @@ def timing_row(st: Stage, stage: str, variant: str, config, n: int, flops: tuple
     row = {"variant": variant, "method": config.method, "batch": n, "precision": config.precision,
            "backend": config.backend, "half_weights": config.half_weights, "half_norms": config.half_norms,
            "cuda_graphs": config.cuda_graphs, "channels_last": config.channels_last,
-           "compile": config.compile, "gradient_checkpointing": config.gradient_checkpointing,
+           "compile": config.compile and config.compile_scope, "gradient_checkpointing": config.gradient_checkpointing,
            "early_stop": config.early_stop, "steps": steps,
            "inner_steps": config.inner_steps,
            "s_per_image": total / n, "s_per_image_50_steps": total / n * scale,
@@ -300,7 +307,10 @@ def stage_parity(st: Stage) -> None:
         st.emit("parity", **row)
 
 
-def _waterfall(st: Stage, stage: str, rows: list, n: int, method: str = "null-text", reference: bool = False):
+def _waterfall(st: Stage, stage: str, rows: list, n: int, method: str = "null-text", reference: bool = False,
+               after=None):
+    """Timing rows, one per (name, config changes), each emitted as it is measured; `reference`: first the eager
+    fp32 reference at batch 1, for the rows' parity; `after(name, config)` runs after each row."""
     from nti import NTIConfig
 
     pipe = st.model()
@@ -314,6 +324,8 @@ def _waterfall(st: Stage, stage: str, rows: list, n: int, method: str = "null-te
         config = base.replace(backend="fast", batch_size=n, precision="bf16", **changes)
         try:
             timing_row(st, stage, name, config, n, flops, ref if n == 1 else None)
+            if after is not None:
+                after(name, config)
         except Exception as err:
             st.emit(stage, variant=name, error=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-1500:])
 
@@ -392,11 +404,59 @@ def stage_sdxl(st: Stage) -> None:
                     error=f"{type(err).__name__}: {err}"[:500])
 
 
-def stage_compile(st: Stage) -> None:
+def _compiled_waterfall(st: Stage, stage: str, rows: list, n: int) -> None:
+    """Compile rows on a GPU, each followed by its gradient check (compiled_grad_rel); at batch 1 with the fp32
+    reference's parity too. On CPU (--quick) each row's settings are only checked: inductor takes minutes here, and
+    tests/test_fast.py runs both compile scopes on CPU (traced by dynamo) instead."""
     if not st.cuda:
-        st.emit("compile", skipped="CPU: tests/test_fast.py compiles on CPU instead (inductor here takes minutes)")
+        from nti import NTIConfig
+        for _, changes in rows:
+            NTIConfig(backend="fast", **changes)
+        st.emit(stage, skipped="CPU: tests/test_fast.py compiles on CPU instead (inductor here takes minutes)")
         return
-    _waterfall(st, "compile", [("regional compile + CUDA graphs", {"compile": True, "cuda_graphs": True})], st.big)
+
+    def grad_check(name, config):
+        st.emit(stage, variant=name, batch=n, grad_vs_eager_rel=compiled_grad_rel(st, config, n))
+    _waterfall(st, stage, rows, n, reference=n == 1, after=grad_check)
+
+
+def compiled_grad_rel(st: Stage, config, n: int) -> float:
+    """Relative difference of one inner iteration's gradient w.r.t. the null embedding, compiled as `config` says vs
+    eager: same UNet copy, inputs and precision. bf16 rounding alone gives about 1e-2; a compiler that drops a path
+    gives ~1 (tools/inductor_layout_grad_repro.py: zero gradients through an SD up block on torch 2.13, CPU)."""
+    from nti.api import null_embedding
+    from nti.runner import UNetRunner
+
+    pipe = st.model()
+    side = pipe.unet.config.sample_size
+    torch.manual_seed(0)
+    z = torch.randn(n, pipe.unet.config.in_channels, side, side, device=st.device)
+    grads = []
+    for compiled in (False, True):
+        runner = UNetRunner(pipe, config.replace(compile=compiled, cuda_graphs=False))
+        context = null_embedding(pipe).expand(n, -1, -1).clone().requires_grad_(True)
+        out = runner.eps(z, 981, context)
+        grads.append(torch.autograd.grad(out.float().square().mean(), context)[0])
+    return rel(grads[1], grads[0])
+
+
+def stage_compile(st: Stage) -> None:
+    _compiled_waterfall(st, "compile", [("regional compile + CUDA graphs", {"compile": True, "cuda_graphs": True})],
+                        st.big)
+
+
+def stage_compile_b1(st: Stage) -> None:
+    graphs = {"compile": True, "cuda_graphs": True}
+    whole = {**graphs, "compile_scope": "unet"}
+    _compiled_waterfall(st, "compile_b1", [("whole-UNet compile + CUDA graphs", whole),
+                                           ("whole-UNet compile + CUDA graphs, channels_last",
+                                            {**whole, "channels_last": True}),
+                                           ("regional compile + CUDA graphs", graphs)], 1)
+
+
+def stage_compile_unet(st: Stage) -> None:
+    _compiled_waterfall(st, "compile_unet", [("whole-UNet compile + CUDA graphs",
+                                              {"compile": True, "cuda_graphs": True, "compile_scope": "unet"})], st.big)
 
 
 def stage_kernels(st: Stage) -> None:
@@ -855,6 +915,9 @@ def summarize(out: Path) -> str:
                          f"({r['forward_casts']} casts), {r['backward_ops']} "
                          f"backward, {r['saved_for_backward_gib']:.2f} GiB saved for backward besides the weights"
                          f"{moved} ({r['latent_side']}x{r['latent_side']} latent)")
+        if "grad_vs_eager_rel" in r:
+            lines.append(f"- {r['stage']} {r['variant']} (batch {r['batch']}): one inner iteration's gradient vs "
+                         f"eager {r['grad_vs_eager_rel']:.1e}")
         if r["stage"] == "passes" and "unet_forward_per_image" in r:
             lines.append(f"- UNet passes per image, {r['backend']}, early stop {'on' if r['early_stop'] else 'off'}: "
                          f"{r['unet_forward_per_image']:.0f} forward, {r['unet_backward_per_image']:.0f} backward "

@@ -24,6 +24,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 BACKENDS = ("reference", "fast")
 ATTENTION = ("sdpa", "xformers", "plain")
 FORWARD_BACKENDS = ("torch", "onnx", "aoti", "tensorrt")
+COMPILE_SCOPES = ("blocks", "unet")
 
 
 ALGORITHM, EDITING, SPEED = "algorithm", "editing", "speed"
@@ -161,9 +162,18 @@ class NTIConfig:
     attention: str = setting("sdpa", SPEED, choices=ATTENTION)
     """Attention kernel: torch SDPA (default), xformers where it imports, or plain matmul-softmax."""
     compile: bool = setting(False, SPEED)
-    """torch.compile (fullgraph, static shapes) of the UNet's repeated transformer blocks (regional). The first call
+    """torch.compile (fullgraph, static shapes) of the UNet, as much of it as compile_scope says. The first call
     of each shape pays the compile time. A compile failure (graph break, dynamo's recompile limit) is reported with
     a warning and that UNet runs eager from then on. NTI_DISABLE_COMPILE=1 turns it off."""
+    compile_scope: str = setting("blocks", SPEED, choices=COMPILE_SCOPES)
+    """What compile compiles. 'blocks': each repeated transformer block (regional; SD v1.4 has 4 block shapes, so
+    it compiles in about two minutes on an H200 at batch 16), which leaves the ResNet blocks, the norms and
+    projections around the blocks eager: about 44% of a forward's aten ops, one kernel each. 'unet': the whole
+    UNet as one graph per batch size and grad mode, so inductor fuses those as well and picks the convolutions'
+    memory layout; costs a longer first call (a whole SD v1.4 UNet's forward + backward took 216 s to compile on an
+    H100). Same arithmetic either way: parity as eager's (tests/test_fast.py). 'unet' compiles with inductor's
+    layout optimization off: on torch 2.13 it zeroed the gradient through SD's up blocks
+    (tools/inductor_layout_grad_repro.py); NTI_INDUCTOR_LAYOUT_OPT=1 turns it back on. Ignored without compile."""
     cuda_graphs: bool = setting(False, SPEED)
     """Capture whole calls as CUDA graphs (CUDA only; ignored with a warning elsewhere): each forward-only UNet call
     per batch size, and each inner iteration (UNet forward + backward, loss, Adam) per bucket size. Captured once

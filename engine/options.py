@@ -124,4 +124,6 @@ def config_from_args(args, device) -> NTIConfig:
         if ignored:
             log.warning(f"{', '.join(ignored)} act on the fast backend only; the reference backend ignores them "
                         f"(add --backend fast)")
+    elif config.compile_scope != "blocks" and not config.compile:
+        log.warning(f"--compile-scope {config.compile_scope} acts with --compile only; running the UNet eager")
     return config

@@ -37,6 +37,11 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 RECOMPILE_LIMIT = 256
 # dynamo backend of --compile; "eager" or "aot_eager" trace with dynamo but skip inductor's codegen (the CPU tests)
 COMPILE_BACKEND = os.environ.get("NTI_COMPILE_BACKEND", "inductor")
+# inductor's layout optimization (convolutions in channels_last, chosen inside the graph) gave an all-zero gradient
+# for the context through an SD up block on torch 2.13 (CPU): ResnetBlock2D's `/ output_scale_factor` (1.0), then
+# Upsample2D's interpolate and conv (tools/inductor_layout_grad_repro.py). Off for whole-UNet graphs unless
+# NTI_INDUCTOR_LAYOUT_OPT=1, to measure it where it is right (gpu_run's compile rows check the gradient).
+INDUCTOR_OPTIONS = {} if os.environ.get("NTI_INDUCTOR_LAYOUT_OPT") == "1" else {"layout_optimization": False}
 GRAPH_WARMUP = 2  # eager runs on a side stream before capture: compile, autotune, cuBLAS/cuDNN plans, allocator
 
 
@@ -57,25 +62,29 @@ class PreparedUNet:
     module: nn.Module
     autocast: torch.dtype | None  # run it under autocast to this dtype (None: no autocast)
     input_dtype: torch.dtype | None = None  # half_norms: cast z and the context to the module's dtype at its entry
-    compiled_calls: dict = field(default_factory=dict)  # block -> its torch.compile wrapper (made once, reused)
+    compiled_calls: dict = field(default_factory=dict)  # block or UNet -> its torch.compile wrapper (made once)
     graphs: dict = field(default_factory=dict)  # (kind, batch, switches...) -> captured call
     compile_failed: str | None = None  # why compile was turned off for this module, if it was
 
-    def set_compiled(self, on: bool) -> None:
-        """Regional compilation: torch.compile (fullgraph, static shapes) of each repeated transformer block."""
+    def set_compiled(self, on: bool, scope: str = "blocks") -> None:
+        """torch.compile (fullgraph, static shapes) of each repeated transformer block (scope 'blocks': regional
+        compilation) or of the whole UNet as one graph (scope 'unet'); on=False runs it all eager again."""
         blocks = [m for m in self.module.modules()
                   if type(m).__name__ in getattr(self.module, "_repeated_blocks", ())]
-        if on and not self.compiled_calls:
+        targets = ([self.module] if scope == "unet" else blocks) if on else []
+        if targets:
             config = torch._dynamo.config  # the limits' names before torch 2.7: cache_size_limit, accumulated_...
             for name, limit in (("recompile_limit", RECOMPILE_LIMIT), ("accumulated_recompile_limit",
                                                                        4 * RECOMPILE_LIMIT)):
                 name = name if hasattr(config, name) else name.replace("recompile_limit", "cache_size_limit")
                 setattr(config, name, max(getattr(config, name), limit))
-            for block in blocks:  # fullgraph: a graph break or the recompile limit raises instead of going eager
-                self.compiled_calls[block] = torch.compile(block._call_impl, backend=COMPILE_BACKEND, dynamic=False,
-                                                            fullgraph=True)
-        for block in blocks:
-            block._compiled_call_impl = self.compiled_calls.get(block) if on else None
+        for module in targets:  # fullgraph: a graph break or the recompile limit raises instead of going eager
+            if module not in self.compiled_calls:
+                options = INDUCTOR_OPTIONS if COMPILE_BACKEND == "inductor" and module is self.module else None
+                self.compiled_calls[module] = torch.compile(module._call_impl, backend=COMPILE_BACKEND,
+                                                            dynamic=False, fullgraph=True, options=options or None)
+        for module in [self.module, *blocks]:  # one scope at a time: never a compiled block inside a compiled UNet
+            module._compiled_call_impl = self.compiled_calls[module] if module in targets else None
 
 
 def _copy_unet(unet: nn.Module, dtype: torch.dtype | None, channels_last: bool, everything: bool = False) -> nn.Module:
@@ -213,7 +222,7 @@ class UNetRunner:
             warnings.warn(f"torch.compile failed earlier on this model ({self.prepared.compile_failed}); running eager")
             compile_ = False
         self.compiled = compile_
-        self.prepared.set_compiled(compile_)
+        self.prepared.set_compiled(compile_, config.compile_scope)
         self.forward_fn = None
         if config.forward_backend != "torch":
             from nti.export import load_forward_backend  # built once, cached on disk under a model/shape/precision key
@@ -224,7 +233,7 @@ class UNetRunner:
 
     def key(self, kind: str, n: int, *extra) -> tuple:
         """Graph cache key: a graph is valid only for the kernels it recorded."""
-        return (kind, n, self.attention, self.compiled, *extra)
+        return (kind, n, self.attention, self.compiled and self.config.compile_scope, *extra)
 
     def fp32(self) -> "UNetRunner":
         """The full-precision eager runner, for steps redone after a non-finite half-precision result."""

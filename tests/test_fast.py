@@ -415,6 +415,57 @@ def test_regional_compile_stays_compiled_through_buckets(dynamo_pipe):
     assert len({tuple(inv.iterations) for inv in invs}) > 1  # images really stopped at different iterations
 
 
+def test_whole_unet_compile_stays_compiled_and_switches_scope(dynamo_pipe):
+    """--compile-scope unet: the UNet is one compiled graph per bucket and grad mode (no block compiled inside it),
+    with the reference's early-stop decisions and embeddings; a later blocks-scope run on the same UNet copy
+    compiles the blocks and runs the UNet itself eager again."""
+    pipe = dynamo_pipe
+    config = BASE.replace(backend="fast", compile=True, compile_scope="unet", early_stop_eps=0.1, steps=6,
+                          batch_size=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        invs = nti.invert(pipe, IMAGES, PROMPTS, config, progress=False)
+    assert not [w for w in caught if "eager" in str(w.message) or "compile" in str(w.message)]
+    stats, breaks = _compile_counters()
+    assert breaks == 0 and stats["unique_graphs"] >= 3  # buckets 4 and 2 with grad, 4 without
+    prepared = next(iter(pipe.fast_unets.values()))
+    blocks = [m for m in prepared.module.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert prepared.compile_failed is None and prepared.module._compiled_call_impl is not None
+    assert all(block._compiled_call_impl is None for block in blocks)
+    ref = nti.invert(pipe, IMAGES, PROMPTS, config.replace(backend="reference", compile=False), progress=False)
+    for f, r in zip(invs, ref):
+        assert f.iterations == r.iterations
+        assert rel_err(f.null_embeddings, r.null_embeddings) < 5e-4
+    assert len({tuple(inv.iterations) for inv in invs}) > 1
+    nti.invert(pipe, IMAGES[:1], PROMPTS[:1], config.replace(compile_scope="blocks", steps=2), progress=False)
+    assert prepared.module._compiled_call_impl is None
+    assert all(block._compiled_call_impl is not None for block in blocks)
+
+
+def test_compile_scope_without_compile_says_it_runs_eager(tmp_path, capsys):
+    from nti.cli import main
+    code = main(["reconstruct", "engine/assets/scenes/scene0.png", "--prompt", "a yellow triangle on a gray background",
+                 "--backend", "fast", "--compile-scope", "unet", "--steps", "2", "--out", str(tmp_path / "r.png")])
+    assert code == 0 and (tmp_path / "r.png").is_file()
+    assert "--compile-scope unet acts with --compile only; running the UNet eager" in capsys.readouterr().err
+
+
+def test_whole_unet_compile_keeps_inductors_layout_optimization_off(tiny_pipe, monkeypatch):
+    """inductor's layout optimization zeroed the gradient through an SD up block (torch 2.13, CPU:
+    tools/inductor_layout_grad_repro.py), so the whole-UNet graph is compiled without it; blocks have no conv."""
+    import nti.runner as runner
+    made = []
+    monkeypatch.setattr(runner, "COMPILE_BACKEND", "inductor")
+    monkeypatch.setattr(runner.torch, "compile", lambda fn, **kw: made.append(kw["options"]) or fn)
+    prepared = runner.prepared_unet(tiny_pipe, BASE.replace(backend="fast"))
+    prepared.compiled_calls.clear()
+    prepared.set_compiled(True, "unet")
+    prepared.set_compiled(True, "blocks")
+    prepared.set_compiled(False)
+    prepared.compiled_calls.clear()
+    assert made[0] == {"layout_optimization": False} and all(options is None for options in made[1:]) and made[1:]
+
+
 def test_regional_compile_runs_inside_gradient_checkpointing(dynamo_pipe):
     """--compile with --gradient-checkpointing: diffusers calls the compiled transformer blocks through
     torch.utils.checkpoint; dynamo traces them there without a graph break or an eager fallback, and the embeddings
