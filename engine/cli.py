@@ -132,6 +132,12 @@ def main(argv=None) -> int:
         print("nti: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     setup_logging(args.quiet)
+    previous_term = None
+    if args.command != "serve" and threading.current_thread() is threading.main_thread():
+        # SIGTERM (`kill`, a scheduler's or a container's stop) is an interruption as Ctrl-C is: the file being
+        # written is cleaned up, the finished ones stay and the same command resumes (exit 130); its default action
+        # killed nti on the spot and left that file's temp file behind. `nti serve` drains on SIGTERM itself
+        previous_term = signal.signal(signal.SIGTERM, interrupt)
     if not args.debug:  # library chatter (diffusers/transformers loading notices) would bury our one line
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -157,6 +163,14 @@ def main(argv=None) -> int:
         print(f"nti: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if previous_term is not None:  # main() called by a process that goes on (a script, the tests)
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+def interrupt(signum, frame):
+    """SIGTERM's handler in main(): a KeyboardInterrupt, as Ctrl-C's."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

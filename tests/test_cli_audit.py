@@ -1,0 +1,106 @@
+"""The `nti` command over long runs: interrupted (Ctrl-C, SIGTERM) and resumed, a full disk, a rerun under other
+settings; never a lost, half-written or silently reused file. Runs the built-in shapes model on its bundled scenes
+(3 steps), in a child process where a real signal is sent."""
+import csv
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from nti.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK
+from nti.outputs import recorded_request
+
+from tests.test_bad_input import error_line, run_cli
+
+SCENES = Path(__file__).resolve().parents[1] / "engine" / "assets" / "scenes"
+FAST = ["--steps", "3", "--inner-steps", "2", "--device", "cpu"]
+
+
+@pytest.fixture
+def jobs(tmp_path) -> Path:
+    """A JSONL of three scene edits (the bundled prompts), its images named by absolute path."""
+    records = [json.loads(line) for line in (SCENES / "prompts.jsonl").read_text().splitlines()[0:6:2]]
+    records = [{"id": r["id"], "image": str(SCENES / r["image"]), "source_prompt": r["source_prompt"],
+                "target_prompt": r["target_prompt"]} for r in records]
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def contents(folder: Path) -> dict:
+    """Every file under folder (hidden ones, such as a left-over temp file, included), by name."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def child(argv, prelude: str = "", **kwargs) -> subprocess.Popen:
+    """`nti ARGV` in a fresh Python process, after `prelude` (a patch) has run."""
+    code = prelude + "\nimport sys\nfrom nti.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, argv)], text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------ SIGTERM
+
+def test_sigterm_while_an_output_is_written_leaves_no_temp_file_and_the_same_command_finishes(jobs, tmp_path,
+                                                                                              capsys):
+    """SIGTERM (`kill`, a scheduler's or a container's stop) killed nti on the spot (exit -15, no message): the
+    `.NAME.xxxx.part` file being written stayed in --out for good. It is an interruption as Ctrl-C is."""
+    out = tmp_path / "out"
+    argv = ["edit", jobs, *FAST, "--out", out]
+    # the second output's temp file is half-written when the signal arrives
+    prelude = textwrap.dedent("""
+        import os, signal
+        from PIL import Image
+        real, temps = Image.Image.save, []
+        def save(self, fp, *args, **kwargs):
+            if str(fp).endswith(".part"):
+                temps.append(fp)
+                if len(temps) == 2:
+                    open(fp, "wb").write(b"half a png")
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return real(self, fp, *args, **kwargs)
+        Image.Image.save = save
+    """)
+    proc = child(argv, prelude)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    assert "Traceback" not in stderr and stderr.rstrip().endswith("nti: interrupted")
+    assert "1 of 3 outputs were written before the interruption" in stderr
+    assert list(contents(out)) == ["scene0-colour.png"] and stdout.split() == [str(out / "scene0-colour.png")]
+
+    code, stdout, err = run_cli([*argv, "--quiet"], capsys)  # the same command: the other two only
+    assert code == EXIT_OK, err
+    assert run_cli(["edit", jobs, *FAST, "--quiet", "--out", tmp_path / "whole"], capsys)[0] == EXIT_OK
+    assert contents(out) == contents(tmp_path / "whole")
+
+
+def test_sigterm_from_outside_mid_batch_exits_130_and_keeps_only_whole_outputs(jobs, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["edit", jobs, "--steps", "6", "--inner-steps", "3", "--device", "cpu", "--out", out]
+    proc = child(argv)
+    deadline = time.monotonic() + 240
+    while not (out.is_dir() and any(p.suffix == ".png" for p in out.iterdir())) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED and "Traceback" not in stderr, stderr
+    assert stderr.rstrip().endswith("nti: interrupted")
+    made = contents(out)
+    assert 1 <= len(made) < 3 and all(not name.startswith(".") for name in made)
+    for path in out.iterdir():  # whole, and recorded as this request's
+        with Image.open(path) as img:
+            img.load()
+        assert recorded_request(path) is not None
+    code, _, err = run_cli([*argv, "--quiet"], capsys)
+    assert code == EXIT_OK and sorted(contents(out)) == ["scene0-colour.png", "scene1-colour.png",
+                                                         "scene2-colour.png"]
+    assert all(contents(out)[name] == data for name, data in made.items())  # kept, not made again
