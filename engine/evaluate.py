@@ -173,6 +173,18 @@ def read_rows(path: Path, columns: tuple[str, ...]) -> list[dict]:
     return rows
 
 
+def check_rows_match(rows: list[dict], samples, out: Path) -> None:
+    """Refuse to resume a finished row of a sample whose prompts are no longer the data set's: run.json records the
+    data set by its path, so a JSONL edited in place since would have its old rows reported as the new prompts'."""
+    wanted = {s.id: (s.source_prompt, s.target_prompt, cell(s.edit_type)) for s in samples}
+    for row in rows:
+        now = wanted.get(row["id"])  # a sample left out now (a smaller --n) keeps its rows, as documented
+        if now is not None and now != (row["source_prompt"], row["target_prompt"], row["edit_type"]):
+            raise NTIError(f"--out {out} holds results of sample {row['id']!r} made under other prompts "
+                           f"({row['source_prompt']!r} -> {row['target_prompt']!r}; the data set now has "
+                           f"{now[0]!r} -> {now[1]!r}); use another --out, or --overwrite to discard them")
+
+
 def cell(value) -> str:
     """CSV text of a value: floats to 6 significant digits, None empty."""
     if value is None:
@@ -318,11 +330,13 @@ def _run_eval(args, session) -> str:
                 "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if session is not None:  # where the engines ran; "environment" is this machine, where the scores were computed
         manifest["ray"] = {"address": args.ray, "engine_device": session.device}
+    columns = protocol.columns
+    finished = read_rows(out / SAMPLES, columns)
+    check_rows_match(finished, samples, out)  # before run.json is rewritten: a refused rerun changes nothing
     text = json.dumps(manifest, indent=2) + "\n"  # atomically: a resume reads it to check the settings
     atomic_write(out / MANIFEST, lambda temp: temp.write_text(text))
 
-    columns = protocol.columns
-    done = {row_key(row) for row in read_rows(out / SAMPLES, columns)}
+    done = {row_key(row) for row in finished}
     items = [(s, m, g, sch) for sch in schedules for g in guidances for m in methods for s in samples
              if (s.id, m, g, sch) not in done]
     total = len(samples) * len(methods) * len(guidances) * len(schedules)

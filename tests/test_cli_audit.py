@@ -2,7 +2,6 @@
 settings; never a lost, half-written or silently reused file. Runs the built-in shapes model on its bundled scenes
 (3 steps), in a child process where a real signal is sent."""
 import csv
-import errno
 import json
 import os
 import signal
@@ -104,3 +103,34 @@ def test_sigterm_from_outside_mid_batch_exits_130_and_keeps_only_whole_outputs(j
     assert code == EXIT_OK and sorted(contents(out)) == ["scene0-colour.png", "scene1-colour.png",
                                                          "scene2-colour.png"]
     assert all(contents(out)[name] == data for name, data in made.items())  # kept, not made again
+
+
+# ------------------------------------------------------------------------------------------------------ nti eval
+
+def eval_argv(data: Path, out: Path) -> list:
+    return ["eval", "--data", data, "--methods", "ddim", "--steps", "2", "--device", "cpu", "--quiet", "--out", out]
+
+
+def rows(out: Path) -> list[dict]:
+    """samples.csv's rows without the timing columns (seconds differ from run to run)."""
+    with open(out / "samples.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if not k.endswith("_s")} for row in csv.DictReader(f)]
+
+
+def test_eval_refuses_to_resume_rows_of_a_sample_whose_prompts_changed(jobs, tmp_path, capsys):
+    """run.json records the data set by its path: after the JSONL's target prompt was edited in place, a rerun kept
+    the row (and edit image) made under the old prompt and reported it as the new one's, exit 0."""
+    out = tmp_path / "eval"
+    argv = eval_argv(jobs, out)
+    code, _, err = run_cli(argv, capsys)
+    assert code == EXIT_OK, err
+    before = {name: (out / name).read_bytes() for name in ("samples.csv", "run.json")}
+    records = [json.loads(line) for line in jobs.read_text().splitlines()]
+    records[1]["target_prompt"] = "a red square and a blue triangle on a black background"
+    jobs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, _, err = run_cli(argv, capsys)
+    line = error_line(err)
+    assert code == EXIT_BAD_INPUT and records[1]["id"] in line and "--overwrite" in line
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert run_cli([*argv, "--overwrite"], capsys)[0] == EXIT_OK
+    assert [row["target_prompt"] for row in rows(out)] == [r["target_prompt"] for r in records]
