@@ -185,6 +185,23 @@ def check_rows_match(rows: list[dict], samples, out: Path) -> None:
                            f"{now[0]!r} -> {now[1]!r}); use another --out, or --overwrite to discard them")
 
 
+def append_rows(path: Path, columns: tuple[str, ...], rows: list[dict], header: bool = False) -> None:
+    """Append rows to samples.csv, opened and closed per call so that an interrupted run keeps every finished row;
+    a full disk is bad input (exit 2) that names the file. A row it cuts off is dropped by the next run's
+    read_rows."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns)
+    if header:
+        writer.writeheader()
+    writer.writerows({c: cell(row.get(c)) for c in columns} for row in rows)
+    try:  # the whole `with`: closing flushes, and a full disk can fail there too
+        with open(path, "a", newline="") as f:
+            f.write(text.getvalue())
+    except OSError as err:
+        raise NTIError(f"could not write {path}: {err.strerror or err}; its finished rows are kept: make room and "
+                       f"run the same command again to resume") from None
+
+
 def cell(value) -> str:
     """CSV text of a value: floats to 6 significant digits, None empty."""
     if value is None:
@@ -367,12 +384,9 @@ def _run_eval(args, session) -> str:
         for chunk in chunks:
             prepare(chunk)
         remote = session.outputs(chunks, sources, config, str(cache.resolve()) if cache else None)
-    new_file = not (out / SAMPLES).is_file()
-    with open(out / SAMPLES, "a", newline="") as f, tqdm(total=len(items), desc="eval", unit="item",
-                                                          disable=args.quiet) as bar:
-        writer = csv.DictWriter(f, columns)
-        if new_file:
-            writer.writeheader()
+    if not (out / SAMPLES).is_file():
+        append_rows(out / SAMPLES, columns, [], header=True)
+    with tqdm(total=len(items), desc="eval", unit="item", disable=args.quiet) as bar:
         for chunk in chunks:
             method, guidance, schedule = chunk[0][1:]
             bar.set_postfix_str(f"{method} w={guidance:g} {schedule}")
@@ -386,9 +400,7 @@ def _run_eval(args, session) -> str:
                     bar.update(len(chunk))
                     continue
                 rows = score_chunk(chunk, sources, *outputs, scorer, out)
-            for row in rows:
-                writer.writerow({c: cell(row.get(c)) for c in columns})
-                f.flush()  # an interrupted run keeps every finished row
+            append_rows(out / SAMPLES, columns, rows)
             bar.update(len(chunk))
     if len(cropped) > CROP_WARNINGS_SHOWN:
         log.warning("%d of %d samples lost over half of their image to the centre crop (the first %d are named "

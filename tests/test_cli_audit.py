@@ -2,6 +2,7 @@
 settings; never a lost, half-written or silently reused file. Runs the built-in shapes model on its bundled scenes
 (3 steps), in a child process where a real signal is sent."""
 import csv
+import errno
 import json
 import os
 import signal
@@ -134,3 +135,46 @@ def test_eval_refuses_to_resume_rows_of_a_sample_whose_prompts_changed(jobs, tmp
     assert {name: (out / name).read_bytes() for name in before} == before
     assert run_cli([*argv, "--overwrite"], capsys)[0] == EXIT_OK
     assert [row["target_prompt"] for row in rows(out)] == [r["target_prompt"] for r in records]
+
+
+def test_eval_on_a_full_disk_exits_2_and_the_same_command_completes_the_rows(jobs, tmp_path, capsys, monkeypatch):
+    """A full disk while samples.csv was appended to was an internal error (exit 1, 'rerun with --debug')."""
+    import builtins
+    import nti.evaluate
+
+    real_open = builtins.open
+
+    class Full:  # samples.csv on a disk that fills up in the middle of the second sample's row
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            if "scene1" in text:
+                self.f.write(text[:len(text) // 2])
+                self.f.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Full(f) if Path(path).name == "samples.csv" and "a" in mode else f
+
+    out = tmp_path / "eval"
+    with monkeypatch.context() as m:
+        m.setattr(nti.evaluate, "open", full_disk, raising=False)
+        code, _, err = run_cli(eval_argv(jobs, out), capsys)
+    line = error_line(err)
+    assert code == EXIT_BAD_INPUT and "No space left on device" in line and "samples.csv" in line
+    assert [row["id"] for row in rows(out) if None not in row.values()] == ["scene0-colour"]
+    assert run_cli(eval_argv(jobs, out), capsys)[0] == EXIT_OK
+    assert run_cli(eval_argv(jobs, tmp_path / "whole"), capsys)[0] == EXIT_OK
+    assert rows(out) == rows(tmp_path / "whole")  # none lost, none twice, in the same order
