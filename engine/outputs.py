@@ -159,10 +159,16 @@ def nti_tags(path: Path) -> dict | None:
 
 def recorded_request(path: Path) -> str | None:
     """The request key an existing output of nti recorded (PNG text chunk or safetensors header), else None; an
-    inversion counts only with its .json twin beside it (save_inversion writes the twin first)."""
-    if path.suffix == ".safetensors" and not path.with_suffix(".json").is_file():
-        return None
-    return (nti_tags(path) or {}).get(REQUEST_TAG)
+    inversion counts only with its own .json twin beside it: save_inversion writes the twin first, so a write that
+    failed after it leaves the new twin beside the previous run's inversion, a pair no rerun may keep."""
+    tags = nti_tags(path) or {}
+    if path.suffix == ".safetensors":
+        try:
+            if json.loads(path.with_suffix(".json").read_text()) != json.loads(tags["nti"]):
+                return None
+        except (OSError, ValueError, KeyError, TypeError):  # no twin, an unreadable one, or no inversion
+            return None
+    return tags.get(REQUEST_TAG)
 
 
 def written_by_nti(path: Path) -> bool:

@@ -178,3 +178,33 @@ def test_eval_on_a_full_disk_exits_2_and_the_same_command_completes_the_rows(job
     assert run_cli(eval_argv(jobs, out), capsys)[0] == EXIT_OK
     assert run_cli(eval_argv(jobs, tmp_path / "whole"), capsys)[0] == EXIT_OK
     assert rows(out) == rows(tmp_path / "whole")  # none lost, none twice, in the same order
+
+
+# ---------------------------------------------------------------------------------------------- nti invert's twin
+
+def test_a_twin_left_by_a_failed_inversion_write_is_not_kept_beside_another_inversion(tmp_path, capsys,
+                                                                                      monkeypatch):
+    """save_inversion writes the readable .json twin first: a full disk at the .safetensors left the new twin beside
+    the previous run's inversion, and a rerun of that previous request kept the pair as finished, its .json
+    describing settings (here 3 steps) that the inversion (2 steps) was not made with."""
+    import nti.artifact
+    from nti.artifact import load_inversion
+
+    out = tmp_path / "inv" / "scene0.safetensors"
+    argv = ["invert", SCENES / "scene0.png", "--prompt", "a yellow triangle on a gray background", "--device", "cpu",
+            "--inner-steps", "1", "--quiet", "--out", out]
+    assert run_cli([*argv, "--steps", "2"], capsys)[0] == EXIT_OK
+    real = nti.artifact.write_atomic
+
+    def full_disk(path, data):
+        if path.suffix == ".safetensors":
+            raise nti.artifact.NTIError(f"could not write {path}: No space left on device")
+        real(path, data)
+    with monkeypatch.context() as m:
+        m.setattr(nti.artifact, "write_atomic", full_disk)
+        code, _, err = run_cli([*argv, "--steps", "3"], capsys)
+    assert code == EXIT_BAD_INPUT and "No space left on device" in error_line(err)
+
+    assert run_cli([*argv, "--steps", "2"], capsys)[0] == EXIT_OK
+    twin = json.loads(out.with_suffix(".json").read_text())
+    assert twin == load_inversion(out).metadata() and twin["settings"]["steps"] == 2
