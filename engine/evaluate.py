@@ -244,6 +244,23 @@ def sample_folder(sample_id: str) -> str:
     return f"{IMAGE_DIR}/{name}"
 
 
+def check_same_source(sample, square, out: Path) -> None:
+    """Refuse to add rows to a sample's finished ones when its image now differs from the centre square those were
+    scored against (images/ID/source.png, written losslessly with its first row)."""
+    import numpy as np
+    from PIL import Image
+
+    saved = out / sample_folder(sample.id) / "source.png"
+    if not saved.is_file():
+        return
+    with Image.open(saved) as img:
+        then = np.asarray(img.convert("RGB"))
+    if not np.array_equal(then, np.asarray(square.convert("RGB"))):
+        raise NTIError(f"--out {out} holds results of sample {sample.id!r} made from another image than the data "
+                       f"set's now ({saved} differs: was the file replaced?); use another --out, or --overwrite to "
+                       f"discard them")
+
+
 def run_chunk(pipe, chunk, config, sources, scorer: Scorer, out: Path, cache) -> list[dict]:
     """Rows of one batch of samples under one method and setting: invert once, reconstruct and edit from it."""
     from .api import method_outputs
@@ -349,10 +366,7 @@ def _run_eval(args, session) -> str:
         manifest["ray"] = {"address": args.ray, "engine_device": session.device}
     columns = protocol.columns
     finished = read_rows(out / SAMPLES, columns)
-    check_rows_match(finished, samples, out)  # before run.json is rewritten: a refused rerun changes nothing
-    text = json.dumps(manifest, indent=2) + "\n"  # atomically: a resume reads it to check the settings
-    atomic_write(out / MANIFEST, lambda temp: temp.write_text(text))
-
+    check_rows_match(finished, samples, out)  # as check_same_source below: before run.json is rewritten
     done = {row_key(row) for row in finished}
     items = [(s, m, g, sch) for sch in schedules for g in guidances for m in methods for s in samples
              if (s.id, m, g, sch) not in done]
@@ -377,6 +391,16 @@ def _run_eval(args, session) -> str:
                     if len(cropped) <= CROP_WARNINGS_SHOWN:
                         log.warning(message)
                 sources[s.id] = center_square(img, pipe.resolution)
+
+    # a sample with finished rows and items still to run: its image must still be the one those rows were scored
+    # against (the source.png they wrote), or the report would mix two images under one id (a file replaced in place)
+    finished_ids = {row["id"] for row in finished}
+    for s, *rest in items:
+        if s.id in finished_ids and s.id not in sources:
+            prepare([(s, *rest)])
+            check_same_source(s, sources[s.id], out)
+    text = json.dumps(manifest, indent=2) + "\n"  # atomically: a resume reads it to check the settings
+    atomic_write(out / MANIFEST, lambda temp: temp.write_text(text))  # before any row or image (prepare_out)
 
     cache = Path(args.cache) if args.cache else None
     remote, gave_up = None, []

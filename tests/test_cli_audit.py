@@ -180,6 +180,32 @@ def test_eval_on_a_full_disk_exits_2_and_the_same_command_completes_the_rows(job
     assert rows(out) == rows(tmp_path / "whole")  # none lost, none twice, in the same order
 
 
+def test_eval_refuses_to_add_rows_of_a_sample_whose_image_was_replaced(tmp_path, capsys):
+    """A data set's image replaced in place (same path, same prompts): a rerun adding null-text to the ddim rows
+    scored null-text on the new image beside ddim's rows of the old one (null-text 5.8 dB against DDIM's 25 dB),
+    under one sample id, exit 0."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "s.png").write_bytes((SCENES / "scene0.png").read_bytes())
+    (data / "prompts.jsonl").write_text(json.dumps({"id": "s0", "image": "s.png", "source_prompt": "a yellow "
+                                                    "triangle on a gray background", "target_prompt": "a blue "
+                                                    "triangle on a gray background"}) + "\n")
+    out = tmp_path / "eval"
+    argv = ["eval", "--data", data / "prompts.jsonl", "--steps", "2", "--inner-steps", "1", "--device", "cpu",
+            "--quiet", "--out", out, "--methods"]
+    assert run_cli([*argv, "ddim"], capsys)[0] == EXIT_OK
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (data / "s.png").write_bytes((SCENES / "scene3.png").read_bytes())
+    code, _, err = run_cli([*argv, "ddim,null-text"], capsys)
+    line = error_line(err)
+    assert code == EXIT_BAD_INPUT and "'s0'" in line and "--overwrite" in line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    (data / "s.png").write_bytes((SCENES / "scene0.png").read_bytes())  # the image its rows were made from
+    assert run_cli([*argv, "ddim,null-text"], capsys)[0] == EXIT_OK
+    assert [row["method"] for row in rows(out)] == ["ddim", "null-text"]
+
+
 # ---------------------------------------------------------------------------------------------- nti invert's twin
 
 def test_a_twin_left_by_a_failed_inversion_write_is_not_kept_beside_another_inversion(tmp_path, capsys,
