@@ -202,8 +202,10 @@ def run_jobs(args, config: NTIConfig, device) -> int:
             if kept and progress:
                 log.info("kept %d finished output%s of an earlier run of this request (--no-resume makes them "
                          "again)", len(kept), "s" if len(kept) != 1 else "")
-            for job in kept:  # stdout lists every output of the command, kept or made, as a script reads it
-                print(job.out)
+            for job in kept:  # stdout lists every output of the command, kept or made, as a script reads it:
+                # each line flushed, as its file is done (a pipe is block-buffered: a reader, or a killed run's
+                # listing, would get no path until the batch ended)
+                print(job.out, flush=True)
             todo = [j for j in todo if j not in kept]
         written, done, work_start = 0, 0, time.perf_counter()
         try:
@@ -214,7 +216,7 @@ def run_jobs(args, config: NTIConfig, device) -> int:
                     from .artifact import save_inversion
                     for job in ready:
                         save_inversion(job.inversion, job.out, job.request)
-                        print(job.out)
+                        print(job.out, flush=True)
                 else:
                     chunk = config.model_batch
                     for k in range(0, len(ready), chunk):
@@ -360,7 +362,7 @@ def edit_and_save(pipe, jobs: list[Job], config: NTIConfig, progress: bool, prob
             problems.add(job, str(image))
             continue
         save_png(image, job.out, job.request)
-        print(job.out)
+        print(job.out, flush=True)  # as run_jobs lists them: each path as its file is done
 
 
 def report(problems: Problems, done: int) -> int:

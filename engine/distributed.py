@@ -458,8 +458,8 @@ def run_batch(args) -> RunReport:
             if kept and not args.quiet:
                 print(f"nti: kept {len(kept)} finished output(s) of an earlier run of this request (--no-resume makes "
                       f"them again)", file=sys.stderr)
-            for job in kept:  # stdout lists every output, kept or made, as the single-process run does
-                print(job["out"])
+            for job in kept:  # stdout lists every output, kept or made, as the single-process run does (flushed)
+                print(job["out"], flush=True)
             jobs = [j for j in jobs if j not in kept]
             if not jobs:
                 return report
@@ -489,7 +489,7 @@ def run_batch(args) -> RunReport:
                 write_atomic(path, row["data"])
                 report.written.append(str(path))
                 report.batch_s.append(row["seconds"])
-                print(path)
+                print(path, flush=True)
             if not args.quiet:
                 print(f"nti: ray: {len(seen)}/{total} done ({len(report.failed)} failed), "
                       f"{time.perf_counter() - start:.1f} s", file=sys.stderr)

@@ -40,11 +40,11 @@ def contents(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def child(argv, prelude: str = "", **kwargs) -> subprocess.Popen:
+def child(argv, prelude: str = "", env: dict | None = None) -> subprocess.Popen:
     """`nti ARGV` in a fresh Python process, after `prelude` (a patch) has run."""
     code = prelude + "\nimport sys\nfrom nti.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     return subprocess.Popen([sys.executable, "-c", code, *map(str, argv)], text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
+                            stderr=subprocess.PIPE, env={**(os.environ if env is None else env), "OMP_NUM_THREADS": "1"})
 
 
 # ------------------------------------------------------------------------------------------------------ SIGTERM
@@ -104,6 +104,33 @@ def test_sigterm_from_outside_mid_batch_exits_130_and_keeps_only_whole_outputs(j
     assert code == EXIT_OK and sorted(contents(out)) == ["scene0-colour.png", "scene1-colour.png",
                                                          "scene2-colour.png"]
     assert all(contents(out)[name] == data for name, data in made.items())  # kept, not made again
+
+
+
+# ------------------------------------------------------------------------------------------ stdout, the output list
+
+def buffered_env() -> dict:
+    """The child's environment with Python's stdout block-buffered, as it is in a pipe unless PYTHONUNBUFFERED."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+
+def test_each_output_is_listed_on_stdout_when_it_is_written(jobs, tmp_path):
+    """stdout lists the outputs for a script to read, but in a pipe it was block-buffered: a reader saw no path
+    until the batch ended, and a killed run (SIGKILL, out of memory) never listed the outputs it had finished."""
+    out = tmp_path / "out"
+    prelude = textwrap.dedent("""
+        import os, signal
+        from PIL import Image
+        temps = []
+        def save(self, fp, *args, **kwargs):
+            temps.append(fp)
+            os.kill(os.getpid(), signal.SIGKILL) if len(temps) == 2 else real(self, fp, *args, **kwargs)
+        real, Image.Image.save = Image.Image.save, save
+    """)
+    proc = child(["edit", jobs, *FAST, "--quiet", "--out", out], prelude, buffered_env())
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert stdout.split() == [str(out / "scene0-colour.png")] and (out / "scene0-colour.png").is_file()
 
 
 # ------------------------------------------------------------------------------------------------------ nti eval
