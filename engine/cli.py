@@ -154,6 +154,12 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:  # a bug, not bad input: one line, the traceback only with --debug
+        if isinstance(err, BrokenPipeError) and stdout_closed():  # its reader went away (`nti edit ... | head -1`):
+            # the run stops as on Ctrl-C (the files written are whole, the same command resumes), not as a bug
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flushes stdout again
+            print("nti: interrupted: standard output was closed; the same command again keeps the finished outputs "
+                  "and does the rest", file=sys.stderr)
+            return EXIT_INTERRUPTED
         if isinstance(err, OSError) and err.filename is not None:  # the filesystem refused a path the user gave
             # (a name too long to look up, say): bad input, as README's exit-code table has it
             print(f"nti: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
@@ -166,6 +172,17 @@ def main(argv=None) -> int:
     finally:
         if previous_term is not None:  # main() called by a process that goes on (a script, the tests)
             signal.signal(signal.SIGTERM, previous_term)
+
+
+def stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone away (a BrokenPipeError can come from another pipe)."""
+    import select
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() (Windows), or stdout is no file
+        return False
 
 
 def interrupt(signum, frame):

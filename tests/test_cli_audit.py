@@ -133,6 +133,24 @@ def test_each_output_is_listed_on_stdout_when_it_is_written(jobs, tmp_path):
     assert stdout.split() == [str(out / "scene0-colour.png")] and (out / "scene0-colour.png").is_file()
 
 
+
+def test_a_reader_that_closes_stdout_interrupts_the_batch_not_a_bug(jobs, tmp_path, capsys):
+    """`nti edit ... | head -1`: the next path written to the closed pipe ended the run as an 'internal error:
+    BrokenPipeError (rerun with --debug)', exit 1, the code README keeps for bugs."""
+    out = tmp_path / "out"
+    argv = ["edit", jobs, *FAST, "--quiet", "--out", out]
+    proc = child(argv)
+    assert proc.stdout.readline().strip() == str(out / "scene0-colour.png")
+    proc.stdout.close()  # what `head -1` does after its line
+    stderr = proc.stderr.read()
+    proc.wait(timeout=300)
+    assert proc.returncode == EXIT_INTERRUPTED and "internal error" not in stderr and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("nti: interrupted: standard output was closed")
+    assert all(not p.name.startswith(".") for p in out.iterdir())
+    code, stdout, _ = run_cli(argv, capsys)  # the same command finishes the batch, listing every output
+    assert code == EXIT_OK and len(stdout.split()) == 3
+
+
 # ------------------------------------------------------------------------------------------------------ nti eval
 
 def eval_argv(data: Path, out: Path) -> list:
