@@ -139,7 +139,23 @@ def test_a_reader_that_closes_stdout_interrupts_the_batch_not_a_bug(jobs, tmp_pa
     BrokenPipeError (rerun with --debug)', exit 1, the code README keeps for bugs."""
     out = tmp_path / "out"
     argv = ["edit", jobs, *FAST, "--quiet", "--out", out]
-    proc = child(argv)
+    prelude = textwrap.dedent("""
+        import select, sys, time
+        from PIL import Image
+        temps = []
+        def save(self, fp, *args, **kwargs):  # the second output waits for the reader to go: no race with it
+            temps.append(fp)
+            poller = select.poll()
+            poller.register(sys.stdout.fileno(), select.POLLOUT)
+            deadline = time.monotonic() + 60
+            while len(temps) == 2 and time.monotonic() < deadline:
+                if any(events & select.POLLERR for _, events in poller.poll(0)):
+                    break
+                time.sleep(0.01)
+            return real(self, fp, *args, **kwargs)
+        real, Image.Image.save = Image.Image.save, save
+    """)
+    proc = child(argv, prelude)
     assert proc.stdout.readline().strip() == str(out / "scene0-colour.png")
     proc.stdout.close()  # what `head -1` does after its line
     stderr = proc.stderr.read()
