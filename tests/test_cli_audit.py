@@ -85,7 +85,17 @@ def test_sigterm_while_an_output_is_written_leaves_no_temp_file_and_the_same_com
 def test_sigterm_from_outside_mid_batch_exits_130_and_keeps_only_whole_outputs(jobs, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["edit", jobs, "--steps", "6", "--inner-steps", "3", "--device", "cpu", "--out", out]
-    proc = child(argv)
+    prelude = textwrap.dedent("""
+        import time
+        from PIL import Image
+        temps = []
+        def save(self, fp, *args, **kwargs):  # the batch cannot end before the signal: it comes in the work, or here
+            temps.append(fp)
+            time.sleep(60 if len(temps) == 3 else 0)
+            return real(self, fp, *args, **kwargs)
+        real, Image.Image.save = Image.Image.save, save
+    """)
+    proc = child(argv, prelude)
     deadline = time.monotonic() + 240
     while not (out.is_dir() and any(p.suffix == ".png" for p in out.iterdir())) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[1]
