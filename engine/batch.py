@@ -286,7 +286,7 @@ def work_chunks(jobs: list[Job], config: NTIConfig) -> list[list[Job]]:
 def check_against_model(pipe, jobs: list[Job], config: NTIConfig, need_target: bool, problems: Problems) -> None:
     """Everything that needs the model but not the UNet: the schedule, each image decoded at the model's resolution,
     each prompt against the tokenizer (length, the shapes model's words), the inversion's model, P2P's word match."""
-    from . import api, p2p
+    from . import api
     from .ddim import make_schedule
     from .images import load_square
 
@@ -306,14 +306,22 @@ def check_against_model(pipe, jobs: list[Job], config: NTIConfig, need_target: b
             problems.add(job, str(err) if job.image is not None else f"{job.label}: {err}")
             continue
         source = job.source_prompt if job.image is not None else job.inversion.source_prompt
-        prompts = [source] + ([job.target_prompt] if job.target_prompt is not None else [])
         try:
-            api.check_vocabulary(pipe, prompts)
-            check_prompt_length(pipe.tokenizer, prompts)
-            if need_target and config.edit != "regenerate":
-                p2p.make_plan(pipe.tokenizer, source, job.target_prompt, config)
+            check_prompts(pipe, source, job.target_prompt, config, need_target)
         except NTIError as err:
             problems.add(job, f"{job.label}: {err}")
+
+
+def check_prompts(pipe, source: str, target: str | None, config: NTIConfig, need_target: bool) -> None:
+    """One job's prompts against the model's tokenizer (the shapes model's words, length, P2P's word match): NTIError.
+    `pipe` is a Pipeline, or the --ray driver's distributed.ModelCard (a tokenizer and no weights)."""
+    from . import api, p2p
+
+    prompts = [source] + ([target] if target is not None else [])
+    api.check_vocabulary(pipe, prompts)
+    check_prompt_length(pipe.tokenizer, prompts)
+    if need_target and config.edit != "regenerate":
+        p2p.make_plan(pipe.tokenizer, source, target, config)
 
 
 def check_new_inversion(inv, config: NTIConfig) -> None:

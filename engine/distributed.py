@@ -87,6 +87,7 @@ class ModelCard:
     resolution: int
     vocabulary: tuple = ()
     prompt_example: str = ""
+    tokenizer: object = None  # for the prompt checks the single-process run makes (length, P2P's word match)
 
 
 def model_card(model) -> ModelCard:
@@ -95,7 +96,7 @@ def model_card(model) -> ModelCard:
 
     if str(model) in RANDOM_MODELS:  # built in code, a few MB: just build it
         pipe = load_pipeline(str(model), device="cpu", seed=0)
-        return ModelCard(pipe.name, pipe.fingerprint, pipe.resolution)
+        return ModelCard(pipe.name, pipe.fingerprint, pipe.resolution, tokenizer=pipe.tokenizer)
     path = SHAPES_FOLDER if model is None or str(model) == SHAPES else resolve_model_path(model)
     check_supported_model(path)  # refused here, once, rather than by every actor
     check_model_folder(path)
@@ -104,6 +105,11 @@ def model_card(model) -> ModelCard:
     resolution = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)  # = Pipeline.resolution
     name = SHAPES if model is None or str(model) == SHAPES else str(model)
     card = ModelCard(name, fingerprint_folder(path), resolution)
+    try:  # the tokenizer alone (a few MB): the driver checks every prompt as the single-process run does
+        from transformers import CLIPTokenizer
+        card.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+    except Exception as err:
+        raise NTIError(f"could not load the model's tokenizer in {path}: {type(err).__name__}: {err}") from err
     if (path / VOCABULARY_FILE).is_file():
         words = json.loads((path / VOCABULARY_FILE).read_text())
         card.vocabulary, card.prompt_example = tuple(words["words"]), words.get("example", "")
@@ -407,12 +413,11 @@ def run_batch(args) -> RunReport:
     """Collect the jobs as the single-process run does, stream them through the cluster, write what comes back."""
     import torch
 
-    from .api import check_vocabulary
     from .artifact import write_atomic
     from .images import file_crop_warning
-    from .batch import Problems, collect_jobs, edit_config_for, request_of
+    from .batch import Problems, check_prompts, collect_jobs, edit_config_for, request_of
     from .options import config_from_args
-    from .outputs import plan_outputs, recorded_request
+    from .outputs import check_writable_folder, plan_outputs, recorded_request
 
     if getattr(args, "inversion", None):
         raise NTIError("--inversion edits saved inversions in one process: run it without --ray")
@@ -435,9 +440,10 @@ def run_batch(args) -> RunReport:
                         sidecar_suffixes=(".json",) if args.command == "invert" else ())
     for job, path in zip(jobs, plan.paths):
         job["out"] = str(path)
+    if args.cache is not None:  # as the single-process run: refused here, not by every actor's first save
+        check_writable_folder(Path(args.cache), "--cache")
     card = model_card(args.model)
     resolution = card.resolution
-    check_vocabulary(card, [j[k] for j in jobs for k in ("source_prompt", "target_prompt") if j.get(k)])
     for image in dict.fromkeys(j["image"] for j in jobs if not j["image"].startswith("skimage:")):
         message = file_crop_warning(image, resolution)  # workers decode, but the user reads the driver's terminal
         if message is not None:
@@ -449,6 +455,22 @@ def run_batch(args) -> RunReport:
         nodes = len([n for n in ray.nodes() if n.get("Alive")])
         workers = args.num_workers or (gpus if device.startswith("cuda") else nodes)
         report = RunReport(workers=workers, device=device)
+        # each job's prompts checked as the single-process run checks them (the shapes model's words, length, P2P's
+        # word match): a bad one is named and skipped here, not raised by the actor running its batch (which lost
+        # the whole run), and the others go on
+        checked = []
+        for job, record in zip(jobs, records):
+            try:
+                check_prompts(card, job["source_prompt"], job["target_prompt"], config, need_target)
+            except NTIError as err:
+                if getattr(args, "fail_fast", False):
+                    raise NTIError(f"{record.label}: {err}") from None
+                report.failed.append((job["name"], job["image"], str(err)))
+                continue
+            checked.append((job, record))
+        jobs, records = [job for job, _ in checked], [record for _, record in checked]
+        if not jobs:
+            return report
         per_call = config.model_batch  # what the single-process run inverts at once
         edit_config = edit_config_for(args.command, config)
         for job, record in zip(jobs, records):  # the key the single-process run records, so either resumes the other

@@ -1,0 +1,94 @@
+"""`--ray` against the single-process run where they parted: a job's bad prompts and a --cache that is not a folder.
+One local 2-CPU Ray cluster for the module (started and stopped here), shapes model, 2 steps."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nti.cli import EXIT_BAD_INPUT, main
+
+SCENES = Path(__file__).resolve().parents[1] / "engine" / "assets" / "scenes"
+FAST = ["--steps", "2", "--inner-steps", "1", "--quiet", "--device", "cpu"]  # the shapes model, reference backend
+SCENE0 = ["a yellow triangle on a gray background", "a blue triangle on a gray background"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    niceness = os.environ.get("RAY_worker_niceness")  # Ray's nice 15 would make the actors crawl on a busy machine
+    os.environ["RAY_worker_niceness"] = "0"
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    finally:
+        if niceness is None:
+            os.environ.pop("RAY_worker_niceness")
+        else:
+            os.environ["RAY_worker_niceness"] = niceness
+    yield ray
+    ray.shutdown()
+
+
+def single_process(argv: list[str]) -> int:
+    """The same command without Ray (as if it were not installed), one torch thread as each actor has."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(sys.modules, "ray", None)
+            return main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def files(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_job_with_bad_prompts_fails_alone_as_in_the_single_process_run(cluster, tmp_path, capsys):
+    """A p2p-replace pair of different lengths and an over-long prompt: the single-process run names each bad job,
+    writes the good one and exits 2. On Ray the actor raised them, Ray aborted the dataset, and the run ended with a
+    multi-line `internal error` (exit 1) and no output at all."""
+    records = [
+        {"id": "good", "image": str(SCENES / "scene0.png"), "source_prompt": SCENE0[0], "target_prompt": SCENE0[1]},
+        {"id": "unequal", "image": str(SCENES / "scene1.png"),
+         "source_prompt": "a red square and a red triangle on a black background",
+         "target_prompt": "a red square on a black background"},
+        {"id": "long", "image": str(SCENES / "scene2.png"), "source_prompt": "a " * 20 + "red circle",
+         "target_prompt": "a blue circle"},
+    ]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    argv = ["edit", str(jobs), "--edit", "p2p-replace", *FAST]
+    assert single_process([*argv, "--out", str(tmp_path / "single")]) == EXIT_BAD_INPUT
+    single_err = capsys.readouterr().err
+    assert "p2p-replace swaps words one for one" in single_err and "tokens long" in single_err
+    code = main([*argv, "--out", str(tmp_path / "ray"), "--ray", "--num-workers", "1"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT, err
+    assert "internal error" not in err and "Traceback" not in err
+    assert "skipped unequal" in err and "p2p-replace swaps words one for one" in err
+    assert "skipped long" in err and "tokens long" in err
+    assert "2 of 3 inputs failed" in err
+    assert files(tmp_path / "ray") == files(tmp_path / "single") and list(files(tmp_path / "ray")) == ["good.png"]
+
+
+def test_a_cache_that_is_a_file_is_refused_before_the_cluster_works(cluster, tmp_path, monkeypatch, capsys):
+    """The single-process run refuses it up front (exit 2); on Ray every actor's first save raised it: exit 1, an
+    `internal error` with Ray's traceback, after the model loads and the first inversion."""
+    import nti.distributed
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the cluster was given work")
+    monkeypatch.setattr(nti.distributed, "_pipeline", no_work)
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder")
+    code = main(["edit", str(SCENES / "scene0.png"), "--prompt", SCENE0[0], "--target", SCENE0[1], "--out",
+                 str(tmp_path / "out.png"), "--cache", str(cache), *FAST, "--ray"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT, err
+    assert err.startswith("nti: error: --cache ") and str(cache) in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out.png").exists()
