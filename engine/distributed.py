@@ -116,6 +116,23 @@ def model_card(model) -> ModelCard:
     return card
 
 
+def worker_model(model):
+    """--model as the engine actors get it: a local folder as an absolute path (an actor runs in a folder of its own,
+    on a node of its own, where a relative path names nothing), anything else (shapes, tiny, a hub id) as given."""
+    if model is None or not str(model).strip():
+        return model
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
+def worker_error(err: Exception) -> str | None:
+    """The message of an NTIError a Ray worker raised (an engine actor refusing its node's model, say), read from the
+    error Ray hands the driver; None for any other failure (a bug: reported as one)."""
+    marker = f"{NTIError.__module__}.{NTIError.__name__}: "
+    lines = [line.strip() for line in str(err).splitlines() if line.strip().startswith(marker)]
+    return lines[-1][len(marker):] if lines else None
+
+
 def make_batches(jobs: list[dict], images_per_call: int) -> list[Batch]:
     """Group jobs by (image, source prompt), so several edits of one image share one inversion on one actor, and cut
     the groups into batches of `images_per_call` in input order: on a fresh cache the fast path then inverts the same
@@ -170,7 +187,7 @@ class EngineWorker:
     """A Ray actor holding one engine (pipeline + fast-path state), loaded once, then fed batches."""
 
     def __init__(self, command: str, model, device: str, config_json: str, cache, resolution: int, ledger=None,
-                 max_retries: int = MAX_RETRIES, fingerprint: str | None = None):
+                 max_retries: int = MAX_RETRIES, fingerprint: str | None = None, name: str | None = None):
         import torch
 
         from .config import NTIConfig
@@ -190,6 +207,8 @@ class EngineWorker:
         if fingerprint is not None and self.pipe.fingerprint != fingerprint:
             raise NTIError(f"the model on this node has fingerprint {self.pipe.fingerprint}, the driver's folder "
                            f"{fingerprint}: every node needs the same model folder")
+        if name is not None:  # a folder given relative to the driver's: named as the single-process run names it
+            self.pipe.name = name
         self.command, self.cache, self.resolution = command, cache, resolution
         self.config = NTIConfig(**json.loads(config_json))
         self.actor = f"{os.uname().nodename}:{os.getpid()}"
@@ -491,10 +510,10 @@ def run_batch(args) -> RunReport:
         cache = str(Path(args.cache).resolve()) if args.cache else None
         start = time.perf_counter()
         ledger = ray.remote(num_cpus=0)(AttemptLedger).remote()
-        dataset = _pipeline(ray, args, batches, resolution, device, config, cache, workers, ledger)
+        dataset = _pipeline(ray, args, batches, card, device, config, cache, workers, ledger)
         total, seen = len(jobs), set()
         gave_up: dict[str, list] = {}  # message -> names of one abandoned batch
-        for row in dataset.iter_rows():
+        for row in _rows(ray, dataset):
             if row["out"] in seen:  # a retried batch can never write an output twice
                 continue
             seen.add(row["out"])
@@ -523,7 +542,7 @@ def run_batch(args) -> RunReport:
         return report
 
 
-def _pipeline(ray, args, batches: list[Batch], resolution: int, device: str, config, cache, workers: int,
+def _pipeline(ray, args, batches: list[Batch], card: ModelCard, device: str, config, cache, workers: int,
               ledger=None):
     """The Ray Data plan: one row per batch -> load (CPU tasks) -> engine actors, one call per batch."""
     import dataclasses
@@ -531,14 +550,29 @@ def _pipeline(ray, args, batches: list[Batch], resolution: int, device: str, con
     _quiet_data(ray, args.quiet)
     rows = [{"index": b.index, "jobs": json.dumps(b.jobs)} for b in batches]
     return (ray.data.from_items(rows, override_num_blocks=len(rows))
-            .map(load_stage, fn_kwargs={"resolution": resolution}, num_cpus=LOAD_CPUS)
+            .map(load_stage, fn_kwargs={"resolution": card.resolution}, num_cpus=LOAD_CPUS)
             .map_batches(EngineWorker, batch_size=1,
-                         fn_constructor_kwargs={"command": args.command, "model": args.model,
+                         fn_constructor_kwargs={"command": args.command, "model": worker_model(args.model),
                                                 "device": "cuda" if device.startswith("cuda") else device,
                                                 "config_json": json.dumps(dataclasses.asdict(config)),
-                                                "cache": cache, "resolution": resolution, "ledger": ledger,
-                                                "max_retries": getattr(args, "max_retries", MAX_RETRIES)},
+                                                "cache": cache, "resolution": card.resolution, "ledger": ledger,
+                                                "max_retries": getattr(args, "max_retries", MAX_RETRIES),
+                                                # each actor checks that its node's model is the driver's: the
+                                                # request keys the outputs record hold the driver's fingerprint
+                                                "fingerprint": card.fingerprint, "name": card.name},
                          **_actor_options(ray, device, workers)))
+
+
+def _rows(ray, dataset):
+    """dataset.iter_rows(), with an NTIError raised in a worker (an actor that cannot load its node's model: a
+    missing folder, another fingerprint) given to the driver as one, a `nti: error:` line, not Ray's traceback."""
+    try:
+        yield from dataset.iter_rows()
+    except ray.exceptions.RayError as err:
+        message = worker_error(err)
+        if message is None:
+            raise
+        raise NTIError(f"a Ray worker stopped the run: {message}") from None
 
 
 def _quiet_data(ray, quiet: bool) -> None:
@@ -611,15 +645,16 @@ class EvalSession:
         ledger = ray.remote(num_cpus=0)(AttemptLedger).remote()
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
             EvalWorker, batch_size=1,
-            fn_constructor_kwargs={"command": "eval", "model": args.model,
+            fn_constructor_kwargs={"command": "eval", "model": worker_model(args.model),
                                    "device": "cuda" if self.device.startswith("cuda") else self.device,
                                    "config_json": json.dumps(dataclasses.asdict(config)), "cache": cache,
                                    "resolution": self.card.resolution, "ledger": ledger,
-                                   "max_retries": args.max_retries, "fingerprint": self.card.fingerprint},
+                                   "max_retries": args.max_retries, "fingerprint": self.card.fingerprint,
+                                   "name": self.card.name},
             **_actor_options(ray, self.device, workers, load_cpus=0))
         pending: dict[int, dict] = {}
         following = 0
-        for row in dataset.iter_rows():
+        for row in _rows(ray, dataset):
             pending.setdefault(row["index"], {})[row["position"]] = row  # a retried chunk's rows replace its own
             while following in pending and len(pending[following]) == len(chunks[following]):
                 done = [pending.pop(following)[n] for n in range(len(chunks[following]))]

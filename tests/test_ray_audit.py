@@ -1,14 +1,16 @@
-"""`--ray` against the single-process run where they parted: a job's bad prompts and a --cache that is not a folder.
-One local 2-CPU Ray cluster for the module (started and stopped here), shapes model, 2 steps."""
+"""`--ray` against the single-process run where they parted: a job's bad prompts, a --cache that is not a folder, a
+--model folder given relative to the driver, and an actor whose node holds another model. One local 2-CPU Ray
+cluster for the module (started and stopped here), shapes model, 2 steps."""
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from nti.cli import EXIT_BAD_INPUT, main
+from nti.cli import EXIT_BAD_INPUT, EXIT_OK, main
 
 SCENES = Path(__file__).resolve().parents[1] / "engine" / "assets" / "scenes"
 FAST = ["--steps", "2", "--inner-steps", "1", "--quiet", "--device", "cpu"]  # the shapes model, reference backend
@@ -92,3 +94,46 @@ def test_a_cache_that_is_a_file_is_refused_before_the_cluster_works(cluster, tmp
     assert code == EXIT_BAD_INPUT, err
     assert err.startswith("nti: error: --cache ") and str(cache) in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out.png").exists()
+
+
+def test_a_model_folder_relative_to_the_driver_reaches_the_actors(cluster, tmp_path, monkeypatch, capsys):
+    """`--model models/mine` worked on the driver (it read the configs) but the actors, in folders of their own, found
+    no such folder: an `internal error` (exit 1). Now they get the absolute path, and the inversion still records the
+    model under the name the single-process run gives it."""
+    from nti.artifact import load_inversion
+    from nti.models import SHAPES_FOLDER
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(SHAPES_FOLDER, tmp_path / "models" / "mine")
+    argv = ["invert", str(SCENES / "scene0.png"), "--prompt", SCENE0[0], "--model", "models/mine", *FAST]
+    assert single_process([*argv, "--out", "single.safetensors"]) == EXIT_OK
+    code = main([*argv, "--out", "ray.safetensors", "--ray"])
+    assert code == EXIT_OK, capsys.readouterr().err
+    single, ray = load_inversion(tmp_path / "single.safetensors"), load_inversion(tmp_path / "ray.safetensors")
+    assert ray.model_name == single.model_name == "models/mine"
+    assert torch.equal(ray.z_T, single.z_T) and torch.equal(ray.null_embeddings, single.null_embeddings)
+
+
+def test_an_actor_whose_node_holds_another_model_stops_the_run_with_one_line(cluster, tmp_path, monkeypatch, capsys):
+    """Every node needs the same model folder. A batch run's actors never compared their model with the driver's, so
+    another copy on a node made images recorded under the driver's fingerprint (a rerun kept them as finished). The
+    driver's card says another fingerprint here, as a node with another copy would."""
+    import nti.distributed
+
+    real_card = nti.distributed.model_card
+
+    def other_copy(model):
+        card = real_card(model)
+        card.fingerprint = "0" * 16
+        return card
+    monkeypatch.setattr(nti.distributed, "model_card", other_copy)
+    out = tmp_path / "out"
+    code = main(["edit", str(SCENES / "scene0.png"), str(SCENES / "scene1.png"), "--prompt", SCENE0[0], "--target",
+                 SCENE0[1], "--out", str(out), *FAST, "--ray", "--num-workers", "1"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT, err
+    lines = [line for line in err.splitlines() if line.startswith("nti:")]
+    assert len(lines) == 1 and lines[0].startswith("nti: error: a Ray worker stopped the run: the model on this node "
+                                                   "has fingerprint ") and "0" * 16 in lines[0], err
+    assert "internal error" not in err
+    assert not out.exists() or not list(out.iterdir())
