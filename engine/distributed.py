@@ -276,11 +276,20 @@ class EngineWorker:
         else:
             chunk = config.model_batch  # as the single-process run edits
             edit_config = edit_config_for(self.command, config)  # reconstruct: no prompt-to-prompt setting applies
-            for start_k in range(0, len(kept), chunk):
-                part = kept[start_k:start_k + chunk]
+            parts = [kept[start_k:start_k + chunk] for start_k in range(0, len(kept), chunk)]
+            while parts:
+                part = parts.pop(0)
                 targets = [jobs[k]["target_prompt"] if self.command == "edit" else inversions[k].source_prompt
                            for k in part]
-                latents = api.edit_latents(self.pipe, [inversions[k] for k in part], targets, edit_config, False)
+                try:
+                    latents = api.edit_latents(self.pipe, [inversions[k] for k in part], targets, edit_config, False)
+                except NTIError as err:  # as batch.edit_and_save: a batch refused as a whole is retried image by
+                    # image, so one refused edit fails only its own job (raised, it aborted the whole Ray run)
+                    if len(part) == 1:
+                        errors[part[0]] = str(err)
+                    else:
+                        parts[:0] = [[k] for k in part]
+                    continue
                 for k, img in zip(part, api.decode_checked(self.pipe, latents, [jobs[k]["name"] for k in part])):
                     if isinstance(img, Exception):  # not finite: reported, not written, as the single-process run
                         errors[k] = str(img)

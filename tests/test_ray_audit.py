@@ -1,6 +1,7 @@
 """`--ray` against the single-process run where they parted: a job's bad prompts, a --cache that is not a folder, a
 --model folder given relative to the driver, and an actor whose node holds another model. One local 2-CPU Ray
 cluster for the module (started and stopped here), shapes model, 2 steps."""
+import io
 import json
 import os
 import shutil
@@ -137,3 +138,38 @@ def test_an_actor_whose_node_holds_another_model_stops_the_run_with_one_line(clu
                                                    "has fingerprint ") and "0" * 16 in lines[0], err
     assert "internal error" not in err
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_a_ray_worker_refusing_one_edit_of_a_batch_fails_that_job_alone(shapes_pipe, monkeypatch):
+    """The single-process run retries a batch whose edit raised NTIError image by image (batch.edit_and_save), so one
+    refused edit costs only its own output. The Ray worker let it out of the batch: Ray aborted the whole run. The
+    actor's batch method runs here in-process (no cluster)."""
+    import numpy as np
+    from PIL import Image
+
+    import nti.api
+    from nti import NTIConfig
+    from nti.config import NTIError
+    from nti.distributed import EngineWorker
+
+    side = shapes_pipe.resolution
+    pixels = b"".join(np.asarray(Image.open(SCENES / f"scene{k}.png").convert("RGB").resize((side, side))).tobytes()
+                      for k in (1, 2))
+    targets = {1: "a red square and a blue triangle on a black background",
+               2: "a green square and a red triangle on a black background"}
+    jobs = [{"name": f"scene{k}", "image": str(SCENES / f"scene{k}.png"), "out": "unused.png", "request": None,
+             "source_prompt": "a red square and a red triangle on a black background", "target_prompt": targets[k]}
+            for k in (1, 2)]
+    worker = object.__new__(EngineWorker)  # the actor's state without Ray's constructor
+    worker.pipe, worker.command, worker.cache, worker.resolution = shapes_pipe, "edit", None, side
+    worker.config, worker.calls = NTIConfig(backend="fast", steps=2, inner_steps=1, batch_size=2), 0
+    real_edit = nti.api.edit_latents
+
+    def refuses_green(pipe, inversions, prompts, *args, **kwargs):
+        if any("green" in p for p in prompts):
+            raise NTIError("the engine refused this edit")
+        return real_edit(pipe, inversions, prompts, *args, **kwargs)
+    monkeypatch.setattr(nti.api, "edit_latents", refuses_green)
+    good, bad = worker.run_batch(jobs, pixels)
+    assert good["error"] == "" and Image.open(io.BytesIO(good["data"])).size == (side, side)
+    assert bad["error"] == "the engine refused this edit" and not bad["data"]
