@@ -60,7 +60,7 @@ def log_to_replica_file() -> None:
 class EngineReplica:
     """One engine (pipeline + fast-path state) per replica; batches formed by Ray Serve from concurrent job calls."""
 
-    def __init__(self, settings: dict):
+    def __init__(self, settings: dict, name: str | None = None):
         import torch
 
         log_to_replica_file()
@@ -70,6 +70,8 @@ class EngineReplica:
             torch.set_num_threads(max(1, int(cpus)))
         self.engine = Engine(self.settings)
         self.engine.load()
+        if name is not None:  # a folder given relative to the command's: named as plain `nti serve` names it
+            self.engine.pipe.name = name
         # one thread owns the pipeline, as in the single-process worker; the replica's event loop stays free to
         # collect the next batch meanwhile
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="nti-engine")
@@ -198,8 +200,9 @@ class Ingress:
 
 # ------------------------------------------------------------------------------------------------ running it
 
-def build_app(settings: ServeSettings, scaling: Scaling, cuda: bool, node_ip: str | None):
-    """The Ray Serve application: the ingress pinned to `node_ip` (where --data is), the engine replicas anywhere."""
+def build_app(settings: ServeSettings, scaling: Scaling, cuda: bool, node_ip: str | None, name: str | None = None):
+    """The Ray Serve application: the ingress pinned to `node_ip` (where --data is), the engine replicas anywhere
+    (`name`: the model's name as the command gave it, settings.model the folder the replicas load)."""
     max_replicas = scaling.max_replicas or 1
     engine = EngineReplica.options(
         ray_actor_options={"num_gpus": 1 if cuda else 0, "num_cpus": 1 if cuda else scaling.replica_cpus},
@@ -209,7 +212,7 @@ def build_app(settings: ServeSettings, scaling: Scaling, cuda: bool, node_ip: st
                             "max_replicas": max_replicas,
                             "target_ongoing_requests": scaling.target_ongoing_requests or settings.batch_size},
         graceful_shutdown_timeout_s=settings.drain_s + 10,
-    ).bind(asdict(settings))
+    ).bind(asdict(settings), name)
     ingress_options = {"num_cpus": 0}
     if node_ip:
         ingress_options["resources"] = {f"node:{node_ip}": 0.001}
@@ -225,10 +228,13 @@ def build_app(settings: ServeSettings, scaling: Scaling, cuda: bool, node_ip: st
 def serve_on_ray(settings: ServeSettings, host: str, port: int, address: str, scaling: Scaling,
                  quiet: bool = False) -> int:
     """Start (or join) a Ray cluster, run the app on it, serve until SIGTERM/SIGINT, then drain and stop."""
-    from .distributed import check_reachable, model_card
+    from .distributed import check_reachable, model_card, worker_model
 
     local = address == "local"
-    model_card(settings.model)  # a missing or broken model folder is refused here, not by replicas failing to start
+    card = model_card(settings.model)  # a missing or broken model folder is refused here, not by replicas failing
+    # to start; the replicas run in folders of their own (a cluster's workers where `ray start` ran): they get the
+    # folder as an absolute path
+    settings.model = worker_model(settings.model)
     if scaling.max_replicas is not None and scaling.min_replicas > scaling.max_replicas:
         raise NTIError(f"--min-replicas {scaling.min_replicas} is over --max-replicas {scaling.max_replicas}")
     if address.startswith("ray://"):
@@ -262,7 +268,7 @@ def serve_on_ray(settings: ServeSettings, host: str, port: int, address: str, sc
             cause = str(err).strip().splitlines()[-1]
             raise NTIError(f"Ray Serve could not listen on {host}:{port}: {cause}") from None
         start = time.perf_counter()
-        serve.run(build_app(settings, scaling, cuda, node_ip), name=APP, route_prefix="/")
+        serve.run(build_app(settings, scaling, cuda, node_ip, card.name), name=APP, route_prefix="/")
         if not quiet:
             print(f"nti serve: http://{host}:{port} on Ray ({'local cluster' if local else address}): "
                   f"{scaling.min_replicas}-{scaling.max_replicas} engine replica(s) on {device}, started in "

@@ -98,9 +98,10 @@ def test_a_cache_that_is_a_file_is_refused_before_the_cluster_works(cluster, tmp
 
 
 def test_a_model_folder_relative_to_the_driver_reaches_the_actors(cluster, tmp_path, monkeypatch, capsys):
-    """`--model models/mine` worked on the driver (it read the configs) but the actors, in folders of their own, found
-    no such folder: an `internal error` (exit 1). Now they get the absolute path, and the inversion still records the
-    model under the name the single-process run gives it."""
+    """`--model models/mine` worked on the driver (it read the configs) but the actors of a cluster started elsewhere
+    (the module's, before the chdir; as `ray start` starts one, in its own folder) found no such folder: an `internal
+    error` (exit 1). Now they get the absolute path, and the inversion still records the model under the name the
+    single-process run gives it."""
     from nti.artifact import load_inversion
     from nti.models import SHAPES_FOLDER
 
@@ -173,3 +174,50 @@ def test_a_ray_worker_refusing_one_edit_of_a_batch_fails_that_job_alone(shapes_p
     good, bad = worker.run_batch(jobs, pixels)
     assert good["error"] == "" and Image.open(io.BytesIO(good["data"])).size == (side, side)
     assert bad["error"] == "the engine refused this edit" and not bad["data"]
+
+
+def test_serve_on_a_joined_cluster_finds_a_model_folder_relative_to_the_command(cluster, tmp_path):
+    """`nti serve --ray HEAD:PORT --model models/mine`: the replicas of a cluster started elsewhere (as `ray start`
+    starts one, in its own folder) looked for models/mine in their own folder and never started. Now they get the
+    absolute folder, and name the model as plain `nti serve` does (its error messages and artifacts say models/mine)."""
+    import signal
+    import subprocess
+    import time
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("ray.serve")
+    pytest.importorskip("fastapi")
+    from nti.benchmarks.bench_serve import free_port
+    from nti.models import SHAPES_FOLDER
+
+    shutil.copytree(SHAPES_FOLDER, tmp_path / "models" / "mine")
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "serve.log", "wb")
+    address = cluster.get_runtime_context().gcs_address  # joined, as HEAD_IP:6379
+    proc = subprocess.Popen([sys.executable, "-m", "nti.cli", "serve", "--ray", address, "--port", str(port),
+                             "--data", "data", "--model", "models/mine", *FAST],
+                            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline, ready = time.time() + 120, None
+        while proc.poll() is None and time.time() < deadline:
+            try:
+                ready = httpx.get(url + "/readyz", timeout=2)
+                if ready.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        assert ready is not None and ready.status_code == 200, (tmp_path / "serve.log").read_text()[-3000:]
+        image = {"image": ("s.png", (SCENES / "scene0.png").read_bytes(), "image/png")}
+        r = httpx.post(url + "/v1/inversions", files=image, data={"source_prompt": "a yellow giraffe"}, timeout=60)
+        assert r.status_code == 400 and "the models/mine model does not know the word(s) 'giraffe'" in r.text, r.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:  # a failed start or a hung stop: everything this test started, by its group
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()  # the app was deleted on SIGTERM; Serve's controller goes with the module's cluster
