@@ -125,9 +125,9 @@ def worker_model(model):
     return str(path.resolve()) if path.is_dir() else model
 
 
-def worker_error(err: Exception) -> str | None:
+def worker_error(err) -> str | None:
     """The message of an NTIError a Ray worker raised (an engine actor refusing its node's model, say), read from the
-    error Ray hands the driver; None for any other failure (a bug: reported as one)."""
+    error (or status message) Ray hands the driver; None for any other failure (a bug: reported as one)."""
     marker = f"{NTIError.__module__}.{NTIError.__name__}: "
     lines = [line.strip() for line in str(err).splitlines() if line.strip().startswith(marker)]
     return lines[-1][len(marker):] if lines else None

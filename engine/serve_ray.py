@@ -225,6 +225,22 @@ def build_app(settings: ServeSettings, scaling: Scaling, cuda: bool, node_ip: st
     ).bind(asdict(settings), engine, max_in_flight)
 
 
+def replica_error() -> str | None:
+    """The NTIError an engine replica raised while starting (its node's model folder missing or unreadable, say), from
+    Ray Serve's status of the app's deployments; None when none says one."""
+    from .distributed import worker_error
+
+    try:
+        deployments = serve.status().applications[APP].deployments
+    except Exception:  # no status to read: the caller reports Ray's own error
+        return None
+    for status in deployments.values():
+        why = worker_error(status.message)
+        if why is not None:
+            return why
+    return None
+
+
 def serve_on_ray(settings: ServeSettings, host: str, port: int, address: str, scaling: Scaling,
                  quiet: bool = False) -> int:
     """Start (or join) a Ray cluster, run the app on it, serve until SIGTERM/SIGINT, then drain and stop."""
@@ -268,7 +284,14 @@ def serve_on_ray(settings: ServeSettings, host: str, port: int, address: str, sc
             cause = str(err).strip().splitlines()[-1]
             raise NTIError(f"Ray Serve could not listen on {host}:{port}: {cause}") from None
         start = time.perf_counter()
-        serve.run(build_app(settings, scaling, cuda, node_ip, card.name), name=APP, route_prefix="/")
+        try:
+            serve.run(build_app(settings, scaling, cuda, node_ip, card.name), name=APP, route_prefix="/")
+        except RuntimeError:  # "Deploying application nti failed": say why, when a replica refused its model
+            why = replica_error()
+            if why is None:
+                raise
+            serve.delete(APP, _blocking=False)  # off a joined cluster too; no replica of it runs to wait for
+            raise NTIError(f"the engine replicas could not start: {why}") from None
         if not quiet:
             print(f"nti serve: http://{host}:{port} on Ray ({'local cluster' if local else address}): "
                   f"{scaling.min_replicas}-{scaling.max_replicas} engine replica(s) on {device}, started in "

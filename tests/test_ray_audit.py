@@ -176,7 +176,7 @@ def test_a_ray_worker_refusing_one_edit_of_a_batch_fails_that_job_alone(shapes_p
     assert bad["error"] == "the engine refused this edit" and not bad["data"]
 
 
-def test_serve_on_a_joined_cluster_finds_a_model_folder_relative_to_the_command(cluster, tmp_path):
+def test_serve_on_a_joined_cluster_loads_a_model_folder_relative_to_the_command(cluster, tmp_path):
     """`nti serve --ray HEAD:PORT --model models/mine`: the replicas of a cluster started elsewhere (as `ray start`
     starts one, in its own folder) looked for models/mine in their own folder and never started. Now they get the
     absolute folder, and name the model as plain `nti serve` does (its error messages and artifacts say models/mine)."""
@@ -194,8 +194,22 @@ def test_serve_on_a_joined_cluster_finds_a_model_folder_relative_to_the_command(
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
-    log = open(tmp_path / "serve.log", "wb")
     address = cluster.get_runtime_context().gcs_address  # joined, as HEAD_IP:6379
+
+    # a folder the command reads (configs, tokenizer) but the replicas cannot load: `internal error: RuntimeError:
+    # Deploying application nti failed` said nothing of why; now the replica's own reason, one line, exit 2
+    shutil.copytree(SHAPES_FOLDER, tmp_path / "models" / "cut")
+    weights = tmp_path / "models" / "cut" / "unet" / "diffusion_pytorch_model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    failed = subprocess.run([sys.executable, "-m", "nti.cli", "serve", "--ray", address, "--port", str(port), "--data",
+                             "data", "--model", "models/cut", *FAST], cwd=tmp_path, capture_output=True, text=True,
+                            env=env, timeout=240)
+    assert failed.returncode == EXIT_BAD_INPUT, failed.stderr[-3000:]
+    lines = [line for line in failed.stderr.splitlines() if line.startswith("nti:")]
+    assert len(lines) == 1 and lines[0].startswith(f"nti: error: the engine replicas could not start: could not "
+                                                   f"load the model in {tmp_path / 'models' / 'cut'}: "), failed.stderr
+
+    log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "nti.cli", "serve", "--ray", address, "--port", str(port),
                              "--data", "data", "--model", "models/mine", *FAST],
                             cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
