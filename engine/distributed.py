@@ -530,6 +530,9 @@ def run_batch(args) -> RunReport:
             if row["gave_up"]:
                 gave_up.setdefault(row["error"], []).append(row["name"])
             elif row["error"]:
+                if getattr(args, "fail_fast", False):  # the flag's promise: stop at the first bad input (the outputs
+                    # written so far are kept, and a rerun keeps them)
+                    raise NTIError(f"{row['name']}: {row['error']}")
                 report.failed.append((row["name"], row["image"], row["error"]))
             else:
                 path = Path(row["out"])

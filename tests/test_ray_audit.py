@@ -79,6 +79,25 @@ def test_a_job_with_bad_prompts_fails_alone_as_in_the_single_process_run(cluster
     assert files(tmp_path / "ray") == files(tmp_path / "single") and list(files(tmp_path / "ray")) == ["good.png"]
 
 
+def test_fail_fast_stops_at_the_first_unreadable_image(cluster, tmp_path, capsys):
+    """`--fail-fast` stops at the first bad input (README). On Ray an unreadable image found by the loading tasks was
+    skipped and the run went on to the end, as without the flag."""
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really an image")
+    records = [{"id": "broken", "image": str(bad), "source_prompt": SCENE0[0], "target_prompt": SCENE0[1]},
+               {"id": "good", "image": str(SCENES / "scene0.png"), "source_prompt": SCENE0[0],
+                "target_prompt": SCENE0[1]}]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code = main(["edit", str(jobs), "--out", str(tmp_path / "out"), *FAST, "--fail-fast", "--ray", "--num-workers",
+                 "1"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT, err
+    lines = [line for line in err.splitlines() if line.startswith("nti:")]
+    assert len(lines) == 1 and lines[0].startswith("nti: error: broken: ") and str(bad) in lines[0], err
+    assert "not a readable image" in lines[0]
+
+
 def test_a_cache_that_is_a_file_is_refused_before_the_cluster_works(cluster, tmp_path, monkeypatch, capsys):
     """The single-process run refuses it up front (exit 2); on Ray every actor's first save raised it: exit 1, an
     `internal error` with Ray's traceback, after the model loads and the first inversion."""
