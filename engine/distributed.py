@@ -125,6 +125,14 @@ def worker_model(model):
     return str(path.resolve()) if path.is_dir() else model
 
 
+def actor_config(config):
+    """The config as the engine actors get it: --export-cache (the exported UNets) as an absolute folder, since an
+    actor runs in a working folder of its own, where a relative one would be looked up and built again."""
+    if config.export_cache is None:
+        return config
+    return config.replace(export_cache=str(Path(config.export_cache).expanduser().resolve()))
+
+
 def worker_error(err) -> str | None:
     """The message of an NTIError a Ray worker raised (an engine actor refusing its node's model, say), read from the
     error (or status message) Ray hands the driver; None for any other failure (a bug: reported as one)."""
@@ -514,6 +522,7 @@ def run_batch(args) -> RunReport:
             if not jobs:
                 return report
         batches = make_batches(jobs, per_call)
+        config = actor_config(config)  # after the request keys: they hold the option as typed, as the single run's
         workers = min(workers, len(batches))  # an actor with no batch to run would only load the model
         report.workers = workers
         cache = str(Path(args.cache).resolve()) if args.cache else None
@@ -645,6 +654,7 @@ class EvalSession:
         from PIL import Image
 
         args, ray = self.args, self.ray
+        config = actor_config(config)
         _quiet_data(ray, args.quiet)
         ray.data.DataContext.get_current().execution_options.preserve_order = True  # samples.csv in the same order
         rows = [{"index": i, "method": chunk[0][1], "guidance": float(chunk[0][2]), "schedule": chunk[0][3],

@@ -116,6 +116,25 @@ def test_a_cache_that_is_a_file_is_refused_before_the_cluster_works(cluster, tmp
     assert not (tmp_path / "out.png").exists()
 
 
+def test_the_actors_get_a_relative_export_cache_as_the_drivers_folder(cluster, tmp_path, monkeypatch, capsys):
+    """`--export-cache exports` (the exported UNets `nti export` built) went to the actors as typed: each looked in, and
+    built into, an `exports` folder of its own working folder. What the actors' config says, caught at the hand-over
+    to the cluster."""
+    import nti.distributed
+
+    given = {}
+
+    def caught(ray, args, batches, card, device, config, *rest):
+        given["config"] = config
+        raise KeyboardInterrupt  # no work: the hand-over is what is checked
+    monkeypatch.setattr(nti.distributed, "_pipeline", caught)
+    monkeypatch.chdir(tmp_path)
+    code = main(["edit", str(SCENES / "scene0.png"), "--prompt", SCENE0[0], "--target", SCENE0[1], "--out", "o.png",
+                 "--export-cache", "exports", *FAST, "--ray"])
+    assert code == 130, capsys.readouterr().err
+    assert given["config"].export_cache == str(tmp_path / "exports")
+
+
 def test_a_model_folder_relative_to_the_driver_reaches_the_actors(cluster, tmp_path, monkeypatch, capsys):
     """`--model models/mine` worked on the driver (it read the configs) but the actors of a cluster started elsewhere
     (the module's, before the chdir; as `ray start` starts one, in its own folder) found no such folder: an `internal
