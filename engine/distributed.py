@@ -531,30 +531,36 @@ def run_batch(args) -> RunReport:
         dataset = _pipeline(ray, args, batches, card, device, config, cache, workers, ledger)
         total, seen = len(jobs), set()
         gave_up: dict[str, list] = {}  # message -> names of one abandoned batch
-        for row in _rows(ray, dataset):
-            if row["out"] in seen:  # a retried batch can never write an output twice
-                continue
-            seen.add(row["out"])
-            report.actor_load_s.setdefault(row["actor"], row["load_s"])
-            if row["gave_up"]:
-                gave_up.setdefault(row["error"], []).append(row["name"])
-            elif row["error"]:
-                if getattr(args, "fail_fast", False):  # the flag's promise: stop at the first bad input (the outputs
-                    # written so far are kept, and a rerun keeps them)
-                    raise NTIError(f"{row['name']}: {row['error']}")
-                report.failed.append((row["name"], row["image"], row["error"]))
-            else:
-                path = Path(row["out"])
-                path.parent.mkdir(parents=True, exist_ok=True)
-                if row["json"]:  # an inversion's readable twin, as save_inversion writes it
-                    write_atomic(path.with_suffix(".json"), row["json"].encode())
-                write_atomic(path, row["data"])
-                report.written.append(str(path))
-                report.batch_s.append(row["seconds"])
-                print(path, flush=True)
-            if not args.quiet:
-                print(f"nti: ray: {len(seen)}/{total} done ({len(report.failed)} failed), "
-                      f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+        try:
+            for row in _rows(ray, dataset):
+                if row["out"] in seen:  # a retried batch can never write an output twice
+                    continue
+                seen.add(row["out"])
+                report.actor_load_s.setdefault(row["actor"], row["load_s"])
+                if row["gave_up"]:
+                    gave_up.setdefault(row["error"], []).append(row["name"])
+                elif row["error"]:
+                    if getattr(args, "fail_fast", False):  # the flag's promise: stop at the first bad input
+                        # (the outputs written so far are kept, and a rerun keeps them)
+                        raise NTIError(f"{row['name']}: {row['error']}")
+                    report.failed.append((row["name"], row["image"], row["error"]))
+                else:
+                    path = Path(row["out"])
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    if row["json"]:  # an inversion's readable twin, as save_inversion writes it
+                        write_atomic(path.with_suffix(".json"), row["json"].encode())
+                    write_atomic(path, row["data"])
+                    report.written.append(str(path))
+                    report.batch_s.append(row["seconds"])
+                    print(path, flush=True)
+                if not args.quiet:
+                    print(f"nti: ray: {len(seen)}/{total} done ({len(report.failed)} failed), "
+                          f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+        except KeyboardInterrupt:  # as the single-process run says it: what is kept, and how to go on
+            if report.written:
+                print(f"nti: {len(report.written)} of {total} outputs were written before the interruption; the same "
+                      f"command again keeps them and does the rest", file=sys.stderr)
+            raise
         report.wall_s = time.perf_counter() - start
         report.abandoned = [(names, message) for message, names in gave_up.items()]
         if not args.quiet:

@@ -135,6 +135,33 @@ def test_the_actors_get_a_relative_export_cache_as_the_drivers_folder(cluster, t
     assert given["config"].export_cache == str(tmp_path / "exports")
 
 
+def test_an_interrupted_ray_run_says_what_is_written_and_that_a_rerun_resumes(cluster, tmp_path, monkeypatch,
+                                                                             capsys):
+    """Ctrl-C in a long single-process run says how many outputs are written and that the same command again does
+    the rest; on Ray it said only `nti: interrupted`. The cluster's answer is played here: the first output, then
+    the interruption."""
+    import nti.distributed
+
+    class Interrupted:
+        def __init__(self, batches):
+            self.job = batches[0].jobs[0]
+
+        def iter_rows(self):
+            yield {"name": self.job["name"], "image": self.job["image"], "out": self.job["out"], "json": "",
+                   "data": (SCENES / "scene0.png").read_bytes(), "error": "", "seconds": 1.0, "gave_up": False,
+                   "actor": "node:1", "load_s": 1.0}
+            raise KeyboardInterrupt
+    monkeypatch.setattr(nti.distributed, "_pipeline", lambda ray, args, batches, *rest: Interrupted(batches))
+    out = tmp_path / "out"
+    code = main(["edit", str(SCENES / "scene0.png"), str(SCENES / "scene1.png"), "--prompt", SCENE0[0], "--target",
+                 SCENE0[1], "--out", str(out), *FAST, "--ray"])
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert "1 of 2 outputs were written before the interruption; the same command again keeps them and does the " \
+           "rest" in err
+    assert [p.name for p in out.iterdir()] == ["scene0.png"]
+
+
 def test_a_model_folder_relative_to_the_driver_reaches_the_actors(cluster, tmp_path, monkeypatch, capsys):
     """`--model models/mine` worked on the driver (it read the configs) but the actors of a cluster started elsewhere
     (the module's, before the chdir; as `ray start` starts one, in its own folder) found no such folder: an `internal
