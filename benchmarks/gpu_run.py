@@ -184,6 +184,9 @@ def timing_row(st: Stage, stage: str, variant: str, config, n: int, flops: tuple
            "inner_iterations_per_image": iters / n, "unet_forward_rows": res["forward_rows"],
            "unet_backward_rows": res["backward_rows"], "captures_in_timed_run": res["captures_in_timed_run"],
            "fp32_retries": sum(len(i.fp32_retries) for i in res["invs"])}
+    if config.compile and config.backend == "fast":  # a compile that failed (or was unlike eager) ran eager: say so
+        from nti.runner import prepared_unet
+        row["compile_failed"] = prepared_unet(st.model(), config).compile_failed
     if reference is not None:
         ref_invs, ref_edit = reference
         inv0 = res["invs"][0]
@@ -886,7 +889,9 @@ def summarize(out: Path) -> str:
                 continue
             parity = (f"{f(r.get('parity_embeddings_rel'), '.1e')} / {f(r.get('parity_edit_rel'), '.1e')}"
                       if "parity_edit_rel" in r else "-")
-            lines.append(f"| {r['stage']} | {r['variant']} | {r['batch']} | {f(r['s_per_image_50_steps'])} | "
+            variant = r["variant"] + (f" (compile failed, ran eager: {r['compile_failed'][:60]})"
+                                      if r.get("compile_failed") else "")
+            lines.append(f"| {r['stage']} | {variant} | {r['batch']} | {f(r['s_per_image_50_steps'])} | "
                          f"{f(r.get('goal_s_per_image'))} | {f(r['warmup_s'])} | {f(r['peak_gib'])} | "
                          f"{f(r['tflops'])} | {f(r['inner_iterations_per_image'])} | {parity} |")
         lines.append("")

@@ -164,7 +164,9 @@ class NTIConfig:
     compile: bool = setting(False, SPEED)
     """torch.compile (fullgraph, static shapes) of the UNet, as much of it as compile_scope says. The first call
     of each shape pays the compile time. A compile failure (graph break, dynamo's recompile limit) is reported with
-    a warning and that UNet runs eager from then on. NTI_DISABLE_COMPILE=1 turns it off."""
+    a warning and that UNet runs eager from then on, as is a compiled UNet whose first forward, or forward +
+    backward, differs from eager's on the same inputs by more than ten times rounding (a compiler bug: one cost
+    a 25% wrong gradient on CPU). NTI_DISABLE_COMPILE=1 turns it off."""
     compile_scope: str = setting("blocks", SPEED, choices=COMPILE_SCOPES)
     """What compile compiles. 'blocks': each repeated transformer block (regional; SD v1.4 has 4 block shapes, so
     it compiles in about two minutes on an H200 at batch 16), which leaves the ResNet blocks, the norms and

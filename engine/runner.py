@@ -42,6 +42,9 @@ COMPILE_BACKEND = os.environ.get("NTI_COMPILE_BACKEND", "inductor")
 # Upsample2D's interpolate and conv (tools/inductor_layout_grad_repro.py). Off for whole-UNet graphs unless
 # NTI_INDUCTOR_LAYOUT_OPT=1, to measure it where it is right (gpu_run's compile rows check the gradient).
 INDUCTOR_OPTIONS = {} if os.environ.get("NTI_INDUCTOR_LAYOUT_OPT") == "1" else {"layout_optimization": False}
+# check_compiled: relative difference of a compiled UNet call from eager past which compile is turned off; about
+# ten times what rounding gives (fp32 ~1e-6; bf16 ~1e-2), far under a dropped path's (0.25 to 1)
+COMPILED_TOLERANCE = {"fp32": 1e-3, "half": 0.1}
 GRAPH_WARMUP = 2  # eager runs on a side stream before capture: compile, autotune, cuBLAS/cuDNN plans, allocator
 
 
@@ -65,6 +68,7 @@ class PreparedUNet:
     compiled_calls: dict = field(default_factory=dict)  # block or UNet -> its torch.compile wrapper (made once)
     graphs: dict = field(default_factory=dict)  # (kind, batch, switches...) -> captured call
     compile_failed: str | None = None  # why compile was turned off for this module, if it was
+    checked: set = field(default_factory=set)  # (compile scope, grad mode) whose first call matched eager
 
     def set_compiled(self, on: bool, scope: str = "blocks") -> None:
         """torch.compile (fullgraph, static shapes) of each repeated transformer block (scope 'blocks': regional
@@ -158,6 +162,10 @@ def set_attention(unet: nn.Module, backend: str) -> str:
             backend = "sdpa"
     unet.set_attn_processor(AttnProcessor() if backend == "plain" else AttnProcessor2_0())
     return backend
+
+
+class CompiledMismatch(Exception):
+    """A compiled UNet call whose numbers are not eager's (check_compiled)."""
 
 
 def _compile_errors() -> tuple:
@@ -256,16 +264,49 @@ class UNetRunner:
         with (torch.autocast(self.pipe.device.type, dtype=self.prepared.autocast, cache_enabled=False)
               if self.prepared.autocast is not None else contextlib.nullcontext()):
             try:
+                if self.compiled:
+                    self.check_compiled(z, t, context)
                 return self.module(z, t, **unet_inputs(self.pipe.pooled, context)).sample
-            except _compile_errors() as err:
+            except (_compile_errors() + (CompiledMismatch,)) as err:
                 if not self.compiled:
                     raise
-                # e.g. a graph break or the recompile limit: say so, and run this module eager from here on
-                self.prepared.compile_failed = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                # a graph break, the recompile limit, or numbers unlike eager's: say so, and run eager from here on
+                why = str(err) if isinstance(err, CompiledMismatch) else f"{type(err).__name__}: {err}"
+                self.prepared.compile_failed = why.splitlines()[0][:300]
                 warnings.warn(f"torch.compile failed ({self.prepared.compile_failed}); running the UNet eager")
                 self.prepared.set_compiled(False)
                 self.compiled = False
                 return self.module(z, t, **unet_inputs(self.pipe.pooled, context)).sample
+
+    def check_compiled(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> None:
+        """The first compiled call of each kind (forward only; forward + backward) against eager on its own inputs:
+        the output and, with grad, the gradient w.r.t. the context. Raises CompiledMismatch past COMPILED_TOLERANCE:
+        a compiler that drops a gradient path (inductor's layout optimization did on torch 2.13,
+        tools/inductor_layout_grad_repro.py) would otherwise fit wrong null embeddings without a word."""
+        grad = torch.is_grad_enabled()
+        kind = (self.config.compile_scope, grad)
+        if kind in self.prepared.checked or (z.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        results = []
+        for compiled in (True, False):
+            self.prepared.set_compiled(compiled, self.config.compile_scope)
+            ctx = context.detach().requires_grad_(grad)
+            out = self.module(z, t, **unet_inputs(self.pipe.pooled, ctx)).sample
+            results.append((out.detach(), torch.autograd.grad(out.float().square().sum(), ctx)[0] if grad else None))
+        self.prepared.set_compiled(True, self.config.compile_scope)
+        (out_c, grad_c), (out_e, grad_e) = results
+        if not torch.isfinite(out_e).all():  # a diverged input: nothing to compare (the fp32 retry takes it)
+            return
+        tolerance = COMPILED_TOLERANCE["fp32" if self.config.precision == "fp32" else "half"]
+        for what, mine, eager in (("output", out_c, out_e), ("gradient", grad_c, grad_e)):
+            if mine is None:
+                continue
+            err = float((mine.float() - eager.float()).norm() / eager.float().norm().clamp_min(1e-30))
+            if not err <= tolerance:  # NaN too
+                call = "forward + backward" if grad else "forward"
+                raise CompiledMismatch(f"the compiled UNet's {what} differs from eager's by {err:.2g} (relative; "
+                                       f"rounding stays under {tolerance:g}) at its first {call} call")
+        self.prepared.checked.add(kind)
 
     @torch.no_grad()
     def forward(self, z: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:

@@ -442,6 +442,44 @@ def test_whole_unet_compile_stays_compiled_and_switches_scope(dynamo_pipe):
     assert all(block._compiled_call_impl is not None for block in blocks)
 
 
+def _faulty_backend(fault):
+    """A dynamo backend that runs the traced graph and then breaks its outputs as `fault` says."""
+    def backend(gm, example_inputs):
+        def run(*args):
+            out = gm(*args)
+            return type(out)(fault(o) if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in out)
+        return run
+    return backend
+
+
+@pytest.mark.parametrize("fault, what", [
+    (lambda o: o * 1.5, "output"),  # a wrong forward
+    (lambda o: o.detach() + 0 * o, "gradient"),  # the right forward, no gradient path (inductor's layout bug)
+])
+def test_a_compiled_unet_unlike_eager_is_refused_and_runs_eager(dynamo_pipe, monkeypatch, fault, what):
+    """The first compiled call of each kind is compared with eager: a compiler that got the numbers wrong turns
+    compile off with a warning naming what differed, and the run's results are eager's, not the wrong ones."""
+    import nti.runner as runner
+    monkeypatch.setattr(runner, "COMPILE_BACKEND", _faulty_backend(fault))
+    pipe = dynamo_pipe
+    config = BASE.replace(backend="fast", compile=True, compile_scope="unet", steps=2, inner_steps=2, batch_size=2)
+    with pytest.warns(UserWarning, match=f"compiled UNet's {what} differs from eager's by"):
+        invs = nti.invert(pipe, IMAGES[:2], PROMPTS[:2], config, progress=False)
+    eager = nti.invert(pipe, IMAGES[:2], PROMPTS[:2], config.replace(compile=False), progress=False)
+    for f, e in zip(invs, eager):
+        assert rel_err(f.z_T, e.z_T) < 1e-5 and rel_err(f.null_embeddings, e.null_embeddings) < 1e-4
+    assert "differs from eager's" in next(iter(pipe.fast_unets.values())).compile_failed
+
+
+def test_a_compiled_unet_like_eager_is_checked_once_per_kind(dynamo_pipe):
+    pipe = dynamo_pipe
+    config = BASE.replace(backend="fast", compile=True, compile_scope="unet", steps=2, inner_steps=2, batch_size=2)
+    nti.invert(pipe, IMAGES[:2], PROMPTS[:2], config, progress=False)
+    prepared = next(iter(pipe.fast_unets.values()))
+    assert prepared.checked == {("unet", False), ("unet", True)} and prepared.compile_failed is None
+    assert prepared.module._compiled_call_impl is not None  # the check left the UNet compiled
+
+
 def test_compile_scope_without_compile_says_it_runs_eager(tmp_path, capsys):
     from nti.cli import main
     code = main(["reconstruct", "engine/assets/scenes/scene0.png", "--prompt", "a yellow triangle on a gray background",

@@ -274,8 +274,17 @@ def test_compiled_grad_rel_compares_compiled_with_eager(tiny_pipe, monkeypatch):
 
 
 def test_summary_lists_each_compiled_rows_gradient_check(tmp_path):
-    rows = [{"stage": "compile_b1", "variant": "whole-UNet compile + CUDA graphs", "batch": 1,
+    timing = {"stage": "compile_b1", "variant": "whole-UNet compile + CUDA graphs", "batch": 1,
+              "s_per_image_50_steps": 5.0, "warmup_s": 90.0, "peak_gib": 6.0, "tflops": 150.0,
+              "inner_iterations_per_image": 500, "s_per_image": 0.3}
+    rows = [timing, {**timing, "variant": "regional compile + CUDA graphs",
+                     "compile_failed": "the compiled UNet's gradient differs from eager's by 0.25"},
+            {"stage": "compile_b1", "variant": "whole-UNet compile + CUDA graphs", "batch": 1,
              "grad_vs_eager_rel": 0.0123}]
     (tmp_path / "gpu_run.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = summarize(tmp_path)
     assert ("- compile_b1 whole-UNet compile + CUDA graphs (batch 1): one inner iteration's gradient vs eager 1.2e-02"
-            in summarize(tmp_path))
+            in summary)
+    assert "| compile_b1 | whole-UNet compile + CUDA graphs | 1 | 5 |" in summary
+    assert ("| compile_b1 | regional compile + CUDA graphs (compile failed, ran eager: the compiled UNet's gradient "
+            "differs from eager's by 0.25) | 1 |") in summary
