@@ -82,6 +82,10 @@ class PreparedUNet:
                                                                        4 * RECOMPILE_LIMIT)):
                 name = name if hasattr(config, name) else name.replace("recompile_limit", "cache_size_limit")
                 setattr(config, name, max(getattr(config, name), limit))
+        if scope == "unet" and targets:  # dynamo's multi-line note on Upsample2D's cached is_torch_version check (a
+            # pure version test: tracing through its cache changes nothing), once per bf16 run
+            warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`-wrapped "
+                                    "function at 'upsampling.py", category=UserWarning)
         for module in targets:  # fullgraph: a graph break or the recompile limit raises instead of going eager
             if module not in self.compiled_calls:
                 options = INDUCTOR_OPTIONS if COMPILE_BACKEND == "inductor" and module is self.module else None
