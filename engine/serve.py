@@ -506,6 +506,9 @@ class Service:
     async def wait(self, job: Job, timeout_s: float | None) -> Job:
         limit = min(timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s)
         done = await self.batcher.wait(job.id, limit)
+        if done is None and self.store.get(job.id) is None:  # a DELETE of it (or of its inversion) woke us
+            raise APIError(409, f"job {job.id} was cancelled and deleted (DELETE) before it finished", None,
+                           "cancelled")
         if done is None:
             self.store.cancel(job.id)
             log_event("job_timeout", logging.WARNING, job=job.id, seconds=limit)
@@ -755,6 +758,7 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
             if service.store.get(child.id).state in FINAL:
                 service.store.delete(child.id)
                 service.store.path("edits", child.id).unlink(missing_ok=True)
+                service.batcher.notify(child.id)  # a request waiting on it answers now, not at its timeout
         # the row before its files: an edit already running then finds no inversion ("deleted"), never a row whose
         # file is missing ("damaged"); a crash in between leaves only files no row names
         service.store.delete(job.id)
@@ -813,6 +817,7 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
             return Deleted(id=job.id, deleted=False, status="cancelling")
         service.store.path("edits", job.id).unlink(missing_ok=True)
         service.store.delete(job.id)
+        service.batcher.notify(job.id)  # a request waiting on it answers now, not at its timeout
         return Deleted(id=job.id, deleted=True, status="deleted")
 
     return app

@@ -293,13 +293,13 @@ class Batcher:
 
     # --- waiting from the event loop
     async def wait(self, job_id: str, timeout: float) -> Job | None:
-        """The job once final, or None after timeout seconds."""
+        """The job once final, or None after timeout seconds or once its row is deleted."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self.cond:
             self._waiters.setdefault(job_id, []).append((loop, future))
         job = self.store.get(job_id)
-        if job is not None and job.state in FINAL:
+        if job is None or job.state in FINAL:  # None: deleted before we got here, nothing will ever notify
             return job
         try:
             await asyncio.wait_for(future, timeout)

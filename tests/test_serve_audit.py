@@ -1,0 +1,106 @@
+"""`nti serve` audit: what the schema fuzzing of tests/test_serve.py does not reach. Cancelling and deleting jobs
+while a request waits on them, a deleted inversion that is still running, results and folders removed under the
+server, and OpenAI fields the server cannot honour. One server is shared by the module (loopback, the shapes model,
+few steps, a long batch delay so that jobs stay queued for a while); the job-table tests run a Service in-process."""
+import base64
+import io
+import json
+import shutil
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="nti serve needs the serve extra: pip install -e '.[serve]'")
+httpx = pytest.importorskip("httpx")
+from PIL import Image  # noqa: E402
+
+from nti.benchmarks.bench_serve import ServerProcess  # noqa: E402
+
+SOURCE, TARGET = "a yellow triangle on a gray background", "a blue triangle on a gray background"
+DELAY_MS = 1500  # the oldest queued job waits this long for its batch to fill: time to act on a queued job
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ServerProcess(tmp_path_factory.mktemp("serve-audit") / "data", "--steps", "4", "--inner-steps", "1",
+                        "--device", "cpu", "--batch-size", "4", "--max-delay-ms", str(DELAY_MS))
+    srv.start()
+    yield srv
+    code = srv.stop()
+    assert code == 0, f"graceful shutdown exited {code}: {srv.log()[-2000:]}"
+
+
+def png(colour) -> bytes:
+    """A distinct upload per test (no test reuses another's inversion)."""
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+def client(server):
+    return httpx.Client(base_url=server.url, timeout=120)
+
+
+def invert(c, colour) -> str:
+    r = c.post("/v1/inversions", files={"image": ("s.png", png(colour), "image/png")}, data={"source_prompt": SOURCE})
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def accepted_edit(server, inversion_id: str, timeout: float = 10.0) -> str:
+    """The id of the edit of this inversion that a still-waiting request made (from the server's JSON log)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for line in server.log().splitlines():
+            try:  # the CLI's log handler may prefix the JSON with 'nti: '
+                event = json.loads(line[line.find("{"):])
+            except ValueError:
+                continue
+            if event.get("event") == "job_accepted" and event.get("inversion") == inversion_id:
+                return event["job"]
+        time.sleep(0.05)
+    raise AssertionError(f"no edit of {inversion_id} was accepted")
+
+
+def waiting_edit(server, inversion_id: str, answer: dict):
+    """POST an edit that waits (timeout_s 10) in a thread; its answer and how long it took land in `answer`."""
+    def run():
+        start = time.time()
+        with client(server) as c:
+            r = c.post(f"/v1/inversions/{inversion_id}/edits", json={"target_prompt": TARGET, "timeout_s": 10})
+        answer.update(status=r.status_code, body=r.json(), seconds=time.time() - start)
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+# --------------------------------------------------------------------------------------------------- cancelling
+
+def test_deleting_an_edit_answers_the_request_waiting_on_it_at_once(server):
+    """Before: the waiting request was never woken; it waited out its timeout_s, then got 504 'did not finish'."""
+    with client(server) as c:
+        inv = invert(c, (210, 30, 30))
+        answer = {}
+        thread = waiting_edit(server, inv, answer)
+        edit_id = accepted_edit(server, inv)
+        r = c.delete(f"/v1/edits/{edit_id}")
+        assert r.status_code == 200 and r.json()["status"] == "deleted", r.text
+        thread.join(30)
+    assert answer["status"] == 409, answer
+    assert answer["body"]["error"]["code"] == "409" and "deleted" in answer["body"]["error"]["message"], answer
+    assert answer["seconds"] < 5, answer
+
+
+def test_deleting_an_inversion_answers_the_requests_waiting_on_its_edits_at_once(server):
+    with client(server) as c:
+        inv = invert(c, (30, 210, 30))
+        answer = {}
+        thread = waiting_edit(server, inv, answer)
+        edit_id = accepted_edit(server, inv)
+        r = c.delete(f"/v1/inversions/{inv}")
+        assert r.status_code == 200 and r.json()["status"] == "deleted", r.text
+        thread.join(30)
+        assert c.get(f"/v1/edits/{edit_id}").status_code == 404
+    assert answer["status"] == 409 and "deleted" in answer["body"]["error"]["message"], answer
+    assert answer["seconds"] < 5, answer
