@@ -72,7 +72,7 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 429, 503, 504)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 410, 413, 422, 429, 503, 504)}
 
 
 # ------------------------------------------------------------------------------------------------------ schemas
@@ -556,10 +556,18 @@ class Service:
         t["inversion_id"] = job.parent
         return t
 
+    def edit_png(self, job: Job) -> bytes:
+        """A done edit's stored PNG; 410 when its file was removed from the data folder under the server."""
+        try:
+            return self.store.path("edits", job.id).read_bytes()
+        except FileNotFoundError:
+            raise APIError(410, f"edit {job.id}: its image is no longer stored on the server (removed from the data "
+                                f"folder); submit the edit again", "edit_id", "gone") from None
+
     def edit_status(self, job: Job, with_image: bool) -> EditStatus:
         image = None
         if with_image and job.state == "done":
-            image = base64.b64encode(self.store.path("edits", job.id).read_bytes()).decode()
+            image = base64.b64encode(self.edit_png(job)).decode()
         return EditStatus(id=job.id, inversion_id=job.parent, status=job.state,
                           target_prompt=job.request["target_prompt"], settings=job.request["edit"], b64_json=image,
                           timings=self.edit_timings(job), created_at=job.created_at, finished_at=job.finished_at,
@@ -701,7 +709,7 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
         job = await service.wait(job, timeout_s)
         if job.state != "done":
             raise service.failed(job)
-        b64 = base64.b64encode(service.store.path("edits", job.id).read_bytes()).decode()
+        b64 = base64.b64encode(service.edit_png(job)).decode()
         return ImagesResponse(created=int(time.time()), data=[ImageData(b64_json=b64)],
                               nti={"edit_id": job.id, "inversion_id": inversion.id,
                                    "timings": service.edit_timings(job), "warnings": warned})
@@ -789,7 +797,7 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
         if job.state != "done":
             raise service.failed(job)
         if body.response_format == "png":
-            return Response(service.store.path("edits", job.id).read_bytes(), media_type="image/png",
+            return Response(service.edit_png(job), media_type="image/png",
                             headers={"X-NTI-Edit-Id": job.id,
                                      "X-NTI-Timings": json.dumps(service.edit_timings(job))})
         return service.edit_status(job, True)
@@ -806,7 +814,7 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
         job = service.job_or_404(edit_id, "edit")
         if job.state != "done":
             raise APIError(409, f"edit {job.id} is {job.state}", "edit_id", "not_ready")
-        return Response(service.store.path("edits", job.id).read_bytes(), media_type="image/png")
+        return Response(service.edit_png(job), media_type="image/png")
 
     @app.delete("/v1/edits/{edit_id}", tags=["edits"], response_model=Deleted, responses=ERRORS)
     def delete_edit(edit_id: Id):

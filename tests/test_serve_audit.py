@@ -104,3 +104,30 @@ def test_deleting_an_inversion_answers_the_requests_waiting_on_its_edits_at_once
         assert c.get(f"/v1/edits/{edit_id}").status_code == 404
     assert answer["status"] == 409 and "deleted" in answer["body"]["error"]["message"], answer
     assert answer["seconds"] < 5, answer
+
+
+# --------------------------------------------------------------------------------------------------- files removed
+
+def test_an_edit_whose_stored_image_was_removed_is_410_not_500(server):
+    """Results fetched twice are the same bytes; once the PNG is removed from the data folder (by hand, a cleanup
+    job), every route that serves it says so (410, JSON) instead of 500 'internal error: FileNotFoundError'."""
+    with client(server) as c:
+        inv = invert(c, (30, 30, 210))
+        r = c.post(f"/v1/inversions/{inv}/edits", json={"target_prompt": TARGET})
+        assert r.status_code == 200, r.text
+        edit = r.json()
+        first, second = (c.get(f"/v1/edits/{edit['id']}/image").content for _ in range(2))
+        assert first == second == base64.b64decode(edit["b64_json"])
+        assert c.get(f"/v1/edits/{edit['id']}").json()["b64_json"] == edit["b64_json"]
+        (server_data(server) / "edits" / f"{edit['id']}.png").unlink()
+        for path in (f"/v1/edits/{edit['id']}", f"/v1/edits/{edit['id']}/image"):
+            r = c.get(path)
+            assert r.status_code == 410, (path, r.status_code, r.text)
+            assert "no longer stored" in r.json()["error"]["message"] and r.json()["error"]["param"] == "edit_id"
+        assert c.delete(f"/v1/edits/{edit['id']}").json()["status"] == "deleted"  # and it can still be deleted
+        assert c.delete(f"/v1/inversions/{inv}").json()["status"] == "deleted"
+
+
+def server_data(server):
+    from pathlib import Path
+    return Path(server.data)
