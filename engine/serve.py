@@ -360,6 +360,8 @@ class Service:
                 continue
             path = self.store.path("inversions" if job.kind == "invert" else "edits", job.id)
             tmp = self.store.folder / "tmp" / path.name  # same file system: the rename is atomic
+            for folder in (tmp.parent, path.parent):  # removed under a running server: made again, as at start
+                folder.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as fh:
                 fh.write(outcome.data)
                 fh.flush()

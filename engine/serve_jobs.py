@@ -59,6 +59,7 @@ def atomic_write(path: Path, data: bytes, sync_dir: bool = True) -> None:
     """Write beside the target, fsync, rename: a reader (or a restart after kill -9) sees the old file or the new.
     sync_dir=False leaves the folder's fsync (which makes the rename itself durable) to the caller: once per batch."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)  # removed under a running server: made again, as at start
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()

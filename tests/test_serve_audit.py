@@ -131,3 +131,19 @@ def test_an_edit_whose_stored_image_was_removed_is_410_not_500(server):
 def server_data(server):
     from pathlib import Path
     return Path(server.data)
+
+
+# Last in the file: it removes the module server's artifact folders.
+
+def test_artifact_folders_removed_under_the_server_are_made_again(server):
+    """Before: every upload was 500 (the source could not be written) and every batch failed with 'internal error:
+    FileNotFoundError' naming the server's path, for good, while /readyz said ready."""
+    for sub in ("sources", "inversions", "edits", "tmp"):
+        shutil.rmtree(server_data(server) / sub)
+    with client(server) as c:
+        r = c.post("/v1/images/edits", files={"image": ("s.png", png((120, 60, 200)), "image/png")},
+                   data={"source_prompt": SOURCE, "prompt": TARGET})
+        assert r.status_code == 200, r.text
+        assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).size == (32, 32)
+        edit_id = r.json()["nti"]["edit_id"]
+        assert c.get(f"/v1/edits/{edit_id}/image").content == base64.b64decode(r.json()["data"][0]["b64_json"])
