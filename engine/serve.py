@@ -488,6 +488,9 @@ class Service:
         return job, False, warned
 
     def submit_edit(self, inversion: Job, target_prompt: str, edit_settings: dict) -> Job:
+        if inversion.cancel:  # a DELETE came while it ran: its batch drops it, so this edit could only fail
+            raise APIError(409, f"inversion {inversion.id} is being deleted; post the image again to invert it anew",
+                           "inversion_id", "conflict")
         self.check_prompt(target_prompt, "target_prompt")
         config = self.config(**inversion.request["settings"], **edit_settings)
         if config.edit != "regenerate":  # P2P word alignment errors (replace needs equal word counts) belong here

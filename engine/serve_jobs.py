@@ -160,8 +160,9 @@ class JobStore:
         return job
 
     def find_inversion(self, key: str) -> Job | None:
-        """A live inversion with this key (queued, running or done): a new request reuses it."""
-        jobs = self._select("kind = 'invert' AND key = ? AND state IN ('queued', 'running', 'done') "
+        """A live inversion with this key (queued, running or done): a new request reuses it. Not one a DELETE came
+        for while it ran (cancel set): its batch drops it."""
+        jobs = self._select("kind = 'invert' AND key = ? AND state IN ('queued', 'running', 'done') AND NOT cancel "
                             "ORDER BY seq DESC LIMIT 1", (key,))
         return jobs[0] if jobs else None
 

@@ -133,6 +133,42 @@ def server_data(server):
     return Path(server.data)
 
 
+
+# --------------------------------------------------------------------------------------------------- the job table
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    """A Service in this process, its model loaded, its worker not started: the tests move jobs by hand."""
+    from nti.serve import Service
+    from nti.serve_jobs import ServeSettings
+
+    svc = Service(ServeSettings(data=str(tmp_path_factory.mktemp("service")), model="tiny", device="cpu", steps=2,
+                                inner_steps=1, batch_size=4))
+    assert svc.batcher._load_model()
+    yield svc
+    svc.store.close()
+
+
+def test_an_upload_is_not_reused_by_an_inversion_being_deleted(service):
+    """DELETE /v1/inversions/ID of a running inversion marks it, and its batch drops it. Before: the same upload
+    posted again meanwhile got that doomed job back (200, reused), and its edits then failed 'inversion cancelled';
+    an edit of the doomed inversion was accepted the same way. Now the upload queues a new inversion, and the edit
+    is refused (409)."""
+    from nti.serve import APIError
+
+    red = Image.new("RGB", (32, 32), (200, 40, 40))
+    first, reused, _ = service.submit_inversion(red, "a photo", {})
+    assert not reused
+    service.store.start([first.id])
+    assert service.store.cancel(first.id) == "running"  # what the DELETE route does to a running inversion
+    again, reused, _ = service.submit_inversion(red, "a photo", {})
+    assert not reused and again.id != first.id and again.state == "queued"
+    with pytest.raises(APIError) as refused:
+        service.submit_edit(service.store.get(first.id), "a photo", {"edit": "regenerate"})
+    assert refused.value.status == 409 and "being deleted" in refused.value.message
+    assert [job.id for job in service.store.children(first.id)] == []
+
+
 # Last in the file: it removes the module server's artifact folders.
 
 def test_artifact_folders_removed_under_the_server_are_made_again(server):
