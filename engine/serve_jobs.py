@@ -180,11 +180,22 @@ class JobStore:
             self.db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
                             (*fields.values(), job_id))
 
-    def start(self, ids: list[str]) -> None:
-        now = time.time()
+    def start(self, ids: list[str]) -> list[str]:
+        """Mark picked jobs running, in one transaction; the ids it started. A job cancelled since it was picked (a
+        DELETE, a request's timeout) stays cancelled: it must not run and end 'done'."""
+        now, started = time.time(), []
         with self.lock:
-            self.db.executemany("UPDATE jobs SET state = 'running', started_at = ? WHERE id = ?",
-                                [(now, i) for i in ids])
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for i in ids:
+                    if self.db.execute("UPDATE jobs SET state = 'running', started_at = ? WHERE id = ? AND "
+                                       "state = 'queued'", (now, i)).rowcount:
+                        started.append(i)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        return started
 
     def finish(self, results: dict[str, dict]) -> dict[str, str]:
         """Mark a batch's jobs done (each unless a cancel came while it ran: then cancelled), in one transaction:
@@ -385,7 +396,10 @@ class Batcher:
                         log_event("worker_stopped", left_queued=self.store.queue_depth())
                         return
                     self.cond.wait(timeout=min(wait, 1.0))
-            self.store.start([j.id for j in jobs])
+            started = self.store.start([j.id for j in jobs])
+            jobs = [job for job in jobs if job.id in started]
+            if not jobs:
+                continue
             self.busy_since = time.time()
             try:
                 self._run_batch(self.pipe, jobs)

@@ -169,6 +169,39 @@ def test_an_upload_is_not_reused_by_an_inversion_being_deleted(service):
     assert [job.id for job in service.store.children(first.id)] == []
 
 
+
+def test_a_job_cancelled_between_pick_and_start_does_not_run(tmp_path):
+    """The worker picks a batch, then marks it running. Before: a job cancelled in between (a DELETE, a request's
+    timeout) was set running anyway, ran, and ended 'done' after its client was told it was cancelled."""
+    from nti.serve_jobs import Batcher, BatchPolicy, Job, JobStore, new_id
+
+    store = JobStore(tmp_path)
+    a, b = (store.add(Job(id=new_id(), kind="invert", state="queued",
+                          request={"source_prompt": "a photo", "settings": {}})) for _ in range(2))
+    ran = []
+
+    def run_batch(pipe, jobs):
+        ran.append([job.id for job in jobs])
+        store.finish({job.id: {} for job in jobs})
+    batcher = Batcher(store, BatchPolicy(4, 0.0), lambda: object(), run_batch)
+    real_pick = batcher.pick
+
+    def pick():
+        jobs, wait = real_pick()
+        if jobs:
+            assert store.cancel(a.id) == "cancelled"  # the DELETE lands between the pick and the start
+        return jobs, wait
+    batcher.pick = pick
+    batcher.start()
+    deadline = time.time() + 10
+    while not ran and time.time() < deadline:
+        time.sleep(0.01)
+    batcher.stop(0)
+    assert ran == [[b.id]]
+    assert store.get(a.id).state == "cancelled" and store.get(b.id).state == "done"
+    store.close()
+
+
 # Last in the file: it removes the module server's artifact folders.
 
 def test_artifact_folders_removed_under_the_server_are_made_again(server):
