@@ -694,9 +694,24 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
             guidance: Annotated[float | None, Form(ge=0, le=50)] = None,
             guidance_schedule: Annotated[Literal[GUIDANCE_SCHEDULES] | None, Form()] = None,
             edit: Annotated[Literal[EDIT_MODES] | None, Form()] = None,
-            timeout_s: Annotated[float | None, Form(gt=0)] = None):
+            timeout_s: Annotated[float | None, Form(gt=0)] = None,
+            mask: Annotated[UploadFile | None, File(description="refused: inpainting masks are not served")] = None,
+            stream: Annotated[bool | None, Form(description="refused when true")] = None,
+            output_format: Annotated[str | None, Form(description="png only")] = None,
+            background: Annotated[str | None, Form(description="auto or opaque only")] = None):
         """Edit an image (OpenAI's images.edit): invert it under source_prompt (or reuse a stored inversion of the
         same pixels, prompt and settings), regenerate it under prompt. One image per call (n = 1)."""
+        # OpenAI fields that change what comes back: refused, since ignoring them answers something else
+        if mask is not None:
+            raise APIError(400, "mask: inpainting masks are not served (the edit changes the whole image by prompt); "
+                                "send no mask", "mask")
+        if stream:
+            raise APIError(400, "stream: true is not served (no partial images); send no stream or stream=false",
+                           "stream")
+        if output_format not in (None, "png"):
+            raise APIError(400, f"output_format: only png is served; got {output_format!r}", "output_format")
+        if background not in (None, "auto", "opaque"):
+            raise APIError(400, f"background: only opaque images are made; got {background!r}", "background")
         if n not in (None, 1):
             raise APIError(400, f"n: only n=1 is served (one edit per inversion and prompt); got {n}", "n")
         if response_format not in (None, "b64_json"):

@@ -134,6 +134,35 @@ def server_data(server):
 
 
 
+
+# --------------------------------------------------------------------------------------------------- OpenAI fields
+
+@pytest.mark.parametrize("field, value", [("output_format", "jpeg"), ("output_format", "webp"), ("stream", "true"),
+                                          ("background", "transparent")])
+def test_openai_fields_the_server_cannot_honour_are_400_not_ignored(server, field, value):
+    """Before: FastAPI dropped form fields the route does not declare, so a request for a JPEG got a PNG, a
+    streaming client got one JSON body it cannot parse as events, and a transparent background came back opaque."""
+    with client(server) as c:
+        r = c.post("/v1/images/edits", files={"image": ("s.png", png((90, 90, 90)), "image/png")},
+                   data={"source_prompt": SOURCE, "prompt": TARGET, field: value})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field and value in r.json()["error"]["message"]
+
+
+def test_an_openai_mask_is_refused_not_ignored(server):
+    """An inpainting mask says 'change only here'; ignoring it (before) answered an edit of the whole image."""
+    openai = pytest.importorskip("openai")
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        api.images.edit(image=("s.png", png((90, 30, 90)), "image/png"), mask=("m.png", png((0, 0, 0)), "image/png"),
+                        prompt=TARGET, extra_body={"source_prompt": SOURCE})
+    assert refused.value.param == "mask" and "mask" in refused.value.message
+    # the fields the server does honour, and the defaults of the others, still work from the same client
+    ok = api.images.edit(image=("s.png", png((90, 30, 90)), "image/png"), prompt=TARGET, output_format="png",
+                         background="auto", quality="auto", size="auto", extra_body={"source_prompt": SOURCE})
+    assert Image.open(io.BytesIO(base64.b64decode(ok.data[0].b64_json))).size == (32, 32)
+
+
 # --------------------------------------------------------------------------------------------------- the job table
 
 @pytest.fixture(scope="module")
