@@ -781,6 +781,8 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
             service.store.cancel(child.id)
         state = service.store.cancel(job.id)
         if state == "running":  # its batch is on the worker: marked, dropped when the batch ends
+            for child in service.store.children(job.id):  # its edits, cancelled above, are kept: requests waiting
+                service.batcher.notify(child.id)  # on them answer now (409), not at their timeout
             return Deleted(id=job.id, deleted=False, status="cancelling")
         for child in service.store.children(job.id):
             if service.store.get(child.id).state in FINAL:

@@ -106,6 +106,30 @@ def test_deleting_an_inversion_answers_the_requests_waiting_on_its_edits_at_once
     assert answer["seconds"] < 5, answer
 
 
+
+def test_deleting_a_running_inversion_answers_the_requests_waiting_on_its_edits_at_once(server):
+    """The inversion is running, so DELETE only marks it ('cancelling') and cancels its queued edits. Before: those
+    edits' waiting requests were never woken and got 504 'did not finish' at their timeout."""
+    with client(server) as c:
+        r = c.post("/v1/inversions", files={"image": ("s.png", png((210, 210, 30)), "image/png")},
+                   data={"source_prompt": SOURCE, "steps": "60", "inner_steps": "20"})  # long enough to catch
+        assert r.status_code == 202, r.text
+        inv = r.json()["id"]
+        deadline = time.time() + 30
+        while c.get(f"/v1/inversions/{inv}").json()["status"] == "queued" and time.time() < deadline:
+            time.sleep(0.05)
+        answer = {}
+        thread = waiting_edit(server, inv, answer)
+        edit_id = accepted_edit(server, inv)
+        assert c.get(f"/v1/inversions/{inv}").json()["status"] == "running"
+        r = c.delete(f"/v1/inversions/{inv}")
+        assert r.status_code == 200 and r.json()["status"] == "cancelling", r.text
+        thread.join(30)
+        assert c.get(f"/v1/edits/{edit_id}").json()["status"] == "cancelled"
+    assert answer["status"] == 409 and "cancelled" in answer["body"]["error"]["message"], answer
+    assert answer["seconds"] < 5, answer
+
+
 # --------------------------------------------------------------------------------------------------- files removed
 
 def test_an_edit_whose_stored_image_was_removed_is_410_not_500(server):
