@@ -624,10 +624,17 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
     @app.middleware("http")
     async def observe(request: Request, call_next):
         start = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        service.metrics.requests.labels(route, str(response.status_code)).inc()
-        service.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+        def count(status: int) -> None:
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            service.metrics.requests.labels(route, str(status)).inc()
+            service.metrics.latency.labels(route).observe(time.perf_counter() - start)
+        try:
+            response = await call_next(request)
+        except Exception:  # a bug, on its way to internal_error's JSON 500: counted as that
+            count(500)
+            raise
+        count(response.status_code)
         return response
 
     @app.exception_handler(APIError)

@@ -223,6 +223,28 @@ def test_an_upload_is_not_reused_by_an_inversion_being_deleted(service):
 
 
 
+def test_a_500_is_counted_in_metrics(service, monkeypatch):
+    """/metrics is where an operator sees errors. Before: a request that ended in the JSON 500 (a bug) was not
+    counted at all, since the exception passed the metrics middleware on its way to the error handler."""
+    from fastapi.testclient import TestClient
+
+    from nti.serve import create_app
+
+    app = create_app(service.settings, service)  # no lifespan: the worker stays stopped, the model is loaded
+    job = service.submit_inversion(Image.new("RGB", (32, 32), (10, 200, 200)), "a photo", {})[0]
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(service, "inversion_status", bug)
+    c = TestClient(app, raise_server_exceptions=False)
+    r = c.get(f"/v1/inversions/{job.id}")
+    assert r.status_code == 500 and r.json()["error"]["message"] == "internal error: RuntimeError"
+    metrics = c.get("/metrics").text
+    assert 'nti_http_requests_total{route="/v1/inversions/{inversion_id}",status="500"} 1.0' in metrics, metrics
+    assert 'nti_http_request_seconds_count{route="/v1/inversions/{inversion_id}"} 1.0' in metrics
+
+
+
 def test_a_job_cancelled_between_pick_and_start_does_not_run(tmp_path):
     """The worker picks a batch, then marks it running. Before: a job cancelled in between (a DELETE, a request's
     timeout) was set running anyway, ran, and ended 'done' after its client was told it was cancelled."""
