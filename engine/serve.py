@@ -7,6 +7,7 @@ Routes: the OpenAI-compatible POST /v1/images/edits; the native POST /v1/inversi
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -519,6 +520,9 @@ class Service:
             log_event("job_timeout", logging.WARNING, job=job.id, seconds=limit)
             raise APIError(504, f"the job did not finish within {limit:g} s and was cancelled; raise timeout_s or "
                                 f"submit with wait=false and poll", "timeout_s", "timeout")
+        if done.state not in FINAL:  # released by a shutdown whose drain time is up: the job stays on disk
+            raise APIError(503, f"the server is shutting down; edit {job.id} is kept and runs after the restart: poll "
+                                f"GET /v1/edits/{job.id}", None, "unavailable", {"Retry-After": "10"})
         return done
 
     # --- views
@@ -889,4 +893,15 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) ->
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     app = create_app(settings)
-    uvicorn.run(app, host=host, port=port, log_config=None, timeout_graceful_shutdown=int(settings.drain_s) + 1)
+    service = app.state.service
+
+    class Server(uvicorn.Server):
+        """uvicorn's, but requests still waiting when the drain time is up answer 503 with their job's id (kept on
+        disk for the next start) in the second uvicorn gives them, instead of being cut off with no answer."""
+
+        async def shutdown(self, sockets=None):
+            asyncio.get_running_loop().call_later(settings.drain_s, service.batcher.release_waiters)
+            await super().shutdown(sockets)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_config=None,
+                          timeout_graceful_shutdown=int(settings.drain_s) + 1)).run()

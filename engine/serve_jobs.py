@@ -327,6 +327,13 @@ class Batcher:
                     self._waiters.pop(job_id, None)
         return self.store.get(job_id)
 
+    def release_waiters(self) -> None:
+        """Wake every waiting request now, its job final or not: a shutdown's drain time is up."""
+        with self.cond:
+            job_ids = list(self._waiters)
+        for job_id in job_ids:
+            self.notify(job_id)
+
     def notify(self, job_id: str) -> None:
         with self.cond:
             waiters = self._waiters.pop(job_id, [])

@@ -19,12 +19,13 @@ from nti.benchmarks.bench_serve import ServerProcess  # noqa: E402
 
 SOURCE, TARGET = "a yellow triangle on a gray background", "a blue triangle on a gray background"
 DELAY_MS = 1500  # the oldest queued job waits this long for its batch to fill: time to act on a queued job
+DRAIN_S = 2
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = ServerProcess(tmp_path_factory.mktemp("serve-audit") / "data", "--steps", "4", "--inner-steps", "1",
-                        "--device", "cpu", "--batch-size", "4", "--max-delay-ms", str(DELAY_MS))
+                        "--device", "cpu", "--batch-size", "4", "--max-delay-ms", str(DELAY_MS), "--drain", str(DRAIN_S))
     srv.start()
     yield srv
     code = srv.stop()
@@ -67,9 +68,13 @@ def waiting_edit(server, inversion_id: str, answer: dict):
     """POST an edit that waits (timeout_s 10) in a thread; its answer and how long it took land in `answer`."""
     def run():
         start = time.time()
-        with client(server) as c:
-            r = c.post(f"/v1/inversions/{inversion_id}/edits", json={"target_prompt": TARGET, "timeout_s": 10})
-        answer.update(status=r.status_code, body=r.json(), seconds=time.time() - start)
+        try:
+            with client(server) as c:
+                r = c.post(f"/v1/inversions/{inversion_id}/edits", json={"target_prompt": TARGET, "timeout_s": 10})
+            answer.update(status=r.status_code, body=r.json(), headers=r.headers)
+        except httpx.HTTPError as err:  # e.g. the server closed the connection without an answer
+            answer.update(status=repr(err))
+        answer.update(seconds=time.time() - start, ended=time.time())
     thread = threading.Thread(target=run)
     thread.start()
     return thread
@@ -111,13 +116,7 @@ def test_deleting_a_running_inversion_answers_the_requests_waiting_on_its_edits_
     """The inversion is running, so DELETE only marks it ('cancelling') and cancels its queued edits. Before: those
     edits' waiting requests were never woken and got 504 'did not finish' at their timeout."""
     with client(server) as c:
-        r = c.post("/v1/inversions", files={"image": ("s.png", png((210, 210, 30)), "image/png")},
-                   data={"source_prompt": SOURCE, "steps": "60", "inner_steps": "20"})  # long enough to catch
-        assert r.status_code == 202, r.text
-        inv = r.json()["id"]
-        deadline = time.time() + 30
-        while c.get(f"/v1/inversions/{inv}").json()["status"] == "queued" and time.time() < deadline:
-            time.sleep(0.05)
+        inv = running_inversion(c, (210, 210, 30))
         answer = {}
         thread = waiting_edit(server, inv, answer)
         edit_id = accepted_edit(server, inv)
@@ -277,7 +276,7 @@ def test_a_job_cancelled_between_pick_and_start_does_not_run(tmp_path):
     store.close()
 
 
-# Last in the file: it removes the module server's artifact folders.
+# Last in the file: they remove the module server's artifact folders, then stop and restart it.
 
 def test_artifact_folders_removed_under_the_server_are_made_again(server):
     """Before: every upload was 500 (the source could not be written) and every batch failed with 'internal error:
@@ -291,3 +290,43 @@ def test_artifact_folders_removed_under_the_server_are_made_again(server):
         assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).size == (32, 32)
         edit_id = r.json()["nti"]["edit_id"]
         assert c.get(f"/v1/edits/{edit_id}/image").content == base64.b64decode(r.json()["data"][0]["b64_json"])
+
+
+
+def running_inversion(c, colour) -> str:
+    """An inversion long enough (60 steps x 20 iterations) to act while it runs; returned once it is running."""
+    r = c.post("/v1/inversions", files={"image": ("s.png", png(colour), "image/png")},
+               data={"source_prompt": SOURCE, "steps": "60", "inner_steps": "20"})
+    assert r.status_code == 202, r.text
+    deadline = time.time() + 30
+    while c.get(f"/v1/inversions/{r.json()['id']}").json()["status"] == "queued" and time.time() < deadline:
+        time.sleep(0.05)
+    return r.json()["id"]
+
+
+def test_sigterm_answers_a_request_still_waiting_after_the_drain_with_503_and_its_job_id(server):
+    """SIGTERM lets waiting requests finish for --drain seconds. Before: one whose job was still running then was cut
+    off with no answer at all ('Server disconnected without sending a response'), so an OpenAI-route client never
+    learned its edit's id. Now it gets 503 + Retry-After naming the edit, which runs after the restart."""
+    with client(server) as c:
+        inv = running_inversion(c, (15, 90, 160))
+        answer = {}
+        thread = waiting_edit(server, inv, answer)
+        edit_id = accepted_edit(server, inv)
+        assert c.get(f"/v1/inversions/{inv}").json()["status"] == "running"
+    term = time.time()
+    server.proc.terminate()
+    thread.join(60)
+    assert answer["status"] == 503, answer
+    assert edit_id in answer["body"]["error"]["message"] and int(answer["headers"]["retry-after"]) >= 1, answer
+    assert answer["ended"] - term < DRAIN_S + 1.5, answer
+    server.proc.wait(120)
+    server.log_file.close()
+    server.restart()  # the fixture stops it
+    with client(server) as c:
+        deadline = time.time() + 120
+        while (state := c.get(f"/v1/edits/{edit_id}").json()["status"]) in ("queued", "running"):
+            assert time.time() < deadline
+            time.sleep(0.1)
+        assert state == "done"
+        assert Image.open(io.BytesIO(c.get(f"/v1/edits/{edit_id}/image").content)).size == (32, 32)
