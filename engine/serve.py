@@ -651,6 +651,11 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
         loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path", "header", "form")]
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg', 'invalid')}" if param else first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":  # its loc is a character position, not a field
+            param, message = None, (f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})"
+                                    f"; send a JSON object such as {{\"target_prompt\": \"...\"}}")
+        elif "Expected UploadFile" in message:  # a multipart part without a filename arrives as text
+            message = f"{param}: send it as a file, a multipart part with a filename (curl -F '{param}=@FILE')"
         return error_response(422, message, param)
 
     @app.exception_handler(StarletteHTTPException)

@@ -129,6 +129,26 @@ def test_deleting_a_running_inversion_answers_the_requests_waiting_on_its_edits_
     assert answer["seconds"] < 5, answer
 
 
+
+def test_a_body_that_is_not_json_and_an_image_without_a_filename_say_what_to_send(server):
+    """Before: 'param': '1', '1: JSON decode error' (a character position taken for a field), and 'image: Value
+    error, Expected UploadFile, received: <class 'str'>'."""
+    with client(server) as c:
+        inv = invert(c, (60, 160, 60))
+        r = c.post(f"/v1/inversions/{inv}/edits", content=b"{target_prompt: 1", headers={"content-type":
+                                                                                           "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["param"] is None, r.text
+        assert r.json()["error"]["message"].startswith("the body is not valid JSON (") and "target_prompt" in r.text
+        body = (b'--B\r\nContent-Disposition: form-data; name="image"\r\nContent-Type: image/png\r\n\r\n' +
+                png((60, 160, 61)) + b'\r\n--B\r\nContent-Disposition: form-data; name="source_prompt"\r\n\r\n' +
+                SOURCE.encode() + b"\r\n--B--\r\n")
+        r = c.post("/v1/inversions", content=body, headers={"content-type": "multipart/form-data; boundary=B"})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "image", r.text
+        assert r.json()["error"]["message"] == "image: send it as a file, a multipart part with a filename " \
+                                               "(curl -F 'image=@FILE')"
+        assert c.delete(f"/v1/inversions/{inv}").json()["status"] == "deleted"
+
+
 # --------------------------------------------------------------------------------------------------- files removed
 
 def test_an_edit_whose_stored_image_was_removed_is_410_not_500(server):
