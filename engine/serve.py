@@ -411,6 +411,9 @@ class Service:
             raise APIError(503, f"not ready: {why}", None, "unavailable", {"Retry-After": "2"})
         if b.stopping:
             raise APIError(503, "the server is shutting down", None, "unavailable", {"Retry-After": "5"})
+        if b.thread.ident is not None and not b.alive:  # started and died (the log says why): nothing would run it
+            raise APIError(503, "the server's worker has stopped (its log says why); restart the server: jobs already "
+                                "accepted stay queued on disk and run then", None, "unavailable")
         return b.pipe
 
     def check_prompt(self, prompt: str, param: str) -> None:

@@ -264,6 +264,37 @@ def test_a_500_is_counted_in_metrics(service, monkeypatch):
 
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the worker's death, on purpose
+def test_uploads_are_refused_once_the_worker_has_died(tmp_path):
+    """The worker thread died (here: the job table cannot be written, as on a full disk). Before: /readyz said
+    'worker stopped' but uploads were still accepted (202) into a queue nothing runs, and a waiting request hung
+    until its timeout. Now they are 503, saying to restart (what was accepted stays queued on disk)."""
+    import sqlite3
+
+    from nti.serve import APIError, Service
+    from nti.serve_jobs import ServeSettings
+
+    service = Service(ServeSettings(data=str(tmp_path), model="tiny", device="cpu", steps=2, inner_steps=1,
+                                    max_delay_ms=0))
+
+    def disk_full(ids):
+        raise sqlite3.OperationalError("database or disk is full")
+    service.store.start = disk_full
+    service.batcher.start()
+    deadline = time.time() + 60
+    while service.batcher.pipe is None and time.time() < deadline:
+        time.sleep(0.05)
+    first, _, _ = service.submit_inversion(Image.new("RGB", (32, 32), (1, 2, 3)), "a photo", {})
+    service.batcher.thread.join(30)
+    assert not service.batcher.alive
+    with pytest.raises(APIError) as refused:
+        service.submit_inversion(Image.new("RGB", (32, 32), (4, 5, 6)), "a photo", {})
+    assert refused.value.status == 503 and "restart" in refused.value.message
+    assert service.store.get(first.id).state == "queued"  # kept for the next start
+    service.store.close()
+
+
+
 def test_a_job_cancelled_between_pick_and_start_does_not_run(tmp_path):
     """The worker picks a batch, then marks it running. Before: a job cancelled in between (a DELETE, a request's
     timeout) was set running anyway, ran, and ended 'done' after its client was told it was cancelled."""
