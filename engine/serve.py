@@ -523,9 +523,10 @@ class Service:
             log_event("job_timeout", logging.WARNING, job=job.id, seconds=limit)
             raise APIError(504, f"the job did not finish within {limit:g} s and was cancelled; raise timeout_s or "
                                 f"submit with wait=false and poll", "timeout_s", "timeout")
-        if done.state not in FINAL:  # released by a shutdown whose drain time is up: the job stays on disk
-            raise APIError(503, f"the server is shutting down; edit {job.id} is kept and runs after the restart: poll "
-                                f"GET /v1/edits/{job.id}", None, "unavailable", {"Retry-After": "10"})
+        if done.state not in FINAL:  # released by a shutdown whose drain time is up, or a dead worker: kept on disk
+            raise APIError(503, f"the server is shutting down or its worker has stopped; edit {job.id} is kept and runs "
+                                f"after the restart: poll GET /v1/edits/{job.id}", None, "unavailable",
+                           {"Retry-After": "10"})
         return done
 
     # --- views

@@ -388,6 +388,12 @@ class Batcher:
         return True
 
     def _main(self) -> None:
+        try:
+            self._work()
+        finally:  # stopped, or died of an error (logged): requests still waiting answer now, their jobs stay queued
+            self.release_waiters()
+
+    def _work(self) -> None:
         if not self._load_model():
             return
         while True:

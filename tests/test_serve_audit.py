@@ -2,6 +2,7 @@
 while a request waits on them, a deleted inversion that is still running, results and folders removed under the
 server, and OpenAI fields the server cannot honour. One server is shared by the module (loopback, the shapes model,
 few steps, a long batch delay so that jobs stay queued for a while); the job-table tests run a Service in-process."""
+import asyncio
 import base64
 import io
 import json
@@ -268,7 +269,7 @@ def test_a_500_is_counted_in_metrics(service, monkeypatch):
 def test_uploads_are_refused_once_the_worker_has_died(tmp_path):
     """The worker thread died (here: the job table cannot be written, as on a full disk). Before: /readyz said
     'worker stopped' but uploads were still accepted (202) into a queue nothing runs, and a waiting request hung
-    until its timeout. Now they are 503, saying to restart (what was accepted stays queued on disk)."""
+    until its timeout (then 504). Now both are 503 at once, saying to restart (what was accepted stays queued)."""
     import sqlite3
 
     from nti.serve import APIError, Service
@@ -277,7 +278,10 @@ def test_uploads_are_refused_once_the_worker_has_died(tmp_path):
     service = Service(ServeSettings(data=str(tmp_path), model="tiny", device="cpu", steps=2, inner_steps=1,
                                     max_delay_ms=0))
 
+    gate = threading.Event()
+
     def disk_full(ids):
+        gate.wait(30)  # once the test waits on an edit
         raise sqlite3.OperationalError("database or disk is full")
     service.store.start = disk_full
     service.batcher.start()
@@ -285,6 +289,16 @@ def test_uploads_are_refused_once_the_worker_has_died(tmp_path):
     while service.batcher.pipe is None and time.time() < deadline:
         time.sleep(0.05)
     first, _, _ = service.submit_inversion(Image.new("RGB", (32, 32), (1, 2, 3)), "a photo", {})
+    edit = service.submit_edit(first, "a photo", {"edit": "regenerate"})
+
+    async def wait_on_the_edit():
+        asyncio.get_running_loop().call_later(0.5, gate.set)
+        start = time.time()
+        with pytest.raises(APIError) as waited:
+            await service.wait(edit, 10)
+        return waited.value, time.time() - start
+    waited, seconds = asyncio.run(wait_on_the_edit())
+    assert waited.status == 503 and edit.id in waited.message and seconds < 5, (waited.message, seconds)
     service.batcher.thread.join(30)
     assert not service.batcher.alive
     with pytest.raises(APIError) as refused:
