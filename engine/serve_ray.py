@@ -134,8 +134,10 @@ class RemoteBatcher(Batcher):
                     if jobs:
                         break
                     self.cond.wait(timeout=1.0)
+            started = self.store.start([j.id for j in jobs])  # a job cancelled since it was picked stays cancelled
+            jobs = [job for job in jobs if job.id in started]
+            with self.cond:
                 self.in_flight += len(jobs)
-            self.store.start([j.id for j in jobs])
             for job in jobs:
                 self.pool.submit(self._send, job)
 
