@@ -120,7 +120,7 @@ class RemoteBatcher(Batcher):
         super().stop(drain_s)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def _main(self) -> None:
+    def _work(self) -> None:  # Batcher._main runs it and wakes waiting requests when it ends
         if not self._load_model():  # the ingress stays up and says why in /readyz
             return
         while True:
