@@ -409,8 +409,8 @@ def stage_sdxl(st: Stage) -> None:
 
 def _compiled_waterfall(st: Stage, stage: str, rows: list, n: int, method: str = "null-text") -> None:
     """Compile rows on a GPU, each null-text row followed by its gradient check (compiled_grad_rel); at batch 1 with
-    the fp32 reference's parity too. On CPU (--quick) each row's settings are only checked: inductor takes minutes here, and
-    tests/test_fast.py runs both compile scopes on CPU (traced by dynamo) instead."""
+    the fp32 reference's parity too. On CPU (--quick) each row's settings are only checked: inductor takes minutes
+    here, and tests/test_fast.py runs both compile scopes on CPU (traced by dynamo) instead."""
     if not st.cuda:
         from nti import NTIConfig
         for _, changes in rows:
@@ -677,10 +677,23 @@ class OpCount(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops, self.casts, self.nongemm_bytes = 0, 0, 0
+        self.in_blocks, self.ops_in_blocks = 0, 0  # depth inside the repeated blocks (count_blocks), ops run there
+
+    def count_blocks(self, module: torch.nn.Module) -> list:
+        """Hooks that count the ops run inside the module's repeated transformer blocks (what regional compile
+        compiles); returns their handles."""
+        def enter(*_):
+            self.in_blocks += 1
+
+        def leave(*_):
+            self.in_blocks -= 1
+        blocks = [m for m in module.modules() if type(m).__name__ in getattr(module, "_repeated_blocks", ())]
+        return [h for m in blocks for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.ops += 1
+        self.ops_in_blocks += self.in_blocks > 0
         self.casts += func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype)
         name = func.overloadpacket.__name__
         if not func.is_view and not any(g in name for g in GEMM_OPS):
@@ -735,14 +748,19 @@ def stage_ops(st: Stage) -> None:
                 saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
         emulate = not st.cuda and not config.half_norms
-        with (OpCount() as fwd_count, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        fwd_count = OpCount()
+        hooks = fwd_count.count_blocks(runner.module)
+        with (fwd_count, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
               CudaAutocastPolicy() if emulate else contextlib.nullcontext()):
             out = runner.eps(z, 981, ctx)
+        for hook in hooks:
+            hook.remove()
         with OpCount() as bwd_count:
             torch.autograd.grad(out.float().square().mean(), ctx)
         st.emit("ops", variant=variant, half_weights=config.half_weights, half_norms=config.half_norms,
                 cuda_autocast_policy="emulated" if emulate else "none" if config.half_norms else "native",
                 latent_side=side, forward_ops=fwd_count.ops, forward_casts=fwd_count.casts,
+                forward_ops_in_blocks=fwd_count.ops_in_blocks,
                 backward_ops=bwd_count.ops, backward_casts=bwd_count.casts,
                 nongemm_gib=(fwd_count.nongemm_bytes + bwd_count.nongemm_bytes) / 2**30,
                 saved_for_backward_gib=sum(saved.values()) / 2**30,
@@ -921,8 +939,10 @@ def summarize(out: Path) -> str:
         if r["stage"] == "ops" and "forward_ops" in r:
             variant = r.get("variant") or ("half weights" if r["half_weights"] else "autocast over fp32")
             moved = f", non-GEMM ops move {r['nongemm_gib']:.3g} GiB" if "nongemm_gib" in r else ""
+            blocks = (f", {r['forward_ops_in_blocks']} in the transformer blocks regional compile covers"
+                      if "forward_ops_in_blocks" in r else "")
             lines.append(f"- one inner iteration's UNet, {variant}: {r['forward_ops']} forward aten ops "
-                         f"({r['forward_casts']} casts), {r['backward_ops']} "
+                         f"({r['forward_casts']} casts{blocks}), {r['backward_ops']} "
                          f"backward, {r['saved_for_backward_gib']:.2f} GiB saved for backward besides the weights"
                          f"{moved} ({r['latent_side']}x{r['latent_side']} latent)")
         if "grad_vs_eager_rel" in r:

@@ -170,12 +170,13 @@ class NTIConfig:
     compile_scope: str = setting("blocks", SPEED, choices=COMPILE_SCOPES)
     """What compile compiles. 'blocks': each repeated transformer block (regional; SD v1.4 has 4 block shapes, so
     it compiles in about two minutes on an H200 at batch 16), which leaves the ResNet blocks, the norms and
-    projections around the blocks eager: about 44% of a forward's aten ops, one kernel each. 'unet': the whole
-    UNet as one graph per batch size and grad mode, so inductor fuses those as well and picks the convolutions'
-    memory layout; costs a longer first call (a whole SD v1.4 UNet's forward + backward took 216 s to compile on an
-    H100). Same arithmetic either way: parity as eager's (tests/test_fast.py). 'unet' compiles with inductor's
-    layout optimization off: on torch 2.13 it zeroed the gradient through SD's up blocks
-    (tools/inductor_layout_grad_repro.py); NTI_INDUCTOR_LAYOUT_OPT=1 turns it back on. Ignored without compile."""
+    projections around the blocks eager: a third of a forward's aten ops (gpu_run stage ops: 638 of 1902), one
+    kernel each. 'unet': the whole UNet as one graph per batch size and grad mode, so inductor fuses those as well;
+    costs a longer first call (a whole SD v1.4 UNet's forward + backward took 216 s to compile on an H100). Same
+    arithmetic either way: parity as eager's (tests/test_fast.py). 'unet' compiles with inductor's layout
+    optimization off: on torch 2.13 it zeroed the gradient through SD's up blocks
+    (tools/inductor_layout_grad_repro.py); NTI_INDUCTOR_LAYOUT_OPT=1 turns it back on (--channels-last gives the
+    convolutions NHWC either way). Ignored without compile."""
     cuda_graphs: bool = setting(False, SPEED)
     """Capture whole calls as CUDA graphs (CUDA only; ignored with a warning elsewhere): each forward-only UNet call
     per batch size, and each inner iteration (UNet forward + backward, loss, Adam) per bucket size. Captured once

@@ -49,6 +49,8 @@ def test_gpu_run_quick_on_cpu(tmp_path):
     ops = {r["variant"]: r for r in measured if r["stage"] == "ops"}
     autocast, half, norms = ops["autocast over fp32 weights"], ops["half weights"], ops["half norms"]
     assert half["forward_casts"] < autocast["forward_casts"] and half["forward_ops"] < autocast["forward_ops"]
+    # regional compile's share: the transformer blocks run some of the forward's ops, not all (ResNets, norms)
+    assert 0 < half["forward_ops_in_blocks"] < half["forward_ops"]
     # no autocast: only the entry casts of z and the context (and the timestep embedding's), none per layer
     assert norms["forward_casts"] <= 4 and norms["forward_ops"] < half["forward_ops"]
     assert norms["nongemm_gib"] < half["nongemm_gib"] < autocast["nongemm_gib"]
