@@ -53,11 +53,15 @@ def _normal(word: str) -> str:
 def word_positions(tokenizer, prompt: str, word: str) -> list[int]:
     """Token positions of every occurrence of `word` (case and surrounding punctuation ignored) in `prompt`."""
     target = _normal(word)
-    n_word = len(tokenizer.encode(target, add_special_tokens=False))
+    pieces = tokenizer.encode(target, add_special_tokens=False)
     out = []
     for w, positions in word_tokens(tokenizer, prompt):
         if _normal(w) == target:
-            out += positions[:n_word]  # 'mat.' -> the tokens of 'mat', not the full stop
+            # the word's own tokens among the punctuation's: 'mat.' -> 'mat', '"cat"' -> 'cat', not the quote
+            # (CLIP splits punctuation from letters, so they are a run of the whole word's tokens)
+            tokens = tokenizer.encode(w, add_special_tokens=False)
+            start = next((k for k in range(len(tokens)) if tokens[k:k + len(pieces)] == pieces), 0)
+            out += positions[start:start + len(pieces)]
     return out
 
 
