@@ -407,3 +407,48 @@ def test_cli_refuses_bad_p2p_settings_with_exit_2(tmp_path, capsys):
             code = exit_info.code
         assert code == 2, extra
         assert "error" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ layers and pipeline
+
+def test_layers_as_the_official_store_and_blend_on_the_sd_layout():
+    """SD v1.4's UNet names (a stand-in object): the official AttentionStore keeps maps of at most 32 ** 2 queries,
+    LocalBlend reads down_cross[2:4] + up_cross[:3] of those (the five 16 x 16 layers); self-attention replace acts
+    on layers of at most 32 ** 2 queries (NTI notebook)."""
+    from types import SimpleNamespace
+    names = []
+    for block in range(3):
+        names += [f"down_blocks.{block}.attentions.{a}.transformer_blocks.0.attn{n}.processor"
+                  for a in range(2) for n in (1, 2)]
+    names += [f"mid_block.attentions.0.transformer_blocks.0.attn{n}.processor" for n in (1, 2)]
+    for block in range(1, 4):
+        names += [f"up_blocks.{block}.attentions.{a}.transformer_blocks.0.attn{n}.processor"
+                  for a in range(3) for n in (1, 2)]
+    unet = SimpleNamespace(down_blocks=[None] * 4, up_blocks=[None] * 4, attn_processors={n: None for n in names})
+    layers = p2p.unet_layers(unet, 64)
+    side = {"down_blocks.0": 64, "down_blocks.1": 32, "down_blocks.2": 16, "mid_block": 8,
+            "up_blocks.1": 16, "up_blocks.2": 32, "up_blocks.3": 64}
+    for name, layer in layers.items():
+        assert layer.side == side[name.split(".attentions")[0]], name
+    stored_down = [n for n in names if n.startswith("down") and ".attn2." in n and layers[n].side ** 2 <= 32 ** 2]
+    stored_up = [n for n in names if n.startswith("up") and ".attn2." in n and layers[n].side ** 2 <= 32 ** 2]
+    assert sorted(n for n, layer in layers.items() if layer.blend) == sorted(stored_down[2:4] + stored_up[:3])
+
+
+def test_fast_batch_equals_reference_for_refine_reweight_blend(tiny_pipe):
+    """The combination the existing tests leave out: refine + reweight + local blend, 2 images batched on the fast
+    path against the reference one at a time."""
+    import nti
+    from tests.conftest import rel_err
+    base = NTIConfig(steps=4, method="ddim")
+    invs = nti.invert(tiny_pipe, ["skimage:chelsea", "skimage:coffee"],
+                      ["a cat sitting on a mat", "a cup of coffee on a table"], base, progress=False)
+    targets = ["a red cat sitting on a mat", "a big cup of coffee on a red table"]
+    config = base.replace(edit="p2p-refine", reweight={"red": 2.5, "big": 0.5}, blend_words=("cat", "cup"),
+                          blend_start=0.0, blend_threshold=0.9)
+    ref = torch.cat([nti.edit_latents(tiny_pipe, [inv], [t], config, progress=False) for inv, t in zip(invs, targets)])
+    fast = nti.edit_latents(tiny_pipe, invs, targets, config.replace(backend="fast", batch_size=2), progress=False)
+    assert rel_err(fast, ref) < 1e-4  # measured 2.8e-6
+    unblended = torch.cat([nti.edit_latents(tiny_pipe, [inv], [t], config.replace(blend_words=()), progress=False)
+                           for inv, t in zip(invs, targets)])
+    assert rel_err(ref, unblended) > 1e-2  # the blend took part (measured 0.11)
