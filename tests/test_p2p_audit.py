@@ -452,3 +452,36 @@ def test_fast_batch_equals_reference_for_refine_reweight_blend(tiny_pipe):
     unblended = torch.cat([nti.edit_latents(tiny_pipe, [inv], [t], config.replace(blend_words=()), progress=False)
                            for inv, t in zip(invs, targets)])
     assert rel_err(ref, unblended) > 1e-2  # the blend took part (measured 0.11)
+
+
+VOCAB = ["a", "cat", "dog", "hippopotamus", "sitting", "on", "mat", "rug", "red", "photo", "of", "the", "tiger",
+         "armadillo", "wearing", "hat", "big", "and", "with", "sunglasses", "cat,", "mat.", "watercolor", "painting"]
+
+
+def test_mappers_and_word_lookup_as_official_on_random_prompts(sd_tok):
+    """Seeded random pairs on SD's vocabulary (multi-token words, punctuation glued to words): swaps of one or two
+    words for replace, insertions and removals for refine, and the word lookup of each punctuation-free word."""
+    rng = np.random.default_rng(7)
+    for _ in range(150):
+        words = list(rng.choice(VOCAB, size=rng.integers(3, 9)))
+        source = " ".join(words)
+        swapped = list(words)
+        for k in rng.choice(len(words), size=rng.integers(1, 3), replace=False):
+            swapped[k] = rng.choice(VOCAB)
+        target = " ".join(swapped)
+        assert torch.equal(p2p.replace_mapper(sd_tok, source, target), official_replacement(sd_tok, source, target)), (
+            source, target)
+        edited = list(words)
+        for _ in range(rng.integers(1, 3)):
+            if rng.random() < 0.5 and len(edited) > 1:
+                del edited[rng.integers(len(edited))]
+            else:
+                edited.insert(rng.integers(len(edited) + 1), rng.choice(VOCAB))
+        refined = " ".join(edited)
+        index, alphas = official_refinement(sd_tok, source, refined)
+        mapper, alpha = p2p.refine_mapper(sd_tok, source, refined)
+        assert torch.equal(alpha, alphas) and torch.equal(mapper * alpha, as_matrix(index) * alphas), (source, refined)
+        for word in set(words):  # where the official exact match and the project's (punctuation dropped) agree
+            if p2p._normal(word) == word and all(w == word for w in words if p2p._normal(w) == word):
+                assert p2p.word_positions(sd_tok, source, word) == official_word_inds(sd_tok, source, word), (
+                    source, word)
