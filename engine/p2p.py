@@ -47,7 +47,9 @@ def word_tokens(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
 
 
 def _normal(word: str) -> str:
-    return word.lower().strip(".,;:!?\"'()[]")
+    # a word of punctuation only (',' or '!' standing alone) is itself, as the official get_word_inds finds it;
+    # stripped to nothing it would match nothing and its reweight factor would be dropped without a word
+    return word.lower().strip(".,;:!?\"'()[]") or word.lower()
 
 
 def word_positions(tokenizer, prompt: str, word: str) -> list[int]:

@@ -485,3 +485,15 @@ def test_mappers_and_word_lookup_as_official_on_random_prompts(sd_tok):
             if p2p._normal(word) == word and all(w == word for w in words if p2p._normal(w) == word):
                 assert p2p.word_positions(sd_tok, source, word) == official_word_inds(sd_tok, source, word), (
                     source, word)
+
+
+def test_a_word_of_punctuation_only_is_found_as_written(sd_tok):
+    """get_word_inds finds a space-separated ',' or '!' as it is written; the project's lookup stripped it to
+    nothing, so such a reweight word was dropped without a word (beside other words) or refused as missing from a
+    prompt that has it."""
+    config = NTIConfig(edit="p2p-refine", reweight={"tiger": 2.0, ",": 0.5, "!": 3.0})
+    target = "a tiger , sitting on a mat !"
+    plan = p2p.make_plan(sd_tok, "a cat , sitting on a mat !", target, config)
+    assert torch.equal(plan.equalizer, official_equalizer(sd_tok, target, ["tiger", ",", "!"], [2.0, 0.5, 3.0]))
+    assert plan.equalizer[3] == 0.5 and plan.equalizer[8] == 3.0
+    assert p2p.word_positions(sd_tok, "a cat, sitting", ",") == []  # glued to a word: not a word of its own
