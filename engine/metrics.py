@@ -442,6 +442,9 @@ def pie_clip_score(clip: ClipScorer, image, text: str, mask=None) -> float:
     return 100.0 * max(clip.text_image(image, text), 0.0)
 
 
+LPIPS_NORM_EPS = 1e-10  # LPIPS's normalize_tensor, added after the square root
+
+
 class SqueezeLpips:
     """LPIPS v0.1 on SqueezeNet 1.1 (Zhang et al. 2018; torchmetrics LearnedPerceptualImagePatchSimilarity with
     net_type='squeeze', which PIE-Bench uses), written out so that no torchvision is needed: the backbone's
@@ -486,9 +489,11 @@ class SqueezeLpips:
             taps1 = self._taps((x1.to(self.device) - self.shift) / self.scale)
             total = 0.0
             for f0, f1, head in zip(taps0, taps1, self.heads):
-                # unit-normalize each position's channel vector as torchmetrics does: x / sqrt(eps + sum x^2)
-                f0 = f0 / torch.sqrt(1e-8 + (f0 ** 2).sum(1, keepdim=True))
-                f1 = f1 / torch.sqrt(1e-8 + (f1 ** 2).sum(1, keepdim=True))
+                # unit-normalize each position's channel vector as LPIPS and torchmetrics < 1.2.1 (PnPInversion's)
+                # did: x / (|x| + 1e-10); torchmetrics 1.2.1+ (PR 2144) takes x / sqrt(1e-8 + |x|^2), which shrinks
+                # vectors of norm below ~1e-4 instead of making them unit vectors
+                f0 = f0 / (torch.sqrt((f0 ** 2).sum(1, keepdim=True)) + LPIPS_NORM_EPS)
+                f1 = f1 / (torch.sqrt((f1 ** 2).sum(1, keepdim=True)) + LPIPS_NORM_EPS)
                 total = total + torch.nn.functional.conv2d((f0 - f1) ** 2, head).mean()
         return float(total)
 

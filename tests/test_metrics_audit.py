@@ -1,0 +1,113 @@
+"""Audit of the pie-bench metrics against what cure-lab/PnPInversion's evaluation code computed for the published
+tables (torchmetrics and transformers as of 2023): each expected value is computed here independently, on small
+fixture images, as that code did."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nti.metrics import SqueezeLpips, pie_lpips
+
+SIDE = 64
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A 64x64 photo crop, an "edited" copy (noise and a recoloured square) and the edited square's mask."""
+    import skimage.data
+
+    source = skimage.data.astronaut()[100:100 + SIDE, 180:180 + SIDE].copy()
+    rng = np.random.default_rng(0)
+    output = np.clip(source + rng.normal(0, 8, source.shape), 0, 255).round().astype(np.uint8)
+    mask = np.zeros((SIDE, SIDE), bool)
+    mask[20:40, 24:44] = True
+    output[mask] = output[mask][:, ::-1]
+    return source, output, mask
+
+
+# --- LPIPS: the channel normalization of torchmetrics < 1.2.1 (LPIPS's own), eps outside the square root ---------
+
+LPIPS_CHANNELS = (64, 128, 256, 384, 384, 512, 512)
+FIRES = {3: (64, 16, 64), 4: (128, 16, 64), 6: (128, 32, 128), 7: (256, 32, 128), 9: (256, 48, 192),
+         10: (384, 48, 192), 11: (384, 64, 256), 12: (512, 64, 256)}
+
+
+def _squeezenet_state(first_scale: float) -> dict:
+    """torchvision squeezenet1_1 names and shapes, random values; the first convolution scaled by first_scale."""
+    generator = torch.Generator().manual_seed(0)
+
+    def conv(out_ch, in_ch, k):
+        scale = (2.0 / (in_ch * k * k)) ** 0.5
+        return (torch.randn(out_ch, in_ch, k, k, generator=generator) * scale,
+                torch.randn(out_ch, generator=generator) * 0.05)
+
+    weight, bias = conv(64, 3, 3)
+    state = {"features.0.weight": weight * first_scale, "features.0.bias": bias * first_scale}
+    for index, (inplanes, squeeze, expand) in FIRES.items():
+        for name, shape in (("squeeze", (squeeze, inplanes, 1)), ("expand1x1", (expand, squeeze, 1)),
+                            ("expand3x3", (expand, squeeze, 3))):
+            state[f"features.{index}.{name}.weight"], state[f"features.{index}.{name}.bias"] = conv(*shape)
+    return state
+
+
+def _heads() -> dict:
+    generator = torch.Generator().manual_seed(1)
+    return {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=generator) / c
+            for k, c in enumerate(LPIPS_CHANNELS)}
+
+
+def _lpips_2023(state: dict, heads: dict, x0: torch.Tensor, x1: torch.Tensor) -> float:
+    """LPIPS v0.1, SqueezeNet 1.1, as the lpips package and torchmetrics before 1.2.1 compute it: each position's
+    channel vector divided by (its norm + 1e-10)."""
+    from torch.nn import functional as F
+
+    def fire(x, index):
+        def w(name):
+            return state[f"features.{index}.{name}.weight"], state[f"features.{index}.{name}.bias"]
+
+        x = F.relu(F.conv2d(x, *w("squeeze")))
+        return torch.cat([F.relu(F.conv2d(x, *w("expand1x1"))), F.relu(F.conv2d(x, *w("expand3x3"), padding=1))], 1)
+
+    def taps(x):
+        x = F.relu(F.conv2d(x, state["features.0.weight"], state["features.0.bias"], stride=2))
+        out = [x]
+        x = fire(fire(F.max_pool2d(x, 3, 2, ceil_mode=True), 3), 4)
+        out.append(x)
+        x = fire(fire(F.max_pool2d(x, 3, 2, ceil_mode=True), 6), 7)
+        out.append(x)
+        x = fire(F.max_pool2d(x, 3, 2, ceil_mode=True), 9)
+        out.append(x)
+        for index in (10, 11, 12):
+            x = fire(x, index)
+            out.append(x)
+        return out
+
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    total = 0.0
+    with torch.no_grad():
+        for k, (f0, f1) in enumerate(zip(taps((x0 - shift) / scale), taps((x1 - shift) / scale))):
+            f0 = f0 / (f0.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            f1 = f1 / (f1.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            total += float((((f0 - f1) ** 2) * heads[f"lin{k}.model.1.weight"]).sum(1).mean())
+    return total
+
+
+def _zeroed(image: np.ndarray, mask: np.ndarray) -> torch.Tensor:
+    """PnPInversion's LPIPS input: float32 image / 255 times (1 - mask with its border), mapped to [-1, 1]."""
+    keep = ~mask.copy()
+    keep[0, :] = keep[-1, :] = keep[:, 0] = keep[:, -1] = False
+    x = image.astype(np.float32) / 255 * keep[..., None].astype(np.float32)
+    return torch.from_numpy(x).permute(2, 0, 1)[None] * 2 - 1
+
+
+@pytest.mark.parametrize("first_scale", [1.0, 1e-6])
+def test_lpips_normalizes_features_as_torchmetrics_did_in_2023(pair, first_scale):
+    # at first_scale 1e-6 the first tap's channel vectors have norms ~1e-6: LPIPS's own normalization (eps 1e-10
+    # after the root) still makes them unit vectors, torchmetrics 1.2.1+'s sqrt(1e-8 + |f|^2) shrinks them ~100x
+    source, output, mask = pair
+    state, heads = _squeezenet_state(first_scale), _heads()
+    lpips = SqueezeLpips(state, heads)
+    expected = _lpips_2023(state, heads, _zeroed(source, mask), _zeroed(output, mask))
+    assert expected > 0
+    assert pie_lpips(lpips, source, output, mask) == pytest.approx(expected, rel=1e-4, abs=1e-6)
