@@ -152,6 +152,15 @@ def psnr(a, b, mask=None) -> float:
     return math.inf if error == 0.0 else 10.0 * math.log10(1.0 / error)
 
 
+def _pil_image_processor() -> dict:
+    """AutoImageProcessor's arguments for the PIL one (PIL bicubic resize), which PnPInversion's CLIP scores used:
+    transformers 5 otherwise takes the torchvision backend whenever torchvision imports (torch's bicubic, other
+    pixels), and late 4.x its "fast" processor when asked."""
+    import transformers
+
+    return {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {"use_fast": False}
+
+
 class ClipScorer:
     """CLIP similarities (the seed report's Algorithm 2) from a local transformers CLIP folder, raw cosine in [-1, 1].
 
@@ -166,7 +175,8 @@ class ClipScorer:
         self.device = torch.device(device)
         self.model = CLIPModel.from_pretrained(str(self.path), local_files_only=True).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
-        self.image_processor = AutoImageProcessor.from_pretrained(str(self.path), local_files_only=True)
+        self.image_processor = AutoImageProcessor.from_pretrained(str(self.path), local_files_only=True,
+                                                                  **_pil_image_processor())
         self.max_length = min(int(self.tokenizer.model_max_length),
                               int(self.model.config.text_config.max_position_embeddings))
 

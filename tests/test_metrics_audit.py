@@ -111,3 +111,59 @@ def test_lpips_normalizes_features_as_torchmetrics_did_in_2023(pair, first_scale
     expected = _lpips_2023(state, heads, _zeroed(source, mask), _zeroed(output, mask))
     assert expected > 0
     assert pie_lpips(lpips, source, output, mask) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+# --- CLIP: the image processor of 2023 (PIL bicubic), whatever backend transformers would pick now --------------
+
+from test_metrics import tiny_clip_folder  # noqa: E402,F401  (a fixture)
+
+
+@pytest.fixture
+def openai_style_clip(tiny_clip_folder, tmp_path):  # noqa: F811
+    """The tiny CLIP folder with its preprocessor config naming "CLIPImageProcessor", as openai's folders do."""
+    import json
+    import shutil
+
+    folder = tmp_path / "clip"
+    shutil.copytree(tiny_clip_folder, folder)
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    config["image_processor_type"] = "CLIPImageProcessor"
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _pil_clip_pixels(image: np.ndarray, side: int, mean, std) -> np.ndarray:
+    """CLIPImageProcessor as torchmetrics' CLIPScore ran it in 2023: PIL bicubic to the shortest edge, centre crop,
+    / 255, normalize."""
+    pil = Image.fromarray(image)
+    w, h = pil.size
+    scale = side / min(w, h)
+    pil = pil.resize((round(w * scale), round(h * scale)), Image.Resampling.BICUBIC)
+    w, h = pil.size
+    left, top = (w - side) // 2, (h - side) // 2
+    crop = np.asarray(pil.crop((left, top, left + side, top + side)), dtype=np.float64) / 255
+    return ((crop - np.array(mean)) / np.array(std)).transpose(2, 0, 1)
+
+
+def test_clip_images_are_preprocessed_with_pil_whatever_transformers_prefers(openai_style_clip, pair, monkeypatch):
+    import transformers
+
+    from nti.metrics import ClipScorer
+
+    asked = []
+    original = transformers.AutoImageProcessor.from_pretrained
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", spy)
+    scorer = ClipScorer(openai_style_clip)
+    # transformers 5 picks the torchvision backend (torch's bicubic) whenever torchvision imports; PnPInversion's
+    # numbers come from PIL's: the scorer must ask for that backend, not take the default
+    assert asked and (asked[0].get("backend") == "pil" or asked[0].get("use_fast") is False)
+    processor = scorer.image_processor
+    source = pair[0]
+    pixels = processor(images=[Image.fromarray(source)], return_tensors="pt")["pixel_values"][0].double().numpy()
+    expected = _pil_clip_pixels(source, 32, processor.image_mean, processor.image_std)
+    np.testing.assert_allclose(pixels, expected, atol=1e-5)
