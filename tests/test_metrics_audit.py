@@ -167,3 +167,69 @@ def test_clip_images_are_preprocessed_with_pil_whatever_transformers_prefers(ope
     pixels = processor(images=[Image.fromarray(source)], return_tensors="pt")["pixel_values"][0].double().numpy()
     expected = _pil_clip_pixels(source, 32, processor.image_mean, processor.image_std)
     np.testing.assert_allclose(pixels, expected, atol=1e-5)
+
+
+# --- checks that found the project equal to PnPInversion (kept as regression tests) -----------------------------
+
+
+def _mask_decode_loop(code, side: int = 512) -> np.ndarray:
+    """evaluate.py's mask_decode, element by element: each run clipped at the image's end, then the border."""
+    length = side * side
+    flat = np.zeros(length)
+    for i in range(0, len(code), 2):
+        for j in range(min(code[i + 1], length - code[i])):
+            flat[code[i] + j] = 1
+    mask = flat.reshape(side, side)
+    mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = 1
+    return mask
+
+
+def test_mask_decoding_matches_their_loop_with_overlaps_and_a_run_past_the_end(tmp_path):
+    import json
+
+    from nti.data import load_pie_bench
+    from nti.evaluate import square_mask
+    from nti.metrics import pie_edit_mask
+
+    side = 512
+    # unsorted runs, an overlap, a run that crosses rows, one that runs past the last pixel, one starting there
+    code = [5000, 300, 700, 40, 720, 100, 130_000, 1_500, side * side - 10, 50, side * side, 7]
+    (tmp_path / "annotation_images").mkdir()
+    Image.new("RGB", (side, side), (90, 120, 150)).save(tmp_path / "annotation_images" / "a.jpg")
+    (tmp_path / "mapping_file.json").write_text(json.dumps({"000": {
+        "image_path": "a.jpg", "original_prompt": "a [blue] wall", "editing_prompt": "a [red] wall",
+        "editing_type_id": "6", "mask": code}}))
+    (sample,) = load_pie_bench(tmp_path)
+    expected = _mask_decode_loop(code).astype(bool)
+    # what nti eval scores with: the loaded mask, cropped like the 512x512 image (a no-op) and given its border
+    np.testing.assert_array_equal(pie_edit_mask(square_mask(sample.mask), (side, side)), expected)
+    assert sample.mask[-1, -10:].all() and not sample.mask[0, :5].any()  # row-major: the tail is the last row
+
+
+def test_background_psnr_mse_follow_their_float32_path(pair):
+    from nti.metrics import pie_mse, pie_psnr
+
+    source, output, mask = pair
+    keep = ~mask.copy()
+    keep[0, :] = keep[-1, :] = keep[:, 0] = keep[:, -1] = False
+    # matrics_calculator.py: np.array(img).astype(float32) / 255, times (1 - mask).astype(float32)
+    x = source.astype(np.float32) / 255 * keep[..., None].astype(np.float32)
+    y = output.astype(np.float32) / 255 * keep[..., None].astype(np.float32)
+    error = float(((x.astype(np.float64) - y) ** 2).mean())
+    assert pie_mse(source, output, mask) == pytest.approx(error, rel=1e-5)
+    assert pie_psnr(source, output, mask) == pytest.approx(10 * np.log10(1 / error), abs=1e-4)
+    assert pie_psnr(Image.fromarray(source), Image.fromarray(output), mask) == pie_psnr(source, output, mask)
+
+
+@pytest.mark.parametrize("height, width", [(512, 512), (300, 700), (700, 300), (240, 400)])
+def test_dino_input_size_is_torchvision_013_resize_224_max_480(height, width):
+    from nti.metrics import dino_input
+
+    # torchvision 0.13 _compute_resized_output_size(size=[224], max_size=480)
+    short, long = min(height, width), max(height, width)
+    new_short, new_long = 224, int(224 * long / short)
+    if new_long > 480:
+        new_short, new_long = int(480 * new_short / new_long), 480
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    image = np.zeros((height, width, 3), np.uint8)
+    assert tuple(dino_input(image).shape) == (1, 3, new_h, new_w)
