@@ -236,7 +236,8 @@ def load_pie_bench(root: str | os.PathLike, limit: int | None = None,
                 "blended_word": record.get("blended_word"), "original_prompt": record["original_prompt"],
                 "editing_prompt": record["editing_prompt"]}
         edit_type = None if type_id is None else f"{type_id} {PIE_EDIT_TYPES.get(str(type_id), 'unknown')}"
-        samples.append(EditSample(str(sample_id), partial(load_image, image_path),
+        # as stored, no EXIF orientation: PnPInversion's Image.open, and its masks index those pixels
+        samples.append(EditSample(str(sample_id), partial(load_image, image_path, as_stored=True),
                                   strip_brackets(record["original_prompt"]), strip_brackets(record["editing_prompt"]),
                                   record.get("editing_instruction") or None, mask, meta, edit_type))
     return samples

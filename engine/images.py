@@ -25,9 +25,10 @@ MIN_CROP_KEPT = 0.5
 TIFF_BITS_PER_SAMPLE, TIFF_SAMPLE_FORMAT, TIFF_SIGNED = 258, 339, 2  # SampleFormat 2: two's complement integers
 
 
-def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
+def load_image(source: str | os.PathLike | Image.Image | np.ndarray, as_stored: bool = False) -> Image.Image:
     """An RGB PIL image from a path, 'skimage:NAME', a PIL image or an HxW / HxWx3 / HxWx4 array (read as
-    array_to_rgb says); clear errors otherwise."""
+    array_to_rgb says); clear errors otherwise. as_stored: a file's pixels as stored, its EXIF orientation not
+    applied (see open_image)."""
     if isinstance(source, Image.Image):
         return to_rgb(source)
     if isinstance(source, np.ndarray):
@@ -42,7 +43,7 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Im
         return array_to_rgb(skimage_photo(text), text)
     path = Path(text).expanduser()
     check_image_file(path)
-    return open_image(path, f"image {path}")
+    return open_image(path, f"image {path}", as_stored)
 
 
 # scikit-image's data functions that return no photo (a folder, a download, a checksum, a cascade file's path)
@@ -105,8 +106,9 @@ def check_image_file(path: Path, where: str = "") -> None:
                        f"file")
 
 
-def open_image(source: Path | bytes, label: str) -> Image.Image:
-    """Decode a file or encoded bytes to RGB the way a photo viewer shows it: EXIF orientation applied, 16-bit
+def open_image(source: Path | bytes, label: str, as_stored: bool = False) -> Image.Image:
+    """Decode a file or encoded bytes to RGB the way a photo viewer shows it: EXIF orientation applied (unless
+    as_stored: pixels as stored, for data whose annotations index them so, as PIE-Bench's masks), 16-bit
     greys scaled to 8 bits (not clipped to white). Refused with a clear NTIError: unreadable or truncated files,
     decompression bombs (PIL's pixel limit), and animations (which frame the user meant is a guess). PIL's own
     warnings (corrupt EXIF) become one 'nti' warning naming the file instead of a bare line on stderr."""
@@ -122,7 +124,7 @@ def open_image(source: Path | bytes, label: str) -> Image.Image:
                                   f"still image")
                 signed = is_signed_16bit(img)  # before exif_transpose: its copy has no TIFF tags to tell
                 img.load()
-                img, turned, exif_error = upright(img)
+                img, turned, exif_error = (img, False, None) if as_stored else upright(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise NTIError(f"{label} is too large to decode safely ({err})") from None
     except UnidentifiedImageError:

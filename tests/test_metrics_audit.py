@@ -233,3 +233,30 @@ def test_dino_input_size_is_torchvision_013_resize_224_max_480(height, width):
     new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
     image = np.zeros((height, width, 3), np.uint8)
     assert tuple(dino_input(image).shape) == (1, 3, new_h, new_w)
+
+
+# --- PIE-Bench images as PnPInversion reads them: Image.open, no EXIF orientation applied -------------------------
+
+
+def test_pie_bench_images_are_read_as_stored_like_their_masks(tmp_path):
+    import json
+
+    from nti.data import load_pie_bench
+
+    side = 512
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+    pixels[:100] = 255  # a bright top band: the mask's row-major runs describe it as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: a viewer turns it 90 degrees
+    (tmp_path / "annotation_images").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "annotation_images" / "a.png", exif=exif)
+    (tmp_path / "mapping_file.json").write_text(json.dumps({"000": {
+        "image_path": "a.png", "original_prompt": "a [white] band", "editing_prompt": "a [red] band",
+        "editing_type_id": "6", "mask": [0, 100 * side]}}))
+    (sample,) = load_pie_bench(tmp_path)
+    # evaluate.py (and run_editing_p2p.py): Image.open(path), pixels as stored, which is where the mask lies
+    with Image.open(tmp_path / "annotation_images" / "a.png") as img:
+        theirs = np.asarray(img.convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(sample.get_image()), theirs)
+    assert (theirs[sample.mask] == 255).all()
