@@ -3,6 +3,7 @@ tables (torchmetrics and transformers as of 2023): each expected value is comput
 fixture images, as that code did."""
 import numpy as np
 import pytest
+import test_metrics
 import torch
 from PIL import Image
 
@@ -115,11 +116,11 @@ def test_lpips_normalizes_features_as_torchmetrics_did_in_2023(pair, first_scale
 
 # --- CLIP: the image processor of 2023 (PIL bicubic), whatever backend transformers would pick now --------------
 
-from test_metrics import tiny_clip_folder  # noqa: E402,F401  (a fixture)
+tiny_clip_folder = test_metrics.tiny_clip_folder  # test_metrics' fixture: a tiny CLIP folder
 
 
 @pytest.fixture
-def openai_style_clip(tiny_clip_folder, tmp_path):  # noqa: F811
+def openai_style_clip(tiny_clip_folder, tmp_path):
     """The tiny CLIP folder with its preprocessor config naming "CLIPImageProcessor", as openai's folders do."""
     import json
     import shutil
