@@ -261,3 +261,26 @@ def test_pie_bench_images_are_read_as_stored_like_their_masks(tmp_path):
         theirs = np.asarray(img.convert("RGB"))
     np.testing.assert_array_equal(np.asarray(sample.get_image()), theirs)
     assert (theirs[sample.mask] == 255).all()
+
+
+def test_pie_table_means_over_samples_with_a_value_at_the_papers_scales():
+    import pandas as pd
+
+    from nti.report import pie_table, summarize
+
+    rows = [{"id": str(k), "method": "null-text", "guidance": 7.5, "schedule": "constant", "edit_type": t,
+             "edit_structure_distance": sd, "edit_bg_psnr": psnr, "edit_bg_lpips": lp, "edit_bg_mse": mse,
+             "edit_bg_ssim": ssim, "edit_clip_whole": cw, "edit_clip_edited": ce}
+            for k, (t, sd, psnr, lp, mse, ssim, cw, ce) in enumerate([
+                ("1 change object", 0.010, 20.0, 0.050, 0.0010, 0.80, 25.0, 21.0),
+                ("1 change object", 0.020, float("nan"), float("nan"), float("nan"), float("nan"), 24.0, 22.0),
+                ("6 change color", 0.030, 30.0, 0.070, 0.0030, 0.90, 23.0, 20.0)])]
+    df = pd.DataFrame(rows)
+    df["method"] = pd.Categorical(df["method"])
+    df["schedule"] = pd.Categorical(df["schedule"])
+    table = pie_table(summarize(df), "edit").splitlines()
+    # Table 1: structure x10^3, PSNR, LPIPS x10^3, MSE x10^4, SSIM x10^2, CLIP whole, CLIP edited; a NaN (the whole
+    # image edited, PnPInversion's "nan") is left out of the mean, not counted as 0
+    assert table[2].split(" | ")[4:] == ["20.00", "25.00", "60.00", "20.00", "85.00", "24.00", "21.00 |"]
+    by_type = pie_table(summarize(df, by=("edit_type",)), "edit", by=("edit_type",)).splitlines()
+    assert by_type[2].split(" | ")[3:6] == ["1 change object", "2", "15.00"]
