@@ -431,7 +431,8 @@ def tiny_lpips_folder(tmp_path_factory):
 
 
 def _functional_lpips(state: dict, heads: dict, x0: torch.Tensor, x1: torch.Tensor) -> float:
-    """LPIPS v0.1 with SqueezeNet 1.1 (torchmetrics' _LPIPS, net 'squeeze') in plain functional torch."""
+    """LPIPS v0.1 with SqueezeNet 1.1 in plain functional torch, as the lpips package and torchmetrics before 1.2.1
+    (PnPInversion's evaluation) compute it: each position's channel vector divided by (its norm + 1e-10)."""
     from torch.nn import functional as F
 
     def fire(x, index):
@@ -463,8 +464,8 @@ def _functional_lpips(state: dict, heads: dict, x0: torch.Tensor, x1: torch.Tens
     total = 0.0
     with torch.no_grad():
         for k, (f0, f1) in enumerate(zip(taps((x0 - shift) / scale), taps((x1 - shift) / scale))):
-            f0 = f0 / torch.sqrt(1e-8 + (f0 ** 2).sum(1, keepdim=True))
-            f1 = f1 / torch.sqrt(1e-8 + (f1 ** 2).sum(1, keepdim=True))
+            f0 = f0 / (f0.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            f1 = f1 / (f1.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
             total += float((((f0 - f1) ** 2) * heads[f"lin{k}.model.1.weight"]).sum(1).mean())
     return total
 

@@ -57,43 +57,6 @@ def _heads() -> dict:
             for k, c in enumerate(LPIPS_CHANNELS)}
 
 
-def _lpips_2023(state: dict, heads: dict, x0: torch.Tensor, x1: torch.Tensor) -> float:
-    """LPIPS v0.1, SqueezeNet 1.1, as the lpips package and torchmetrics before 1.2.1 compute it: each position's
-    channel vector divided by (its norm + 1e-10)."""
-    from torch.nn import functional as F
-
-    def fire(x, index):
-        def w(name):
-            return state[f"features.{index}.{name}.weight"], state[f"features.{index}.{name}.bias"]
-
-        x = F.relu(F.conv2d(x, *w("squeeze")))
-        return torch.cat([F.relu(F.conv2d(x, *w("expand1x1"))), F.relu(F.conv2d(x, *w("expand3x3"), padding=1))], 1)
-
-    def taps(x):
-        x = F.relu(F.conv2d(x, state["features.0.weight"], state["features.0.bias"], stride=2))
-        out = [x]
-        x = fire(fire(F.max_pool2d(x, 3, 2, ceil_mode=True), 3), 4)
-        out.append(x)
-        x = fire(fire(F.max_pool2d(x, 3, 2, ceil_mode=True), 6), 7)
-        out.append(x)
-        x = fire(F.max_pool2d(x, 3, 2, ceil_mode=True), 9)
-        out.append(x)
-        for index in (10, 11, 12):
-            x = fire(x, index)
-            out.append(x)
-        return out
-
-    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
-    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
-    total = 0.0
-    with torch.no_grad():
-        for k, (f0, f1) in enumerate(zip(taps((x0 - shift) / scale), taps((x1 - shift) / scale))):
-            f0 = f0 / (f0.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            f1 = f1 / (f1.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            total += float((((f0 - f1) ** 2) * heads[f"lin{k}.model.1.weight"]).sum(1).mean())
-    return total
-
-
 def _zeroed(image: np.ndarray, mask: np.ndarray) -> torch.Tensor:
     """PnPInversion's LPIPS input: float32 image / 255 times (1 - mask with its border), mapped to [-1, 1]."""
     keep = ~mask.copy()
@@ -109,7 +72,7 @@ def test_lpips_normalizes_features_as_torchmetrics_did_in_2023(pair, first_scale
     source, output, mask = pair
     state, heads = _squeezenet_state(first_scale), _heads()
     lpips = SqueezeLpips(state, heads)
-    expected = _lpips_2023(state, heads, _zeroed(source, mask), _zeroed(output, mask))
+    expected = test_metrics._functional_lpips(state, heads, _zeroed(source, mask), _zeroed(output, mask))
     assert expected > 0
     assert pie_lpips(lpips, source, output, mask) == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
