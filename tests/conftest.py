@@ -46,3 +46,22 @@ def assert_fast_equals_reference(pipe, image, prompt, target, config, edit_confi
     edit_fast = nti.edit_latents(pipe, fast[:1], target, edit_config.replace(backend="fast"), progress=False)
     assert rel_err(edit_fast, edit_ref) < edit_tol
     return ref, edit_ref
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster for one test module (test_ray.py, test_ray_audit.py), stopped after it."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    # Ray starts workers at nice 15: on a busy shared machine the actors would crawl behind everything else
+    niceness = os.environ.get("RAY_worker_niceness")
+    os.environ["RAY_worker_niceness"] = "0"
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    finally:
+        if niceness is None:
+            os.environ.pop("RAY_worker_niceness")
+        else:
+            os.environ["RAY_worker_niceness"] = niceness
+    yield ray
+    ray.shutdown()

@@ -1,7 +1,6 @@
 """`--ray` batch runs (issue 20) on a local 2-CPU Ray cluster this file starts: the same files as the single-process
 run, an actor killed mid-run, a corrupt input among good ones, and no Ray needed without --ray."""
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -29,24 +28,6 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 def files(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
-    # Ray starts workers at nice 15: on a busy shared machine the actors would crawl behind everything else
-    niceness = os.environ.get("RAY_worker_niceness")
-    os.environ["RAY_worker_niceness"] = "0"
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    finally:
-        if niceness is None:
-            os.environ.pop("RAY_worker_niceness")
-        else:
-            os.environ["RAY_worker_niceness"] = niceness
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

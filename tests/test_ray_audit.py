@@ -18,23 +18,6 @@ FAST = ["--steps", "2", "--inner-steps", "1", "--quiet", "--device", "cpu"]  # t
 SCENE0 = ["a yellow triangle on a gray background", "a blue triangle on a gray background"]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
-    niceness = os.environ.get("RAY_worker_niceness")  # Ray's nice 15 would make the actors crawl on a busy machine
-    os.environ["RAY_worker_niceness"] = "0"
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    finally:
-        if niceness is None:
-            os.environ.pop("RAY_worker_niceness")
-        else:
-            os.environ["RAY_worker_niceness"] = niceness
-    yield ray
-    ray.shutdown()
-
-
 def single_process(argv: list[str]) -> int:
     """The same command without Ray (as if it were not installed), one torch thread as each actor has."""
     threads = torch.get_num_threads()
