@@ -262,11 +262,8 @@ class UNetRunner:
 
     def eps(self, z: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
         """Eager UNet call; records a graph for backward when grad is enabled."""
-        t = self.timestep(t)
-        if self.prepared.input_dtype is not None:  # half_norms: the module's own dtype, no autocast
-            z, context = z.to(self.prepared.input_dtype), context.to(self.prepared.input_dtype)
-        with (torch.autocast(self.pipe.device.type, dtype=self.prepared.autocast, cache_enabled=False)
-              if self.prepared.autocast is not None else contextlib.nullcontext()):
+        t, z, context = self._entry(t, z, context)
+        with self._precision():
             try:
                 if self.compiled:
                     self.check_compiled(z, t, context)
@@ -282,6 +279,16 @@ class UNetRunner:
                 self.compiled = False
                 return self.module(z, t, **unet_inputs(self.pipe.pooled, context)).sample
 
+    def _entry(self, t, z: torch.Tensor, context: torch.Tensor) -> tuple:
+        """The UNet's inputs as the prepared module takes them: t on the device, half_norms' dtype."""
+        if self.prepared.input_dtype is not None:  # half_norms: the module's own dtype, no autocast
+            z, context = z.to(self.prepared.input_dtype), context.to(self.prepared.input_dtype)
+        return self.timestep(t), z, context
+
+    def _precision(self):
+        return (torch.autocast(self.pipe.device.type, dtype=self.prepared.autocast, cache_enabled=False)
+                if self.prepared.autocast is not None else contextlib.nullcontext())
+
     def check_compiled(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> None:
         """The first compiled call of each kind (forward only; forward + backward) against eager on its own inputs:
         the output and, with grad, the gradient w.r.t. the context. Raises CompiledMismatch past COMPILED_TOLERANCE:
@@ -291,6 +298,26 @@ class UNetRunner:
         kind = (self.config.compile_scope, grad)
         if kind in self.prepared.checked or (z.is_cuda and torch.cuda.is_current_stream_capturing()):
             return
+        diff = self._compare(z, t, context)
+        if diff is None:  # a diverged input: nothing to compare (the fp32 retry takes it)
+            return
+        tolerance = COMPILED_TOLERANCE["fp32" if self.config.precision == "fp32" else "half"]
+        for what, err in diff.items():
+            if not err <= tolerance:  # NaN too
+                call = "forward + backward" if grad else "forward"
+                raise CompiledMismatch(f"the compiled UNet's {what} differs from eager's by {err:.2g} (relative; "
+                                       f"rounding stays under {tolerance:g}) at its first {call} call")
+        self.prepared.checked.add(kind)
+
+    def compiled_vs_eager(self, z: torch.Tensor, t, context: torch.Tensor) -> dict | None:
+        """Relative difference of the compiled UNet from eager on these inputs: {"output": .., "gradient": ..} (the
+        gradient w.r.t. the context, with grad enabled); None when eager's output is not finite. Leaves it compiled."""
+        t, z, context = self._entry(t, z, context)
+        with self._precision():
+            return self._compare(z, t, context)
+
+    def _compare(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> dict | None:
+        grad = torch.is_grad_enabled()
         results = []
         for compiled in (True, False):
             self.prepared.set_compiled(compiled, self.config.compile_scope)
@@ -299,18 +326,12 @@ class UNetRunner:
             results.append((out.detach(), torch.autograd.grad(out.float().square().sum(), ctx)[0] if grad else None))
         self.prepared.set_compiled(True, self.config.compile_scope)
         (out_c, grad_c), (out_e, grad_e) = results
-        if not torch.isfinite(out_e).all():  # a diverged input: nothing to compare (the fp32 retry takes it)
-            return
-        tolerance = COMPILED_TOLERANCE["fp32" if self.config.precision == "fp32" else "half"]
-        for what, mine, eager in (("output", out_c, out_e), ("gradient", grad_c, grad_e)):
-            if mine is None:
-                continue
-            err = float((mine.float() - eager.float()).norm() / eager.float().norm().clamp_min(1e-30))
-            if not err <= tolerance:  # NaN too
-                call = "forward + backward" if grad else "forward"
-                raise CompiledMismatch(f"the compiled UNet's {what} differs from eager's by {err:.2g} (relative; "
-                                       f"rounding stays under {tolerance:g}) at its first {call} call")
-        self.prepared.checked.add(kind)
+        if not torch.isfinite(out_e).all():
+            return None
+
+        def rel(mine, eager):
+            return float((mine.float() - eager.float()).norm() / eager.float().norm().clamp_min(1e-30))
+        return {"output": rel(out_c, out_e), **({"gradient": rel(grad_c, grad_e)} if grad else {})}
 
     @torch.no_grad()
     def forward(self, z: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
