@@ -363,6 +363,12 @@ def fingerprint_folder(path: Path) -> str:
                 if size > 2 << 20:
                     fh.seek(-(1 << 20), os.SEEK_END)
                     digest.update(fh.read())
+    # model_index.json's force_zeros_for_empty_prompt decides SDXL's unconditional input (zeros or the empty
+    # prompt's encoding), so flipping it changes every null-text inversion; only that key counts (the rest of the file
+    # names the pipeline class, the safety checker and library versions, which change no latent)
+    index = _read_config(path, "model_index.json")
+    if "force_zeros_for_empty_prompt" in index:
+        digest.update(f"force_zeros_for_empty_prompt={bool(index['force_zeros_for_empty_prompt'])}".encode())
     return digest.hexdigest()[:16]
 
 

@@ -241,6 +241,11 @@ def test_a_model_without_zero_null_starts_from_the_empty_prompt(xl_folder, tmp_p
     null = null_embedding(pipe)
     assert negative.abs().amax() > 0
     assert torch.equal(null[:, :77], negative) and torch.equal(null[:, 77, :24], negative_pooled)
+    # other null input, other inversions: the flag is part of the model's identity, so a cached inversion made with
+    # zeros is not reused (it was, with the same weights and configs, before the flag counted)
+    assert pipe.fingerprint != load_pipeline(xl_folder, device="cpu").fingerprint
+    _edit_json(folder / "model_index.json", force_zeros_for_empty_prompt=True, requires_safety_checker=False)
+    assert load_pipeline(folder, device="cpu").fingerprint == load_pipeline(xl_folder, device="cpu").fingerprint
 
 
 def test_an_sdxl_scheduler_that_clips_x0_is_named_not_silently_ignored(xl_folder, tmp_path, caplog):
