@@ -31,7 +31,7 @@ from .metrics import PieModels
 from .options import positive_int
 from .outputs import atomic_write
 from .provenance import environment
-from .report import IMAGE_DIR, MANIFEST, PLOT_DIR, REPORT, SAMPLES, SUMMARY, safe_name, write_outputs
+from .report import IMAGE_DIR, MANIFEST, PLOT_DIR, REPORT, SAMPLES, SUMMARY, guidance_label, safe_name, write_outputs
 from .scoring import EVAL_METHODS, PIE_BENCH, PROTOCOLS, SEED, Scorer  # noqa: F401  (SEED: tests read it here)
 
 log = logging.getLogger("nti")
@@ -285,7 +285,7 @@ def score_chunk(chunk, sources, timings: list[dict], recons, edits, scorer: Scor
         folder = sample_folder(s.id)
         if not (out / folder / "source.png").is_file():
             save_png(square, out / folder / "source.png")  # the grids' first column: what the model saw
-        stem = f"{folder}/{method}_w{guidance:g}_{schedule}"
+        stem = f"{folder}/{method}_w{guidance_label(guidance)}_{schedule}"
         if recon is not None:
             row.update(scorer("recon", square, recon, s.source_prompt, mask), recon_png=f"{stem}_recon.png")
             save_png(recon, out / row["recon_png"])
@@ -413,7 +413,7 @@ def _run_eval(args, session) -> str:
     with tqdm(total=len(items), desc="eval", unit="item", disable=args.quiet) as bar:
         for chunk in chunks:
             method, guidance, schedule = chunk[0][1:]
-            bar.set_postfix_str(f"{method} w={guidance:g} {schedule}")
+            bar.set_postfix_str(f"{method} w={guidance_label(guidance)} {schedule}")
             prepare(chunk)
             if remote is None:
                 rows = run_chunk(pipe, chunk, config, sources, scorer, out, cache)
@@ -441,7 +441,7 @@ def command_line(args, sweep: dict, config) -> str:
     """An `nti eval` command that reruns this sweep (the main options; the full config is in run.json)."""
     parts = ["nti eval", f"--protocol {args.protocol}", f"--data {args.data}", f"--n {sweep['n']}",
              f"--methods {','.join(sweep['methods'])}",
-             f"--guidance-sweep {','.join(f'{g:g}' for g in sweep['guidance'])}",
+             f"--guidance-sweep {','.join(guidance_label(g) for g in sweep['guidance'])}",
              f"--schedules {','.join(sweep['schedules'])}", f"--steps {config.steps}",
              f"--inner-steps {config.inner_steps}", f"--seed {config.seed}", f"--backend {config.backend}",
              f"--precision {config.precision}", f"--device {args.device}", f"--out {args.out}"]

@@ -47,10 +47,17 @@ def summarize(df, by: tuple[str, ...] = ()):
     return summary.reset_index()
 
 
+def guidance_label(guidance: float) -> str:
+    """A guidance weight as file names and tables show it: short (7.5, 1) when that reads back as the same float,
+    else in full (7.5000001), so two weights of one sweep never share an image, grid or table row name."""
+    short = f"{float(guidance):g}"
+    return short if float(short) == float(guidance) else repr(float(guidance))
+
+
 def setting_label(row, multi_guidance: bool, multi_schedule: bool) -> str:
     parts = [str(row["method"])]
     if multi_guidance:
-        parts.append(f"w={row['guidance']:g}")
+        parts.append(f"w={guidance_label(row['guidance'])}")
     if multi_schedule:
         parts.append(str(row["schedule"]))
     return " ".join(parts)
@@ -61,7 +68,7 @@ def markdown_table(summary, columns: list[str]) -> str:
     head = ["method", "guidance", "schedule", "n", *columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, row in summary.iterrows():
-        cells = [str(row["method"]), f"{row['guidance']:g}", str(row["schedule"]), str(int(row["n"]))]
+        cells = [str(row["method"]), guidance_label(row["guidance"]), str(row["schedule"]), str(int(row["n"]))]
         for c in columns:
             mean, std = row[f"{c}_mean"], row[f"{c}_std"]
             cells.append("-" if math.isnan(mean) else f"{mean:.4g}" + ("" if math.isnan(std) else f" ± {std:.2g}"))
@@ -101,7 +108,7 @@ def pie_table(summary, prefix: str, by: tuple[str, ...] = ()) -> str:
     head = ["method", "guidance", "schedule", *by, "n", *(title for _, title, _ in PIE_TABLE)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, row in summary.iterrows():
-        cells = [str(row["method"]), f"{row['guidance']:g}", str(row["schedule"]), *(str(row[b]) for b in by),
+        cells = [str(row["method"]), guidance_label(row["guidance"]), str(row["schedule"]), *(str(row[b]) for b in by),
                  str(int(row["n"]))]
         for metric, _, scale in PIE_TABLE:
             mean = row.get(f"{prefix}_{metric}_mean", math.nan)
@@ -195,7 +202,7 @@ def plot_grid(df, out: Path, guidance: float, schedule: str, path: Path) -> bool
             if r == 0:
                 ax.set_title(title, fontsize=8)
         axes[r][0].set_ylabel(sample_id, fontsize=8)
-    fig.suptitle(f"w = {guidance:g}, {schedule} schedule", fontsize=9)
+    fig.suptitle(f"w = {guidance_label(guidance)}, {schedule} schedule", fontsize=9)
     save_figure(fig, path)
     return True
 
@@ -271,9 +278,9 @@ def write_outputs(out: Path, manifest: dict, model_name: str) -> str:
         plots.append(("Guidance schedules", "schedules.png"))
     grids = []
     for (guidance, schedule), _ in summary.groupby(["guidance", "schedule"], observed=True):
-        name = f"grid_w{guidance:g}_{schedule}.png"
+        name = f"grid_w{guidance_label(guidance)}_{schedule}.png"
         if plot_grid(df, out, guidance, schedule, out / PLOT_DIR / name):
-            grids.append((f"w = {guidance:g}, {schedule}", name))
+            grids.append((f"w = {guidance_label(guidance)}, {schedule}", name))
     has_types = protocol is PIE_BENCH and df["edit_type"].notna().any()
     by_type = summarize(df, by=("edit_type",)) if has_types else None
     text = report_text(df, summary, headline, manifest, model_name, plots, grids, by_type)
@@ -316,7 +323,7 @@ def report_text(df, summary, headline, manifest, model_name, plots, grids, by_ty
         f"- device: {settings['device']} ({env['machine']}; {env['platform']})",
         f"- data: `{settings['data']}`, samples: {', '.join(dict.fromkeys(df['id']))}",
         f"- methods: {', '.join(df['method'].cat.categories)}; guidance: "
-        f"{', '.join(f'{g:g}' for g in sorted(df['guidance'].unique()))}; schedules: {schedule_text}",
+        f"{', '.join(guidance_label(g) for g in sorted(df['guidance'].unique()))}; schedules: {schedule_text}",
         f"- steps {config['steps']}, inner steps {config['inner_steps']} (early stop "
         f"{'on' if config['early_stop'] else 'off'}), lr {config['lr']:g}, seed {config['seed']}, backend "
         f"{config['backend']}, precision {config['precision']}"

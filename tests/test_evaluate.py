@@ -337,3 +337,20 @@ def test_shapes_model_report_has_the_oracle_and_n_spreads_over_scenes(tmp_path, 
                 assert float(row[f"{kind}_oracle"]) == float(read_scene(image).matches(prompt))
     report = (out / "report.md").read_text()
     assert "edit_oracle" in report and "scene oracle" in report
+
+
+def test_close_guidance_weights_keep_their_own_images_and_rows(tmp_path, capsys):
+    """7.5 and 7.5000001 are two settings of one sweep: each keeps its own edit PNGs, grid and table row (the names
+    used `{w:g}`, which prints both as 7.5, so the second setting's images overwrote the first's)."""
+    out = tmp_path / "eval"
+    code = main(["eval", "--out", str(out), "--n", "1", "--methods", "ddim", "--guidance-sweep", "7.5,7.5000001",
+                 *FAST])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    rows = read_samples(out)
+    assert sorted(float(r["guidance"]) for r in rows) == [7.5, 7.5000001]
+    pngs = [r["edit_png"] for r in rows]
+    assert len(set(pngs)) == 2 and all((out / p).is_file() for p in pngs)
+    assert "| ddim | 7.5 |" in stdout and "| ddim | 7.5000001 |" in stdout
+    assert {p.name for p in (out / "plots").glob("grid_*.png")} >= {"grid_w7.5_constant.png",
+                                                                    "grid_w7.5000001_constant.png"}
