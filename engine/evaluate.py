@@ -102,6 +102,7 @@ def parse_sweep(args) -> tuple[list[str], list[float], list[str]]:
 
 def run_settings(args, pipe, device, config, scorer: Scorer) -> dict:
     """Everything that changes a row's numbers or timings; a resumed run must match it exactly."""
+    from .artifact import library_versions
     from .data import BUNDLED
 
     skip = {"method", "guidance", "guidance_schedule", "export_cache"}
@@ -113,7 +114,10 @@ def run_settings(args, pipe, device, config, scorer: Scorer) -> dict:
                 "model_fingerprint": pipe.fingerprint, "device": device.type,
                 "clip": str(Path(scorer.clip.path).resolve()) if scorer.clip is not None else None,
                 "lpips": str(Path(pie.lpips.path).resolve()) if pie.lpips is not None else None,
-                "dino": str(Path(pie.dino.path).resolve()) if pie.dino is not None else None}
+                "dino": str(Path(pie.dino.path).resolve()) if pie.dino is not None else None,
+                # another release of the engine or of the libraries under it can change a row's numbers (a fixed
+                # defect, another kernel): a resume under other versions would mix two sets of results in one table
+                "versions": library_versions()}
     settings.update({k: v for k, v in dataclasses.asdict(config).items() if k not in skip})
     return json.loads(json.dumps(settings))  # as it reads back from run.json
 

@@ -157,6 +157,23 @@ def test_other_settings_are_refused_unless_overwrite(tmp_path, capsys):
     assert '"inner_steps": 1' in (out / "run.json").read_text()
 
 
+def test_a_resume_under_another_engine_version_is_refused(tmp_path, capsys, monkeypatch):
+    """Rows made by another release of nti (or of torch/diffusers under it) may differ in their numbers: a resume
+    that would table them beside this release's rows is refused, naming the versions (they were not compared)."""
+    import nti.version
+
+    out = tmp_path / "eval"
+    argv = ["eval", "--out", str(out), "--methods", "ddim", "--n", "1", *FAST]
+    monkeypatch.setattr(nti.version, "__version__", "0.0.1")
+    assert main(argv) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(nti.version, "__version__", "0.0.2")
+    assert main([*argv, "--n", "1"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "different settings" in err and "'nti-engine': '0.0.1'" in err and "'nti-engine': '0.0.2'" in err
+    assert len(read_samples(out)) == 1
+
+
 @pytest.mark.parametrize("option, message", [
     (["--methods", "ddim,magic"], "unknown method 'magic'"),
     (["--schedules", "cosine,square"], "unknown schedule 'square'"),
