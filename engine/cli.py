@@ -132,12 +132,16 @@ def main(argv=None) -> int:
         print("nti: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     setup_logging(args.quiet)
-    previous_term = None
+    previous = {}
     if args.command != "serve" and threading.current_thread() is threading.main_thread():
-        # SIGTERM (`kill`, a scheduler's or a container's stop) is an interruption as Ctrl-C is: the file being
-        # written is cleaned up, the finished ones stay and the same command resumes (exit 130); its default action
-        # killed nti on the spot and left that file's temp file behind. `nti serve` drains on SIGTERM itself
-        previous_term = signal.signal(signal.SIGTERM, interrupt)
+        # SIGTERM (`kill`, a scheduler's or a container's stop) and SIGHUP (the terminal or ssh session closed) are
+        # interruptions as Ctrl-C is: the file being written is cleaned up, the finished ones stay and the same
+        # command resumes (exit 130); their default action killed nti on the spot and left that file's temp file
+        # behind. A SIGHUP already ignored (`nohup nti ...`) stays ignored. `nti serve` drains on SIGTERM itself
+        for name in ("SIGTERM", "SIGHUP"):
+            sig = getattr(signal, name, None)  # Windows has no SIGHUP
+            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, interrupt)
     if not args.debug:  # library chatter (diffusers/transformers loading notices) would bury our one line
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -170,8 +174,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return EXIT_INTERNAL
     finally:
-        if previous_term is not None:  # main() called by a process that goes on (a script, the tests)
-            signal.signal(signal.SIGTERM, previous_term)
+        for sig, handler in previous.items():  # main() called by a process that goes on (a script, the tests)
+            signal.signal(sig, handler)
 
 
 def stdout_closed() -> bool:
@@ -186,7 +190,7 @@ def stdout_closed() -> bool:
 
 
 def interrupt(signum, frame):
-    """SIGTERM's handler in main(): a KeyboardInterrupt, as Ctrl-C's."""
+    """SIGTERM's and SIGHUP's handler in main(): a KeyboardInterrupt, as Ctrl-C's."""
     raise KeyboardInterrupt
 
 

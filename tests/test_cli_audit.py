@@ -49,14 +49,16 @@ def child(argv, prelude: str = "", env: dict | None = None) -> subprocess.Popen:
 
 # ------------------------------------------------------------------------------------------------------ SIGTERM
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
 def test_sigterm_while_an_output_is_written_leaves_no_temp_file_and_the_same_command_finishes(jobs, tmp_path,
-                                                                                              capsys):
-    """SIGTERM (`kill`, a scheduler's or a container's stop) killed nti on the spot (exit -15, no message): the
-    `.NAME.xxxx.part` file being written stayed in --out for good. It is an interruption as Ctrl-C is."""
+                                                                                              capsys, sig):
+    """SIGTERM (`kill`, a scheduler's or a container's stop) and SIGHUP (the terminal closed) killed nti on the spot
+    (exit -15 / -1, no message): the `.NAME.xxxx.part` file being written stayed in --out for good. Each is an
+    interruption as Ctrl-C is."""
     out = tmp_path / "out"
     argv = ["edit", jobs, *FAST, "--out", out]
     # the second output's temp file is half-written when the signal arrives
-    prelude = textwrap.dedent("""
+    prelude = f"SIG = '{sig}'" + textwrap.dedent("""
         import os, signal
         from PIL import Image
         real, temps = Image.Image.save, []
@@ -65,7 +67,7 @@ def test_sigterm_while_an_output_is_written_leaves_no_temp_file_and_the_same_com
                 temps.append(fp)
                 if len(temps) == 2:
                     open(fp, "wb").write(b"half a png")
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    os.kill(os.getpid(), getattr(signal, SIG))
             return real(self, fp, *args, **kwargs)
         Image.Image.save = save
     """)
@@ -80,6 +82,28 @@ def test_sigterm_while_an_output_is_written_leaves_no_temp_file_and_the_same_com
     assert code == EXIT_OK, err
     assert run_cli(["edit", jobs, *FAST, "--quiet", "--out", tmp_path / "whole"], capsys)[0] == EXIT_OK
     assert contents(out) == contents(tmp_path / "whole")
+
+
+def test_an_ignored_sighup_stays_ignored(jobs, tmp_path):
+    """`nohup nti ...` (SIGHUP ignored before nti starts): a closed terminal must not stop the run it was meant to
+    outlive; nti only turns a SIGHUP that would have killed it into an interruption."""
+    out = tmp_path / "out"
+    prelude = textwrap.dedent("""
+        import os, signal
+        from PIL import Image
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        real, temps = Image.Image.save, []
+        def save(self, fp, *args, **kwargs):
+            temps.append(fp)
+            if len(temps) == 1:
+                os.kill(os.getpid(), signal.SIGHUP)
+            return real(self, fp, *args, **kwargs)
+        Image.Image.save = save
+    """)
+    proc = child(["edit", jobs, *FAST, "--quiet", "--out", out], prelude)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_OK, stderr
+    assert sorted(contents(out)) == ["scene0-colour.png", "scene1-colour.png", "scene2-colour.png"]
 
 
 def test_sigterm_from_outside_mid_batch_exits_130_and_keeps_only_whole_outputs(jobs, tmp_path, capsys):
