@@ -237,6 +237,14 @@ def _weight_forms(name: str) -> tuple[str, ...]:
     return name, f"{stem}.fp16.{ext}", f"{name}.index.json", f"{name}.index.fp16.json"
 
 
+# model_index.json's components: what load_pipeline reads, what takes no part in a generation (the safety checker
+# judges finished images; an image encoder serves IP-Adapters, which the engine does not load)
+USED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+IGNORED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+PLAIN_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline",
+                   "StableDiffusionXLImg2ImgPipeline")
+
+
 def check_supported_model(path: Path) -> None:
     """Refuse, before any weight is read, a model this engine cannot invert correctly: the DDIM step (Eq. 12) and the
     null-text loss take a UNet output that DDIMSchedule.eps can read as noise, CLIP text conditioning (one encoder,
@@ -328,6 +336,16 @@ def check_supported_model(path: Path) -> None:
     if why:
         raise NTIError(f"model folder {path} cannot be inverted by this engine: {'; '.join(why)}. Use a Stable "
                        f"Diffusion v1.x, 2.x or SDXL base text-to-image folder")
+    pipeline = index.get("_class_name")
+    extra = sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and any(v)
+                   and k not in USED_COMPONENTS + IGNORED_COMPONENTS)
+    if extra or pipeline not in (None, *PLAIN_PIPELINES):
+        # a ControlNet / T2I-Adapter pipeline's folder holds a plain SD model beside its extra network: the engine
+        # inverts and edits with that model alone, which is right for the base model but not what such a folder's
+        # pipeline makes; say so rather than leave the user to think the extra network took part
+        log.warning("%s: model_index.json names %s%s; this engine uses only its unet, vae, text encoders, tokenizers "
+                    "and scheduler, as a plain Stable Diffusion pipeline", path, pipeline or "no pipeline",
+                    f" with {', '.join(extra)}" if extra else "")
 
 
 def fingerprint_folder(path: Path) -> str:

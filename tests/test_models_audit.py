@@ -438,3 +438,27 @@ def test_a_hugging_face_cache_entry_is_named_with_its_repo_id(sd_folder, tmp_pat
     with pytest.raises(NTIError, match=r"is a Hugging Face cache entry; pass its repo id someone/sd-tiny \(from "
                                        r"this cache\) or its snapshot folder .*snapshots/0{40}"):
         load_pipeline(entry, device="cpu")
+
+
+def test_a_controlnet_pipelines_folder_says_its_extra_network_takes_no_part(sd_folder, tmp_path, caplog):
+    """A StableDiffusionControlNetPipeline folder holds a whole SD model beside controlnet/: it loaded as plain SD
+    without a word, so a user could believe the ControlNet conditioned the edits. It still loads (the base model is
+    valid), the warning names the pipeline and the unused component; a plain folder with a safety checker gets
+    none."""
+    folder = _copy(sd_folder, tmp_path)
+    _edit_json(folder / "model_index.json", _class_name="StableDiffusionControlNetPipeline",
+               controlnet=["diffusers", "ControlNetModel"])
+    (folder / "controlnet").mkdir()
+    (folder / "controlnet" / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
+    with caplog.at_level("WARNING", logger="nti"):
+        pipe = load_pipeline(folder, device="cpu")
+    assert "StableDiffusionControlNetPipeline with controlnet" in caplog.text and "uses only its unet" in caplog.text
+    assert torch.equal(pipe.unet.conv_in.weight, load_pipeline(sd_folder, device="cpu").unet.conv_in.weight)
+
+    caplog.clear()
+    plain = _copy(sd_folder, tmp_path, "plain")
+    _edit_json(plain / "model_index.json", safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+               feature_extractor=["transformers", "CLIPImageProcessor"], image_encoder=[None, None])
+    with caplog.at_level("WARNING", logger="nti"):
+        load_pipeline(plain, device="cpu")
+    assert "model_index.json names" not in caplog.text
