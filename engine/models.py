@@ -286,6 +286,9 @@ def check_supported_model(path: Path) -> None:
     if refiner:
         why.append("it is an SDXL refiner (aesthetic-score conditioning, no first text encoder), which refines "
                    "images rather than generating them from text")
+    elif index.get("text_encoder") == [None, None]:  # named absent on purpose: no cut-short download to copy again
+        why.append("its model_index.json names no first text encoder (text_encoder null), so the pipeline would "
+                   "condition on text_encoder_2 alone, which this engine does not feed")
     elif added not in (None, "text_time"):
         why.append(f"its UNet takes {added!r} added embeddings, not SDXL's 'text_time' (pooled text + time ids)")
     elif is_xl_folder(path):
