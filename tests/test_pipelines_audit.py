@@ -2,7 +2,8 @@
 (v-prediction, '!' padding) and SDXL (two encoders, pooled embedding, time ids, zeroed or empty-prompt null).
 
 Tiny random models are written with save_pretrained and read twice: by the engine's loader and, separately, by
-StableDiffusion(XL)Pipeline.from_pretrained, so the folder as written is also checked to mean one model to both.
+StableDiffusion(XL)Pipeline.from_pretrained, so the folder as written is also checked to mean one model to both;
+two of them run at 48 px rather than 32 (the native size sets SDXL's time ids and both pipelines' defaults).
 Checked: the prompt and null embeddings (encode_prompt), CFG sampling from one z_T with an all-equal null embedding
 (the empty prompt's) and its decoded image on both backends in fp32, seeded generation, image preprocessing, VAE
 encoding (posterior mean, as the notebook) and decoding against VaeImageProcessor, and DDIM inversion against
@@ -44,9 +45,14 @@ def folders(tmp_path_factory):
            "xl": save_pipeline_folder(build_tiny_xl_pipeline(seed=0), root / "xl")}
     out["xl-empty-null"] = root / "xl-empty-null"  # force_zeros_for_empty_prompt false: the null is ""'s
     shutil.copytree(out["xl"], out["xl-empty-null"])
-    index = out["xl-empty-null"] / "model_index.json"
-    index.write_text(json.dumps({**json.loads(index.read_text()), "force_zeros_for_empty_prompt": False}))
+    _edit_json(out["xl-empty-null"] / "model_index.json", force_zeros_for_empty_prompt=False)
+    for kind in ("sd2-v", "xl-empty-null"):  # 48 px, not 32 (as SD 2.x's 768 is not 512): SDXL's time ids follow
+        _edit_json(out[kind] / "unet" / "config.json", sample_size=24)
     return out
+
+
+def _edit_json(file, **changes):
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -92,9 +98,13 @@ def test_loaders_agree_on_the_model(pair):
     assert type(theirs.scheduler).__name__ == "DDIMScheduler" and not config.clip_sample
     assert not config.set_alpha_to_one and config.steps_offset == 1
     assert config.prediction_type == ("v_prediction" if kind == "sd2-v" else "epsilon")
+    assert ours.resolution == theirs.unet.config.sample_size * theirs.vae_scale_factor == (
+        48 if kind in ("sd2-v", "xl-empty-null") else 32)
     if kind.startswith("xl"):
         assert ours.pooled.zero_null == theirs.config.force_zeros_for_empty_prompt == (kind == "xl")
-    assert ours.resolution == theirs.unet.config.sample_size * theirs.vae_scale_factor
+        size = ours.resolution
+        assert torch.equal(ours.pooled.time_ids, theirs._get_add_time_ids(
+            (size, size), (0, 0), (size, size), torch.float32, ours.pooled.pooled_dim))
 
 
 def test_prompt_and_null_embeddings_equal_encode_prompt(pair):
@@ -241,9 +251,7 @@ def test_an_sdxl_folder_without_its_first_text_encoder_is_refused_as_such(folder
     shutil.copytree(folders["xl"], folder)
     for sub in ("text_encoder", "tokenizer"):
         shutil.rmtree(folder / sub)
-    index = folder / "model_index.json"
-    index.write_text(json.dumps({**json.loads(index.read_text()), "text_encoder": [None, None],
-                                 "tokenizer": [None, None]}))
+    _edit_json(folder / "model_index.json", text_encoder=[None, None], tokenizer=[None, None])
     with pytest.raises(nti.NTIError, match="first text encoder") as err:
         load_pipeline(folder, device="cpu")
     assert "incomplete" not in str(err.value)
