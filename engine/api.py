@@ -328,7 +328,7 @@ def reconstruct(pipe: Pipeline, inversions: Sequence[Inversion], config: NTIConf
     """Reconstruction: regenerating with the source prompt as the target (P2P with identical prompts is the same
     image at twice the cost, so the edit mode is not used here)."""
     inversions = _check_inversions(inversions)
-    config = _check_config(config).replace(edit="regenerate", reweight=(), blend_words=())
+    config = _check_config(config).replace(edit="regenerate", reweight=(), blend_words=(), cross_replace_words=())
     return edit(pipe, inversions, [inv.source_prompt for inv in inversions], config, progress)
 
 

@@ -241,7 +241,9 @@ def run_jobs(args, config: NTIConfig, device) -> int:
 def edit_config_for(command: str, config: NTIConfig) -> NTIConfig:
     """The config an output is made with: `edit`'s own; `reconstruct` and `invert` regenerate under the source
     prompt, so no prompt-to-prompt setting applies to them."""
-    return config if command == "edit" else config.replace(edit="regenerate", reweight=(), blend_words=())
+    if command == "edit":
+        return config
+    return config.replace(edit="regenerate", reweight=(), blend_words=(), cross_replace_words=())
 
 
 def duration(seconds: float) -> str:

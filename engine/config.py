@@ -34,6 +34,15 @@ SEED_RANGE = (0, 2 ** 63 - 1)  # what torch.Generator.manual_seed takes without 
 REWEIGHT_MAX = 3.4028234663852886e38  # float32's largest: the attention equalizer holds the factors in fp32
 
 
+def _word_pairs(value, name: str) -> tuple:
+    """((word, number), ...) from pairs or a {word: number} dict; NTIError naming the field otherwise."""
+    try:
+        pairs = value.items() if isinstance(value, dict) else value
+        return tuple((str(word), float(number)) for word, number in pairs)
+    except (TypeError, ValueError):
+        raise NTIError(f"{name} must be (word, number) pairs or a {{word: number}} dict; got {value!r}") from None
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -110,6 +119,11 @@ class NTIConfig:
     cross_replace: float = setting(0.8, EDITING)
     """Fraction of denoising steps whose cross-attention the target takes from the source: steps
     i < int(cross_replace * (steps + 1)), as P2P's `cross_replace_steps` (0.8 in the P2P and NTI notebooks)."""
+    cross_replace_words: tuple = setting((), EDITING, flag="--cross-replace-word", metavar="WORD=FRACTION")
+    """((word, fraction), ...): a cross-replace fraction of its own for these words of the target prompt (their
+    tokens take the source's attention for steps i < int(fraction * (steps + 1))), the rest keeping
+    `cross_replace`: P2P's per-word `cross_replace_steps` dict ({"default_": 0.8, "tiger": 0.4}; a dict in that
+    form given as `cross_replace` is split into the two). A dict is accepted here too."""
     self_replace: float = setting(0.5, EDITING)
     """Fraction of denoising steps whose self-attention map the target takes from the source: steps
     i < int(self_replace * steps). 0.5 is the NTI notebook's cat->tiger edit; the P2P notebook uses 0.4 and
@@ -199,13 +213,16 @@ class NTIConfig:
     """Folder for exported UNets (default: ~/.cache/nti/export)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.reweight, dict):
-            self.reweight = tuple(self.reweight.items())
-        try:
-            self.reweight = tuple((str(word), float(factor)) for word, factor in self.reweight)
-        except (TypeError, ValueError):
-            raise NTIError(f"reweight must be (word, factor) pairs or a {{word: factor}} dict; "
-                           f"got {self.reweight!r}") from None
+        if isinstance(self.cross_replace, dict):  # the P2P notebooks' {"default_": 0.8, word: fraction, ...}
+            words = {k: v for k, v in self.cross_replace.items() if k != "default_"}
+            if "default_" not in self.cross_replace:
+                raise NTIError(f"cross_replace as a dict needs the fraction of every other word as 'default_' (the "
+                               f"P2P notebooks' form, e.g. {{'default_': 0.8, 'tiger': 0.4}}); got {self.cross_replace!r}")
+            self.cross_replace = self.cross_replace["default_"]
+            self.cross_replace_words = (*_word_pairs(words, "cross_replace"), *_word_pairs(self.cross_replace_words,
+                                                                                        "cross_replace_words"))
+        self.reweight = _word_pairs(self.reweight, "reweight")
+        self.cross_replace_words = _word_pairs(self.cross_replace_words, "cross_replace_words")
         if isinstance(self.blend_words, str):
             self.blend_words = (self.blend_words,)
         try:
@@ -244,9 +261,13 @@ class NTIConfig:
         if not _is_int(self.self_replace_max_tokens) or self.self_replace_max_tokens < 0:
             raise NTIError(f"self_replace_max_tokens must be a non-negative integer; "
                            f"got {self.self_replace_max_tokens!r}")
-        for word in [w for w, _ in self.reweight] + list(self.blend_words):
+        for word in [w for w, _ in self.reweight + self.cross_replace_words] + list(self.blend_words):
             if not word.strip() or len(word.split()) != 1:
-                raise NTIError(f"reweight and blend words must be single words; got {word!r}")
+                raise NTIError(f"reweight, cross-replace and blend words must be single words; got {word!r}")
+        for word, fraction in self.cross_replace_words:
+            if not 0.0 <= fraction <= 1.0:
+                raise NTIError(f"cross_replace_words: the fraction of {word!r} must be a fraction of the steps in "
+                               f"[0, 1]; got {fraction!r}")
         for word, factor in self.reweight:
             if not 0 <= factor <= REWEIGHT_MAX:
                 raise NTIError(f"reweight: factor of {word!r} must be finite and >= 0 (at most {REWEIGHT_MAX:.3g}, "
@@ -254,9 +275,9 @@ class NTIConfig:
         if self.edit == "p2p-reweight" and not self.reweight:
             raise NTIError("edit mode p2p-reweight needs words to reweight, e.g. reweight={'tiger': 2.0} "
                            "(--reweight tiger=2)")
-        if self.edit == "regenerate" and (self.reweight or self.blend_words):
-            raise NTIError("reweight and blend words act on prompt-to-prompt attention; choose a p2p edit mode "
-                           "(--edit p2p-replace|p2p-refine|p2p-reweight)")
+        if self.edit == "regenerate" and (self.reweight or self.blend_words or self.cross_replace_words):
+            raise NTIError("reweight, cross-replace and blend words act on prompt-to-prompt attention; choose a p2p "
+                           "edit mode (--edit p2p-replace|p2p-refine|p2p-reweight)")
         for name in ("steps", "batch_size"):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:

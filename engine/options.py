@@ -35,15 +35,21 @@ def int_at_least(low: int):
 positive_int = int_at_least(1)
 
 
-def word_factor(text: str) -> tuple[str, float]:
-    """--reweight WORD=FACTOR"""
-    word, sep, factor = text.partition("=")
-    try:
-        if not sep or not word.strip():
-            raise ValueError
-        return word.strip(), float(factor)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WORD=FACTOR (e.g. tiger=2), got {text!r}") from None
+def word_number(metavar: str, example: str):
+    """Parser of WORD=NUMBER flags (--reweight tiger=2, --cross-replace-word tiger=0.4)."""
+    def parse(text: str) -> tuple[str, float]:
+        word, sep, number = text.partition("=")
+        try:
+            if not sep or not word.strip():
+                raise ValueError
+            return word.strip(), float(number)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {metavar} (e.g. {example}), got {text!r}") from None
+    return parse
+
+
+WORD_NUMBER_FLAGS = {"reweight": word_number("WORD=FACTOR", "tiger=2"),
+                     "cross_replace_words": word_number("WORD=FRACTION", "tiger=0.4")}
 
 
 def flag_of(f: dataclasses.Field) -> str:
@@ -58,7 +64,7 @@ def _add_field(group, f: dataclasses.Field) -> None:
     if f.name in BY_DEVICE:
         kwargs["default"] = None  # config_from_args picks by device
     elif kind.startswith("tuple"):
-        kwargs.update(action="append", default=[], type=word_factor if f.name == "reweight" else str,
+        kwargs.update(action="append", default=[], type=WORD_NUMBER_FLAGS.get(f.name, str),
                       help=help_text + " Repeatable.")
     else:
         kwargs["help"] = f"{help_text} (default: {f.default})"
@@ -108,6 +114,7 @@ def config_from_args(args, device) -> NTIConfig:
     """The NTIConfig of parsed flags; backend and precision, when not given, by device (fast and bf16 on CUDA)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(NTIConfig) if hasattr(args, f.name)}
     values["reweight"] = tuple(values.get("reweight", ()))
+    values["cross_replace_words"] = tuple(values.get("cross_replace_words", ()))
     values["blend_words"] = tuple(values.get("blend_words", ()))
     cuda = device.type == "cuda"
     if values.get("backend") is None:

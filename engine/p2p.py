@@ -4,9 +4,11 @@ An editing UNet call holds, for B images, the rows [uncond source (B), uncond ta
 cond target (B)]. Only the conditional target rows are edited, from the conditional source rows, as the official
 code does (LOW_RESOURCE = False). No layer falls back to explicit 4096 x 4096 attention maps:
 - self-attention replace (the target uses the source's map): softmax(Q_s K_s^T) V_t is SDPA(Q_s, K_s, V_t);
-- every cross-attention edit is linear in the map along the token axis, P' = ((P_s M) * alpha + P_t (1 - alpha)) * eq,
-  so P' V_t = SDPA(Q_s, K_s, A V_t) + SDPA(Q_t, K_t, b V_t) with A = M diag(alpha * eq) and b = (1 - alpha) * eq
-  (the fast path); the reference path forms the small (queries x 77) maps P_s, P_t explicitly instead;
+- every cross-attention edit is linear in the map along the token axis,
+  P' = w ((P_s M) alpha + P_t (1 - alpha)) eq + (1 - w) P_t (w: 1 for the target tokens inside their cross-replace
+  window at this step), so P' V_t = SDPA(Q_s, K_s, A V_t) + SDPA(Q_t, K_t, b V_t) with A = M diag(w alpha eq) and
+  b = w (1 - alpha) eq + 1 - w (the fast path); the reference path forms the small (queries x 77) maps P_s, P_t
+  explicitly instead;
 - local blending needs the blend words' maps at one resolution only: those are computed explicitly there.
 Token alignment (replace_mapper, refine_mapper) gives exactly the official seq_aligner's matrices, including
 where they map a token to another word's position, so results compare with published P2P numbers
@@ -165,6 +167,8 @@ class EditPlan:
     equalizer: torch.Tensor  # (77,) reweight factors of the target tokens
     blend_source: torch.Tensor  # (77,) 1 at the blend words' tokens in the source prompt
     blend_target: torch.Tensor  # (77,) the same in the target prompt
+    cross_replace: torch.Tensor | None = None  # (77,) float64: fraction of the steps each target token takes the
+    # source's map (None: the config's cross_replace for every token)
 
     @property
     def blends(self) -> bool:
@@ -187,7 +191,16 @@ def make_plan(tokenizer, source: str, target: str, config: NTIConfig) -> EditPla
     if config.blend_words and not (blend_source.any() or blend_target.any()):
         words = ", ".join(repr(w) for w in config.blend_words)
         raise NTIError(f"blend words: none of {words} is in {source!r} or {target!r}")
-    return EditPlan(mapper, alpha, equalizer(tokenizer, target, config.reweight), blend_source, blend_target)
+    # float64: the window is int(fraction * (steps + 1)) in Python floats (doubles), as the official code counts it
+    cross = torch.full((size,), float(config.cross_replace), dtype=torch.float64)
+    found = False
+    for word, fraction in config.cross_replace_words:  # P2P's get_time_words_attention_alpha: the target's tokens
+        positions = word_positions(tokenizer, target, word)
+        cross[positions], found = fraction, found or bool(positions)
+    if config.cross_replace_words and not found:
+        words = ", ".join(repr(w) for w, _ in config.cross_replace_words)
+        raise NTIError(f"cross-replace words: none of {words} is in the target prompt {target!r}")
+    return EditPlan(mapper, alpha, equalizer(tokenizer, target, config.reweight), blend_source, blend_target, cross)
 
 
 def is_identity(tokenizer, source: str, target: str, config: NTIConfig) -> bool:
@@ -221,11 +234,13 @@ class P2PController:
         stack = lambda name: torch.stack([getattr(p, name) for p in plans]).to(device)  # noqa: E731
         self.mapper, self.alpha, self.eq = stack("mapper"), stack("alpha"), stack("equalizer")
         self.blend_source, self.blend_target = stack("blend_source"), stack("blend_target")
-        # folded form: P' V_t = P_s (A V_t) + P_t (b * V_t)
-        self.fold_source = self.mapper * (self.alpha * self.eq)[:, None, :]  # A = M diag(alpha eq)
-        self.fold_own = (1 - self.alpha) * self.eq  # b
-        self.has_own = bool(self.fold_own.any())
-        self.cross_steps = int(config.cross_replace * (steps + 1))  # P2P's get_time_words_attention_alpha
+        # P2P's get_time_words_attention_alpha: target token j takes the source's map while step < its end
+        fractions = [torch.full_like(p.alpha, config.cross_replace, dtype=torch.float64, device="cpu")
+                     if p.cross_replace is None else p.cross_replace.cpu() for p in plans]
+        self.cross_end = torch.stack(fractions).mul(steps + 1).floor()  # (B, 77), on the CPU
+        self.cross_steps = int(self.cross_end.max())  # no cross-attention edit from this step on
+        self.words = None  # (B, 77) fp32 on the device: 1 where the target token takes the source's map this step
+        self._words_key = None
         self.self_steps = int(config.self_replace * steps)
         self.self_max_tokens = config.self_replace_max_tokens
         self.blend = any(p.blends for p in plans)
@@ -250,7 +265,7 @@ class P2PController:
                 # the target's self-attention map := the source's: softmax(Q_s K_s^T) V_t = SDPA(Q_s, K_s, V_t)
                 q, k = torch.cat([q[:keep], q[src]]), torch.cat([k[:keep], k[src]])
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
-        edit = self.step < self.cross_steps
+        edit = self._cross_words()
         record = self.blend and layer.blend
         if self.explicit or record:
             return self._cross_explicit(q, k, v, scale, src, tgt, edit, record)
@@ -264,14 +279,29 @@ class P2PController:
             out[tgt] += F.scaled_dot_product_attention(q[tgt], k[tgt], own, scale=scale)
         return out
 
+    def _cross_words(self) -> bool:
+        """Whether any target token takes the source's cross-attention at this step; sets `words` (w) and the
+        folded form of P' = w ((P_s M) alpha + P_t (1 - alpha)) eq + (1 - w) P_t, P' V_t = P_s (A V_t) + P_t (b V_t)
+        with A = M diag(w alpha eq), b = w (1 - alpha) eq + 1 - w (kept while w stays the same: no host sync)."""
+        words = self.cross_end > self.step
+        key = words.numpy().tobytes()
+        if key != self._words_key:
+            self._words_key, self.editing = key, bool(words.any())
+            w = words.to(self.alpha)
+            self.words = w
+            self.fold_source = self.mapper * (w * self.alpha * self.eq)[:, None, :]
+            self.fold_own = w * (1 - self.alpha) * self.eq + (1 - w)
+            self.has_own = bool(((1 - self.alpha) * self.eq).any() or not words.all())
+        return self.editing
+
     def _cross_explicit(self, q, k, v, scale, src, tgt, edit: bool, record: bool) -> torch.Tensor:
         """The official formulation on explicit (queries x 77) maps of the conditional rows."""
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # every row as usual; target rows redone below
         p_src = torch.softmax(q[src].float() @ k[src].float().transpose(-1, -2) * scale, dim=-1)
         p_tgt = torch.softmax(q[tgt].float() @ k[tgt].float().transpose(-1, -2) * scale, dim=-1)
         if edit:
-            alpha, eq = self.alpha[:, None, None, :], self.eq[:, None, None, :]
-            p_new = ((p_src @ self.mapper[:, None]) * alpha + p_tgt * (1 - alpha)) * eq
+            alpha, eq, w = self.alpha[:, None, None, :], self.eq[:, None, None, :], self.words[:, None, None, :]
+            p_new = w * ((p_src @ self.mapper[:, None]) * alpha + p_tgt * (1 - alpha)) * eq + (1 - w) * p_tgt
             out[tgt] = (p_new @ v[tgt].float()).to(out.dtype)
         else:
             p_new = p_tgt

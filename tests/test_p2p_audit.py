@@ -188,6 +188,19 @@ def official_alpha_words(cross_replace: float, steps: int) -> torch.Tensor:
     return alpha
 
 
+def official_time_words_alpha(tok, target: str, cross: dict, steps: int) -> torch.Tensor:
+    """ptp_utils.get_time_words_attention_alpha for one target prompt and a dict of end fractions ('default_' for
+    every token, then each word's tokens in the target, by get_word_inds): (steps + 1, 77) 0/1."""
+    alpha = torch.zeros(steps + 1, N)
+    alpha[:int(cross["default_"] * (steps + 1))] = 1.0
+    for word, end in cross.items():
+        inds = official_word_inds(tok, target, word) if word != "default_" else []
+        if inds:
+            alpha[:, inds] = 0.0
+            alpha[:int(end * (steps + 1)), inds] = 1.0
+    return alpha
+
+
 def official_cross(p_src, p_tgt, kind: str, official, eq, alpha_word):
     """AttentionControlEdit.forward for cross-attention of one target: replace_cross_attention (replace: einsum
     with the mapper; refine: gather + alphas; reweight: its previous controller's result times the equalizer),
@@ -243,6 +256,53 @@ def test_cross_attention_edit_as_official_over_the_steps(sd_tok, edit, target, r
             out = c.attend(layer, True, q, k, v, 0.3)
             assert torch.equal(out[:3], plain[:3])  # unconditional rows and the source untouched
             torch.testing.assert_close(out[3], p_new @ v[3], rtol=1e-5, atol=1e-5)
+
+
+WORD_CASES = [  # (edit, target, reweight, per-word cross-replace ends beside 'default_')
+    ("p2p-replace", "a hippopotamus sitting on a mat", {}, {"hippopotamus": 0.9, "mat": 0.2}),
+    ("p2p-replace", "a hippopotamus sitting on a mat", {"hippopotamus": 2.0}, {"hippopotamus": 0.0}),
+    ("p2p-refine", "a red cat sitting on a big mat", {}, {"red": 1.0, "cat": 0.1}),
+    ("p2p-reweight", "a red cat sitting on a big mat", {"red": 3.0, "big": 0.0}, {"big": 0.8, "mat": 0.3}),
+]
+
+
+@pytest.mark.parametrize("edit, target, reweight, words", WORD_CASES)
+def test_per_word_cross_replace_as_official_over_the_steps(sd_tok, edit, target, reweight, words):
+    """The notebooks' cross_replace_steps dict ({'default_': 0.5, word: end, ...}): each word's tokens of the
+    target take the source's map for their own window, every other token for the default's; steps past the default
+    where a word still is edited, and words whose window ends first, both as get_time_words_attention_alpha."""
+    steps = 10
+    cross = {"default_": 0.5, **words}
+    config = NTIConfig(edit=edit, reweight=reweight, cross_replace=cross)
+    assert config.cross_replace == 0.5 and dict(config.cross_replace_words) == words
+    assert NTIConfig(edit=edit, reweight=reweight, cross_replace=0.5, cross_replace_words=words) == config
+    plan = p2p.make_plan(sd_tok, SOURCE, target, config)
+    kind, official, eq = official_for(sd_tok, edit, target, reweight)
+    alpha_words = official_time_words_alpha(sd_tok, target, cross, steps)
+    torch.manual_seed(2)
+    q, k, v = torch.randn(4, 2, 16, 8), torch.randn(4, 2, N, 8), torch.randn(4, 2, N, 8)
+    layer = p2p.Layer("up_blocks.1.attentions.0.transformer_blocks.0.attn2", 4, "up")
+    plain = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+    controllers = [p2p.P2PController([plan], config, steps, "cpu", explicit=e) for e in (True, False)]
+    for step in range(steps):
+        p_new = official_cross(softmax_maps(q[2], k[2], 0.3), softmax_maps(q[3], k[3], 0.3), kind, official, eq,
+                               alpha_words[step])
+        for c in controllers:
+            c.step = step
+            out = c.attend(layer, True, q, k, v, 0.3)
+            assert torch.equal(out[:3], plain[:3])
+            torch.testing.assert_close(out[3], p_new @ v[3], rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    assert alpha_words[5:].any() or max(words.values()) < 0.6  # a word's window past the default's was exercised
+
+
+def test_cross_replace_words_missing_from_every_target_are_refused(sd_tok):
+    config = NTIConfig(edit="p2p-replace", cross_replace_words={"zebra": 0.3})
+    with pytest.raises(NTIError, match="cross-replace words: none of 'zebra'"):
+        p2p.make_plan(sd_tok, SOURCE, "a tiger sitting on a mat", config)
+    with pytest.raises(NTIError, match="p2p edit mode"):
+        NTIConfig(cross_replace_words={"tiger": 0.3})
+    with pytest.raises(NTIError, match="fraction of 'tiger'"):
+        NTIConfig(edit="p2p-replace", cross_replace_words={"tiger": 1.5})
 
 
 def test_self_attention_replace_as_official():
@@ -386,10 +446,12 @@ def test_fast_equals_explicit_for_every_mode(sd_tok, extra):
 
 # ------------------------------------------------------------------------------------------------ bad settings
 
-@pytest.mark.parametrize("value", [(0.2, 0.8), {"default_": 0.8, "tiger": 0.4}, 1.5, float("nan")])
+@pytest.mark.parametrize("value", [(0.2, 0.8), {"tiger": 0.4}, {"default_": 0.8, "tiger": (0.2, 0.4)},
+                                   {"default_": (0.2, 0.8)}, 1.5, float("nan")])
 def test_cross_replace_forms_the_project_does_not_take_are_refused(value):
-    """The official get_time_words_attention_alpha also takes a (start, end) pair and a per-word dict; the project
-    takes a fraction only and refuses the rest by name, rather than misreading them."""
+    """The official get_time_words_attention_alpha also takes (start, end) pairs; the project takes end fractions
+    only (one, or the notebooks' per-word dict with its 'default_') and refuses the rest by name, rather than
+    misreading them."""
     with pytest.raises(NTIError, match="cross_replace"):
         NTIConfig(edit="p2p-replace", cross_replace=value)
 
@@ -400,13 +462,20 @@ def test_cli_refuses_bad_p2p_settings_with_exit_2(tmp_path, capsys):
     for extra in (["--target", "a tiger sitting on a mat", "--edit", "p2p-replace", "--cross-replace", "1.5"],
                   ["--target", "a tiger sitting on a mat", "--blend-word", "cat"],  # regenerate has no attention
                   ["--target", "a red cat sitting on a mat", "--edit", "p2p-reweight"],  # no words to reweight
-                  ["--target", "a red cat sitting on a mat", "--edit", "p2p-refine", "--blend-word", "dog"]):
+                  ["--target", "a red cat sitting on a mat", "--edit", "p2p-refine", "--blend-word", "dog"],
+                  ["--target", "a tiger sitting on a mat", "--edit", "p2p-replace", "--cross-replace-word", "tiger"],
+                  ["--target", "a tiger sitting on a mat", "--edit", "p2p-replace", "--cross-replace-word", "dog=0.3"],
+                  ["--target", "a tiger sitting on a mat", "--cross-replace-word", "tiger=0.3"]):
         try:
             code = cli_main(common + extra)
         except SystemExit as exit_info:
             code = exit_info.code
         assert code == 2, extra
         assert "error" in capsys.readouterr().err
+    # the flag as the config's field: per-word windows beside --cross-replace
+    ok = ["--target", "a tiger sitting on a mat", "--edit", "p2p-replace", "--cross-replace", "0.6",
+          "--cross-replace-word", "tiger=0.2", "--cross-replace-word", "mat=1"]
+    assert cli_main(common + ok) == 0, capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ layers and pipeline
@@ -452,6 +521,14 @@ def test_fast_batch_equals_reference_for_refine_reweight_blend(tiny_pipe):
     unblended = torch.cat([nti.edit_latents(tiny_pipe, [inv], [t], config.replace(blend_words=()), progress=False)
                            for inv, t in zip(invs, targets)])
     assert rel_err(ref, unblended) > 1e-2  # the blend took part (measured 0.11)
+    # per-word cross-replace windows on the batched fast path (one image's word missing from the other's prompt)
+    words = config.replace(cross_replace={"default_": 0.5, "red": 1.0, "cat": 0.2})
+    ref = torch.cat([nti.edit_latents(tiny_pipe, [inv], [t], words, progress=False) for inv, t in zip(invs, targets)])
+    fast = nti.edit_latents(tiny_pipe, invs, targets, words.replace(backend="fast", batch_size=2), progress=False)
+    assert rel_err(fast, ref) < 1e-4
+    default = torch.cat([nti.edit_latents(tiny_pipe, [inv], [t], words.replace(cross_replace_words=()),
+                                          progress=False) for inv, t in zip(invs, targets)])
+    assert rel_err(ref, default) > 1e-4  # the words' own windows took part
 
 
 VOCAB = ["a", "cat", "dog", "hippopotamus", "sitting", "on", "mat", "rug", "red", "photo", "of", "the", "tiger",
