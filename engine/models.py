@@ -339,6 +339,10 @@ def check_supported_model(path: Path) -> None:
     if why:
         raise NTIError(f"model folder {path} cannot be inverted by this engine: {'; '.join(why)}. Use a Stable "
                        f"Diffusion v1.x, 2.x or SDXL base text-to-image folder")
+    zeros = index.get("force_zeros_for_empty_prompt", True)
+    if not isinstance(zeros, bool):  # "false" (a string) is true to Python and to diffusers' pipeline alike
+        raise NTIError(f"model folder {path}: model_index.json's force_zeros_for_empty_prompt must be true or false "
+                       f"(a JSON boolean, no quotes); got {zeros!r}")
     pipeline = index.get("_class_name")
     extra = sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and any(v)
                    and k not in USED_COMPONENTS + IGNORED_COMPONENTS)

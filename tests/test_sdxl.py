@@ -246,6 +246,10 @@ def test_a_model_without_zero_null_starts_from_the_empty_prompt(xl_folder, tmp_p
     assert pipe.fingerprint != load_pipeline(xl_folder, device="cpu").fingerprint
     _edit_json(folder / "model_index.json", force_zeros_for_empty_prompt=True, requires_safety_checker=False)
     assert load_pipeline(folder, device="cpu").fingerprint == load_pipeline(xl_folder, device="cpu").fingerprint
+    # "false" in quotes is true to Python (and to diffusers' pipeline): refused, not read as the opposite
+    _edit_json(folder / "model_index.json", force_zeros_for_empty_prompt="false")
+    with pytest.raises(NTIError, match="force_zeros_for_empty_prompt must be true or false"):
+        load_pipeline(folder, device="cpu")
 
 
 def test_an_sdxl_scheduler_that_clips_x0_is_named_not_silently_ignored(xl_folder, tmp_path, caplog):
