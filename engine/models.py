@@ -485,9 +485,12 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
     check_prompt_length(path, text_encoder, tokenizer, second.get("text_encoder_2"), second.get("tokenizer_2"))
     if not second and scheduler_config.get("steps_offset", 0) != 1:
         # StableDiffusionPipeline's constructor rewrites an outdated steps_offset to 1, so the official notebook (and
-        # every SD 1.x/2.x pipeline) ran t = 981..1 on such a folder too; StableDiffusionXLPipeline keeps the config's
-        log.warning("%s: the scheduler config's steps_offset %s is outdated; using 1, as StableDiffusionPipeline "
-                    "does (--steps-offset N sets another)", path, scheduler_config.get("steps_offset", "(absent)"))
+        # every SD 1.x/2.x pipeline) ran t = 981..1 on such a folder too; StableDiffusionXLPipeline keeps the config's.
+        # Only 'leading' spacing adds the offset: under 'trailing' or 'linspace' the rewrite changes nothing, so
+        # the warning would only alarm
+        if scheduler_config.get("timestep_spacing", "leading") == "leading":
+            log.warning("%s: the scheduler config's steps_offset %s is outdated; using 1, as StableDiffusionPipeline "
+                        "does (--steps-offset N sets another)", path, scheduler_config.get("steps_offset", "(absent)"))
         scheduler_config = {**scheduler_config, "steps_offset": 1}
     if second and scheduler_config.get("clip_sample"):
         # StableDiffusionPipeline forces it off (clipping x0 latents to [-1, 1] ruins them); the SDXL pipeline would

@@ -138,3 +138,10 @@ def test_an_outdated_steps_offset_runs_as_stable_diffusion_pipeline_runs_it(tiny
     assert NTIConfig(steps_offset=0).timestep_offset(pipe.scheduler_config) == 0
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
     assert rel_err(reference.sample(pipe, _job(pipe, z, 7, 7.5)), _diffusers_sample(pipe, z, 7, 7.5)) < 1e-5
+    # under 'trailing' spacing the offset adds nothing (diffusers ignores it there): no warning to alarm anyone
+    caplog.clear()
+    config_file.write_text(json.dumps({**config, "timestep_spacing": "trailing"}))
+    with caplog.at_level("WARNING", logger="nti"):
+        trailing = load_pipeline(copy, device="cpu")
+    assert "outdated" not in caplog.text
+    assert make_schedule(trailing.scheduler_config, 50).timesteps[:2] == [999, 979]
