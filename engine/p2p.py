@@ -64,8 +64,12 @@ def word_positions(tokenizer, prompt: str, word: str) -> list[int]:
             # the word's own tokens among the punctuation's: 'mat.' -> 'mat', '"cat"' -> 'cat', not the quote
             # (CLIP splits punctuation from letters, so they are a run of the whole word's tokens)
             tokens = tokenizer.encode(w, add_special_tokens=False)
-            start = next((k for k in range(len(tokens)) if tokens[k:k + len(pieces)] == pieces), 0)
-            out += positions[start:start + len(pieces)]
+            start = next((k for k in range(len(tokens)) if tokens[k:k + len(pieces)] == pieces), None)
+            if start is not None:
+                out += positions[start:start + len(pieces)]
+            else:  # CLIP cut the word otherwise ("'tiger'" -> "'t", "iger", "'": a contraction's pattern): every
+                # token of it that holds a letter or digit, not the first token only
+                out += [p for p, t in zip(positions, tokens) if any(c.isalnum() for c in tokenizer.decode([t]))]
     return out
 
 

@@ -171,6 +171,16 @@ def test_word_positions_skip_punctuation_before_the_word(sd_tok):
     assert plan.blend_source.nonzero().flatten().tolist() == [3] == plan.blend_target.nonzero().flatten().tolist()
 
 
+def test_a_single_quoted_word_cut_like_a_contraction_takes_all_its_letter_tokens(sd_tok):
+    """CLIP reads "'tiger'" as "'t", "iger", "'" (its pattern takes 't as a contraction): the word's attention sits
+    on both letter tokens. Before, the lookup fell back to the first token only ("'t"), so reweighting 'tiger'
+    scaled a third of the word and the blend mask missed most of it."""
+    prompt = "a 'tiger' on a mat"
+    tokens = sd_tok.tokenize(prompt)
+    assert [tokens[p - 1] for p in p2p.word_positions(sd_tok, prompt, "tiger")] == ["'t</w>", "iger</w>"]
+    assert [tokens[p - 1] for p in p2p.word_positions(sd_tok, "a 'cat' on a mat", "cat")] == ["cat</w>"]
+
+
 def test_equalizer_as_official(sd_tok):
     target = "a red cat sitting on a red mat"
     config = NTIConfig(edit="p2p-reweight", reweight={"red": 2.0, "mat": 0.5, "hippopotamus": 3.0})
