@@ -178,6 +178,7 @@ def test_a_single_quoted_word_cut_like_a_contraction_takes_all_its_letter_tokens
     prompt = "a 'tiger' on a mat"
     tokens = sd_tok.tokenize(prompt)
     assert [tokens[p - 1] for p in p2p.word_positions(sd_tok, prompt, "tiger")] == ["'t</w>", "iger</w>"]
+    tokens = sd_tok.tokenize("a 'cat' on a mat")
     assert [tokens[p - 1] for p in p2p.word_positions(sd_tok, "a 'cat' on a mat", "cat")] == ["cat</w>"]
 
 
