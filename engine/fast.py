@@ -45,17 +45,23 @@ def fused_ops(config: NTIConfig, device: torch.device):
     """kernels/ fused DDIM ops if wanted and importable, else None (plain torch). NTI_FUSED_STEP=0 turns them off."""
     want = config.fused_step
     if os.environ.get("NTI_FUSED_STEP") == "0":
+        if want:
+            warnings.warn("fused DDIM step off (NTI_FUSED_STEP=0); using plain torch")
         want = False
     if want is False:
         return None
     try:
         import nti.kernels.ddim as ops
-    except Exception as err:  # no triton, an older torch without custom ops, ...
+    except Exception as err:  # an older torch without custom ops, ...
         if want:
             warnings.warn(f"fused DDIM step unavailable ({type(err).__name__}: {err}); using plain torch")
         return None
-    if want is None and not (device.type == "cuda" and ops.triton_enabled(torch.empty(0, device=device))):
+    why_not = ops.why_not_triton(torch.empty(0, device=device))
+    if want is None and not (device.type == "cuda" and why_not is None):
         return None  # default: only where the Triton kernel really runs
+    if why_not is not None:  # asked for explicitly: the ops still run (same math), but not the kernels asked for
+        warnings.warn(f"fused DDIM step: no Triton kernels here ({why_not}); the nti:: ops run their torch "
+                      f"reference")
     return ops
 
 

@@ -112,12 +112,13 @@ if triton is not None:
     @triton.jit
     def _coefficients(w_ptr, af_ptr, at_ptr, offs, mask, per_image, GUIDED: tl.constexpr):
         """Gather (image index, w, alpha_from, alpha_to) per element: each image may sit at its own step and weight."""
+        # coefficients may be half tensors (the op schema allows it); the math below is fp32 (sqrt_rn takes fp32 only)
         img = offs // per_image
-        af = tl.load(af_ptr + img, mask=mask, other=1.0)
-        at = tl.load(at_ptr + img, mask=mask, other=1.0)
+        af = tl.load(af_ptr + img, mask=mask, other=1.0).to(tl.float32)
+        at = tl.load(at_ptr + img, mask=mask, other=1.0).to(tl.float32)
         w = 0.0
         if GUIDED:
-            w = tl.load(w_ptr + img, mask=mask, other=0.0)
+            w = tl.load(w_ptr + img, mask=mask, other=0.0).to(tl.float32)
         return img, w, af, at
 
     @triton.jit
@@ -139,9 +140,9 @@ if triton is not None:
         # program writes its own partial so the result is deterministic (atomics would reorder the fp32 sum)
         img = tl.program_id(0)
         split = tl.program_id(1)
-        w = tl.load(w_ptr + img)
-        af = tl.load(af_ptr + img)
-        at = tl.load(at_ptr + img)
+        w = tl.load(w_ptr + img).to(tl.float32)
+        af = tl.load(af_ptr + img).to(tl.float32)
+        at = tl.load(at_ptr + img).to(tl.float32)
         base = img * per_image
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for k in range(0, chunk, BLOCK):
@@ -168,7 +169,7 @@ if triton is not None:
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             eps = _eps(eu_ptr, ec_ptr, w, offs, mask, GUIDED)
             tgt = tl.load(tgt_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + img, mask=mask, other=0.0)
+            g = tl.load(g_ptr + img, mask=mask, other=0.0).to(tl.float32)
             common = g * two_over_n * (_ddim(x, eps, af, at) - tgt)
         else:
             common = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -240,10 +241,21 @@ def _triton_bwd(g, x, eu, ec, w, af, at, target, shape, dtypes, wants):
 
 def triton_enabled(t: Tensor) -> bool:
     """Whether the ops would run their Triton kernels on tensors like `t` (device, dtype, env switches)."""
-    if triton is None or os.environ.get("NTI_DISABLE_TRITON") == "1" or t.dtype not in _KERNEL_DTYPES:
-        return False
+    return why_not_triton(t) is None
+
+
+def why_not_triton(t: Tensor) -> Optional[str]:
+    """Why the ops would run their torch reference on tensors like `t`, or None when the Triton kernels run."""
+    if triton is None:
+        return "triton is not installed"
+    if os.environ.get("NTI_DISABLE_TRITON") == "1":
+        return "NTI_DISABLE_TRITON=1"
+    if t.dtype not in _KERNEL_DTYPES:
+        return f"{t.dtype} tensors; the kernels take fp32, bf16 and fp16"
     # TRITON_INTERPRET=1 (set before import) runs the kernels on CPU tensors in Triton's interpreter: tests only
-    return t.is_cuda or (t.device.type == "cpu" and _INTERPRET)
+    if not (t.is_cuda or (t.device.type == "cpu" and _INTERPRET)):
+        return f"{t.device.type} tensors; the kernels run on CUDA"
+    return None
 
 
 def _use_triton(*ts: Optional[Tensor]) -> bool:
@@ -413,11 +425,12 @@ torch.library.register_autograd("nti::guided_ddim_step_mse", _mse_backward, setu
 # ----------------------------------------------------------------------------------------------------------------
 
 def _coef(c, x: Tensor) -> Tensor:
-    """Per-image coefficient as a (B,) tensor on x's device; python floats and 0-d tensors are broadcast."""
+    """Per-image coefficient as a (B,) tensor on x's device; python floats, 0-d and (1,) tensors are broadcast."""
     if not isinstance(c, Tensor):
         return torch.full((x.shape[0],), float(c), dtype=torch.float32, device=x.device)
     c = c.to(device=x.device, dtype=torch.float64 if c.dtype == torch.float64 else torch.float32)
-    return c.expand(x.shape[0]) if c.ndim == 0 else c
+    # (1,) too, as engine/ddim.py's step broadcasts it (schedule.alphas[t:t + 1], say); other lengths are refused
+    return c.reshape(()).expand(x.shape[0]) if c.ndim <= 1 and c.numel() == 1 else c
 
 
 def ddim_step(x: Tensor, eps: Tensor, a_from, a_to) -> Tensor:
