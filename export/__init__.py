@@ -124,6 +124,8 @@ def build_forward_backend(pipe: Pipeline, kind: str, precision: str = "fp32", ca
         except NTIError:
             raise
         except Exception as err:  # an op the exporter cannot translate, a compiler failure, ...: say which step
+            if isinstance(err, OSError) and err.errno in cache.WRITE_ERRORS:  # a full or read-only disk, not the
+                raise  # build: cached_build says so, and what to do
             raise NTIError(f"building the {kind} {component} ({precision}) failed: {type(err).__name__}: "
                            f"{str(err)[:2000]}") from err
 
@@ -167,12 +169,14 @@ class ForwardFn:
         return f"ForwardFn({self.built.kind}, {self.built.precision}, {self.built.path})"
 
     def __call__(self, z: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
+        per_image_t = isinstance(t, torch.Tensor) and t.numel() != 1  # the graph takes one timestep for the batch
         if (tuple(z.shape[1:]) != self.latent_shape or tuple(context.shape[1:]) != self.text_shape
-                or z.device.type != self.pipe.device.type or context.shape[0] != z.shape[0]):
+                or z.device.type != self.pipe.device.type or context.shape[0] != z.shape[0] or per_image_t):
             if not self.fallbacks:
                 warnings.warn(f"{self.built.kind} UNet was built for latents {self.latent_shape} and text "
-                              f"{self.text_shape} on {self.pipe.device}; running the eager UNet for "
-                              f"{tuple(z.shape)} / {tuple(context.shape)} on {z.device}")
+                              f"{self.text_shape} on {self.pipe.device}, one timestep per call; running the eager "
+                              f"UNet for {tuple(z.shape)} / {tuple(context.shape)} on {z.device}"
+                              + (f" with timesteps {tuple(t.shape)}" if per_image_t else ""))
             self.fallbacks += 1
             return self.pipe.unet(z, t, **unet_inputs(self.pipe.pooled, context)).sample
         timestep = torch.full((1,), float(t), dtype=torch.float32, device=z.device)

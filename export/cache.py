@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import socket
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,6 +19,9 @@ from nti.config import NTIError
 
 BUILDS: dict[str, int] = {}  # kind -> artifacts built by this process (tests: "the second call did not rebuild")
 META = "meta.json"
+# the disk, not the build, failed: say so, and what to do, whichever step wrote the file
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+_CHECKED: set = set()  # (entry folder, meta.json mtime) whose files this process hashed and found as built
 
 
 def default_cache_dir() -> Path:
@@ -68,8 +74,49 @@ def entry_dir(cache_dir, kind: str, component: str, fields: dict) -> Path:
 DEAD_BUILD_AGE_S = 3600  # a container sharing this disk and host name has its own pids: leave recent folders alone
 
 
+def _file_record(folder: Path) -> dict:
+    """name -> [size, sha256] of every file of a build but meta.json: what later loads check the entry against."""
+    record = {}
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != META):
+        digest = hashlib.sha256()
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(block)
+        record[file.relative_to(folder).as_posix()] = [file.stat().st_size, digest.hexdigest()]
+    return record
+
+
+def damage(folder: Path, fields: dict, artifact: str) -> str | None:
+    """Why the entry in `folder` must not be used (None if it is sound): no meta or artifact, meta.json for other key
+    fields, or a file whose size or content changed since the build (a truncated copy, a disk error)."""
+    try:
+        meta = json.loads((folder / META).read_text())
+        stamp = (str(folder), (folder / META).stat().st_mtime_ns)
+    except (OSError, ValueError) as err:
+        return f"unreadable {META}: {err}"
+    if not (folder / artifact).is_file():
+        return f"no {artifact}"
+    want = json.loads(json.dumps(fields, sort_keys=True, default=str))
+    other = sorted(k for k in want if meta.get(k) != want[k])
+    if other:
+        return f"{META} records other {', '.join(other)}"
+    files = meta.get("files")
+    if files is None:  # an entry written before files were recorded: nothing to check it against
+        return None
+    for name, (size, _) in files.items():  # every lookup: a truncated or missing file costs no hashing
+        if not (folder / name).is_file() or (folder / name).stat().st_size != size:
+            return f"{name} is missing or not {size} bytes"
+    if stamp not in _CHECKED:  # contents once per process and entry: GBs for SD
+        found = _file_record(folder)
+        changed = sorted(n for n in files if found.get(n) != files[n])
+        if changed:
+            return f"{', '.join(changed)} changed since the build"
+        _CHECKED.add(stamp)
+    return None
+
+
 def _remove_dead_builds(parent: Path) -> None:
-    """Delete the temp build folders in parent (.KEY.HOST.PID.tmp) of this host's processes that are gone, once
+    """Delete the temp build folders in parent (.KEY.THREAD.HOST.PID.tmp) of this host's processes that are gone, once
     untouched for DEAD_BUILD_AGE_S: a build killed mid-way (SIGKILL, out of memory, a power cut) left one that
     nothing reads or removes, GBs for SD."""
     if os.name == "nt":  # os.kill(pid, 0) terminates the process there
@@ -100,9 +147,13 @@ def cached_build(folder: Path, fields: dict, artifact: str, build) -> tuple[Path
     """
     path = folder / artifact
     if (folder / META).is_file() and path.exists():
-        return path, False
-    # the host too: on a shared disk another host's pid says nothing here
-    tmp = folder.parent / f".{folder.name}.{socket.gethostname()}.{os.getpid()}.tmp"
+        why = damage(folder, fields, artifact)
+        if why is None:
+            return path, False
+        warnings.warn(f"export cache entry {folder} is damaged ({why}); building it again")
+    # the host too: on a shared disk another host's pid says nothing here; the thread: two threads of one process
+    # building the same key would otherwise share (and delete) one temp folder
+    tmp = folder.parent / f".{folder.name}.{threading.get_ident()}.{socket.gethostname()}.{os.getpid()}.tmp"
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -115,17 +166,23 @@ def cached_build(folder: Path, fields: dict, artifact: str, build) -> tuple[Path
     try:
         build(tmp)
         meta = {**fields, "artifact": artifact, "build_s": round(time.perf_counter() - start, 2),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": _file_record(tmp)}
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-        if (folder / META).is_file() and path.exists():  # a concurrent build of the same key finished first
+        if damage(folder, fields, artifact) is None:  # a concurrent build of the same key finished first
             return path, False
-        shutil.rmtree(folder, ignore_errors=True)  # a stale partial entry (no meta)
+        shutil.rmtree(folder, ignore_errors=True)  # a stale partial (no meta) or damaged entry
         try:
             os.replace(tmp, folder)
         except OSError:  # another process renamed its finished build into place between our check and here
-            if (folder / META).is_file() and path.exists():
+            if damage(folder, fields, artifact) is None:
                 return path, False
             raise
+        _CHECKED.add((str(folder), (folder / META).stat().st_mtime_ns))  # just hashed: no need to read it again
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS:
+            raise
+        raise NTIError(f"cannot write the export cache {folder.parent} ({err}); free space there or pass another "
+                       f"--export-cache folder") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     kind = fields.get("kind", "?")
