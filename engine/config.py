@@ -89,7 +89,8 @@ class NTIConfig:
     inner_steps: int = setting(10, ALGORITHM, changes_inversion=True, minimum=0)
     """Adam iterations per DDIM step in null-text optimization (upper bound when early stop is on)."""
     lr: float = setting(1e-2, ALGORITHM, changes_inversion=True)
-    """Adam learning rate at step 0; step i uses lr * (1 - i/100), as the notebook."""
+    """Adam learning rate at step 0; step i uses lr * (1 - i/100), as the notebook (so null-text takes at most 100
+    steps)."""
     early_stop: bool = setting(True, ALGORITHM, changes_inversion=True)
     """Stop an image's inner loop once its loss < early_stop_eps + i * 2e-5 (notebook). Off for fixed-cost timing."""
     early_stop_eps: float = setting(1e-5, ALGORITHM, changes_inversion=True)
@@ -284,6 +285,10 @@ class NTIConfig:
                 raise NTIError(f"{name} must be a positive integer; got {value!r}")
         if self.steps > 1000:
             raise NTIError(f"steps must be at most 1000 (the model's training timesteps); got {self.steps}")
+        if self.method == "null-text" and self.steps > 100:  # step i >= 100 would fit nothing, or climb the loss
+            raise NTIError(f"null-text inversion takes at most 100 steps: its Adam lr decays as lr * (1 - i/100) "
+                           f"(notebook), 0 at step 100 and negative after; got steps {self.steps}. For more steps "
+                           f"use method 'direct', 'negative-prompt' or 'ddim'")
         if not _is_int(self.inner_steps) or self.inner_steps < 0:
             raise NTIError(f"inner_steps must be a non-negative integer; got {self.inner_steps!r}")
         for name in ("guidance", "guidance_min"):  # inf or 1e30 would pass ">= 0" and write an all-black image

@@ -2,7 +2,7 @@
 the tiny model: null-text (Mokady et al. 2023, the notebook null_text_w_ptp.ipynb), negative-prompt (Miyake et al.
 2023, as PnPInversion's NegativePromptInversion edits), direct inversion (Ju et al. 2023, PnPInversion's
 DirectInversion.offset_calculate and direct_inversion_p2p_guidance_forward) and DDIM; the fast path against the
-reference for each, in batches mixing methods and prompts.
+reference for each, in batches mixing methods and prompts; and bad input around methods.
 
 The re-implementation computes its own alphas, timesteps, DDIM steps and guidance, and calls the UNet itself; only
 the text encoder and prompt-to-prompt's attention control (audited in test_p2p_audit.py) are the engine's.
@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import nti
-from nti import NTIConfig, p2p
+from nti import NTIConfig, NTIError, p2p
+from nti.cli import main as cli_main
 from nti.models import encode_prompts
 from tests.conftest import rel_err
 
@@ -276,3 +277,32 @@ def test_fast_batch_mixing_methods_and_prompts_equals_reference_one_at_a_time(ti
     for k, (inv, target) in enumerate(zip(batch, targets)):
         alone = nti.edit_latents(tiny_pipe, [inv], target, config, progress=False)
         assert rel_err(fast[k:k + 1], alone) < 1e-4, (order[k], target)
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+def test_unknown_method_is_refused(tiny_pipe, invs, tmp_path, capsys):
+    with pytest.raises(NTIError, match="method must be one of"):
+        NTIConfig(method="nti")
+    inv = invs["ddim"]
+    broken = dataclasses.replace(inv, settings={**inv.settings, "method": "pnp"})
+    with pytest.raises(NTIError, match="method must be one of"):
+        nti.edit_latents(tiny_pipe, [broken], TARGET, BASE, progress=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["edit", "skimage:chelsea", "--model", "tiny", "--prompt", SOURCE, "--target", TARGET,
+                  "--method", "pnp", "--out", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_null_text_past_100_steps_is_refused_not_ascended(tmp_path, capsys):
+    """The notebook's lr 1e-2 * (1 - i/100) is 0 at step 100 and negative after: torch's Adam raised a ValueError
+    traceback on the reference, and the fast path's Adam climbed the loss instead of descending it."""
+    for steps in (101, 200):
+        with pytest.raises(NTIError, match="1 - i/100"):
+            NTIConfig(method="null-text", steps=steps)
+    NTIConfig(method="null-text", steps=100)
+    for method in ("ddim", "negative-prompt", "direct"):
+        NTIConfig(method=method, steps=200)
+    code = cli_main(["invert", "skimage:chelsea", "--model", "tiny", "--prompt", SOURCE, "--steps", "150",
+                     "--quiet", "--out", str(tmp_path / "x.safetensors")])
+    assert code == 2 and "Traceback" not in capsys.readouterr().err
