@@ -191,7 +191,8 @@ SETTING_KEYS = ("method", "steps", "guidance", "guidance_schedule", "guidance_mi
 
 def check_inversion(inv: Inversion, finite: bool = True) -> None:
     """An inversion is usable only when it agrees with itself: valid settings, a finite latent of the right rank,
-    one null embedding per step (or one for all), one pivot per step plus z_T, finite tensors. Raises NTIError.
+    one null embedding per step (or one for all), one pivot per step plus z_T, the tensors its method keeps, finite
+    tensors. Raises NTIError.
     `finite=False` checks all but finiteness (the Python API edits a diverged inversion, with a warning)."""
     if not isinstance(inv.settings, dict) or not isinstance(inv.source_prompt, str):
         raise NTIError(f"its settings must be a dict and its source_prompt a string; got "
@@ -226,7 +227,25 @@ def check_inversion(inv: Inversion, finite: bool = True) -> None:
                        f"{0 if nulls is None else nulls.shape[0]}")
     if inv.pivots is not None and tuple(inv.pivots.shape) != (steps + 1, *inv.z_T.shape):
         raise NTIError(f"pivots have shape {tuple(inv.pivots.shape)}, expected {(steps + 1, *inv.z_T.shape)}")
+    check_method_tensors(settings["method"], inv)
     for name in TENSORS if finite else ():
         tensor = getattr(inv, name)
         if tensor is not None and not torch.isfinite(tensor).all():
             raise NTIError(f"{name} holds non-finite values (NaN or inf)")
+
+
+def check_method_tensors(method: str, inv: Inversion) -> None:
+    """The tensors an inversion holds are what its method keeps (methods.from_pivots): editing reads the tensors, so
+    another method's would be edited as that method under this one's name. Raises NTIError."""
+    nulls = inv.null_embeddings
+    found = "none" if nulls is None else f"{nulls.shape[0]}"
+    if method == "negative-prompt" and (nulls is None or nulls.shape[0] != 1):
+        raise NTIError(f"a negative-prompt inversion keeps one null embedding (its source prompt's, Miyake et al. "
+                       f"2023), found {found}")
+    if method in ("ddim", "direct") and nulls is not None:
+        raise NTIError(f"a {method} inversion keeps no null embeddings (it edits with the empty prompt's), found "
+                       f"{found}")
+    # direct inversion's edit starts at z_T and is put back on the pivots, z*_T first (Ju et al. 2023)
+    if method == "direct" and inv.pivots is not None and not torch.allclose(
+            inv.pivots[-1].float(), inv.z_T.float(), rtol=0, atol=0, equal_nan=True):  # a diverged one is still one
+        raise NTIError("a direct inversion's z_T must be its last pivot z*_T; they differ")

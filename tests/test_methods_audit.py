@@ -306,3 +306,47 @@ def test_null_text_past_100_steps_is_refused_not_ascended(tmp_path, capsys):
     code = cli_main(["invert", "skimage:chelsea", "--model", "tiny", "--prompt", SOURCE, "--steps", "150",
                      "--quiet", "--out", str(tmp_path / "x.safetensors")])
     assert code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def _relabel(inv, method, **tensors):
+    return dataclasses.replace(inv, settings={**inv.settings, "method": method}, **tensors)
+
+
+MISLABELED = {  # an artifact whose tensors belong to another method than its settings say (a direct inversion
+    # relabeled ddim is not here: its z_T is DDIM's, and a ddim edit ignores the pivots, so it edits as it says)
+    "ddim as negative-prompt": ("ddim", "negative-prompt", {}),
+    "negative-prompt as ddim": ("negative-prompt", "ddim", {}),
+    "negative-prompt as direct": ("negative-prompt", "direct", {"pivots": "direct"}),
+    "direct as negative-prompt": ("direct", "negative-prompt", {}),
+    "null-text as ddim": ("null-text", "ddim", {}),
+    "null-text as negative-prompt": ("null-text", "negative-prompt", {}),
+}
+
+
+@pytest.mark.parametrize("case", MISLABELED)
+def test_an_artifact_of_one_method_is_not_edited_as_another(tiny_pipe, invs, tmp_path, case):
+    """Each of these edited silently with whatever the tensors held, under the other method's name."""
+    made_by, label, tensors = MISLABELED[case]
+    inv = _relabel(invs[made_by], label, **{k: getattr(invs[v], k) for k, v in tensors.items()})
+    with pytest.raises(NTIError, match=label):
+        nti.edit_latents(tiny_pipe, [inv], TARGET, BASE, progress=False)
+    with pytest.raises(NTIError, match="not saved"):
+        nti.save_inversion(inv, tmp_path / "x.safetensors")
+
+
+def test_negative_prompt_with_per_step_nulls_and_direct_with_a_foreign_z_T_are_refused(tiny_pipe, invs):
+    npi = invs["negative-prompt"]
+    per_step = dataclasses.replace(npi, null_embeddings=npi.null_embeddings.expand(STEPS, -1, -1).clone())
+    with pytest.raises(NTIError, match="negative-prompt"):
+        nti.edit_latents(tiny_pipe, [per_step], TARGET, BASE, progress=False)
+    direct = invs["direct"]
+    moved = dataclasses.replace(direct, z_T=direct.z_T + 1)  # the edit would start off the trajectory it is put on
+    with pytest.raises(NTIError, match="z_T"):
+        nti.edit_latents(tiny_pipe, [moved], TARGET, BASE, progress=False)
+
+
+def test_every_method_as_made_still_saves_loads_and_edits(tiny_pipe, invs, tmp_path):
+    for method, inv in invs.items():
+        loaded = nti.load_inversion(nti.save_inversion(inv, tmp_path / f"{method}.safetensors"))
+        a = nti.edit_latents(tiny_pipe, [inv], TARGET, BASE, progress=False)
+        assert torch.equal(a, nti.edit_latents(tiny_pipe, [loaded], TARGET, BASE, progress=False)), method
