@@ -245,7 +245,9 @@ def check_method_tensors(method: str, inv: Inversion) -> None:
     if method in ("ddim", "direct") and nulls is not None:
         raise NTIError(f"a {method} inversion keeps no null embeddings (it edits with the empty prompt's), found "
                        f"{found}")
+    if method == "direct" and inv.pivots is None:
+        raise NTIError("a direct inversion without its pivots: there are no pivots to put its edits back on")
     # direct inversion's edit starts at z_T and is put back on the pivots, z*_T first (Ju et al. 2023)
-    if method == "direct" and inv.pivots is not None and not torch.allclose(
+    if method == "direct" and not torch.allclose(
             inv.pivots[-1].float(), inv.z_T.float(), rtol=0, atol=0, equal_nan=True):  # a diverged one is still one
         raise NTIError("a direct inversion's z_T must be its last pivot z*_T; they differ")

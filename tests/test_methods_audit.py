@@ -350,3 +350,13 @@ def test_every_method_as_made_still_saves_loads_and_edits(tiny_pipe, invs, tmp_p
         loaded = nti.load_inversion(nti.save_inversion(inv, tmp_path / f"{method}.safetensors"))
         a = nti.edit_latents(tiny_pipe, [inv], TARGET, BASE, progress=False)
         assert torch.equal(a, nti.edit_latents(tiny_pipe, [loaded], TARGET, BASE, progress=False)), method
+
+
+def test_a_direct_inversion_without_pivots_is_not_saved(tiny_pipe, invs, tmp_path):
+    """save_inversion wrote it, and load_inversion then refused the file save_inversion had promised it would read."""
+    broken = dataclasses.replace(invs["direct"], pivots=None)
+    with pytest.raises(NTIError, match="not saved.*without its pivots"):
+        nti.save_inversion(broken, tmp_path / "direct.safetensors")
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(NTIError, match="no pivots"):
+        nti.edit_latents(tiny_pipe, [broken], TARGET, BASE, progress=False)
