@@ -206,10 +206,12 @@ class NTIConfig:
     more forward work per inner iteration. Same results: the recompute is the same arithmetic."""
     fused_step: bool | None = setting(None, SPEED)
     """Use the fused DDIM-step/loss custom ops from kernels/. None = on where Triton runs (CUDA)."""
-    forward_backend: str = setting("torch", SPEED, choices=FORWARD_BACKENDS)
+    forward_backend: str = setting("torch", SPEED, changes_inversion=True, keyed_at_default=False,
+                                   choices=FORWARD_BACKENDS)
     """UNet for the forward-only passes (DDIM inversion, cached cond pass, move-on step, editing): 'torch', or an
     exported 'onnx' / 'aoti' / 'tensorrt' UNet built once and cached (export/). The optimized uncond pass needs
-    gradients and always runs in torch. Risk: fp16 engines differ from torch by more than fp32 rounding."""
+    gradients and always runs in torch. Risk: fp16 engines differ from torch by more than fp32 rounding, so in
+    bf16/fp16 it is keyed apart (as half_norms)."""
     export_cache: str | None = setting(None, SPEED)
     """Folder for exported UNets (default: ~/.cache/nti/export)."""
 
@@ -316,12 +318,17 @@ class NTIConfig:
     def result_settings(self, scheduler_config: dict) -> dict:
         """The settings that change an inversion's result (its cache key and the artifact's record): the fields
         marked changes_inversion, with the timestep offset resolved against the model's scheduler config."""
-        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["changes_inversion"]
-                    and (f.metadata["keyed_at_default"] or getattr(self, f.name) != f.default)}
+        settings = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["changes_inversion"] and (f.metadata["keyed_at_default"] or value != f.default):
+                # a whole number as its float (guidance=7 runs as 7.0): json writes 7 and 7.0 apart, two keys
+                settings[f.name] = float(value) if f.type == "float" and _is_number(value) else value
         if self.backend == "reference":  # it computes in fp32 whatever precision says: record what really ran
             settings["precision"] = "fp32"
-        if settings["precision"] == "fp32":  # half_norms changes nothing in fp32: the same inversion, the same key
+        if settings["precision"] == "fp32":  # in fp32 these agree to rounding: the same inversion, the same key
             settings.pop("half_norms", None)
+            settings.pop("forward_backend", None)
         return {**settings, "steps_offset": self.timestep_offset(scheduler_config)}
 
     @property
