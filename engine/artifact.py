@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from .config import NTIConfig, NTIError
-from .outputs import REQUEST_TAG, atomic_write, check_writable_folder, written_by_nti
+from .outputs import (CHECKSUM_TAG, REQUEST_TAG, atomic_write, check_writable_folder, tensors_checksum,
+                      written_by_nti)
 
 FORMAT_VERSION = 1  # written when the inversion stores no pivots: older readers still load it
 FORMAT_VERSION_PIVOTS = 2  # with pivots (direct inversion): older readers refuse it rather than edit without them
@@ -112,7 +113,7 @@ def inversion_bytes(inv: Inversion, request: str | None = None) -> tuple[bytes, 
         tensors["null_embeddings"] = inv.null_embeddings.detach().cpu().float().contiguous()
     if inv.pivots is not None:
         tensors["pivots"] = inv.pivots.detach().cpu().float().contiguous()
-    header = {"nti": json.dumps(inv.metadata(), sort_keys=True)}
+    header = {"nti": json.dumps(inv.metadata(), sort_keys=True), CHECKSUM_TAG: tensors_checksum(tensors)}
     if request is not None:
         header[REQUEST_TAG] = request
     return save(tensors, metadata=header), json.dumps(inv.metadata(), indent=2, sort_keys=True)
@@ -134,6 +135,15 @@ def path_argument(path) -> Path:
     return Path(path).expanduser()
 
 
+def read_safetensors(path: Path) -> tuple[dict, dict]:
+    """A safetensors file's tensors and header metadata, from one read into memory: load_file maps the file, so a
+    write over it in place changed an inversion already loaded, and cutting it short killed the process (SIGBUS)."""
+    data = path.read_bytes()
+    tensors = load(data)  # copies; SafetensorError for a damaged file
+    size = int.from_bytes(data[:8], "little")
+    return tensors, json.loads(data[8:8 + size]).get("__metadata__") or {}
+
+
 REQUIRED_FIELDS = {"source_prompt": str, "image_hash": str, "model_name": str, "model_fingerprint": str,
                    "settings": dict}
 OPTIONAL_FIELDS = {"versions": dict, "iterations": list, "losses": list, "fp32_retries": list, "timings": dict,
@@ -150,10 +160,7 @@ def load_inversion(path: str | os.PathLike) -> Inversion:
         raise NTIError(f"inversion {path} is not a regular file (a device or pipe); give a .safetensors file"
                        if path.exists() else f"inversion file {path} does not exist")
     try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as fh:
-            header = fh.metadata() or {}
+        tensors, header = read_safetensors(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise NTIError(f"inversion file {path} is not a readable safetensors file: {err}") from None
     if "nti" not in header:
@@ -166,8 +173,12 @@ def load_inversion(path: str | os.PathLike) -> Inversion:
         raise NTIError(f"{path}: its nti metadata is not valid JSON ({err})") from None
     if not isinstance(meta, dict):
         raise NTIError(f"{path}: its nti metadata is not a JSON object")
-    if meta.get("format_version") not in READABLE_FORMATS:
-        raise NTIError(f"{path} has inversion format {meta.get('format_version')!r}, this engine reads "
+    version = meta.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > max(READABLE_FORMATS):
+        raise NTIError(f"{path} has inversion format {version}, written by a newer nti; this one reads "
+                       f"{', '.join(map(str, READABLE_FORMATS))}: upgrade nti, or invert again with this one")
+    if version not in READABLE_FORMATS:
+        raise NTIError(f"{path} has inversion format {version!r}, this engine reads "
                        f"{', '.join(map(str, READABLE_FORMATS))}")
     for name, kind in {**REQUIRED_FIELDS, **OPTIONAL_FIELDS}.items():
         if (name in REQUIRED_FIELDS or name in meta) and not isinstance(meta.get(name), kind):
@@ -182,6 +193,13 @@ def load_inversion(path: str | os.PathLike) -> Inversion:
     except NTIError as err:
         raise NTIError(f"{path}: {err}; the file is damaged or not an inversion this engine wrote: invert again") \
             from None
+    # after the checks above, which name what is wrong; these only say that something is
+    if CHECKSUM_TAG in header and header[CHECKSUM_TAG] != tensors_checksum(tensors):
+        raise NTIError(f"{path}: its tensors do not match the checksum recorded when it was written (a damaged copy "
+                       f"or disk); invert again")
+    if "key" in meta and meta["key"] != inv.key:  # a setting or the prompt changed after writing
+        raise NTIError(f"{path}: its metadata does not match the key recorded when it was written ({meta['key']}, "
+                       f"now {inv.key}): the file was damaged or edited; invert again")
     return inv
 
 

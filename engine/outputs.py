@@ -122,12 +122,45 @@ def plan_outputs(out: str, names: list[str], suffix: str, inputs: Iterable[Path]
 
 PNG_SOFTWARE = "nti"  # the PNG 'Software' text chunk of every image nti writes: how a rerun knows its own files
 REQUEST_TAG = "nti-request"  # PNG text chunk / safetensors header key: the request an output answers (--resume)
+CHECKSUM_TAG = "nti-tensors-sha256"  # safetensors header key: safetensors keeps no checksum, and a flipped bit in a
+# tensor loaded as a finite, plausible, wrong inversion (files written without it still load)
 
 
 def request_key(*parts) -> str:
     """sha256 over what an output is made from (the command, the input file's bytes, prompts, model, every setting,
     nti's version): `--resume` keeps an existing output only when it recorded this same key."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def tensors_checksum(tensors: dict) -> str:
+    """sha256 over each tensor's name, dtype, shape and bytes, in name order (CHECKSUM_TAG)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def whole(path: Path) -> bool:
+    """Whether an output nti wrote is still whole: every PNG chunk's CRC holds (a file cut short or with a flipped
+    bit fails), an inversion's tensors match their checksum. Read in full: --resume keeps only whole outputs."""
+    try:
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+            with Image.open(path) as img:
+                img.verify()
+            return True
+        from safetensors import safe_open
+        from safetensors.torch import load
+        with safe_open(path, "pt") as fh:
+            recorded = (fh.metadata() or {}).get(CHECKSUM_TAG)
+        # read, not mapped (load_file): a file cut short meanwhile would kill the process (SIGBUS)
+        return recorded is None or recorded == tensors_checksum(load(path.read_bytes()))
+    except Exception:  # unreadable or damaged: made again
+        return False
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -158,7 +191,7 @@ def nti_tags(path: Path) -> dict | None:
 
 
 def recorded_request(path: Path) -> str | None:
-    """The request key an existing output of nti recorded (PNG text chunk or safetensors header), else None; an
+    """The request key an existing whole output of nti recorded (PNG text chunk or safetensors header), else None; an
     inversion counts only with its own .json twin beside it: save_inversion writes the twin first, so a write that
     failed after it leaves the new twin beside the previous run's inversion, a pair no rerun may keep."""
     tags = nti_tags(path) or {}
@@ -168,7 +201,8 @@ def recorded_request(path: Path) -> str | None:
                 return None
         except (OSError, ValueError, KeyError, TypeError):  # no twin, an unreadable one, or no inversion
             return None
-    return tags.get(REQUEST_TAG)
+    request = tags.get(REQUEST_TAG)
+    return request if request is not None and whole(path) else None  # a damaged output answers no request
 
 
 def written_by_nti(path: Path) -> bool:

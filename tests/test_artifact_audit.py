@@ -108,6 +108,20 @@ def test_unreadable_files_give_a_clear_error(inversion, tmp_path, case):
         assert "newer" in str(err.value) and "99" in str(err.value)
 
 
+def test_a_loaded_inversion_does_not_change_with_its_file(inversion, tmp_path):
+    """load_file maps the file: a write over it in place (cp, a shell's >) changed an inversion already loaded, and
+    cutting the file short killed the process with SIGBUS when the tensors were next read."""
+    path = save_inversion(inversion, tmp_path / "cat.safetensors")
+    loaded = load_inversion(path)
+    path.write_bytes(bytes(path.stat().st_size))
+    assert torch.equal(loaded.z_T, inversion.z_T) and torch.equal(loaded.null_embeddings, inversion.null_embeddings)
+    code = ("import sys, nti; from pathlib import Path; inv = nti.load_inversion(sys.argv[1]); "
+            "Path(sys.argv[1]).write_bytes(b''); print(float(inv.z_T.sum()))")
+    path = save_inversion(inversion, tmp_path / "again.safetensors")
+    run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=child_env())
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 @pytest.mark.parametrize("field, value", [("null_embeddings", float("inf")), ("z_0", float("nan"))])
 def test_non_finite_tensors_are_refused(inversion, tmp_path, field, value):
     bad = dataclasses.replace(inversion, **{field: torch.full_like(getattr(inversion, field), value)})
@@ -143,7 +157,8 @@ KEY_CASES = {  # field -> (a change of it, whether that changes the inversion's 
     "half_weights": ({"half_weights": False}, False), "half_norms": ({"half_norms": True}, True),
     "attention": ({"attention": "plain"}, False), "compile": ({"compile": True}, False),
     "compile_scope": ({"compile_scope": "unet"}, False), "cuda_graphs": ({"cuda_graphs": True}, False),
-    "channels_last": ({"channels_last": True}, False), "gradient_checkpointing": ({"gradient_checkpointing": True}, False),
+    "channels_last": ({"channels_last": True}, False),
+    "gradient_checkpointing": ({"gradient_checkpointing": True}, False),
     "fused_step": ({"fused_step": True}, False), "forward_backend": ({"forward_backend": "onnx"}, True),
     "export_cache": ({"export_cache": "/somewhere"}, False),
 }
@@ -184,7 +199,7 @@ def test_prompts_that_differ_as_text_key_apart():
     """CLIP reads 'a cat', 'a  cat ' and 'A cat' alike, but an inversion records its source prompt (P2P aligns the
     words of it): each text keeps its own entry, and so do NFC and NFD spellings."""
     settings = CONFIG.result_settings({})
-    texts = ["a cat", "a  cat ", "A cat", unicodedata.normalize("NFC", "a café"), unicodedata.normalize("NFD", "a café")]
+    texts = ["a cat", "a  cat ", "A cat", *(unicodedata.normalize(form, "a café") for form in ("NFC", "NFD"))]
     assert len({inversion_key("pixels", text, "model", settings) for text in texts}) == len(texts)
 
 
