@@ -43,6 +43,7 @@ class Job:
     inversion: Inversion | None = None
     out: Path | None = None
     request: str | None = None  # outputs.request_key of its output (--resume)
+    kept: bool = False  # its output is an earlier run's of the same request: computed only if batched with the rest
     error: str | None = None
 
 
@@ -194,11 +195,13 @@ def run_jobs(args, config: NTIConfig, device) -> int:
                         f"exists to test the machinery; give --model PATH for Stable Diffusion)")
         check_against_model(pipe, jobs, config, need_target, problems)
         edit_config = edit_config_for(args.command, config)
-        todo = [j for j in jobs if j.error is None]
-        for job in todo:
+        valid = [j for j in jobs if j.error is None]
+        for job in valid:
             job.request = request_of(args.command, job, pipe.fingerprint, edit_config, device)
         if getattr(args, "resume", True):
-            kept = [j for j in todo if j.request is not None and recorded_request(j.out) == j.request]
+            for job in valid:
+                job.kept = job.request is not None and recorded_request(job.out) == job.request
+            kept = [j for j in valid if j.kept]
             if kept and progress:
                 log.info("kept %d finished output%s of an earlier run of this request (--no-resume makes them "
                          "again)", len(kept), "s" if len(kept) != 1 else "")
@@ -206,23 +209,30 @@ def run_jobs(args, config: NTIConfig, device) -> int:
                 # each line flushed, as its file is done (a pipe is block-buffered: a reader, or a killed run's
                 # listing, would get no path until the batch ended)
                 print(job.out, flush=True)
-            todo = [j for j in todo if j not in kept]
+        todo = [j for j in valid if not j.kept]
         written, done, work_start = 0, 0, time.perf_counter()
         try:
-            for part in work_chunks(todo, config):  # each chunk written before the next: an interruption keeps them
+            # chunks of every job, finished or not: the fast backend's results depend (to rounding) on which images
+            # share a batch, so a chunk an interruption cut in two runs whole again, and its unfinished outputs come
+            # out byte for byte as an uninterrupted run makes them; only chunks finished entirely are skipped
+            for part in work_chunks(valid, config):  # each chunk written before the next: an interruption keeps them
+                if all(j.kept for j in part):
+                    continue
                 invert_jobs(pipe, [j for j in part if j.image is not None], config, args.cache, progress, problems)
                 ready = [j for j in part if j.error is None]
                 if args.command == "invert":
                     from .artifact import save_inversion
                     for job in ready:
-                        save_inversion(job.inversion, job.out, job.request)
-                        print(job.out, flush=True)
+                        if not job.kept:
+                            save_inversion(job.inversion, job.out, job.request)
+                            print(job.out, flush=True)
                 else:
                     chunk = config.model_batch
                     for k in range(0, len(ready), chunk):
-                        edit_and_save(pipe, ready[k:k + chunk], edit_config, progress, problems)
-                written += sum(j.error is None for j in part)
-                done += len(part)
+                        if not all(j.kept for j in ready[k:k + chunk]):
+                            edit_and_save(pipe, ready[k:k + chunk], edit_config, progress, problems)
+                written += sum(j.error is None and not j.kept for j in part)
+                done += sum(not j.kept for j in part)
                 if progress and len(todo) > done:
                     per = (time.perf_counter() - work_start) / done
                     log.info("written %d/%d outputs (%.1f s each, about %s left)", written, len(todo), per,
@@ -370,6 +380,8 @@ def edit_and_save(pipe, jobs: list[Job], config: NTIConfig, progress: bool, prob
     for job, image in zip(jobs, api.decode_checked(pipe, latents, [job.label for job in jobs])):
         if isinstance(image, NTIError):  # not finite: reported, never written as a black image
             problems.add(job, str(image))
+            continue
+        if job.kept:  # made only to batch the others as before: its file is already there
             continue
         save_png(image, job.out, job.request)
         print(job.out, flush=True)  # as run_jobs lists them: each path as its file is done

@@ -356,3 +356,26 @@ def test_the_cache_is_shared_whatever_the_output_path_and_progress(tmp_path, cap
     assert seen == []
     a, b = load_inversion(tmp_path / "a.safetensors"), load_inversion(tmp_path / "other place" / "b b.safetensors")
     assert torch.equal(a.null_embeddings, b.null_embeddings) and a.key == b.key
+
+
+def test_a_resume_inside_a_chunk_equals_the_uninterrupted_run(tmp_path, capsys, monkeypatch):
+    """Interrupted between two saves of one fast-backend chunk, the rerun batches other images together (astronaut
+    with coffee instead of chelsea): its outputs are still the uninterrupted run's, byte for byte."""
+    import nti.images
+    argv = ["edit", "skimage:chelsea", "skimage:astronaut", "skimage:coffee", "--prompt", "a photo", "--target",
+            "a painting", "--backend", "fast", "--batch-size", "2", "--inner-steps", "2", *TINY]
+    real, saved = nti.images.save_png, []
+
+    def interrupted(image, path, *args, **kwargs):
+        if saved:
+            raise KeyboardInterrupt
+        saved.append(path)
+        return real(image, path, *args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(nti.images, "save_png", interrupted)
+        run_cli([*argv, "--out", tmp_path / "resumed"], capsys)
+    assert [p.name for p in (tmp_path / "resumed").iterdir()] == ["chelsea.png"]
+    assert run_cli([*argv, "--out", tmp_path / "resumed"], capsys)[0] == EXIT_OK
+    assert run_cli([*argv, "--out", tmp_path / "whole"], capsys)[0] == EXIT_OK
+    assert {p.name: p.read_bytes() for p in (tmp_path / "resumed").iterdir()} == {
+        p.name: p.read_bytes() for p in (tmp_path / "whole").iterdir()}
