@@ -147,6 +147,7 @@ KEY_CASES = {  # field -> (a change of it, whether that changes the inversion's 
     "early_stop_eps": ({"early_stop_eps": 1e-4}, True), "steps_offset": ({"steps_offset": 0}, True),
     "optimize_pooled": ({"optimize_pooled": False}, True), "seed": ({"seed": 1}, False),
     "edit": ({"edit": "p2p-replace"}, False), "cross_replace": ({"cross_replace": 0.5}, False),
+    "cross_replace_words": ({"edit": "p2p-replace", "cross_replace_words": {"cat": 0.4}}, False),
     "self_replace": ({"self_replace": 0.3}, False), "self_replace_max_tokens": ({"self_replace_max_tokens": 9}, False),
     "reweight": ({"edit": "p2p-replace", "reweight": {"cat": 2.0}}, False),
     "blend_words": ({"edit": "p2p-replace", "blend_words": ["cat"]}, False),
