@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from .artifact import Inversion, check_inversion
-from .config import NTIConfig, NTIError
+from .config import ALGORITHM, NTIConfig, NTIError
 from .ddim import guidance_weights, make_schedule
 from .images import load_square, pixel_hash, to_pil, to_tensor
 from .methods import DIRECT, EditJob, InversionResult, from_pivots, optimizes_null_text
@@ -269,6 +269,7 @@ def edit_latents(pipe: Pipeline, inversions: Sequence[Inversion], target_prompts
     for inv in inversions:
         check_compatible(pipe, inv)
     config = _check_config(config)
+    _warn_unused_inversion_settings(config, inversions)
     jobs = [edit_job(pipe, inv, prompt, config) for inv, prompt in zip(inversions, prompts)]  # errors come first
     out: list = [None] * len(jobs)
     for two_branch, sampler in ((False, _regenerate), (True, _two_branch)):
@@ -277,6 +278,26 @@ def edit_latents(pipe: Pipeline, inversions: Sequence[Inversion], target_prompts
             for k, z in zip(ks, sampler(pipe, [jobs[k] for k in ks], config, progress)):
                 out[k] = z
     return torch.cat(out)
+
+
+def _warn_unused_inversion_settings(config: NTIConfig, inversions: list[Inversion]) -> None:
+    """An edit runs with its inversion's algorithm settings (method, steps, guidance, ...: its null embeddings were
+    fitted to them); a config that sets one of them otherwise is not obeyed, which is said, not passed over."""
+    import dataclasses
+    import warnings
+
+    differ = set()
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata["group"] != ALGORITHM or not f.metadata["changes_inversion"] or value == f.default:
+            continue
+        for inv in inversions:
+            theirs = method_of(inv) if f.name == "method" else inv.settings.get(f.name, f.default)
+            if theirs != value:
+                differ.add(f"{f.name} {value!r} (the inversion's: {theirs!r})")
+    if differ:
+        warnings.warn(f"edit: not used from the config: {', '.join(sorted(differ))}; an edit runs with the settings "
+                      f"its inversion was made with (invert again to edit under others)", stacklevel=3)
 
 
 def _regenerate(pipe: Pipeline, jobs: list[EditJob], config: NTIConfig, progress: bool) -> list[torch.Tensor]:

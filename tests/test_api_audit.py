@@ -127,6 +127,25 @@ def test_one_inversion_alone_is_taken_as_a_list_of_one(tiny_pipe, inv):
     assert len(nti.reconstruct(tiny_pipe, inv, config, progress=False)) == 1
 
 
+def test_an_edit_config_whose_algorithm_settings_differ_from_the_inversions_says_they_are_not_used(tiny_pipe, inv):
+    """An edit runs with its inversion's method, steps and guidance (its nulls were fitted to them). A config saying
+    otherwise was ignored without a word (the CLI refuses such flags); now a warning names each one. A config that
+    matches the inversion, or leaves a field at its default, warns of nothing."""
+    import warnings
+
+    other = nti.NTIConfig(steps=2, inner_steps=1, guidance=5.0, method="ddim")
+    with pytest.warns(UserWarning, match="not used from the config") as caught:
+        edited = nti.edit_latents(tiny_pipe, inv, "a dog", other, progress=False)
+    message = str(caught[0].message)
+    assert "guidance 5.0 (the inversion's: 7.5)" in message and "method 'ddim' (the inversion's: 'null-text')" in message
+    assert "steps" not in message.replace("inner_steps", "")  # the same as the inversion's
+    assert torch.equal(edited, nti.edit_latents(tiny_pipe, inv, "a dog", nti.NTIConfig(**FEW), progress=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nti.edit_latents(tiny_pipe, inv, "a dog", nti.NTIConfig(**FEW), progress=False)
+        nti.edit_latents(tiny_pipe, inv, "a dog", nti.NTIConfig(steps=2), progress=False)  # inner_steps at default
+
+
 @pytest.mark.parametrize("change, message", [
     # each of these was edited without a word: extra, missing or misshapen rows were indexed or broadcast
     (lambda inv: {"null_embeddings": inv.null_embeddings[:1]}, "a null-text inversion of 2 steps needs 2 null"),
