@@ -203,7 +203,8 @@ def _invert_reference(pipe, z0, cond, schedule, weights, config, progress) -> In
 
 def check_compatible(pipe: Pipeline, inv: Inversion) -> None:
     """Refuse to edit an inversion made with another model: it would give a silently wrong image."""
-    if inv.model_fingerprint != pipe.fingerprint:
+    # an inversion saved before whole-file fingerprints names the folder by its legacy fingerprint
+    if inv.model_fingerprint not in (pipe.fingerprint, pipe.legacy_fingerprint):
         raise NTIError(f"this inversion was made with model {inv.model_name!r} ({inv.model_fingerprint}), "
                        f"not the loaded {pipe.name!r} ({pipe.fingerprint}); load that model or invert again")
     # the same model, yet tensors of other shapes: a damaged or hand-edited file

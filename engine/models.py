@@ -50,6 +50,7 @@ class Pipeline:
     device: torch.device
     name: str  # what the user asked for (a path, a repo id, or "tiny")
     fingerprint: str  # hash of configs and weights: an inversion is only valid for the model that made it
+    legacy_fingerprint: str | None = None  # the folder's fingerprint as nti computed it before whole-file hashing
     uncond_cache: dict = field(default_factory=dict, repr=False)
     fast_unets: dict = field(default_factory=dict, repr=False)  # the fast path's prepared UNet copies (runner.py)
     fast_stats: RunStats = field(default_factory=RunStats, repr=False)  # UNet rows the fast path ran, captures
@@ -355,9 +356,8 @@ def check_supported_model(path: Path) -> None:
                     f" with {', '.join(extra)}" if extra else "")
 
 
-def fingerprint_folder(path: Path) -> str:
-    """Fast model identity: configs in full, weight files by size and their first and last MiB."""
-    digest = hashlib.sha256()
+def _component_files(path: Path) -> list[Path]:
+    """The files of a model folder's component folders (unet/, vae/, text_encoder*/, tokenizer*/, scheduler/)."""
     components = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     # os.walk following links, not rglob: rglob does not descend into symlinked folders (a unet/ linked to a shared
     # copy), whose weights then counted for nothing and two different models had one fingerprint. Only the component
@@ -377,24 +377,99 @@ def fingerprint_folder(path: Path) -> str:
             seen.add(os.path.realpath(root))
             dirs.sort()  # which of two links to one folder is walked must not depend on the listing's order
             files += [Path(root, name) for name in names]
-    for file in sorted(p for p in files if p.is_file() and not p.name.startswith(".")):
-        rel = file.relative_to(path).as_posix()
-        if rel.startswith(components):
-            digest.update(rel.encode())
-            size = file.stat().st_size
-            digest.update(str(size).encode())
-            with open(file, "rb") as fh:
-                digest.update(fh.read(1 << 20))
-                if size > 2 << 20:
-                    fh.seek(-(1 << 20), os.SEEK_END)
-                    digest.update(fh.read())
+    return sorted(p for p in files if p.is_file() and not p.name.startswith(".")
+                  and p.relative_to(path).as_posix().startswith(components))
+
+
+def hash_memo_path() -> Path:
+    """Where whole-file sha256s are remembered between runs: $NTI_HASH_MEMO, else ~/.cache/nti/file-sha256.json."""
+    return Path(os.environ.get("NTI_HASH_MEMO") or Path.home() / ".cache" / "nti" / "file-sha256.json")
+
+
+def _file_identity(stat: os.stat_result) -> list[int]:
+    # a rewrite in place changes mtime and ctime (ctime cannot be set back by hand, as `touch -d` sets mtime)
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
+def file_hashes(files: list[Path]) -> list[str]:
+    """sha256 of each file's whole content, remembered (hash_memo_path) by its path, size, times and inode, so a
+    model is read through once, not at every load; an unreadable or unwritable memo only costs the hashing."""
+    memo_file = hash_memo_path()
+    try:
+        memo = json.loads(memo_file.read_text())
+        memo = memo if isinstance(memo, dict) else {}
+    except (OSError, ValueError):
+        memo = {}
+    out, changed, todo = [], False, []
+    for file in files:
+        real, stat = os.path.realpath(file), file.stat()
+        known = memo.get(real)
+        if isinstance(known, dict) and known.get("id") == _file_identity(stat) and isinstance(known.get("sha256"), str):
+            out.append(known["sha256"])
+            continue
+        todo.append((len(out), file, real, stat))
+        out.append(None)
+    if sum(stat.st_size for *_, stat in todo) > 256 << 20:
+        log.info("hashing %d model files (%.1f GB) once for the model's fingerprint; remembered in %s", len(todo),
+                 sum(stat.st_size for *_, stat in todo) / 1e9, memo_file)
+    for k, file, real, stat in todo:
+        sha = hashlib.sha256()
+        with open(file, "rb") as fh:
+            while chunk := fh.read(8 << 20):
+                sha.update(chunk)
+        out[k] = sha.hexdigest()
+        memo.pop(real, None)
+        memo[real] = {"id": _file_identity(stat), "sha256": out[k]}
+        changed = True
+    if changed:
+        while len(memo) > 20000:  # forget the oldest entries (deleted models' files among them)
+            memo.pop(next(iter(memo)))
+        try:
+            memo_file.parent.mkdir(parents=True, exist_ok=True)
+            temp = memo_file.with_name(f".{memo_file.name}.{os.getpid()}.part")
+            temp.write_text(json.dumps(memo))
+            os.replace(temp, memo_file)  # whole or not at all; two processes at once: the last one's memo stays
+        except OSError:
+            pass
+    return out
+
+
+def fingerprint_folder(path: Path) -> str:
+    """Model identity: every component file's path, size and whole-content sha256, and model_index.json's
+    force_zeros_for_empty_prompt. Whole files: a LoRA fused into the attention weights changes neither the size nor
+    the first and last MiB of a weight file (what this hashed before), so it passed as the base model and cached
+    inversions crossed between them."""
+    digest = hashlib.sha256()
+    files = _component_files(path)
+    for file, sha in zip(files, file_hashes(files)):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{file.stat().st_size}\0{sha}\0".encode())
+    _force_zeros(path, digest)
+    return digest.hexdigest()[:16]
+
+
+def legacy_fingerprint_folder(path: Path) -> str:
+    """The fingerprint of nti before whole-file hashing (configs in full, weight files by size and their first and
+    last MiB): inversions saved then are still accepted for this model (api.check_compatible)."""
+    digest = hashlib.sha256()
+    for file in _component_files(path):
+        digest.update(file.relative_to(path).as_posix().encode())
+        size = file.stat().st_size
+        digest.update(str(size).encode())
+        with open(file, "rb") as fh:
+            digest.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                digest.update(fh.read())
+    return digest.hexdigest()[:16]
+
+
+def _force_zeros(path: Path, digest) -> None:
     # model_index.json's force_zeros_for_empty_prompt decides SDXL's unconditional input (zeros or the empty
     # prompt's encoding), so flipping it changes every null-text inversion; only that key counts (the rest of the file
     # names the pipeline class, the safety checker and library versions, which change no latent)
     index = _read_config(path, "model_index.json")
     if "force_zeros_for_empty_prompt" in index:
         digest.update(f"force_zeros_for_empty_prompt={bool(index['force_zeros_for_empty_prompt'])}".encode())
-    return digest.hexdigest()[:16]
 
 
 def fingerprint_modules(*modules: torch.nn.Module) -> str:
@@ -500,6 +575,7 @@ def load_pipeline(model: str | os.PathLike | None = None, device: str | torch.de
     zero_null = bool(_read_config(path, "model_index.json").get("force_zeros_for_empty_prompt", True))
     pipe = _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, dev, str(model), fingerprint_folder(path),
                      zero_null=zero_null, **second)
+    pipe.legacy_fingerprint = legacy_fingerprint_folder(path)
     if (path / VOCABULARY_FILE).is_file():  # a closed-vocabulary model (the shapes model) says which words it knows
         card = json.loads((path / VOCABULARY_FILE).read_text())
         pipe.vocabulary, pipe.prompt_example = tuple(card["words"]), card.get("example", "")

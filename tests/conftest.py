@@ -1,9 +1,12 @@
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a hub
+# the model fingerprint's memo of file hashes (models.hash_memo_path) in a temp folder, not the user's ~/.cache
+os.environ.setdefault("NTI_HASH_MEMO", os.path.join(tempfile.mkdtemp(prefix="nti-hash-memo-"), "file-sha256.json"))
 
 
 @pytest.fixture(scope="session")

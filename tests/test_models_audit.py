@@ -63,6 +63,69 @@ def test_symlinked_component_folders_are_fingerprinted_by_their_weights(sd_folde
     assert load_pipeline(links["b"], device="cpu").fingerprint == load_pipeline(other_folder, device="cpu").fingerprint
 
 
+def test_a_lora_fused_into_attention_weights_is_another_model(tmp_path):
+    """A LoRA fused into a cross-attention projection changes neither a weight file's size nor (for a tensor in the
+    middle of it) its first and last MiB, all the fingerprint read: the fused model passed as the base model, so
+    the base model's cached and saved inversions were edited with it. Whole-file hashes tell them apart; an
+    inversion saved under the former fingerprint is still accepted by the model it names, and only by it."""
+    import dataclasses
+
+    from safetensors import safe_open
+
+    from nti.models import SHAPES_FOLDER, legacy_fingerprint_folder
+
+    fused = shutil.copytree(SHAPES_FOLDER, tmp_path / "fused")
+    file = fused / "unet" / "diffusion_pytorch_model.safetensors"
+    with safe_open(file, "pt") as fh:
+        metadata = fh.metadata()
+    weights = load_file(file)
+    name = sorted(n for n in weights if n.endswith("attn2.to_k.weight"))[1]
+    down, up = torch.randn(4, weights[name].shape[1]), torch.randn(weights[name].shape[0], 4)
+    weights[name] = weights[name] + 1e-3 * up @ down  # W + B A, a rank-4 LoRA fused
+    save_file(weights, file, metadata)
+    assert file.stat().st_size == (SHAPES_FOLDER / file.relative_to(fused)).stat().st_size
+    assert legacy_fingerprint_folder(fused) == legacy_fingerprint_folder(SHAPES_FOLDER)  # the former blind spot
+    assert fingerprint_folder(fused) != fingerprint_folder(SHAPES_FOLDER)
+
+    base, other = nti.load_pipeline(), load_pipeline(fused, device="cpu")
+    inv = nti.invert(base, "engine/assets/scenes/scene0.png", "a yellow triangle on a gray background",
+                     NTIConfig(**FEW, method="ddim"), progress=False)[0]
+    with pytest.raises(NTIError, match="made with model"):
+        nti.edit_latents(other, inv, "a red triangle on a gray background", NTIConfig(**FEW), progress=False)
+    old = dataclasses.replace(inv, model_fingerprint=base.legacy_fingerprint)  # saved by nti before this change
+    nti.edit_latents(base, old, "a red triangle on a gray background", NTIConfig(**FEW, method="ddim"),
+                     progress=False)
+
+
+def test_file_hashes_are_remembered_until_the_file_changes(sd_folder, tmp_path, monkeypatch):
+    """The whole-file hashes are kept (models.hash_memo_path) by path, size, times and inode: a second load reads
+    no weight file through; a file rewritten in place to the same size, its mtime set back, is hashed again."""
+    import hashlib
+    import os
+
+    from nti import models
+
+    monkeypatch.setenv("NTI_HASH_MEMO", str(tmp_path / "memo.json"))
+    folder = _copy(sd_folder, tmp_path)
+    first = fingerprint_folder(folder)
+    memo = json.loads((tmp_path / "memo.json").read_text())
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    assert memo[os.path.realpath(weights)]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+    hashed = []
+    real = models.hashlib.sha256
+    monkeypatch.setattr(models.hashlib, "sha256", lambda *a: hashed.append(1) or real(*a))
+    assert fingerprint_folder(folder) == first and len(hashed) == 1  # the folder's own digest only
+
+    data, stat = bytearray(weights.read_bytes()), weights.stat()
+    data[len(data) // 2] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fingerprint_folder(folder) != first
+    (tmp_path / "memo.json").write_text("not json")  # a damaged memo costs the hashing, nothing else
+    assert fingerprint_folder(folder) == fingerprint_folder(folder) != first
+
+
 # ---------------------------------------------------------------------------------------------- weight file layouts
 
 def test_sharded_weights_with_an_index_load_to_the_same_model(sd_folder, tiny_pipe, tmp_path):
