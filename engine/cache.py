@@ -36,7 +36,9 @@ class Claim:
         if fcntl is None:
             return True
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # 0o666 less the umask, as any new file: with 0o644 the users of a group-shared cache (umask 002) could not
+            # open each other's claims ("cannot create a lock file"), though the folder let them write entries
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -380,3 +380,24 @@ def test_a_resume_inside_a_chunk_equals_the_uninterrupted_run(tmp_path, capsys, 
     assert run_cli([*argv, "--out", tmp_path / "whole"], capsys)[0] == EXIT_OK
     assert {p.name: p.read_bytes() for p in (tmp_path / "resumed").iterdir()} == {
         p.name: p.read_bytes() for p in (tmp_path / "whole").iterdir()}
+
+
+def test_a_claims_lock_file_takes_the_umasks_mode(tmp_path):
+    """A cache shared by a group (umask 002, a group-writable folder): the lock file was made 0644, so the next user
+    of the group could not open it for the claim and failed. It is made as any new file is: 0666 less the umask."""
+    import os
+    import stat
+
+    from nti.cache import Claim, fcntl
+
+    if fcntl is None:
+        pytest.skip("no fcntl locks on this platform")
+    old = os.umask(0o002)
+    try:
+        claim = Claim(tmp_path / "key.lock")
+        assert claim.try_acquire()
+        mode = stat.S_IMODE((tmp_path / "key.lock").stat().st_mode)
+        claim.release()
+    finally:
+        os.umask(old)
+    assert mode == 0o664
