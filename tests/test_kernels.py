@@ -362,19 +362,26 @@ def test_compile_fullgraph(backend):
 # the Triton kernels themselves, on CPU, in the interpreter
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(INTERPRET, reason="already inside the interpreter subprocess")
-def test_triton_interpreter_subprocess():
+def run_in_triton_interpreter(test_file: str, select: str, at_least: int, skips: bool = False) -> None:
+    """The tests of test_file matching `select` in a pytest subprocess with TRITON_INTERPRET=1 (the Triton kernels
+    run on CPU there): all pass, at least `at_least` of them, none skipped unless `skips`."""
     if K.triton is None:
         pytest.skip("triton is not installed: the Triton kernels cannot run, the torch path is tested above")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    env.pop("NTI_DISABLE_TRITON", None)
+    env.pop("NTI_DISABLE_TRITON", None)  # the kill switches would send every op to its torch reference
+    env.pop("NTI_FUSED_STEP", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
-         "-k", "parity or interp_", "-x"],
+        [sys.executable, "-m", "pytest", str(Path(test_file).resolve()), "-q", "-p", "no:cacheprovider",
+         "-k", select, "-x"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     passed = re.search(r"(\d+) passed", out)
-    assert passed and int(passed.group(1)) >= 30, out[-3000:]
-    assert "skipped" not in out and "failed" not in out, out[-3000:]
+    assert passed and int(passed.group(1)) >= at_least, out[-3000:]
+    assert "failed" not in out and (skips or "skipped" not in out), out[-3000:]
+
+
+@pytest.mark.skipif(INTERPRET, reason="already inside the interpreter subprocess")
+def test_triton_interpreter_subprocess():
+    run_in_triton_interpreter(__file__, "parity or interp_", 30)

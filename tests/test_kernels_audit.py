@@ -6,11 +6,7 @@ As in test_kernels.py, the `parity` tests run the torch path here and the Triton
 subprocess (`test_audit_triton_interpreter_subprocess`), where they assert that the kernels were launched.
 """
 import os
-import re
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +18,7 @@ from nti.kernels import ddim as K
 from nti.kernels import ddim_step, guided_ddim_step, guided_ddim_step_mse
 from tests import ddim_truth as truth
 from tests import test_kernels
-from tests.test_kernels import GRAD_RTOL, assert_close, expect_path, make_inputs
+from tests.test_kernels import GRAD_RTOL, assert_close, expect_path, make_inputs, run_in_triton_interpreter
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -199,18 +195,4 @@ def test_fused_step_kill_switch_and_default_choice(monkeypatch):
 
 @pytest.mark.skipif(INTERPRET, reason="already inside the interpreter subprocess")
 def test_audit_triton_interpreter_subprocess():
-    if K.triton is None:
-        pytest.skip("triton is not installed: the Triton kernels cannot run, the torch path is tested above")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    env.pop("NTI_DISABLE_TRITON", None)
-    env.pop("NTI_FUSED_STEP", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
-         "-k", "parity or fused_step", "-x"],
-        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    passed = re.search(r"(\d+) passed", out)
-    assert passed and int(passed.group(1)) >= 25, out[-3000:]
-    assert "failed" not in out, out[-3000:]
+    run_in_triton_interpreter(__file__, "parity or fused_step", 25, skips=True)
