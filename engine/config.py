@@ -220,7 +220,8 @@ class NTIConfig:
             words = {k: v for k, v in self.cross_replace.items() if k != "default_"}
             if "default_" not in self.cross_replace:
                 raise NTIError(f"cross_replace as a dict needs the fraction of every other word as 'default_' (the "
-                               f"P2P notebooks' form, e.g. {{'default_': 0.8, 'tiger': 0.4}}); got {self.cross_replace!r}")
+                               f"P2P notebooks' form, e.g. {{'default_': 0.8, 'tiger': 0.4}}); "
+                               f"got {self.cross_replace!r}")
             self.cross_replace = self.cross_replace["default_"]
             self.cross_replace_words = (*_word_pairs(words, "cross_replace"), *_word_pairs(self.cross_replace_words,
                                                                                         "cross_replace_words"))

@@ -137,7 +137,8 @@ def test_an_edit_config_whose_algorithm_settings_differ_from_the_inversions_says
     with pytest.warns(UserWarning, match="not used from the config") as caught:
         edited = nti.edit_latents(tiny_pipe, inv, "a dog", other, progress=False)
     message = str(caught[0].message)
-    assert "guidance 5.0 (the inversion's: 7.5)" in message and "method 'ddim' (the inversion's: 'null-text')" in message
+    assert "guidance 5.0 (the inversion's: 7.5)" in message
+    assert "method 'ddim' (the inversion's: 'null-text')" in message
     assert "steps" not in message.replace("inner_steps", "")  # the same as the inversion's
     assert torch.equal(edited, nti.edit_latents(tiny_pipe, inv, "a dog", nti.NTIConfig(**FEW), progress=False))
     with warnings.catch_warnings():
