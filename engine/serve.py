@@ -39,7 +39,7 @@ from .serve_jobs import (FINAL, Batcher, BatchPolicy, Engine, Job, JobStore, Out
 
 PAGE = Path(__file__).parent / "assets" / "serve" / "index.html"
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
-EDIT_MODES = ("regenerate", "p2p-replace", "p2p-refine")  # p2p-reweight needs word factors: the CLI has them
+EDIT_MODES = ("regenerate", "p2p-replace", "p2p-refine", "p2p-reweight")
 PUBLIC_PATHS = ("/healthz", "/readyz", "/")  # no data behind them; the page's own API calls carry the token
 ID_PATTERN = "^[0-9a-f]{32}$"
 Id = Annotated[str, PathParam(pattern=ID_PATTERN, description="a server-generated id (32 hex digits)")]
@@ -115,6 +115,13 @@ class EditRequest(BaseModel):
     edit: Literal[EDIT_MODES] = "regenerate"
     cross_replace: float = Field(0.8, ge=0, le=1)
     self_replace: float = Field(0.5, ge=0, le=1)
+    cross_replace_words: dict[str, float] = Field({}, description="p2p: target words with a cross-replace fraction "
+                                                  "of their own (P2P's cross_replace_steps dict; the rest keep "
+                                                  "cross_replace)")
+    reweight: dict[str, float] = Field({}, description="p2p: scale the target's cross-attention to these words "
+                                       "(p2p-reweight needs at least one)")
+    blend_words: list[str] = Field([], description="p2p local blend: the edit stays inside these words' "
+                                   "cross-attention masks")
     response_format: Literal["b64_json", "png"] = "b64_json"
     wait: bool = Field(True, description="false: answer 202 at once; poll GET /v1/edits/{id}")
     timeout_s: float | None = Field(None, gt=0, description="wait at most this long (capped by the server's limit)")
@@ -434,7 +441,8 @@ class Service:
             return self.base.replace(**changes)
         except NTIError as err:
             message = str(err)
-            param = next((k for k in changes if message.startswith(k)), None)
+            param = max((k for k in changes if message.startswith(k)), key=len, default=None)  # cross_replace_words,
+            # not the cross_replace its message also starts with
             raise APIError(400, message, param) from None
 
     def check_room(self, jobs: int) -> None:
@@ -501,8 +509,11 @@ class Service:
             from .p2p import make_plan
             try:
                 make_plan(self.pipe().tokenizer, inversion.request["source_prompt"], target_prompt, config)
-            except NTIError as err:
-                raise APIError(400, f"target_prompt: {err}", "target_prompt") from None
+            except NTIError as err:  # a word setting none of whose words is in the prompts names that field
+                param = next((field for prefix, field in (("reweight", "reweight"), ("blend words", "blend_words"),
+                                                          ("cross-replace words", "cross_replace_words"))
+                              if str(err).startswith(prefix)), "target_prompt")
+                raise APIError(400, f"{param}: {err}", param) from None
         with self.submit_lock:
             self.check_room(1)
             job = self.store.add(Job(id=new_id(), kind="edit", state="queued", parent=inversion.id,
@@ -832,6 +843,9 @@ def create_app(settings: ServeSettings, service: Service | None = None) -> FastA
         edit_settings = {"edit": body.edit}
         if body.edit != "regenerate":
             edit_settings.update(cross_replace=body.cross_replace, self_replace=body.self_replace)
+        # only what was given: the settings key the job (and which edits share a batch), as a plain edit's always did
+        edit_settings.update({name: value for name in ("cross_replace_words", "reweight", "blend_words")
+                              if (value := getattr(body, name))})
         job = await run_in_threadpool(service.submit_edit, inversion, body.target_prompt, edit_settings)
         if not body.wait:
             return JSONResponse(service.edit_status(job, False).model_dump(mode="json"), status_code=202)

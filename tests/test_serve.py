@@ -113,6 +113,38 @@ def test_native_flow_inverts_once_and_serves_three_edits(server, scene1_png):
         assert c.get(f"/v1/edits/{edit_id}").status_code == 404
 
 
+def test_p2p_word_settings_over_http(server, scene1_png):
+    """Reweighting, local blend and per-word cross-replace windows (what the CLI's --reweight, --blend-word and
+    --cross-replace-word give) are fields of the edit request: each changes the edit, is echoed in its settings, and
+    a word that fits no prompt, a fraction outside [0, 1] or a word setting on a plain regenerate is a 400 naming
+    the field."""
+    # a prompt of its own: the other tests' uploads of scene 1 must not find this inversion stored
+    source = "a red square and a red triangle on a white background"
+    target = "a red square and a blue triangle on a white background"
+    with client(server) as c:
+        inv = c.post("/v1/inversions", files={"image": ("s.png", scene1_png, "image/png")},
+                     data={"source_prompt": source}).json()
+        url = f"/v1/inversions/{inv['id']}/edits"
+        plain = c.post(url, json={"target_prompt": target, "edit": "p2p-refine"})
+        words = {"reweight": {"blue": 2.0}, "blend_words": ["triangle"], "cross_replace_words": {"square": 0.2}}
+        worded = c.post(url, json={"target_prompt": target, "edit": "p2p-reweight", **words})
+        assert plain.status_code == 200 and worded.status_code == 200, worded.text
+        assert worded.json()["settings"] == {"edit": "p2p-reweight", "cross_replace": 0.8, "self_replace": 0.5,
+                                             **words}
+        assert worded.json()["b64_json"] != plain.json()["b64_json"]
+        for body, param in (({"edit": "p2p-reweight"}, "edit"),  # no words to reweight
+                            ({"edit": "regenerate", "reweight": {"triangle": 2.0}}, "reweight"),
+                            ({"edit": "p2p-refine", "blend_words": ["circle"]}, "blend_words"),
+                            ({"edit": "p2p-refine", "reweight": {"green": 2.0}}, "reweight"),
+                            ({"edit": "p2p-replace", "target_prompt": "a red square on a black background"},
+                             "target_prompt"),
+                            ({"edit": "p2p-refine", "cross_replace_words": {"triangle": 1.5}}, "cross_replace_words"),
+                            ({"edit": "p2p-refine", "reweight": {"big triangle": 2.0}}, "reweight")):
+            r = c.post(url, json={"target_prompt": target, **body})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+        assert c.delete(f"/v1/inversions/{inv['id']}").json()["deleted"] is True
+
+
 @pytest.fixture(scope="module")
 def scene1_png():
     return scene_png("scene1")
