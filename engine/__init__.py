@@ -8,6 +8,7 @@ _EXPORTS = {
     "Pipeline": "models", "load_pipeline": "models", "build_tiny_pipeline": "models", "save_pipeline_folder": "models",
     "Inversion": "artifact", "load_inversion": "artifact", "save_inversion": "artifact",
     "invert": "api", "edit": "api", "edit_latents": "api", "generate": "api", "reconstruct": "api",
+    "SampleWords": "p2p",
 }
 __all__ = list(_EXPORTS)
 

@@ -224,7 +224,8 @@ def method_of(inv: Inversion) -> str:
     return inv.settings.get("method", "null-text" if inv.null_embeddings is not None else "ddim")
 
 
-def edit_job(pipe: Pipeline, inv: Inversion, prompt: str, config: NTIConfig) -> EditJob:
+def edit_job(pipe: Pipeline, inv: Inversion, prompt: str, config: NTIConfig,
+             words: p2p.SampleWords | None = None) -> EditJob:
     """What editing one inversion under `prompt` needs, on the pipeline's device; every per-method and per-mode
     choice of an edit is made here.
 
@@ -240,9 +241,9 @@ def edit_job(pipe: Pipeline, inv: Inversion, prompt: str, config: NTIConfig) -> 
     direct = method_of(inv) == DIRECT
     if direct and inv.pivots is None:
         raise NTIError("this direct inversion has no pivots (an artifact written without them); invert again")
-    reconstruction = direct and p2p.is_identity(pipe.tokenizer, inv.source_prompt, prompt, config)
+    reconstruction = direct and p2p.is_identity(pipe.tokenizer, inv.source_prompt, prompt, config, words)
     two_branch = not reconstruction and (config.edit != "regenerate" or direct)
-    plan = p2p.make_plan(pipe.tokenizer, inv.source_prompt, prompt, config) if (
+    plan = p2p.make_plan(pipe.tokenizer, inv.source_prompt, prompt, config, words) if (
         two_branch and config.edit != "regenerate") else None
     null = inv.null_embeddings if inv.null_embeddings is not None else null_embedding(pipe).cpu()
     # fp32 whatever an in-memory Inversion holds (invert writes fp32; float64 or fp16 would fail in the UNet)
@@ -261,9 +262,10 @@ def edit_job(pipe: Pipeline, inv: Inversion, prompt: str, config: NTIConfig) -> 
 
 @strict_fp32
 def edit_latents(pipe: Pipeline, inversions: Sequence[Inversion], target_prompts: Sequence[str] | str,
-                 config: NTIConfig | None = None, progress: bool = True) -> torch.Tensor:
+                 config: NTIConfig | None = None, progress: bool = True,
+                 words: Sequence[p2p.SampleWords | None] | None = None) -> torch.Tensor:
     """Edit each inversion under its target prompt, as config.edit says (edit_job decides how); (B, 4, h, w)
-    latents of the edits."""
+    latents of the edits. `words`: each image's own P2P words (p2p.SampleWords) beside the config's, or None."""
     _check_pipe(pipe)
     inversions = _check_inversions(inversions)
     prompts = _check_prompts(target_prompts, len(inversions), "target prompts", pipe)
@@ -271,7 +273,9 @@ def edit_latents(pipe: Pipeline, inversions: Sequence[Inversion], target_prompts
         check_compatible(pipe, inv)
     config = _check_config(config)
     _warn_unused_inversion_settings(config, inversions)
-    jobs = [edit_job(pipe, inv, prompt, config) for inv, prompt in zip(inversions, prompts)]  # errors come first
+    words = _check_words(words, len(inversions), config)
+    # every job first: a word or prompt that does not fit is an error before any image is sampled
+    jobs = [edit_job(pipe, inv, prompt, config, w) for inv, prompt, w in zip(inversions, prompts, words)]
     out: list = [None] * len(jobs)
     for two_branch, sampler in ((False, _regenerate), (True, _two_branch)):
         ks = [k for k, job in enumerate(jobs) if job.two_branch == two_branch]
@@ -279,6 +283,20 @@ def edit_latents(pipe: Pipeline, inversions: Sequence[Inversion], target_prompts
             for k, z in zip(ks, sampler(pipe, [jobs[k] for k in ks], config, progress)):
                 out[k] = z
     return torch.cat(out)
+
+
+def _check_words(words, count: int, config: NTIConfig) -> list:
+    """One p2p.SampleWords (or None) per image, and only with a prompt-to-prompt edit mode (regenerate has no
+    attention to blend or reweight: the words would be dropped without a word)."""
+    if words is None:
+        return [None] * count
+    words = list(words)
+    if len(words) != count or not all(w is None or isinstance(w, p2p.SampleWords) for w in words):
+        raise NTIError(f"words must be one nti.p2p.SampleWords (or None) per inversion: {count}; got {words!r}")
+    if config.edit == "regenerate" and any(w is not None and w.any for w in words):
+        raise NTIError("an image's own blend or reweight words act on prompt-to-prompt attention; choose a p2p edit "
+                       "mode (edit='p2p-refine', ...)")
+    return words
 
 
 def _warn_unused_inversion_settings(config: NTIConfig, inversions: list[Inversion]) -> None:
@@ -321,9 +339,11 @@ def _two_branch(pipe: Pipeline, jobs: list[EditJob], config: NTIConfig, progress
 
 
 def edit(pipe: Pipeline, inversions: Sequence[Inversion], target_prompts: Sequence[str] | str,
-         config: NTIConfig | None = None, progress: bool = True) -> list[Image.Image]:
-    """Edited images (PIL, the model's resolution) of inversions under target prompts, by config.edit."""
-    latents = edit_latents(pipe, inversions, target_prompts, config, progress)
+         config: NTIConfig | None = None, progress: bool = True,
+         words: Sequence[p2p.SampleWords | None] | None = None) -> list[Image.Image]:
+    """Edited images (PIL, the model's resolution) of inversions under target prompts, by config.edit (`words`:
+    each image's own P2P words, as edit_latents)."""
+    latents = edit_latents(pipe, inversions, target_prompts, config, progress, words)
     config = _check_config(config)
     _warn_not_finite("edit", latents, config)
     return to_pil(decode_latents(pipe, latents, config.model_batch))
@@ -377,7 +397,7 @@ def generate(pipe: Pipeline, prompts: Sequence[str] | str, config: NTIConfig | N
 
 
 def method_outputs(pipe, config, method: str, guidance: float, schedule: str, squares, source_prompts, target_prompts,
-                   cache) -> tuple[list[dict], list, list]:
+                   cache, words=None) -> tuple[list[dict], list, list]:
     """One evaluation cell, the model's share of `nti eval`'s chunk (in process, or on a Ray actor with --ray): invert
     each sample once (through `cache`), reconstruct and edit it under `method` with this guidance and schedule; the
     'baseline' generates the target from seeded noise. Per sample its timings, reconstruction (None for the
@@ -399,7 +419,7 @@ def method_outputs(pipe, config, method: str, guidance: float, schedule: str, sq
     recons = reconstruct(pipe, inversions, cfg, progress=False)
     recon_s = (time.perf_counter() - start) / count
     start = time.perf_counter()
-    edits = edit(pipe, inversions, list(target_prompts), cfg, progress=False)
+    edits = edit(pipe, inversions, list(target_prompts), cfg, progress=False, words=words)
     edit_s = (time.perf_counter() - start) / count
     # the inversion's own per-image timings (its share of a batch), so a cached inversion keeps its cost
     timings = [{"invert_s": sum(inv.timings.values()), "recon_s": recon_s, "edit_s": edit_s,

@@ -179,8 +179,26 @@ class EditPlan:
         return bool(self.blend_source.any() or self.blend_target.any())
 
 
-def make_plan(tokenizer, source: str, target: str, config: NTIConfig) -> EditPlan:
-    """The edit of config.edit from `source` to `target`; errors name the word or prompt that does not fit."""
+@dataclass(frozen=True)
+class SampleWords:
+    """One image's own prompt-to-prompt words, beside the config's (which serve a whole batch): blend words looked
+    up in its source or its target prompt only, and reweight factors. PIE-Bench's P2P runs take them from each
+    sample's `blended_word` "SRC TGT": blend ((SRC,), (TGT,)) and TGT's attention x2 (PnPInversion's
+    run_editing_p2p.py)."""
+
+    blend_source: tuple = ()
+    blend_target: tuple = ()
+    reweight: tuple = ()  # ((word, factor), ...), after the config's: a word in both takes this factor
+
+    @property
+    def any(self) -> bool:
+        return bool(self.blend_source or self.blend_target or self.reweight)
+
+
+def make_plan(tokenizer, source: str, target: str, config: NTIConfig, words: SampleWords | None = None) -> EditPlan:
+    """The edit of config.edit from `source` to `target` (with this image's own `words`, if any); errors name the
+    word or prompt that does not fit."""
+    words = words or SampleWords()
     if config.edit == "p2p-replace":
         mapper, alpha = replace_mapper(tokenizer, source, target), torch.ones(tokenizer.model_max_length)
     elif config.edit in ("p2p-refine", "p2p-reweight"):
@@ -189,12 +207,16 @@ def make_plan(tokenizer, source: str, target: str, config: NTIConfig) -> EditPla
         raise NTIError(f"edit mode {config.edit!r} is not a prompt-to-prompt mode")
     size = tokenizer.model_max_length
     blend_source, blend_target = torch.zeros(size), torch.zeros(size)
-    for word in config.blend_words:  # as reweight: a word may miss, but not all of them
+    # as reweight: a word may miss, but not all of them (the official LocalBlend, given a word that is in neither
+    # prompt, makes an empty mask and undoes the whole edit without a word)
+    for word in config.blend_words + words.blend_source:
         blend_source[word_positions(tokenizer, source, word)] = 1.0
+    for word in config.blend_words + words.blend_target:
         blend_target[word_positions(tokenizer, target, word)] = 1.0
-    if config.blend_words and not (blend_source.any() or blend_target.any()):
-        words = ", ".join(repr(w) for w in config.blend_words)
-        raise NTIError(f"blend words: none of {words} is in {source!r} or {target!r}")
+    blend_words = (*config.blend_words, *words.blend_source, *words.blend_target)
+    if blend_words and not (blend_source.any() or blend_target.any()):
+        raise NTIError(f"blend words: none of {', '.join(repr(w) for w in blend_words)} is in {source!r} or "
+                       f"{target!r}")
     # float64: the window is int(fraction * (steps + 1)) in Python floats (doubles), as the official code counts it
     cross = torch.full((size,), float(config.cross_replace), dtype=torch.float64)
     found = False
@@ -202,15 +224,16 @@ def make_plan(tokenizer, source: str, target: str, config: NTIConfig) -> EditPla
         positions = word_positions(tokenizer, target, word)
         cross[positions], found = fraction, found or bool(positions)
     if config.cross_replace_words and not found:
-        words = ", ".join(repr(w) for w, _ in config.cross_replace_words)
-        raise NTIError(f"cross-replace words: none of {words} is in the target prompt {target!r}")
-    return EditPlan(mapper, alpha, equalizer(tokenizer, target, config.reweight), blend_source, blend_target, cross)
+        missing = ", ".join(repr(w) for w, _ in config.cross_replace_words)
+        raise NTIError(f"cross-replace words: none of {missing} is in the target prompt {target!r}")
+    return EditPlan(mapper, alpha, equalizer(tokenizer, target, config.reweight + words.reweight), blend_source,
+                    blend_target, cross)
 
 
-def is_identity(tokenizer, source: str, target: str, config: NTIConfig) -> bool:
+def is_identity(tokenizer, source: str, target: str, config: NTIConfig, words: SampleWords | None = None) -> bool:
     """True when the edit changes nothing: same tokens and no factor other than 1."""
     same = tokenizer(source).input_ids == tokenizer(target).input_ids
-    return same and all(factor == 1.0 for _, factor in config.reweight)
+    return same and all(factor == 1.0 for _, factor in config.reweight + (words.reweight if words else ()))
 
 
 # ------------------------------------------------------------------------------------------------- the controller

@@ -542,6 +542,44 @@ def test_fast_batch_equals_reference_for_refine_reweight_blend(tiny_pipe):
     assert rel_err(ref, default) > 1e-4  # the words' own windows took part
 
 
+def test_each_images_own_words_as_pie_benchs_p2p_runs(sd_tok, tiny_pipe):
+    """PnPInversion's PIE-Bench P2P runs blend each sample's blended_word "SRC TGT" as ((SRC,), (TGT,)) (SRC's mask
+    from the source prompt only, TGT's from the target only) and reweight TGT x2: an image's own words
+    (nti.SampleWords) beside the config's. A batch of two images with different words on the fast path equals the
+    reference one image at a time, and each image's words act on it alone."""
+    import nti
+    from tests.conftest import rel_err
+
+    source, target = "a cat sitting on a cat mat", "a tiger sitting on a cat mat"
+    words = nti.SampleWords(blend_source=("cat",), blend_target=("tiger",), reweight=(("tiger", 2.0),))
+    plan = p2p.make_plan(sd_tok, source, target, NTIConfig(edit="p2p-refine"), words)
+    tokens = sd_tok.tokenize(source), sd_tok.tokenize(target)
+    assert [tokens[0][i - 1] for i in plan.blend_source.nonzero().flatten()] == ["cat</w>", "cat</w>"]
+    assert [tokens[1][i - 1] for i in plan.blend_target.nonzero().flatten()] == ["tiger</w>"]  # not its 'cat'
+    assert torch.equal(plan.equalizer, official_equalizer(sd_tok, target, ["tiger"], [2.0]).flatten())
+    with pytest.raises(NTIError, match="blend words: none of 'dog'"):
+        p2p.make_plan(sd_tok, source, target, NTIConfig(edit="p2p-refine"), nti.SampleWords(blend_source=("dog",)))
+
+    base = NTIConfig(steps=4, method="ddim")
+    invs = nti.invert(tiny_pipe, ["skimage:chelsea", "skimage:coffee"],
+                      ["a cat sitting on a mat", "a cup of coffee on a table"], base, progress=False)
+    targets = ["a tiger sitting on a mat", "a cup of tea on a table"]
+    own = [nti.SampleWords(("cat",), ("tiger",), (("tiger", 2.0),)),
+           nti.SampleWords(("coffee",), ("tea",), (("tea", 2.0),))]
+    config = base.replace(edit="p2p-refine", blend_start=0.0, blend_threshold=0.9)
+    ref = torch.cat([nti.edit_latents(tiny_pipe, [inv], [t], config, progress=False, words=[w])
+                     for inv, t, w in zip(invs, targets, own)])
+    fast = nti.edit_latents(tiny_pipe, invs, targets, config.replace(backend="fast", batch_size=2), progress=False,
+                            words=own)
+    assert rel_err(fast, ref) < 1e-4
+    alone = nti.edit_latents(tiny_pipe, invs, targets, config.replace(backend="fast", batch_size=2), progress=False,
+                             words=[own[0], None])
+    assert rel_err(alone[:1], fast[:1]) < 1e-5  # image 1's words leave image 0 alone
+    assert rel_err(alone[1:], fast[1:]) > 1e-3  # and act on image 1
+    with pytest.raises(NTIError, match="choose a p2p edit mode"):
+        nti.edit_latents(tiny_pipe, invs, targets, base, progress=False, words=own)
+
+
 VOCAB = ["a", "cat", "dog", "hippopotamus", "sitting", "on", "mat", "rug", "red", "photo", "of", "the", "tiger",
          "armadillo", "wearing", "hat", "big", "and", "with", "sunglasses", "cat,", "mat.", "watercolor", "painting"]
 
