@@ -352,7 +352,8 @@ class EvalWorker(EngineWorker):
                     timings, recons, edits = method_outputs(
                         self.pipe, self.config, batch["method"][k], float(batch["guidance"][k]),
                         batch["schedule"][k], [Image.fromarray(a) for a in pixels],
-                        [p["source_prompt"] for p in prompts], [p["target_prompt"] for p in prompts], self.cache)
+                        [p["source_prompt"] for p in prompts], [p["target_prompt"] for p in prompts], self.cache,
+                        [sample_words_of(p.get("words")) for p in prompts])
                 except NTIError as err:  # the single-process eval stops here too: the driver says why
                     rows += [_eval_row(index, n, name, error=str(err)) for n, name in enumerate(names)]
                     continue
@@ -362,6 +363,16 @@ class EvalWorker(EngineWorker):
             rows += [_eval_row(index, n, name, error=why, gave_up=True) for n, name in enumerate(names)]
         columns = ("index", "position", "name", "timing", "recon", "edit", "error", "gave_up")
         return {c: [r[c] for r in rows] for c in columns}
+
+
+def sample_words_of(record: dict | None):
+    """A p2p.SampleWords back from its JSON (lists for tuples), or None."""
+    from .p2p import SampleWords
+
+    if record is None:
+        return None
+    return SampleWords(tuple(record["blend_source"]), tuple(record["blend_target"]),
+                       tuple((word, float(factor)) for word, factor in record["reweight"]))
 
 
 def _eval_row(index: int, position: int, name: str, timing: str = "", recon: bytes = b"", edit: bytes = b"",
@@ -651,9 +662,9 @@ class EvalSession:
     def __exit__(self, *exc) -> None:
         self._connection.__exit__(*exc)
 
-    def outputs(self, chunks: list[list], sources: dict, config, cache):
+    def outputs(self, chunks: list[list], sources: dict, config, cache, words=lambda sample: None):
         """(timings, recons, edits) of each chunk, in order, like api.method_outputs; a chunk whose batch killed
-        its workers past --max-retries yields GaveUp(message) instead."""
+        its workers past --max-retries yields GaveUp(message) instead. `words(sample)`: its own P2P words."""
         import dataclasses
 
         import numpy as np
@@ -664,8 +675,9 @@ class EvalSession:
         _quiet_data(ray, args.quiet)
         ray.data.DataContext.get_current().execution_options.preserve_order = True  # samples.csv in the same order
         rows = [{"index": i, "method": chunk[0][1], "guidance": float(chunk[0][2]), "schedule": chunk[0][3],
-                 "prompts": json.dumps([{"id": s.id, "source_prompt": s.source_prompt,
-                                         "target_prompt": s.target_prompt} for s, *_ in chunk]),
+                 "prompts": json.dumps([{"id": s.id, "source_prompt": s.source_prompt, "target_prompt": s.target_prompt,
+                                         "words": dataclasses.asdict(w) if (w := words(s)) else None}
+                                        for s, *_ in chunk]),
                  "pixels": np.stack([np.asarray(sources[s.id]) for s, *_ in chunk]).tobytes()}
                 for i, chunk in enumerate(chunks)]
         workers = min(args.num_workers or (self.gpus if self.device.startswith("cuda") else

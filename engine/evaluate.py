@@ -60,6 +60,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    "LPIPS's squeeze.pth unless torchmetrics is installed); default: the torch hub cache")
     p.add_argument("--dino", default=None, help="pie-bench: local transformers DINO ViT-B/8 folder "
                    "(facebook/dino-vitb8) for the structure distance (without it, skipped)")
+    p.add_argument("--sample-words", action=argparse.BooleanOptionalAction, default=True,
+                   help="with a p2p --edit, each sample's own words where the data set has them (PIE-Bench's "
+                   "blended_word 'SRC TGT'): local blend of SRC in the source and TGT in the target, TGT's attention "
+                   "x2, as PnPInversion's P2P runs behind the published table (default on)")
     p.add_argument("--out", required=True, help="results folder (samples.csv, summary.csv, plots/, report.md)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="keep finished rows of a run with the same settings and do only the rest (default on)")
@@ -117,7 +121,9 @@ def run_settings(args, pipe, device, config, scorer: Scorer) -> dict:
                 "dino": str(Path(pie.dino.path).resolve()) if pie.dino is not None else None,
                 # another release of the engine or of the libraries under it can change a row's numbers (a fixed
                 # defect, another kernel): a resume under other versions would mix two sets of results in one table
-                "versions": library_versions()}
+                "versions": library_versions(),
+                # each sample's own P2P words change its edit (and only p2p edits have any)
+                "sample_words": bool(args.sample_words) and config.edit != "regenerate"}
     settings.update({k: v for k, v in dataclasses.asdict(config).items() if k not in skip})
     return json.loads(json.dumps(settings))  # as it reads back from run.json
 
@@ -265,14 +271,31 @@ def check_same_source(sample, square, out: Path) -> None:
                        f"discard them")
 
 
-def run_chunk(pipe, chunk, config, sources, scorer: Scorer, out: Path, cache) -> list[dict]:
+def sample_words(sample, config, on: bool):
+    """A sample's own P2P words (p2p.SampleWords) from PIE-Bench's blended_word "SRC TGT", as PnPInversion's
+    run_editing_p2p.py uses it: blend ((SRC,), (TGT,)), reweight TGT x2. None without one, off, or under
+    'regenerate'."""
+    from .p2p import SampleWords
+
+    blended = (sample.meta or {}).get("blended_word") or ""
+    if not on or config.edit == "regenerate" or not blended.strip():
+        return None
+    words = blended.split()
+    if len(words) != 2:
+        raise NTIError(f"sample {sample.id}: blended_word must be two words 'SOURCE_WORD TARGET_WORD' (or empty), "
+                       f"got {blended!r}; fix the data set, or pass --no-sample-words")
+    return SampleWords(blend_source=(words[0],), blend_target=(words[1],), reweight=((words[1], 2.0),))
+
+
+def run_chunk(pipe, chunk, config, sources, scorer: Scorer, out: Path, cache, words: bool = True) -> list[dict]:
     """Rows of one batch of samples under one method and setting: invert once, reconstruct and edit from it."""
     from .api import method_outputs
 
     method, guidance, schedule = chunk[0][1:]
     samples = [item[0] for item in chunk]
     outputs = method_outputs(pipe, config, method, guidance, schedule, [sources[s.id] for s in samples],
-                             [s.source_prompt for s in samples], [s.target_prompt for s in samples], cache)
+                             [s.source_prompt for s in samples], [s.target_prompt for s in samples], cache,
+                             [sample_words(s, config, words) for s in samples])
     return score_chunk(chunk, sources, *outputs, scorer, out)
 
 
@@ -411,7 +434,8 @@ def _run_eval(args, session) -> str:
     if session is not None:  # every chunk's pixels go out at once; the outputs stream back in chunk order
         for chunk in chunks:
             prepare(chunk)
-        remote = session.outputs(chunks, sources, config, str(cache.resolve()) if cache else None)
+        remote = session.outputs(chunks, sources, config, str(cache.resolve()) if cache else None,
+                                 lambda s: sample_words(s, config, args.sample_words))
     if not (out / SAMPLES).is_file():
         append_rows(out / SAMPLES, columns, [], header=True)
     with tqdm(total=len(items), desc="eval", unit="item", disable=args.quiet) as bar:
@@ -420,7 +444,7 @@ def _run_eval(args, session) -> str:
             bar.set_postfix_str(f"{method} w={guidance_label(guidance)} {schedule}")
             prepare(chunk)
             if remote is None:
-                rows = run_chunk(pipe, chunk, config, sources, scorer, out, cache)
+                rows = run_chunk(pipe, chunk, config, sources, scorer, out, cache, args.sample_words)
             else:
                 outputs = next(remote)
                 if isinstance(outputs, Exception):  # GaveUp: its batch killed the workers; the rest goes on

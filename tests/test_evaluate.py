@@ -371,3 +371,41 @@ def test_close_guidance_weights_keep_their_own_images_and_rows(tmp_path, capsys)
     assert "| ddim | 7.5 |" in stdout and "| ddim | 7.5000001 |" in stdout
     assert {p.name for p in (out / "plots").glob("grid_*.png")} >= {"grid_w7.5_constant.png",
                                                                     "grid_w7.5000001_constant.png"}
+
+
+def test_pie_bench_p2p_edits_take_each_samples_blended_word(tmp_path, capsys):
+    """PnPInversion's P2P runs behind the published PIE-Bench table blend each sample's blended_word "SRC TGT" (SRC
+    in the source prompt, TGT in the target) and reweight TGT x2; the eval did neither (one config for every sample
+    has no per-sample words). Now a p2p edit takes them (--no-sample-words leaves them out), run.json says which,
+    and a blended_word that is not two words is exit 2 naming the sample."""
+    import json
+
+    from nti.evaluate import sample_words
+    from nti.p2p import SampleWords
+
+    data = tmp_path / "pie"
+    mapping = write_pie_folder(data)
+    first, second = list(mapping)
+    mapping[first]["blended_word"], mapping[second]["blended_word"] = "astronaut cat", "coffee tea"
+    (data / "mapping_file.json").write_text(json.dumps(mapping))
+    common = ["eval", "--data", str(data), "--methods", "ddim", "--edit", "p2p-refine", "--blend-threshold", "0.9",
+              "--blend-start", "0", *FAST]
+    assert main([*common, "--out", str(tmp_path / "words")]) == 0
+    assert main([*common, "--out", str(tmp_path / "none"), "--no-sample-words"]) == 0
+    capsys.readouterr()
+    with_words, without = read_samples(tmp_path / "words"), read_samples(tmp_path / "none")
+    for a, b in zip(with_words, without):
+        assert (tmp_path / "words" / a["edit_png"]).read_bytes() != (tmp_path / "none" / b["edit_png"]).read_bytes()
+        assert a["recon_psnr"] == b["recon_psnr"]  # the reconstruction has no words
+    settings = [json.loads((tmp_path / o / "run.json").read_text())["settings"] for o in ("words", "none")]
+    assert [s["sample_words"] for s in settings] == [True, False]
+
+    class Sample:
+        id, meta = "x", {"blended_word": "astronaut cat"}
+    p2p, regenerate = nti.NTIConfig(edit="p2p-refine"), nti.NTIConfig()
+    assert sample_words(Sample, p2p, True) == SampleWords(("astronaut",), ("cat",), (("cat", 2.0),))
+    assert sample_words(Sample, regenerate, True) is None and sample_words(Sample, p2p, False) is None
+    mapping[first]["blended_word"] = "astronaut"
+    (data / "mapping_file.json").write_text(json.dumps(mapping))
+    assert main([*common, "--out", str(tmp_path / "bad")]) == EXIT_BAD_INPUT
+    assert "blended_word must be two words" in capsys.readouterr().err
