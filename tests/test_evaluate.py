@@ -409,3 +409,16 @@ def test_pie_bench_p2p_edits_take_each_samples_blended_word(tmp_path, capsys):
     (data / "mapping_file.json").write_text(json.dumps(mapping))
     assert main([*common, "--out", str(tmp_path / "bad")]) == EXIT_BAD_INPUT
     assert "blended_word must be two words" in capsys.readouterr().err
+
+
+def test_sample_words_cross_to_ray_actors_as_json():
+    """`nti eval --ray` sends each sample's words to the actors inside its chunk's JSON: they come back equal."""
+    import dataclasses
+    import json
+
+    from nti.distributed import sample_words_of
+    from nti.p2p import SampleWords
+
+    words = SampleWords(("astronaut",), ("cat",), (("cat", 2.0),))
+    assert sample_words_of(json.loads(json.dumps(dataclasses.asdict(words)))) == words
+    assert sample_words_of(None) is None
