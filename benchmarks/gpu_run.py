@@ -438,7 +438,10 @@ def compiled_grad_rel(st: Stage, config, n: int) -> float:
     torch.manual_seed(0)
     z = torch.randn(n, pipe.unet.config.in_channels, side, side, device=st.device)
     runner = UNetRunner(pipe, config.replace(compile=True, cuda_graphs=False))
-    return runner.compiled_vs_eager(z, 981, null_embedding(pipe).expand(n, -1, -1))["gradient"]
+    # contiguous, as the engine's workspace passes it: an expanded (stride 0) context fails dynamo's stride guard, so
+    # the check would compile (minutes on a GPU) and compare another graph than the row ran
+    context = null_embedding(pipe).expand(n, -1, -1).contiguous()
+    return runner.compiled_vs_eager(z, 981, context)["gradient"]
 
 
 def stage_compile(st: Stage) -> None:
