@@ -3,6 +3,7 @@ here on CPU: torch.cuda's calls faked, the models small or on the meta device. A
 show on a lent GPU machine, whose minutes are few; these tests find it first."""
 import types
 
+import pytest
 import torch
 
 import nti.benchmarks.gpu_run as gpu_run
@@ -38,3 +39,135 @@ def test_compile_gradient_check_reuses_the_graphs_the_row_compiled(tiny_pipe, mo
     finally:
         torch._dynamo.reset()
         tiny_pipe.fast_unets.clear()  # later tests must not get this counting compile
+
+
+# ------------------------------------------------------------------------------ gpu_run's stages, CUDA branches
+
+@pytest.fixture
+def cuda_stage(tiny_pipe, monkeypatch, tmp_path):
+    """A gpu_run Stage that takes its CUDA branches on this CPU: cuda True, the tiny model, one step and one inner
+    iteration, torch.cuda's memory stats, synchronize and timers faked; rows collected from gpu_run.jsonl."""
+    st = gpu_run.Stage(types.SimpleNamespace(out=tmp_path, quick=False))
+    st.cuda, st.pipe, st.steps, st.inner, st.big = True, tiny_pipe, 1, 1, 2
+    for name, value in (("reset_peak_memory_stats", None), ("max_memory_allocated", 0), ("synchronize", None),
+                        ("empty_cache", None)):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, value=value, **kwargs: value)
+    monkeypatch.setattr(gpu_run, "cuda_time", lambda fn, repeat=10: 1e-3)  # CUDA events: not on a CPU build
+    st.rows = lambda: gpu_run.load_rows(tmp_path)
+    yield st
+    torch.backends.cuda.matmul.allow_tf32 = st.tf32_defaults["matmul"]
+    torch.backends.cudnn.allow_tf32 = st.tf32_defaults["cudnn"]
+    tiny_pipe.fast_unets.clear()
+
+
+def fake_timing_row(calls: list, oom_above: int | None = None):
+    """gpu_run.timing_row that records (stage, variant, batch, config) and emits a short row; with oom_above, batches
+    above it raise CUDA's out-of-memory error as the caching allocator does."""
+    def timing_row(st, stage, variant, config, n, flops, reference=None):
+        if oom_above is not None and n > oom_above:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (batch {n})")
+        calls.append((stage, variant, n, config))
+        st.emit(stage, variant=variant, batch=n, s_per_image=1.0)
+        return {"invs": None, "edited": None}
+    return timing_row
+
+
+def test_env_stage_on_cuda(cuda_stage, monkeypatch):
+    props = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, multi_processor_count=132,
+                                  total_memory=80 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: torch.zeros(8, dtype=torch.uint8))  # not 1 GiB here
+    monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: torch.zeros(8, 8))
+    gpu_run.stage_env(cuda_stage)
+    (env,) = cuda_stage.rows()
+    assert env["gpu"] == props.name and env["capability"] == "9.0" and env["sms"] == 132
+    assert env["bf16_matmul_tflops"] > 0 and env["copy_tb_s"] > 0 and env["tf32_used"] is False
+
+
+def test_timing_stages_on_cuda_build_valid_configs(cuda_stage, monkeypatch):
+    """Every CUDA-only row of the waterfalls (graphs, half norms, channels_last, compile scopes, DDIM at 50 steps) is a
+    valid NTIConfig that reaches timing_row, and each compile row is followed by its gradient check."""
+    calls = []
+    monkeypatch.setattr(gpu_run, "timing_row", fake_timing_row(calls))
+    monkeypatch.setattr(gpu_run, "compiled_grad_rel", lambda st, config, n: 0.01)
+    for stage in ("nti_b1", "nti_b16", "ddim_b16", "compile", "compile_b1", "compile_unet"):
+        cuda_stage.steps = 1
+        getattr(gpu_run, f"stage_{stage}")(cuda_stage)
+    rows = cuda_stage.rows()
+    assert not [r for r in rows if "error" in r]
+    variants = {(stage, variant) for stage, variant, _, _ in calls}
+    assert ("nti_b1", "+ CUDA graphs, half norms, channels_last") in variants
+    assert ("compile_unet", "DDIM + whole-UNet compile + CUDA graphs") in variants
+    configs = {(stage, variant): config for stage, variant, _, config in calls}
+    assert configs["nti_b16", "+ CUDA graphs, channels_last"].channels_last
+    assert configs["ddim_b16", "DDIM + CUDA graphs"].steps == 50 and configs["ddim_b16", "DDIM + CUDA graphs"].cuda_graphs
+    assert configs["compile_b1", "whole-UNet compile + CUDA graphs"].compile_scope == "unet"
+    grads = [(r["stage"], r["variant"]) for r in rows if "grad_vs_eager_rel" in r]
+    assert grads == [(s, v) for s, v, _, c in calls if c.compile and c.method == "null-text"]
+
+
+def test_sdxl_stage_halves_its_batch_on_out_of_memory(cuda_stage, monkeypatch):
+    """SDXL at batch 8 does not fit: 4, then 2 runs; CUDA graphs at 2, gradient checkpointing at 4."""
+    from nti.models import build_tiny_xl_pipeline
+
+    calls = []
+    monkeypatch.setattr(gpu_run, "timing_row", fake_timing_row(calls, oom_above=2))
+    monkeypatch.setattr("nti.models.build_sdxl_shaped_pipeline", lambda device: build_tiny_xl_pipeline())
+    gpu_run.stage_sdxl(cuda_stage)
+    rows = cuda_stage.rows()
+    assert [r["oom"] for r in rows if "oom" in r] == ["out of memory at batch 8; halving",
+                                                      "out of memory at batch 4; halving"]
+    assert [(v, n) for _, v, n, _ in calls] == [("SDXL bf16 half weights", 2), ("SDXL + CUDA graphs", 2)]
+    (error,) = [r for r in rows if "error" in r]  # twice the batch that ran: over the limit here too
+    assert error["variant"] == "SDXL + gradient checkpointing" and error["batch"] == 4
+
+
+def test_kernels_stage_on_cuda(cuda_stage, monkeypatch):
+    """The Triton comparison's code (here the ops run their torch reference: the figures are ~0, the rows whole)."""
+    import nti.kernels.ddim as ops
+
+    monkeypatch.setattr(ops, "triton_enabled", lambda t: True)
+    monkeypatch.setattr(ops, "_use_triton", lambda *ts: False)  # no GPU to launch on: the ops' torch path
+    gpu_run.stage_kernels(cuda_stage)
+    rows = cuda_stage.rows()
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16", "float16"]
+    assert all(r["step_rel"] < 1e-6 and r["mse_grad_rel"] < 1e-4 and r["fused_step_us"] > 0 for r in rows)
+
+
+def test_profile_stage_on_cuda_runs_every_config(cuda_stage, monkeypatch):
+    """Seven configs (graphs first), each row with its kernel table; one that fails is a row, not the end."""
+    configs = []
+
+    def profiled_step(st, config):
+        configs.append(config)
+        if len(configs) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        table = gpu_run.kernel_table([("sm90_xmma_gemm_bf16", 30.0), ("elementwise_kernel", 10.0)])
+        return 0.1, 0.2, table
+    monkeypatch.setattr(gpu_run, "profiled_step", profiled_step)
+    gpu_run.stage_profile(cuda_stage)
+    rows = cuda_stage.rows()
+    assert len(rows) == 7 and [c.cuda_graphs for c in configs] == [True] * 5 + [False] * 2
+    assert rows[1]["error"].startswith("OutOfMemoryError") and rows[1]["half_norms"] is True
+    ok = [r for r in rows if "error" not in r]
+    assert all(r["gpu_busy_s"] == pytest.approx(40e-6) and "note" not in r for r in ok)
+    assert "- profile b2 + CUDA graphs, 3 inner: wall 0.20 s" in gpu_run.summarize(cuda_stage.out)
+
+
+def test_parity_and_ops_stages_on_cuda(cuda_stage, tiny_pipe, monkeypatch):
+    """The parity rows only a GPU adds (CUDA graphs, with gradient checkpointing too) are configs the engine takes
+    (here it runs them eager: graphs need CUDA) and compare with the rows they name; stage ops on the SD v1.4 layers
+    it builds (here the tiny model) with CUDA's own autocast."""
+    monkeypatch.setattr("nti.models.build_sd14_shaped_pipeline", lambda device: tiny_pipe)
+    with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device"):
+        gpu_run.stage_parity(cuda_stage)
+    gpu_run.stage_ops(cuda_stage)
+    rows = cuda_stage.rows()
+    assert not [r for r in rows if "error" in r]
+    parity = {r["variant"]: r for r in rows if r["stage"] == "parity"}
+    both = parity["fast fp32 b1 + CUDA graphs, gradient checkpointing"]
+    assert both["vs_eager_embeddings_rel"] == 0 and both["vs_no_checkpointing_embeddings_rel"] == 0
+    assert parity["fast bf16 half weights b2 + CUDA graphs"]["iterations_equal"]
+    ops = [r for r in rows if r["stage"] == "ops"]
+    assert [r["cuda_autocast_policy"] for r in ops] == ["native", "native", "none"]
+    assert all(r["latent_side"] == tiny_pipe.unet.config.sample_size for r in ops)
