@@ -301,7 +301,8 @@ def _inner_workspace(runner: UNetRunner, n: int, latent: tuple, context: tuple, 
     """A workspace of n rows: a new one in eager runs; with CUDA graphs the one captured for n (captured now if new)."""
     if not runner.graphs:
         return Workspace.zeros(n, latent, context, runner.pipe.device)
-    key = runner.key("inner", n, latent, context, ops is not None)
+    # what the recorded iteration runs: the fused ops or torch's, and SDXL's pooled-row gradient mask or none
+    key = runner.key("inner", n, latent, context, ops is not None, runner.grad_mask is not None)
     ws = runner.prepared.graphs.get(key)
     if ws is None:
         start = time.perf_counter()

@@ -171,3 +171,80 @@ def test_parity_and_ops_stages_on_cuda(cuda_stage, tiny_pipe, monkeypatch):
     ops = [r for r in rows if r["stage"] == "ops"]
     assert [r["cuda_autocast_policy"] for r in ops] == ["native", "native", "none"]
     assert all(r["latent_side"] == tiny_pipe.unet.config.sample_size for r in ops)
+
+
+# ----------------------------------------------------- the fast path's CUDA graphs, emulated: replay = the recorded call
+
+class RecordedCall:
+    """What a captured CUDA graph keeps of fn: the call as recorded. Replaying it reruns the closure captured then
+    (its runner, workspace and ops), never the caller's current ones; the emulation cannot see buffers replaced
+    rather than copied into, which tests on a GPU must."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self):
+        self.fn()
+
+
+@pytest.fixture
+def emulated_graphs(monkeypatch):
+    """cuda_graphs=True takes the engine's graph path on CPU: capture_graph's warm-ups, then a RecordedCall."""
+    import warnings
+
+    import nti.fast as fast
+    import nti.runner as runner
+
+    def capture_graph(fn):
+        for _ in range(runner.GRAPH_WARMUP + 1):  # the warm-ups, then the capture's own run
+            fn()
+        return RecordedCall(fn)
+
+    class GraphedRunner(runner.UNetRunner):
+        def __init__(self, pipe, config):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "CUDA graphs need a CUDA device"
+                super().__init__(pipe, config)
+            self.graphs = config.cuda_graphs
+
+    monkeypatch.setattr(fast, "UNetRunner", GraphedRunner)
+    monkeypatch.setattr(fast, "capture_graph", capture_graph)
+    monkeypatch.setattr(runner, "capture_graph", capture_graph)
+
+
+def test_emulated_graphs_match_eager_as_early_stop_shrinks_the_buckets(tiny_pipe, emulated_graphs):
+    """3 images in a bucket of 4, early stop moving the rows left into buckets of 2 and 1 (captured mid-step, reused
+    in later steps and runs): the same iterations and embeddings as the eager run."""
+    import nti
+    from nti import NTIConfig
+
+    images, sources, _ = zip(*gpu_run.jobs(3))
+    config = NTIConfig(backend="fast", batch_size=3, steps=3, inner_steps=5, early_stop=True, early_stop_eps=0.5)
+    eager = nti.invert(tiny_pipe, list(images), list(sources), config, progress=False)
+    captures = tiny_pipe.fast_stats.captures
+    for _ in range(2):
+        graphed = nti.invert(tiny_pipe, list(images), list(sources), config.replace(cuda_graphs=True), progress=False)
+        assert [g.iterations for g in graphed] == [e.iterations for e in eager]
+        assert len({n for e in eager for n in e.iterations}) > 1  # the buckets did shrink
+        for g, e in zip(graphed, eager):
+            assert torch.equal(g.null_embeddings, e.null_embeddings)
+    assert tiny_pipe.fast_stats.captures > captures
+    tiny_pipe.fast_unets.clear()
+
+
+def test_a_captured_inner_iteration_is_not_replayed_for_other_pooled_settings(emulated_graphs):
+    """SDXL: optimize_pooled=False masks the pooled row's gradient inside the captured iteration. A later run with
+    optimize_pooled=True must not replay that graph (the pooled row stayed as it began, silently)."""
+    import nti
+    from nti import NTIConfig
+    from nti.models import build_tiny_xl_pipeline
+
+    pipe = build_tiny_xl_pipeline()
+    images, sources, _ = zip(*gpu_run.jobs(2))
+    config = NTIConfig(backend="fast", batch_size=2, steps=2, inner_steps=2, early_stop=False)
+    for pooled in (False, True, False):
+        run = config.replace(optimize_pooled=pooled)
+        eager = nti.invert(pipe, list(images), list(sources), run, progress=False)
+        graphed = nti.invert(pipe, list(images), list(sources), run.replace(cuda_graphs=True), progress=False)
+        for g, e in zip(graphed, eager):
+            assert torch.equal(g.null_embeddings, e.null_embeddings), pooled
