@@ -35,7 +35,7 @@ ops (about 540 s before the compile stages). A stage starts only with half its a
 all of it if less): sdxl then is skipped instead of timing out, and passes uses the rest. The driver ends by
 printing the command for what it skipped or lost to a timeout, with env again so that file names its device, e.g.
 
-    PYTHONPATH=/tmp/site python3 -m nti.benchmarks.gpu_run --out $OUT/run2 --stages env,sdxl --budget 175
+    PYTHONPATH=/tmp/site python3 -m nti.benchmarks.gpu_run --out "$OUT/run2" --stages env,sdxl --budget 175
 
 Run it, after the same pip install line, on the same warm machine (a session's 15 device minutes: start ~1.5,
 first command 8, so give the second a --budget of what is left, about 240 s; its stages run in STAGES order, the
@@ -55,6 +55,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -807,20 +808,26 @@ def drive(args) -> int:
         if status == "timeout":
             unfinished.append(name)
     if unfinished:
-        print(f"--- not finished: {', '.join(unfinished)}. Next command:\n    {follow_up(unfinished, args.quick)}",
+        print(f"--- not finished: {', '.join(unfinished)}. Next command:\n    {follow_up(unfinished, args.quick, out)}",
               file=sys.stderr, flush=True)
     summary = summarize(out)
     print(summary)
     return 0
 
 
-def follow_up(stages: list[str], quick: bool = False) -> str:
+def follow_up(stages: list[str], quick: bool = False, out: Path | None = None) -> str:
     """The command that runs what a budget skipped or cut: env again (its file then names its device), the stages
-    in STAGES order, a budget of their allowances."""
+    in STAGES order, a budget of their allowances; as this run was started: its PYTHONPATH (the GPU machine imports
+    nti from /tmp/site), and an out folder beside `out`, named under $OUT when `out` is (only $OUT comes back)."""
     names = ["env"] + [s for s in STAGES if s in stages and s != "env"]
     budget = min(540, sum(STAGES[s][0] for s in names))
-    return (f"python3 -m nti.benchmarks.gpu_run --out OUT2 --stages {','.join(names)} --budget {budget:.0f}"
-            + (" --quick" if quick else ""))
+    second = "OUT2" if out is None else str(Path(out).with_name(Path(out).name + "2"))
+    root = os.environ.get("OUT")
+    if out is not None and root and Path(second).is_relative_to(root):
+        second = '"$OUT/' + Path(second).relative_to(root).as_posix() + '"'
+    path = os.environ.get("PYTHONPATH")
+    return ((f"PYTHONPATH={shlex.quote(path)} " if path else "") + f"python3 -m nti.benchmarks.gpu_run --out {second} "
+            f"--stages {','.join(names)} --budget {budget:.0f}" + (" --quick" if quick else ""))
 
 
 def spawn_stage(cmd: list[str], limit: float) -> tuple[str, str]:

@@ -248,3 +248,16 @@ def test_a_captured_inner_iteration_is_not_replayed_for_other_pooled_settings(em
         graphed = nti.invert(pipe, list(images), list(sources), run.replace(cuda_graphs=True), progress=False)
         for g, e in zip(graphed, eager):
             assert torch.equal(g.null_embeddings, e.null_embeddings), pooled
+
+
+def test_the_printed_follow_up_runs_where_the_first_command_ran(monkeypatch, tmp_path):
+    """On the GPU machine nti is importable only through PYTHONPATH=/tmp/site (README), and only what is written
+    under $OUT comes back: the printed second command keeps both, as the first command had them."""
+    monkeypatch.setenv("PYTHONPATH", "/tmp/site")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert gpu_run.follow_up(["sdxl"], out=tmp_path / "run") == (
+        'PYTHONPATH=/tmp/site python3 -m nti.benchmarks.gpu_run --out "$OUT/run2" --stages env,sdxl --budget 175')
+    monkeypatch.delenv("PYTHONPATH")
+    monkeypatch.delenv("OUT")
+    assert gpu_run.follow_up(["sdxl"], out=tmp_path / "run") == (
+        f"python3 -m nti.benchmarks.gpu_run --out {tmp_path / 'run2'} --stages env,sdxl --budget 175")
