@@ -261,3 +261,20 @@ def test_the_printed_follow_up_runs_where_the_first_command_ran(monkeypatch, tmp
     monkeypatch.delenv("OUT")
     assert gpu_run.follow_up(["sdxl"], out=tmp_path / "run") == (
         f"python3 -m nti.benchmarks.gpu_run --out {tmp_path / 'run2'} --stages env,sdxl --budget 175")
+
+
+def test_the_gpu_stages_full_size_models_build_and_run_on_meta():
+    """build_sdxl_shaped_pipeline has never run on a GPU, and neither builder runs in CI at full size: on the meta
+    device (no memory) both build with the published parameter counts, and SDXL's UNet takes the packed context
+    (pooled row, time ids) through forward + backward, as unet_flops runs it first in stage sdxl."""
+    from nti.benchmarks.bench_nti import unet_flops
+    from nti.benchmarks.sdxl_memory import PARAMETERS
+    from nti.models import build_sd14_shaped_pipeline, build_sdxl_shaped_pipeline
+
+    sd14 = build_sd14_shaped_pipeline(device="meta")
+    assert sum(p.numel() for p in sd14.unet.parameters()) == PARAMETERS["sd14"] and sd14.resolution == 512
+    sdxl = build_sdxl_shaped_pipeline(device="meta")
+    assert sum(p.numel() for p in sdxl.unet.parameters()) == PARAMETERS["sdxl"] and sdxl.resolution == 1024
+    assert sdxl.context_shape == (78, 2048) and sdxl.pooled.pooled_dim == 1280
+    forward, both = unet_flops(sdxl)
+    assert 6e12 < forward < both
