@@ -429,7 +429,7 @@ def _compiled_waterfall(st: Stage, stage: str, rows: list, n: int, method: str =
 def compiled_grad_rel(st: Stage, config, n: int) -> float:
     """Relative difference of one inner iteration's gradient w.r.t. the null embedding, compiled as `config` says vs
     eager: same UNet copy, inputs and precision (UNetRunner.compiled_vs_eager, the engine's own first-call check).
-    bf16 rounding alone gives about 1e-2; a compiler that drops a path gives ~1 (tools/inductor_layout_grad_repro.py:
+    bf16 rounding alone gives about 1e-2; a compiler that drops a path gives ~1 (benchmarks/inductor_layout.py:
     zero gradients through an SD up block on torch 2.13, CPU)."""
     from nti.api import null_embedding
     from nti.runner import UNetRunner

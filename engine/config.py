@@ -190,7 +190,7 @@ class NTIConfig:
     costs a longer first call (a whole SD v1.4 UNet's forward + backward took 216 s to compile on an H100). Same
     arithmetic either way: parity as eager's (tests/test_fast.py). 'unet' compiles with inductor's layout
     optimization off: on torch 2.13 it zeroed the gradient through SD's up blocks
-    (tools/inductor_layout_grad_repro.py); NTI_INDUCTOR_LAYOUT_OPT=1 turns it back on (--channels-last gives the
+    (benchmarks/inductor_layout.py); NTI_INDUCTOR_LAYOUT_OPT=1 turns it back on (--channels-last gives the
     convolutions NHWC either way). Ignored without compile."""
     cuda_graphs: bool = setting(False, SPEED)
     """Capture whole calls as CUDA graphs (CUDA only; ignored with a warning elsewhere): each forward-only UNet call

@@ -39,7 +39,7 @@ RECOMPILE_LIMIT = 256
 COMPILE_BACKEND = os.environ.get("NTI_COMPILE_BACKEND", "inductor")
 # inductor's layout optimization (convolutions in channels_last, chosen inside the graph) gave an all-zero gradient
 # for the context through an SD up block on torch 2.13 (CPU): ResnetBlock2D's `/ output_scale_factor` (1.0), then
-# Upsample2D's interpolate and conv (tools/inductor_layout_grad_repro.py). Off for whole-UNet graphs unless
+# Upsample2D's interpolate and conv (benchmarks/inductor_layout.py). Off for whole-UNet graphs unless
 # NTI_INDUCTOR_LAYOUT_OPT=1, to measure it where it is right (gpu_run's compile rows check the gradient).
 INDUCTOR_OPTIONS = {} if os.environ.get("NTI_INDUCTOR_LAYOUT_OPT") == "1" else {"layout_optimization": False}
 # check_compiled: relative difference of a compiled UNet call from eager past which compile is turned off; about
@@ -293,7 +293,7 @@ class UNetRunner:
         """The first compiled call of each kind (forward only; forward + backward) against eager on its own inputs:
         the output and, with grad, the gradient w.r.t. the context. Raises CompiledMismatch past COMPILED_TOLERANCE:
         a compiler that drops a gradient path (inductor's layout optimization did on torch 2.13,
-        tools/inductor_layout_grad_repro.py) would otherwise fit wrong null embeddings without a word."""
+        benchmarks/inductor_layout.py) would otherwise fit wrong null embeddings without a word."""
         grad = torch.is_grad_enabled()
         kind = (self.config.compile_scope, grad)
         if kind in self.prepared.checked or (z.is_cuda and torch.cuda.is_current_stream_capturing()):

@@ -490,7 +490,7 @@ def test_compile_scope_without_compile_says_it_runs_eager(tmp_path, capsys):
 
 def test_whole_unet_compile_keeps_inductors_layout_optimization_off(tiny_pipe, monkeypatch):
     """inductor's layout optimization zeroed the gradient through an SD up block (torch 2.13, CPU:
-    tools/inductor_layout_grad_repro.py), so the whole-UNet graph is compiled without it; blocks have no conv."""
+    benchmarks/inductor_layout.py), so the whole-UNet graph is compiled without it; blocks have no conv."""
     import nti.runner as runner
     made = []
     monkeypatch.setattr(runner, "COMPILE_BACKEND", "inductor")
