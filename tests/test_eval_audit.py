@@ -1,0 +1,266 @@
+"""Audit of `nti eval`'s aggregation and reporting: summary.csv recomputed from samples.csv in plain Python, the
+markdown and PIE-Bench tables against summary.csv, the speed plot's points, CSV round trips of awkward text, sample
+folders of unsafe ids, and what the data set must pass before any work. Hand-made samples.csv files, except the few
+runs of the tiny model at the end."""
+import csv
+import math
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from nti.cli import EXIT_BAD_INPUT, main
+from nti.evaluate import append_rows, sample_folder
+from nti.report import SAMPLES, SUMMARY, write_outputs
+from nti.scoring import KEY, PIE_BENCH, PIE_TABLE, SEED
+
+TEXT = (*KEY, "edit_type", "source_prompt", "target_prompt", "recon_png", "edit_png")  # not averaged
+FAST = ["--steps", "3", "--inner-steps", "2", "--quiet", "--device", "cpu", "--model", "tiny"]
+
+
+def manifest(protocol) -> dict:
+    """The run.json fields write_outputs reads."""
+    return {"settings": {"protocol": protocol.name, "data": "hand-made", "model": "m", "model_fingerprint": "f",
+                         "device": "cpu", "clip": None, "lpips": None, "dino": None},
+            "environment": {"machine": "x86_64", "platform": "linux", "commit": None, "versions": {"torch": "2"}},
+            "config": {"guidance_min": 1.0, "steps": 3, "inner_steps": 2, "early_stop": True, "lr": 0.01, "seed": 0,
+                       "backend": "reference", "precision": "fp32", "batch_size": 1},
+            "command": "nti eval", "updated": "2026-01-01T00:00:00+00:00"}
+
+
+def row(sample_id, method="ddim", guidance=7.5, schedule="constant", **values) -> dict:
+    """A samples.csv row as score_chunk makes one (prompts, timings and image paths filled in)."""
+    folder = sample_folder(sample_id)
+    stem = f"{folder}/{method}_w{guidance:g}_{schedule}"
+    return {"id": sample_id, "method": method, "guidance": repr(float(guidance)), "schedule": schedule,
+            "source_prompt": "a cat", "target_prompt": "a dog", "invert_s": 2.0, "recon_s": 1.0, "edit_s": 1.0,
+            "inner_iterations": 0, "recon_png": None if method == "baseline" else f"{stem}_recon.png",
+            "edit_png": f"{stem}_edit.png", **values}
+
+
+def write_samples(out: Path, protocol, rows) -> None:
+    """samples.csv through the engine's own writer (a header, then the rows)."""
+    out.mkdir(parents=True, exist_ok=True)
+    append_rows(out / SAMPLES, protocol.columns, [], header=True)
+    append_rows(out / SAMPLES, protocol.columns, rows)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def number(text: str) -> float | None:
+    """A CSV cell as a value to average: None when empty or NaN (left out of the means)."""
+    if text == "":
+        return None
+    value = float(text)
+    return None if math.isnan(value) else value
+
+
+def recompute(samples: list[dict], by: tuple[str, ...] = ()) -> dict:
+    """summary.csv written out in plain Python: per (method, guidance, schedule, *by), n = rows, and each numeric
+    column's mean and sample std (n - 1) over the rows with a value; std None below two values."""
+    groups = defaultdict(list)
+    for r in samples:
+        groups[(r["method"], float(r["guidance"]), r["schedule"], *(r[b] for b in by))].append(r)
+    out = {}
+    for key, rows in groups.items():
+        stats = {"n": len(rows)}
+        for r in rows:
+            r["s_per_sample"] = str(float(r["invert_s"]) + float(r["edit_s"]))
+        columns = [c for c in rows[0] if c not in TEXT]
+        for c in columns:
+            values = [v for v in (number(r[c]) for r in rows) if v is not None]
+            if values:
+                stats[f"{c}_mean"] = statistics.fmean(values)
+                stats[f"{c}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        out[key] = stats
+    return out
+
+
+def sweep_rows() -> list[dict]:
+    """A 2 methods x 2 weights x 2 schedules sweep over three samples, with holes: a metric with no value in one
+    setting, empty and NaN cells, one setting run on a single sample, a baseline without reconstruction."""
+    rows = []
+    for k, sample_id in enumerate(("s0", "s1", "s2")):
+        for method in ("baseline", "null-text"):
+            for g in (1.0, 7.5):
+                for schedule in ("constant", "cosine"):
+                    if (method, g, schedule) == ("null-text", 1.0, "cosine") and k > 0:
+                        continue  # run on one sample only: n = 1, no std
+                    base = 10 * g + (3 if schedule == "cosine" else 0) + k * 1.25
+                    values = {"edit_psnr": base, "edit_ssim_global": 0.5 + 0.125 * k,
+                              "edit_mse": float("nan") if k == 1 else 0.001 * (k + 1), "inner_iterations": 5 * k,
+                              "invert_s": 0.0 if method == "baseline" else 3.0 + k, "edit_s": 0.5 + k}
+                    if method != "baseline":
+                        values |= {"recon_psnr": 30 + k * 0.5 + g, "recon_ssim_global": 0.9 - 0.01 * k}
+                    if k != 2:
+                        values["edit_bg_psnr"] = 20.0 + k  # sample s2 has no mask
+                    rows.append(row(sample_id, method, g, schedule, **values))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def seed_run(tmp_path_factory):
+    """The sweep's samples.csv through write_outputs once (plots are slow): its folder, the printed table and the
+    figures by file name."""
+    import nti.report
+
+    out = tmp_path_factory.mktemp("seed") / "eval"
+    write_samples(out, SEED, sweep_rows())
+    figures = {}
+    real = nti.report.save_figure
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nti.report, "save_figure", lambda fig, path: (figures.__setitem__(path.name, fig),
+                                                                    real(fig, path)))
+        printed = write_outputs(out, manifest(SEED), "m")
+    return out, printed, figures
+
+
+def test_summary_csv_is_samples_csv_recomputed(seed_run):
+    """Every summary.csv cell is the plain-Python mean / sample std of samples.csv's cells with a value (empty and
+    NaN cells left out), n counts the rows of the setting, and a single value has an empty std (NaN, not 0)."""
+    out = seed_run[0]
+    expected = recompute(read_csv(out / SAMPLES))
+    summary = read_csv(out / SUMMARY)
+    assert len(summary) == len(expected) == 8
+    # sorted as EVAL_METHODS, then guidance, then schedules in GUIDANCE_SCHEDULES' order
+    assert [(s["method"], float(s["guidance"]), s["schedule"]) for s in summary] == sorted(
+        expected, key=lambda k: (k[0] != "baseline", k[1], k[2] != "constant"))
+    for s in summary:
+        want = expected[(s["method"], float(s["guidance"]), s["schedule"])]
+        got = {c: v for c, v in s.items() if c not in ("method", "guidance", "schedule") and v != ""}
+        assert set(got) == {c for c, v in want.items() if v is not None}, s["method"]
+        assert int(got.pop("n")) == want["n"]
+        for c, v in got.items():
+            assert float(v) == pytest.approx(want[c], rel=1e-12, abs=1e-15), (s["method"], c)
+    single = next(s for s in summary if (s["method"], s["guidance"], s["schedule"]) == ("null-text", "1.0", "cosine"))
+    assert single["n"] == "1" and single["edit_psnr_mean"] != "" and single["edit_psnr_std"] == ""
+    baseline = next(s for s in summary if s["method"] == "baseline")
+    assert "recon_psnr_mean" not in baseline or baseline["recon_psnr_mean"] == ""  # no reconstruction to average
+    assert float(baseline["s_per_sample_mean"]) == pytest.approx(statistics.fmean([0.5, 1.5, 2.5]))
+
+
+def table(text: str, heading: str) -> list[list[str]]:
+    """The cells of the markdown table under a '## heading' of report.md (header row first)."""
+    block = text.split(f"## {heading}", 1)[1].split("\n\n", 2)[1]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines() if "---" not in line]
+
+
+def test_report_tables_print_summary_csv(seed_run):
+    """The report's seed table is summary.csv's numbers (mean to 4 significant digits, ± std to 2, the mean alone
+    when there is no std, '-' when no sample has a value), row for row."""
+    out, printed, _ = seed_run
+    report = (out / "report.md").read_text(encoding="utf-8")
+    cells = table(report, "Summary (mean ± std over samples)")
+    assert "\n".join("| " + " | ".join(r) + " |" for r in cells[:1]) in printed
+    head, body = cells[0], cells[1:]
+    summary = read_csv(out / SUMMARY)
+    assert len(body) == len(summary)
+    for line, s in zip(body, summary):
+        assert line[:4] == [s["method"], f"{float(s['guidance']):g}", s["schedule"], s["n"]]
+        for title, cell in zip(head[4:], line[4:]):
+            mean, std = s.get(f"{title}_mean", ""), s.get(f"{title}_std", "")
+            want = "-" if mean == "" else f"{float(mean):.4g}" + ("" if std == "" else f" ± {float(std):.2g}")
+            assert cell == want, (s["method"], title)
+    assert "edit_psnr" not in head and "recon_psnr" in head and "s_per_sample" in head
+
+
+def pie_rows() -> list[dict]:
+    """PIE-Bench rows of two methods over the ten editing types, one type's background NaN (its whole image is the
+    edited region, PnPInversion's "nan")."""
+    from nti.data import PIE_EDIT_TYPES
+
+    rows = []
+    for method in ("ddim", "null-text"):
+        for type_id, name in PIE_EDIT_TYPES.items():
+            for k in range(2):
+                t = int(type_id)
+                whole = type_id == "9"
+                values = {"edit_type": f"{type_id} {name}", "edit_structure_distance": 0.01 + 0.001 * t + 0.0004 * k,
+                          "edit_bg_psnr": math.nan if whole else 20 + t + k / 3, "edit_bg_lpips":
+                          math.nan if whole else 0.1 + 0.01 * k, "edit_bg_mse": math.nan if whole else 0.002 + 1e-4 * t,
+                          "edit_bg_ssim": math.nan if whole else 0.8 + 0.001 * k, "edit_clip_whole": 25 + 0.37 * k,
+                          "edit_clip_edited": 21 + 0.11 * t, "recon_bg_psnr": 27.0 + k,
+                          "invert_s": 5.0 if method == "null-text" else 1.0}
+                rows.append(row(f"{type_id}0000000000{k}", method, **values))
+    return rows
+
+
+def test_pie_tables_are_table_1_of_summary_csv(tmp_path):
+    """PIE-Bench's Table 1 in the report: its column order and scales (structure x10^3, PSNR, LPIPS x10^3, MSE
+    x10^4, SSIM x10^2, CLIP whole, CLIP edited), two decimals, from summary.csv's means; the breakdown by editing
+    type lists the ten types by id with their PIE-Bench names, each type's means over its own samples."""
+    out = tmp_path / "eval"
+    write_samples(out, PIE_BENCH, pie_rows())
+    write_outputs(out, manifest(PIE_BENCH), "m")
+    report = (out / "report.md").read_text(encoding="utf-8")
+    cells = table(report, "PIE-Bench table: edits (mean over samples)")
+    assert cells[0] == ["method", "guidance", "schedule", "n", "structure distance ×10³ ↓", "PSNR ↑", "LPIPS ×10³ ↓",
+                        "MSE ×10⁴ ↓", "SSIM ×10² ↑", "CLIP whole ↑", "CLIP edited ↑"]
+    summary = {s["method"]: s for s in read_csv(out / SUMMARY)}
+    expected = recompute(read_csv(out / SAMPLES))
+    for line in cells[1:]:
+        s, want = summary[line[0]], expected[(line[0], 7.5, "constant")]
+        assert line[3] == s["n"] == "20"
+        for (metric, _, scale), cell in zip(PIE_TABLE, line[4:]):
+            assert cell == f"{float(s[f'edit_{metric}_mean']) * scale:.2f}"
+            assert float(cell) == pytest.approx(want[f"edit_{metric}_mean"] * scale, abs=0.0051)
+    psnr = statistics.fmean(20 + t + k / 3 for t in range(9) for k in range(2))  # type 9's NaN left out
+    assert cells[1][5] == f"{psnr:.2f}"
+
+    by_type = table(report, "Edits by editing type")
+    assert by_type[0][:5] == ["method", "guidance", "schedule", "edit_type", "n"]
+    names = ["0 random", "1 change object", "2 add object", "3 delete object", "4 change content", "5 change pose",
+             "6 change color", "7 change material", "8 change background", "9 change style"]
+    assert [line[3] for line in by_type[1:]] == names * 2 and all(line[4] == "2" for line in by_type[1:])
+    typed = recompute(read_csv(out / SAMPLES), by=("edit_type",))
+    for line in by_type[1:]:
+        want = typed[(line[0], 7.5, "constant", line[3])]
+        for (metric, _, scale), cell in zip(PIE_TABLE, line[5:]):
+            mean = want.get(f"edit_{metric}_mean")
+            assert cell == ("-" if mean is None else f"{mean * scale:.2f}"), (line[3], metric)
+
+
+def test_speed_plot_points_are_the_summary_means(seed_run):
+    """The speed-vs-fidelity plot puts each setting at (s_per_sample mean, metric mean) of summary.csv, x in seconds
+    per sample; settings without the metric (the baseline's reconstruction) are not drawn."""
+    out, _, figures = seed_run
+    summary = read_csv(out / SUMMARY)
+    axes = [ax for ax in figures["speed_vs_fidelity.png"].axes if ax.get_ylabel()]
+    assert [ax.get_ylabel() for ax in axes] == list(SEED.speed_panels)
+    for ax in axes:
+        assert ax.get_xlabel() == "seconds per sample (inversion + edit)"
+        points = sorted(tuple(xy) for line in ax.lines if line.get_marker() == "o" for xy in line.get_xydata())
+        want = sorted((float(s["s_per_sample_mean"]), float(s[f"{ax.get_ylabel()}_mean"])) for s in summary
+                      if s.get(f"{ax.get_ylabel()}_mean", "") != "")
+        assert [x for xy in points for x in xy] == pytest.approx([x for xy in want for x in xy])
+        assert len(points) == (4 if ax.get_ylabel().startswith("recon") else 8)
+
+
+def test_unsafe_ids_get_folders_of_their_own():
+    """Ids that one safe name stands for (unsafe characters, case, length, dots) each get their own images/ folder,
+    compared as a case-insensitive disk compares names, always inside images/."""
+    ids = ["a/b", "a_b", "a\\b", "a b", "A_B", "a_b.", ".a_b", "../a_b", "a_b/..", "café", "cafe", "CAFE", "猫", "🐱",
+           "x" * 200, "x" * 201, "x" * 120, "item", "", ".", "..", "NA", "na"]
+    folders = [sample_folder(i) for i in ids]
+    assert len({f.lower() for f in folders}) == len(ids)
+    for folder in folders:
+        parts = folder.split("/")
+        assert parts[0] == "images" and len(parts) == 2 and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", parts[1])
+        assert len(parts[1]) <= 130
+
+
+def test_empty_data_and_n_past_its_end(tmp_path, capsys):
+    """An empty data file is refused (exit 2) with nothing written; --n beyond the data takes all of it, and the
+    run's record says how many samples it has."""
+    from nti.data import load_dataset
+
+    assert len(load_dataset("scenes", 10_000)) == len(load_dataset("scenes"))
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    out = tmp_path / "eval"
+    assert main(["eval", "--data", str(tmp_path / "empty.jsonl"), "--out", str(out), *FAST]) == EXIT_BAD_INPUT
+    assert "has no samples" in capsys.readouterr().err and not out.exists()
