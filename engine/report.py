@@ -26,7 +26,12 @@ def load_results(path: Path):
     """samples.csv as a DataFrame, with s_per_sample = inversion + edit seconds (what one edit costs)."""
     import pandas as pd
 
-    df = pd.read_csv(path, dtype={"id": str, "edit_type": str, "source_prompt": str, "target_prompt": str})
+    text = ("id", "source_prompt", "target_prompt")
+    header = pd.read_csv(path, nrows=0).columns
+    # an id or prompt "NA", "None" or "null" is text: pandas' default missing-value words would make it NaN (a sample
+    # lost from the report's list and grids); the other columns' empty cells and cell()'s "nan" are missing
+    df = pd.read_csv(path, dtype={**dict.fromkeys(text, str), "edit_type": str}, keep_default_na=False,
+                     na_values={c: ["", "nan"] for c in header if c not in text})
     df["s_per_sample"] = df["invert_s"] + df["edit_s"]
     df["method"] = pd.Categorical(df["method"], [m for m in EVAL_METHODS if m in set(df["method"])])
     df["schedule"] = pd.Categorical(df["schedule"], [s for s in GUIDANCE_SCHEDULES if s in set(df["schedule"])])

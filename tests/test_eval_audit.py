@@ -241,6 +241,25 @@ def test_speed_plot_points_are_the_summary_means(seed_run):
         assert len(points) == (4 if ax.get_ylabel().startswith("recon") else 8)
 
 
+NA_LIKE_IDS = ("NA", "None", "null", "nan", "N/A", "#N/A", "NaN")  # pandas reads these as missing by default
+
+
+def test_ids_pandas_reads_as_missing_are_reported(tmp_path):
+    """Sample ids such as "NA" or "None" are ids, not missing values: the report counts and lists them and draws
+    their grid rows (read as NaN, they crashed the grid with an IndexError after the whole run)."""
+    out = tmp_path / "eval"
+    rows = [row(sample_id, edit_psnr=float(k)) for k, sample_id in enumerate(NA_LIKE_IDS)]
+    rows += [row("None ", source_prompt="None", target_prompt="NA", edit_psnr=99.0)]
+    write_samples(out, SEED, rows)
+    write_outputs(out, manifest(SEED), "m")
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert f"{len(rows)} samples" in report.splitlines()[0]
+    assert f"samples: {', '.join(r['id'] for r in rows)}" in report
+    (summary,) = read_csv(out / SUMMARY)
+    assert summary["n"] == str(len(rows))
+    assert float(summary["edit_psnr_mean"]) == pytest.approx(statistics.fmean(r["edit_psnr"] for r in rows))
+
+
 def test_unsafe_ids_get_folders_of_their_own():
     """Ids that one safe name stands for (unsafe characters, case, length, dots) each get their own images/ folder,
     compared as a case-insensitive disk compares names, always inside images/."""
