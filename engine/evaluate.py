@@ -168,7 +168,8 @@ def read_rows(path: Path, columns: tuple[str, ...]) -> list[dict]:
     """Finished rows of samples.csv; a row cut off by an interruption is dropped, and the file rewritten clean."""
     if not path.is_file():
         return []
-    text = path.read_text()
+    with open(path, newline="") as f:  # as csv wants it: a prompt's "\r" is text, not a line end to translate
+        text = f.read()
     text = text[:text.rfind("\n") + 1]  # after a kill mid-write the last line may be partial
     reader = csv.DictReader(io.StringIO(text))
     rows = [row for row in reader if None not in row and None not in row.values()]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from nti.cli import EXIT_BAD_INPUT, main
-from nti.evaluate import append_rows, sample_folder
+from nti.evaluate import append_rows, check_rows_match, read_rows, row_key, sample_folder
 from nti.report import SAMPLES, SUMMARY, write_outputs
 from nti.scoring import KEY, PIE_BENCH, PIE_TABLE, SEED
 
@@ -258,6 +258,35 @@ def test_ids_pandas_reads_as_missing_are_reported(tmp_path):
     (summary,) = read_csv(out / SUMMARY)
     assert summary["n"] == str(len(rows))
     assert float(summary["edit_psnr_mean"]) == pytest.approx(statistics.fmean(r["edit_psnr"] for r in rows))
+
+
+AWKWARD = ["a café, \"quoted\" and 'single'", "line one\nline two", "carriage\rreturn", "windows\r\nline",
+           "tab\there", "emoji 🐱 and CJK 猫", "separator\u2028inside", " leading and trailing ", "x" * 5000]
+
+
+def test_awkward_text_survives_samples_csv_round_trips(tmp_path):
+    """Prompts and ids with commas, quotes, newlines, carriage returns, tabs, non-ASCII and long text come back from
+    samples.csv as written: through a resume's read_rows (which rewrites the file) and through the report's reader;
+    the resume's keys still match the data set's, so no item runs twice and no sample is counted twice."""
+    from nti.data import EditSample
+    from nti.report import load_results
+
+    path = tmp_path / SAMPLES
+    rows = [row(f"id {k}: {text}", source_prompt=text, target_prompt=text[::-1], edit_type=text, edit_psnr=20.0 + k)
+            for k, text in enumerate(AWKWARD)]
+    append_rows(path, SEED.columns, [], header=True)
+    append_rows(path, SEED.columns, rows)
+    for _ in range(2):  # a second resume reads what the first rewrote
+        back = read_rows(path, SEED.columns)
+        assert [(r["id"], r["source_prompt"], r["target_prompt"], r["edit_type"]) for r in back] == [
+            (r["id"], r["source_prompt"], r["target_prompt"], r["edit_type"]) for r in rows]
+    samples = [EditSample(r["id"], None, r["source_prompt"], r["target_prompt"], edit_type=r["edit_type"])
+               for r in rows]
+    check_rows_match(back, samples, tmp_path)  # the same prompts: no refusal
+    assert {row_key(r) for r in back} == {(s.id, "ddim", 7.5, "constant") for s in samples}
+    df = load_results(path)
+    assert list(df["id"]) == [r["id"] for r in rows] and list(df["source_prompt"]) == AWKWARD
+    assert list(df["edit_psnr"]) == [20.0 + k for k in range(len(rows))]
 
 
 def test_unsafe_ids_get_folders_of_their_own():
