@@ -168,7 +168,8 @@ def read_rows(path: Path, columns: tuple[str, ...]) -> list[dict]:
     """Finished rows of samples.csv; a row cut off by an interruption is dropped, and the file rewritten clean."""
     if not path.is_file():
         return []
-    with open(path, newline="") as f:  # as csv wants it: a prompt's "\r" is text, not a line end to translate
+    # newline="" as csv wants it: a prompt's "\r" is text, not a line end to translate; UTF-8, as pandas reads it
+    with open(path, newline="", encoding="utf-8") as f:
         text = f.read()
     text = text[:text.rfind("\n") + 1]  # after a kill mid-write the last line may be partial
     reader = csv.DictReader(io.StringIO(text))
@@ -176,7 +177,7 @@ def read_rows(path: Path, columns: tuple[str, ...]) -> list[dict]:
     if reader.fieldnames is not None and tuple(reader.fieldnames) != columns:
         raise NTIError(f"{path} has other columns than this version writes; use another --out, or --overwrite")
     def rewrite(temp: Path) -> None:  # atomically: a kill here must not lose the finished rows
-        with open(temp, "w", newline="") as f:
+        with open(temp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, columns)
             writer.writeheader()
             writer.writerows(rows)
@@ -206,7 +207,7 @@ def append_rows(path: Path, columns: tuple[str, ...], rows: list[dict], header: 
         writer.writeheader()
     writer.writerows({c: cell(row.get(c)) for c in columns} for row in rows)
     try:  # the whole `with`: closing flushes, and a full disk can fail there too
-        with open(path, "a", newline="") as f:
+        with open(path, "a", newline="", encoding="utf-8") as f:  # not the locale's: a prompt's é, 猫
             f.write(text.getvalue())
     except OSError as err:
         raise NTIError(f"could not write {path}: {err.strerror or err}; its finished rows are kept: make room and "

@@ -289,7 +289,7 @@ def write_outputs(out: Path, manifest: dict, model_name: str) -> str:
     has_types = protocol is PIE_BENCH and df["edit_type"].notna().any()
     by_type = summarize(df, by=("edit_type",)) if has_types else None
     text = report_text(df, summary, headline, manifest, model_name, plots, grids, by_type)
-    atomic_write(out / REPORT, lambda temp: temp.write_text(text))
+    atomic_write(out / REPORT, lambda temp: temp.write_text(text, encoding="utf-8"))  # its ± and ×10³ on any locale
     log.info("wrote %s, %s, %s/, %s", out / SAMPLES, out / SUMMARY, out / PLOT_DIR, out / REPORT)
     return table
 

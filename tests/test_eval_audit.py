@@ -4,8 +4,11 @@ folders of unsafe ids, and what the data set must pass before any work. Hand-mad
 runs of the tiny model at the end."""
 import csv
 import math
+import os
 import re
 import statistics
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -287,6 +290,39 @@ def test_awkward_text_survives_samples_csv_round_trips(tmp_path):
     df = load_results(path)
     assert list(df["id"]) == [r["id"] for r in rows] and list(df["source_prompt"]) == AWKWARD
     assert list(df["edit_psnr"]) == [20.0 + k for k in range(len(rows))]
+
+
+def test_reports_are_utf8_whatever_the_locale(tmp_path):
+    """samples.csv and report.md are UTF-8 under a locale whose encoding is not (ASCII here; cp1252 on Windows has
+    no ↓): the report's ± and ×10³ and a prompt's é were written in the locale's encoding, or not at all."""
+    out = tmp_path / "eval"
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from pathlib import Path
+from test_eval_audit import manifest, pie_rows, row, write_samples
+from nti.evaluate import read_rows
+import nti.report
+from nti.report import write_outputs
+from nti.scoring import PIE_BENCH
+nti.report.plot_metrics = nti.report.plot_speed = nti.report.plot_schedules = lambda *args: None  # text files only
+nti.report.plot_grid = lambda *args: False
+out = Path({str(out)!r})
+rows = pie_rows()[:4]
+rows[0] = dict(rows[0], id="café", source_prompt="un café", target_prompt="un thé ↓")
+write_samples(out, PIE_BENCH, rows)
+read_rows(out / "samples.csv", PIE_BENCH.columns)
+write_outputs(out, manifest(PIE_BENCH), "m")
+"""
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
+    (tmp_path / "run.py").write_text(script, encoding="utf-8")  # not on the command line: argv is ASCII there
+    done = subprocess.run([sys.executable, str(tmp_path / "run.py")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "un thé ↓" in (out / SAMPLES).read_text(encoding="utf-8")
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "structure distance ×10³ ↓" in report and "café" in report
 
 
 def test_unsafe_ids_get_folders_of_their_own():
