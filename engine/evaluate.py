@@ -341,6 +341,7 @@ def _run_eval(args, session) -> str:
     from tqdm.auto import tqdm
 
     from .api import check_vocabulary
+    from .batch import check_prompts
     from .images import center_square, crop_warning, load_image
     from .options import config_from_args
     from .data import load_dataset
@@ -381,6 +382,14 @@ def _run_eval(args, session) -> str:
     if len({s.id for s in samples}) != len(samples):
         raise NTIError(f"data set {args.data!r} repeats sample ids; results are keyed by id")
     check_vocabulary(pipe, [p for s in samples for p in (s.source_prompt, s.target_prompt)])
+    # every sample's length and P2P word match too, as `nti edit` checks a batch's: a benchmark must not stop at its
+    # 500th sample hours in. The baseline generates from the target alone: no edit plan to check for it
+    needs_plan = any(method != "baseline" for method in methods)
+    for s in samples:
+        try:
+            check_prompts(pipe, s.source_prompt, s.target_prompt, config, needs_plan)
+        except NTIError as err:
+            raise NTIError(f"sample {s.id}: {err}") from None
     out = Path(args.out).expanduser()  # as every other path option: `--out=~/x` is no folder named '~'
     scorer = Scorer(protocol, clip, pie, oracle=bool(pipe.vocabulary))
     settings = run_settings(args, pipe, device, config, scorer)

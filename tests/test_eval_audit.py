@@ -3,6 +3,7 @@ markdown and PIE-Bench tables against summary.csv, the speed plot's points, CSV 
 folders of unsafe ids, and what the data set must pass before any work. Hand-made samples.csv files, except the few
 runs of the tiny model at the end."""
 import csv
+import json
 import math
 import os
 import re
@@ -348,3 +349,22 @@ def test_empty_data_and_n_past_its_end(tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["eval", "--data", str(tmp_path / "empty.jsonl"), "--out", str(out), *FAST]) == EXIT_BAD_INPUT
     assert "has no samples" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("second, options, message", [
+    ({"source_prompt": "a cup of coffee " + "very " * 80, "target_prompt": "a cup of tea"}, [], "tokens long"),
+    ({"source_prompt": "a cup of coffee", "target_prompt": "a big red cup of tea"}, ["--edit", "p2p-replace"],
+     "swaps words one for one"),
+])
+def test_a_prompt_the_model_cannot_take_is_refused_before_any_work(tmp_path, capsys, second, options, message):
+    """Every sample's prompts are checked before the first sample runs (length, P2P's word match), as `nti edit`
+    checks a batch's: a long benchmark must not stop at its 500th sample after hours of work."""
+    records = [{"id": "first", "skimage": "chelsea", "source_prompt": "a cat", "target_prompt": "a dog"},
+               {"id": "second", "skimage": "coffee", **second}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    out = tmp_path / "eval"
+    code = main(["eval", "--data", str(tmp_path / "p.jsonl"), "--out", str(out), "--methods", "ddim", *options,
+                 *FAST])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and "nti: error: sample second: " in err and message in err
+    assert not (out / SAMPLES).exists() or len(read_csv(out / SAMPLES)) == 0  # the first sample did not run
