@@ -217,7 +217,9 @@ COMMON_DEFINITIONS = (
     "source photo. `oracle` (shapes model only): 1 when the scene oracle (engine/testbed/scenes.py) reads the "
     "output as its prompt. `inner_iterations`: Adam iterations summed over steps; `s_per_sample`: inversion + edit seconds (the "
     "inversion's own per-image time, its share of a batch on the fast backend). The baseline generates from the "
-    "target prompt and seeded noise: no inversion, so no reconstruction.")
+    "target prompt and seeded noise: no inversion, so no reconstruction. `n`: the setting's samples; each mean and "
+    "std is over those with a value (empty and NaN cells left out); std is the sample standard deviation (n - 1), "
+    "left out when fewer than two samples have a value.")
 
 
 def seed_sections(summary, headline) -> list[str]:

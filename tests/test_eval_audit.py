@@ -171,6 +171,11 @@ def test_report_tables_print_summary_csv(seed_run):
             want = "-" if mean == "" else f"{float(mean):.4g}" + ("" if std == "" else f" ± {float(std):.2g}")
             assert cell == want, (s["method"], title)
     assert "edit_psnr" not in head and "recon_psnr" in head and "s_per_sample" in head
+    # the std's definition and its absence for one value are stated, here and in docs/evaluation.md
+    stated = "std is the sample standard deviation (n - 1), left out when fewer than two samples have a value"
+    assert stated in report
+    docs = " ".join((Path(__file__).parent.parent / "docs" / "evaluation.md").read_text(encoding="utf-8").split())
+    assert "`_std` is the sample standard deviation (divided by n - 1). With fewer than two values it is empty" in docs
 
 
 def pie_rows() -> list[dict]:
