@@ -307,7 +307,9 @@ def read_prompts_jsonl(path: str | os.PathLike, require_prompts: bool = False,
         fail(f"JSONL file {jsonl}: line {line} is not UTF-8 ({err.reason} at byte {err.start}); save it as UTF-8")
         return []
     records, ids = [], set()
-    for number, line in enumerate(text.splitlines(), start=1):
+    # records end at \n, \r\n or \r only: str.splitlines would also cut at U+2028, U+2029 and U+0085, valid raw inside
+    # a JSON string (a prompt), leaving two halves that are not JSON
+    for number, line in enumerate(re.split(r"\r\n?|\n", text), start=1):
         if not line.strip():
             continue
         try:

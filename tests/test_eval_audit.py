@@ -373,3 +373,20 @@ def test_a_prompt_the_model_cannot_take_is_refused_before_any_work(tmp_path, cap
     err = capsys.readouterr().err
     assert code == EXIT_BAD_INPUT and "nti: error: sample second: " in err and message in err
     assert not (out / SAMPLES).exists() or len(read_csv(out / SAMPLES)) == 0  # the first sample did not run
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_jsonl_prompts_may_hold_any_unicode_line_separator(tmp_path, newline):
+    """JSON Lines separates records with newlines alone: U+2028, U+2029 and U+0085, valid raw inside a JSON string
+    (json.dumps(..., ensure_ascii=False) writes them so), are part of a prompt, not line breaks that cut its record
+    in two ("not valid JSON"). Windows and old Mac line ends still separate records."""
+    from nti.data import load_dataset
+
+    prompts = ["a cat\u2028on a mat", "a dog\u2029in a park", "a bird\x85on a wire"]
+    records = [{"id": f"s{k}", "skimage": "chelsea", "source_prompt": p, "target_prompt": p.upper()}
+               for k, p in enumerate(prompts)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(newline.join(json.dumps(r, ensure_ascii=False) for r in records).encode())
+    samples = load_dataset(str(path))
+    assert [(s.id, s.source_prompt, s.target_prompt) for s in samples] == [
+        (r["id"], r["source_prompt"], r["target_prompt"]) for r in records]
