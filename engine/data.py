@@ -30,7 +30,8 @@ GENAI_COLUMNS = ("source_prompt", "target_prompt", "instruct_prompt", "source_im
 PIE_MAPPING = "mapping_file.json"
 PIE_REQUIRED = ("image_path", "original_prompt", "editing_prompt")
 PIE_MASK_SHAPE = (512, 512)
-# editing_type_id -> the category PIE-Bench's annotation folders name (cure-lab/PnPInversion README, "PIE-Bench")
+# editing_type_id -> its category, as cure-lab/PnPInversion's README names them, shortened ("4. change sth's content",
+# folder 4_change_attribute_content_40 -> "change content"; "8. change image background" -> "change background")
 PIE_EDIT_TYPES = {"0": "random", "1": "change object", "2": "add object", "3": "delete object",
                   "4": "change content", "5": "change pose", "6": "change color", "7": "change material",
                   "8": "change background", "9": "change style"}
