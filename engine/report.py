@@ -113,13 +113,18 @@ def pie_table(summary, prefix: str, by: tuple[str, ...] = ()) -> str:
     head = ["method", "guidance", "schedule", *by, "n", *(title for _, title, _ in PIE_TABLE)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, row in summary.iterrows():
-        cells = [str(row["method"]), guidance_label(row["guidance"]), str(row["schedule"]), *(str(row[b]) for b in by),
-                 str(int(row["n"]))]
+        cells = [str(row["method"]), guidance_label(row["guidance"]), str(row["schedule"]),
+                 *(table_text(row[b]) for b in by), str(int(row["n"]))]
         for metric, _, scale in PIE_TABLE:
             mean = row.get(f"{prefix}_{metric}_mean", math.nan)
             cells.append("-" if math.isnan(mean) else f"{mean * scale:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def table_text(value) -> str:
+    """A data set's own text (a JSONL's edit type) as one markdown table cell: '|' escaped, line breaks made spaces."""
+    return " ".join(str(value).split()).replace("|", "\\|")
 
 
 def plot_speed(summary, panels: list[str], labels: list[str], path: Path) -> None:

@@ -390,3 +390,17 @@ def test_jsonl_prompts_may_hold_any_unicode_line_separator(tmp_path, newline):
     samples = load_dataset(str(path))
     assert [(s.id, s.source_prompt, s.target_prompt) for s in samples] == [
         (r["id"], r["source_prompt"], r["target_prompt"]) for r in records]
+
+
+def test_a_data_sets_own_edit_type_stays_in_its_table_cell(tmp_path):
+    """An edit type from a JSONL (any text) is one cell of the by-type table: a '|' or a newline in it would add
+    columns or end the row, shifting every number after it under another metric's title."""
+    out = tmp_path / "eval"
+    rows = pie_rows()[:2]
+    rows[0]["edit_type"], rows[1]["edit_type"] = "colour | shape", "two\nlines"
+    write_samples(out, PIE_BENCH, rows)
+    write_outputs(out, manifest(PIE_BENCH), "m")
+    block = (out / "report.md").read_text(encoding="utf-8").split("## Edits by editing type", 1)[1].split("\n\n")[1]
+    lines = block.splitlines()
+    assert len(lines) == 4 and len({len(re.findall(r"(?<!\\)\|", line)) for line in lines}) == 1
+    assert r"| colour \| shape |" in block and "| two lines |" in block
