@@ -81,7 +81,8 @@ STAGES = {  # name -> (seconds allowed on a GPU, what it measures); run in this 
     "profile": (75, "GPU-busy vs wall time of one outer step, by kernel class, and the top kernels"),
     # batch 1 is bound by its ~40k kernels per outer step even under CUDA graphs (H200 profile): fusion is what is
     # left, and regional compile leaves the ResNet blocks and the norms around the transformer blocks eager
-    "compile_b1": (360, "torch.compile + CUDA graphs, one image: the whole UNet (also channels_last), the blocks"),
+    "compile_b1": (360, "torch.compile + CUDA graphs, one image: the whole UNet (also channels_last), the blocks; "
+                        "first, whether inductor's layout optimization breaks gradients on this build"),
     "compile_unet": (360, "whole-UNet torch.compile + CUDA graphs, batch 16: null-text, then DDIM"),
     "kernels": (40, "fused Triton DDIM ops vs torch"),
     "ops": (40, "aten ops and bytes saved for backward per inner iteration (device-independent)"),
@@ -451,6 +452,11 @@ def stage_compile(st: Stage) -> None:
 
 
 def stage_compile_b1(st: Stage) -> None:
+    if st.cuda:  # whether this build's inductor has the layout bug that keeps layout optimization off (runner.py):
+        # seconds, and the answer says whether --compile-scope unet may let inductor choose conv layouts here
+        from nti.benchmarks.inductor_layout import layout_grad_errors
+        errors = layout_grad_errors(st.device)
+        st.emit("compile_b1", layout_optimization_grad_rel={"on": errors[True], "off": errors[False]})
     graphs = {"compile": True, "cuda_graphs": True}
     whole = {**graphs, "compile_scope": "unet"}
     _compiled_waterfall(st, "compile_b1", [("whole-UNet compile + CUDA graphs", whole),
@@ -954,6 +960,10 @@ def summarize(out: Path) -> str:
         if "grad_vs_eager_rel" in r:
             lines.append(f"- {r['stage']} {r['variant']} (batch {r['batch']}): one inner iteration's gradient vs "
                          f"eager {r['grad_vs_eager_rel']:.1e}")
+        if "layout_optimization_grad_rel" in r:
+            on, off = r["layout_optimization_grad_rel"]["on"], r["layout_optimization_grad_rel"]["off"]
+            lines.append(f"- inductor layout optimization (benchmarks/inductor_layout.py, an SD up block's input "
+                         f"gradient vs eager): on {on:.1e}, off {off:.1e}")
         if r["stage"] == "passes" and "unet_forward_per_image" in r:
             lines.append(f"- UNet passes per image, {r['backend']}, early stop {'on' if r['early_stop'] else 'off'}: "
                          f"{r['unet_forward_per_image']:.0f} forward, {r['unet_backward_per_image']:.0f} backward "

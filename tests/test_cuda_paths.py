@@ -90,6 +90,8 @@ def test_timing_stages_on_cuda_build_valid_configs(cuda_stage, monkeypatch):
     calls = []
     monkeypatch.setattr(gpu_run, "timing_row", fake_timing_row(calls))
     monkeypatch.setattr(gpu_run, "compiled_grad_rel", lambda st, config, n: 0.01)
+    import nti.benchmarks.inductor_layout as layout
+    monkeypatch.setattr(layout, "layout_grad_errors", lambda device: {True: 1.0, False: 3e-7})  # inductor: minutes
     for stage in ("nti_b1", "nti_b16", "ddim_b16", "compile", "compile_b1", "compile_unet"):
         cuda_stage.steps = 1
         getattr(gpu_run, f"stage_{stage}")(cuda_stage)
@@ -102,6 +104,8 @@ def test_timing_stages_on_cuda_build_valid_configs(cuda_stage, monkeypatch):
     assert configs["nti_b16", "+ CUDA graphs, channels_last"].channels_last
     assert configs["ddim_b16", "DDIM + CUDA graphs"].steps == 50 and configs["ddim_b16", "DDIM + CUDA graphs"].cuda_graphs
     assert configs["compile_b1", "whole-UNet compile + CUDA graphs"].compile_scope == "unet"
+    assert [r["layout_optimization_grad_rel"] for r in rows if "layout_optimization_grad_rel" in r] == [
+        {"on": 1.0, "off": 3e-7}]  # compile_b1 says first whether this build's inductor has the layout bug
     grads = [(r["stage"], r["variant"]) for r in rows if "grad_vs_eager_rel" in r]
     assert grads == [(s, v) for s, v, _, c in calls if c.compile and c.method == "null-text"]
 

@@ -283,11 +283,14 @@ def test_summary_lists_each_compiled_rows_gradient_check(tmp_path):
     rows = [timing, {**timing, "variant": "regional compile + CUDA graphs",
                      "compile_failed": "the compiled UNet's gradient differs from eager's by 0.25"},
             {"stage": "compile_b1", "variant": "whole-UNet compile + CUDA graphs", "batch": 1,
-             "grad_vs_eager_rel": 0.0123}]
+             "grad_vs_eager_rel": 0.0123},
+            {"stage": "compile_b1", "layout_optimization_grad_rel": {"on": 1.0, "off": 3.1e-7}}]
     (tmp_path / "gpu_run.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = summarize(tmp_path)
     assert ("- compile_b1 whole-UNet compile + CUDA graphs (batch 1): one inner iteration's gradient vs eager 1.2e-02"
             in summary)
     assert "| compile_b1 | whole-UNet compile + CUDA graphs | 1 | 5 |" in summary
+    assert "- inductor layout optimization (benchmarks/inductor_layout.py, an SD up block's input gradient vs eager): " \
+           "on 1.0e+00, off 3.1e-07" in summary
     assert ("| compile_b1 | regional compile + CUDA graphs (compile failed, ran eager: the compiled UNet's gradient "
             "differs from eager's by 0.25) | 1 |") in summary
