@@ -160,7 +160,9 @@ def invert(pipe: Pipeline, images, source_prompts: Sequence[str] | str, config: 
             model_fingerprint=pipe.fingerprint, settings=config.result_settings(pipe.scheduler_config),
             iterations=res.iterations, losses=res.losses, fp32_retries=res.fp32_retries, timings=res.timings,
             conditioning=conditioning_record(pipe.pooled)))
-    _warn_not_finite("inversion", [inv.z_T for inv in inversions], config)
+    # null-text inversion diverges in its embeddings while z_T, DDIM inversion's, stays finite
+    _warn_not_finite("inversion", [torch.cat([t.flatten() for t in (inv.z_T, inv.null_embeddings, inv.pivots)
+                                              if t is not None]) for inv in inversions], config)
     return inversions
 
 

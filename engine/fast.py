@@ -16,7 +16,8 @@ What changes here is only how the work is scheduled:
 - the conditional prediction of a step is computed once and also reused for the step that moves the latent on;
 - bf16/fp16 run a UNet copy with pre-cast weights under autocast (engine/runner.py); embeddings, Adam state,
   latents and the DDIM update stay fp32, and a step that produced a non-finite value for an image is redone for
-  that image in fp32 (recorded in the result).
+  that image in fp32 (recorded in the result); one still non-finite in fp32 diverged: it is said, and that image's
+  result comes back as it is, as the reference's would, beside its batch mates'.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .config import NTIConfig, NTIError
+from .config import NTIConfig
 from .ddim import DDIMSchedule, ddim_step, eps_from_prediction, guided_eps
 from .methods import EditJob, InversionResult, from_pivots, optimizes_null_text
 from .models import Pipeline
@@ -116,7 +117,8 @@ def invert_batch(pipe: Pipeline, z0: torch.Tensor, conds: torch.Tensor, null: to
     results = []
     for start in range(0, z0.shape[0], config.batch_size):
         chunk = slice(start, start + config.batch_size)
-        results += _invert_chunk(runner, z0[chunk], conds[chunk], null, schedule, weights, config, ops, progress)
+        results += _invert_chunk(runner, z0[chunk], conds[chunk], null, schedule, weights, config, ops, progress,
+                                 start)
     return results
 
 
@@ -136,7 +138,13 @@ def _finite_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.isfinite(x).flatten(1).all(1) for x in tensors]).all(0).cpu()
 
 
-def _invert_chunk(runner, z0, conds, null, schedule, weights, config, ops, progress) -> list[InversionResult]:
+def _images(rows: torch.Tensor, first: int) -> list[int]:
+    """Chunk rows as the images' indices in the whole call, which is how a user knows them."""
+    return [first + r for r in rows.flatten().tolist()]
+
+
+def _invert_chunk(runner, z0, conds, null, schedule, weights, config, ops, progress,
+                  first: int = 0) -> list[InversionResult]:
     b = z0.shape[0]
     retries: list[list[int]] = [[] for _ in range(b)]  # -1: the DDIM inversion pass; i >= 0: null-text step i
     start = time.perf_counter()
@@ -144,17 +152,18 @@ def _invert_chunk(runner, z0, conds, null, schedule, weights, config, ops, progr
     bad = ~_finite_rows(pivots)
     if bad.any() and config.precision != "fp32":
         rows = bad.nonzero().flatten()
-        log.warning("DDIM inversion: non-finite values for image(s) %s under %s; redoing in fp32", rows.tolist(),
-                    config.precision)
+        log.warning("DDIM inversion: non-finite values for image(s) %s under %s; redoing in fp32",
+                    _images(rows, first), config.precision)
         redo = ddim_invert_batch(runner.fp32(), z0[rows], conds[rows], schedule, ops)
         for pivot, fixed in zip(pivots, redo):
             pivot[rows.to(pivot.device)] = fixed
         for r in rows.tolist():
             retries[r].append(-1)
         bad = ~_finite_rows(pivots)
-    if bad.any():
-        raise NTIError(f"DDIM inversion produced non-finite values for image(s) {bad.nonzero().flatten().tolist()} "
-                       f"even in fp32; check the input image and prompt")  # no guidance or lr in DDIM inversion
+    if bad.any():  # said, and returned as it is (as the reference would): its batch mates' results stand
+        log.warning("DDIM inversion produced non-finite values for image(s) %s even in fp32; check the input image "
+                    "and prompt", _images(bad.nonzero(), first))  # no guidance or lr in DDIM inversion
+    broken = bad  # images already diverged: carried along as they are (rows do not mix), never retried or said again
     ddim_s = (time.perf_counter() - start) / b
     if not optimizes_null_text(config.method):
         return from_pivots(config.method, pivots, conds, schedule.steps, retries, {"ddim_invert_s": ddim_s})
@@ -169,20 +178,22 @@ def _invert_chunk(runner, z0, conds, null, schedule, weights, config, ops, progr
     for i in range(schedule.steps):
         target = pivots[len(pivots) - i - 2]
         step = null_text_step(runner, z, conds, uncond, target, i, schedule, weights[i], config, ops)
-        bad = ~step.finite
+        bad = ~step.finite & ~broken
         if bad.any() and config.precision != "fp32":  # redo only the broken images' step in full precision
             rows = bad.nonzero().flatten()
-            log.warning("step %d: non-finite values for image(s) %s under %s; redoing in fp32", i, rows.tolist(),
-                        config.precision)
+            log.warning("step %d: non-finite values for image(s) %s under %s; redoing in fp32", i,
+                        _images(rows, first), config.precision)
             redo = null_text_step(runner.fp32(), z[rows], conds[rows], uncond[rows], target[rows], i, schedule,
                                   weights[i], config, ops)
             step.merge(rows, redo)
             for r in rows.tolist():
                 retries[r].append(i)
-        if not step.finite.all():
-            rows = (~step.finite).nonzero().flatten().tolist()
-            raise NTIError(f"null-text optimization produced non-finite values for image(s) {rows} at step {i} "
-                           f"even in fp32: it diverged; {config.divergence_advice()}")
+        bad = ~step.finite & ~broken
+        if bad.any():  # said, and returned as it is (as the reference would): its batch mates' results stand
+            log.warning("null-text optimization produced non-finite values for image(s) %s at step %d even in fp32: "
+                        "it diverged; %s", _images(bad.nonzero(), first), i, config.divergence_advice())
+            step.uncond[bad.to(step.uncond.device)] = float("nan")  # a NaN loss alone would pass every later check
+            broken = broken | bad
         uncond, z = step.uncond, step.z_next
         embeddings[i] = uncond
         iterations[i], losses[i] = step.iterations, step.losses
