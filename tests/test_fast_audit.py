@@ -230,3 +230,68 @@ def test_unet_rows_per_image_are_what_the_docs_count(tiny_pipe):
     _, fwd, bwd = rows(lambda: nti.invert(tiny_pipe, SEVEN[:b], SEVEN_PROMPTS[:b], config.replace(method="ddim"),
                                           progress=False))
     assert (fwd, bwd) == (steps * b, 0)
+
+
+# --------------------------------------------------------------------------------------------- settings' edges
+
+@pytest.mark.parametrize("changes", [
+    dict(guidance=0.0), dict(guidance=1.0), dict(guidance=100.0),
+    dict(guidance_schedule="cosine", guidance_min=0.0), dict(guidance_schedule="linear", guidance_min=3.0),
+    dict(steps=1), dict(inner_steps=0), dict(early_stop_eps=0.5), dict(early_stop_eps=1e3), dict(steps_offset=0),
+], ids=lambda changes: ",".join(f"{k}={v}" for k, v in changes.items()))
+def test_fast_equals_reference_at_the_settings_edges(tiny_pipe, changes):
+    """Two images of different prompt lengths in one batch, at each edge a user can reach: the reference's iteration
+    counts and losses, its z_T, embeddings and edit to rounding."""
+    config = BASE.replace(**{"steps": 2, **changes})
+    ref = [nti.invert(tiny_pipe, image, prompt, config, progress=False)[0] for image, prompt in zip(IMAGES[:2],
+                                                                                                  PROMPTS[:2])]
+    fast = nti.invert(tiny_pipe, IMAGES[:2], PROMPTS[:2], config.replace(backend="fast"), progress=False)
+    for f, r in zip(fast, ref):
+        assert f.iterations == r.iterations and rel_err(f.z_T, r.z_T) < 1e-4
+        assert rel_err(f.null_embeddings, r.null_embeddings) < 5e-4
+        assert f.losses == pytest.approx(r.losses, rel=1e-4, nan_ok=True)
+    if config.guidance == 1.0 or config.inner_steps == 0:  # no gradient reaches the null text, or no iteration
+        start = nti.api.null_embedding(tiny_pipe).cpu()
+        assert all(torch.equal(inv.null_embeddings, start.expand_as(inv.null_embeddings)) for inv in fast + ref)
+    edit_ref = nti.edit_latents(tiny_pipe, ref, ["a dog"] * 2, config, progress=False)
+    edit_fast = nti.edit_latents(tiny_pipe, fast, ["a dog"] * 2, config.replace(backend="fast"), progress=False)
+    assert rel_err(edit_fast, edit_ref) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------------ SDXL
+
+@pytest.fixture(scope="module")
+def xl_pipe():
+    return nti.models.build_tiny_xl_pipeline(seed=0)
+
+
+@pytest.mark.parametrize("optimize_pooled", [True, False])
+def test_sdxl_batch_with_early_stop_equals_the_reference(xl_pipe, optimize_pooled):
+    """tiny-xl (pooled null and time ids packed in the context), four prompts of different lengths in chunks of 3
+    and 1, stopping after 1 or 3 iterations at step 1: the reference's counts, its embeddings to rounding, and the
+    pooled row moved only when it is optimized."""
+    config = NTIConfig(steps=3, inner_steps=3, early_stop_eps=1.8, optimize_pooled=optimize_pooled)
+    ref = [nti.invert(xl_pipe, image, prompt, config, progress=False)[0] for image, prompt in zip(IMAGES, PROMPTS)]
+    fast = nti.invert(xl_pipe, IMAGES, PROMPTS, config.replace(backend="fast", batch_size=3), progress=False)
+    assert len({inv.iterations[1] for inv in ref}) == 2  # the stops differ within a step
+    for f, r in zip(fast, ref):
+        assert f.iterations == r.iterations and rel_err(f.z_T, r.z_T) < 1e-4
+        assert rel_err(f.null_embeddings, r.null_embeddings) < 5e-4
+        assert bool(f.null_embeddings[:, 77].any()) == optimize_pooled == bool(r.null_embeddings[:, 77].any())
+
+
+# ------------------------------------------------------------------------------------------ what it cannot do
+
+@pytest.mark.parametrize("switch, said", [
+    (dict(channels_last=True), "channels_last only helps CUDA convolutions; ignored on this device"),
+    (dict(cuda_graphs=True), "CUDA graphs need a CUDA device; running without them"),
+    (dict(half_norms=True), "half_norms only applies to bf16/fp16; the fp32 UNet runs as it is"),
+])
+def test_a_switch_the_cpu_cannot_honour_is_said_and_changes_nothing(tiny_pipe, switch, said):
+    """A speed switch that does not apply here warns by name, and the run is the plain fast path's, bit for bit."""
+    config = BASE.replace(backend="fast", steps=2, inner_steps=2)
+    plain = nti.invert(tiny_pipe, IMAGES[:2], PROMPTS[:2], config, progress=False)
+    with pytest.warns(UserWarning, match=said):
+        switched = nti.invert(tiny_pipe, IMAGES[:2], PROMPTS[:2], config.replace(**switch), progress=False)
+    for a, b in zip(plain, switched):
+        assert a.iterations == b.iterations and torch.equal(a.null_embeddings, b.null_embeddings)
