@@ -299,7 +299,7 @@ class UNetRunner:
         if kind in self.prepared.checked or (z.is_cuda and torch.cuda.is_current_stream_capturing()):
             return
         diff = self._compare(z, t, context)
-        if diff is None:  # a diverged input: nothing to compare (the fp32 retry takes it)
+        if diff is None:  # every row diverged: nothing to compare (the fp32 retry takes it)
             return
         tolerance = COMPILED_TOLERANCE["fp32" if self.config.precision == "fp32" else "half"]
         for what, err in diff.items():
@@ -311,7 +311,8 @@ class UNetRunner:
 
     def compiled_vs_eager(self, z: torch.Tensor, t, context: torch.Tensor) -> dict | None:
         """Relative difference of the compiled UNet from eager on these inputs: {"output": .., "gradient": ..} (the
-        gradient w.r.t. the context, with grad enabled); None when eager's output is not finite. Leaves it compiled."""
+        gradient w.r.t. the context, with grad enabled), over the rows where eager's output is finite (None: none
+        is). Leaves it compiled."""
         t, z, context = self._entry(t, z, context)
         with self._precision():
             return self._compare(z, t, context)
@@ -326,11 +327,15 @@ class UNetRunner:
             results.append((out.detach(), torch.autograd.grad(out.float().square().sum(), ctx)[0] if grad else None))
         self.prepared.set_compiled(True, self.config.compile_scope)
         (out_c, grad_c), (out_e, grad_e) = results
-        if not torch.isfinite(out_e).all():
+        # rows are independent: a diverged image, which the fast path carries along in its batch, says nothing about
+        # the compiler, and skipping the check for it would repeat it (three passes for one) on every later call
+        finite = torch.isfinite(out_e).flatten(1).all(1)
+        if not finite.any():
             return None
 
         def rel(mine, eager):
-            return float((mine.float() - eager.float()).norm() / eager.float().norm().clamp_min(1e-30))
+            mine, eager = mine[finite].float(), eager[finite].float()
+            return float((mine - eager).norm() / eager.norm().clamp_min(1e-30))
         return {"output": rel(out_c, out_e), **({"gradient": rel(grad_c, grad_e)} if grad else {})}
 
     @torch.no_grad()

@@ -295,3 +295,23 @@ def test_a_switch_the_cpu_cannot_honour_is_said_and_changes_nothing(tiny_pipe, s
         switched = nti.invert(tiny_pipe, IMAGES[:2], PROMPTS[:2], config.replace(**switch), progress=False)
     for a, b in zip(plain, switched):
         assert a.iterations == b.iterations and torch.equal(a.null_embeddings, b.null_embeddings)
+
+
+def test_a_diverged_row_does_not_keep_the_compile_check_pending(tiny_pipe, monkeypatch):
+    """The first compiled call of each kind is checked against eager; a diverged image (carried along in its batch)
+    made every later call skip the check and try again, three UNet passes for one, for the rest of the run. The
+    finite rows are compared instead."""
+    runner = UNetRunner(tiny_pipe, BASE.replace(backend="fast"))
+    runner.compiled = True
+    monkeypatch.setattr(runner.prepared, "set_compiled", lambda *args, **kwargs: None)  # "compiled" = eager here
+    monkeypatch.setattr(runner.prepared, "checked", set())
+    z = torch.randn(2, *tiny_pipe.latent_shape)
+    z[1] = float("nan")
+    context = nti.api.null_embedding(tiny_pipe).expand(2, -1, -1)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            runner.eps(z, 981, context.clone().requires_grad_(grad))
+    assert runner.prepared.checked == {("blocks", False), ("blocks", True)}
+    assert runner.compiled_vs_eager(z, 981, context) == {"output": 0.0, "gradient": 0.0}
+    z[0] = float("nan")
+    assert runner.compiled_vs_eager(z, 981, context) is None  # nothing finite to compare
