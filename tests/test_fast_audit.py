@@ -315,3 +315,27 @@ def test_a_diverged_row_does_not_keep_the_compile_check_pending(tiny_pipe, monke
     assert runner.compiled_vs_eager(z, 981, context) == {"output": 0.0, "gradient": 0.0}
     z[0] = float("nan")
     assert runner.compiled_vs_eager(z, 981, context) is None  # nothing finite to compare
+
+
+def test_compiled_bf16_in_padded_buckets_is_the_eager_bf16_run(monkeypatch):
+    """--compile --compile-scope unet in bf16 (dynamo traces the autocast region; backend 'eager' as tests/test_fast.py,
+    inductor's codegen takes minutes here): three images in padded buckets of 4, then 2 and 1 as they stop, give the
+    eager bf16 run's iterations and embeddings bit for bit, with no fallback said or taken."""
+    import warnings
+
+    import nti.runner as runner
+    monkeypatch.setattr(runner, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    pipe = nti.build_tiny_pipeline()
+    config = STOPS.replace(backend="fast", batch_size=4, precision="bf16", inner_steps=3)
+    eager = nti.invert(pipe, IMAGES[:3], PROMPTS[:3], config, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = nti.invert(pipe, IMAGES[:3], PROMPTS[:3], config.replace(compile=True, compile_scope="unet"),
+                              progress=False)
+    assert not caught
+    prepared = pipe.fast_unets[("bf16", torch.bfloat16, False, False, False)]
+    assert prepared.compile_failed is None and prepared.checked == {("unet", False), ("unet", True)}
+    for a, b in zip(compiled, eager):
+        assert a.iterations == b.iterations and torch.equal(a.null_embeddings, b.null_embeddings)
+    assert len({inv.iterations[0] for inv in eager}) > 1
