@@ -1,3 +1,4 @@
+import logging
 import os
 import tempfile
 
@@ -68,3 +69,15 @@ def cluster():
             os.environ["RAY_worker_niceness"] = niceness
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def nti_warnings():
+    """The 'nti' logger's warnings during the test (the CLI's handler, once set up, keeps them from caplog)."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("nti")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)

@@ -1,6 +1,5 @@
 """Bad input (issue 18) in the image reader: pixel formats, metadata and shapes that gave a silently wrong image, a
 bare Pillow warning or a result nobody explained. Each test failed before its fix."""
-import logging
 import warnings
 
 import numpy as np
@@ -16,18 +15,6 @@ from test_bad_input import TINY, error_line, run_cli
 # an EXIF block whose first IFD promises 5 entries and is cut off inside the first: Pillow warns "Corrupt EXIF data"
 TRUNCATED_EXIF = b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x05\x00\x12\x01"
 GARBLED_EXIF = b"Exif\x00\x00garbage"  # no TIFF header at all: Pillow's EXIF parser raises SyntaxError
-
-
-@pytest.fixture
-def nti_warnings():
-    """The warnings of the 'nti' logger during the test (the CLI's handler keeps them from pytest's caplog)."""
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    logger = logging.getLogger("nti")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 def signed_tiff(path, values, orientation=None):

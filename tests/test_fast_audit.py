@@ -1,6 +1,5 @@
 """Audit of the batched fast path against the eager fp32 batch-1 reference: every combination a user can reach
 (early stop, bucket padding, guidance, steps, methods, SDXL), and what it says when something goes wrong."""
-import logging
 
 import pytest
 import torch
@@ -14,18 +13,6 @@ from tests.conftest import rel_err
 IMAGES = ["skimage:chelsea", "skimage:astronaut", "skimage:coffee", "skimage:rocket"]
 PROMPTS = ["a cat", "an astronaut sitting on a long red chair in space", "a cup of coffee", "a rocket"]
 BASE = NTIConfig(steps=3, inner_steps=3)
-
-
-@pytest.fixture
-def nti_warnings():
-    """The 'nti' logger's warnings during the test (the CLI's handler, once set up, keeps them from caplog)."""
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    logger = logging.getLogger("nti")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 def _said(records) -> str:
