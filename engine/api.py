@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from .artifact import Inversion, check_inversion
-from .config import ALGORITHM, NTIConfig, NTIError
+from .config import ALGORITHM, SPEED, NTIConfig, NTIError
 from .ddim import guidance_weights, make_schedule
 from .images import load_square, pixel_hash, to_pil, to_tensor
 from .methods import DIRECT, EditJob, InversionResult, from_pivots, optimizes_null_text
@@ -42,6 +42,15 @@ def _check_config(config) -> NTIConfig:
         raise NTIError(f"config must be an nti.NTIConfig, e.g. NTIConfig(steps=20), or None; got "
                        f"{type(config).__name__}")
     config.validate()
+    if config.backend == "reference":  # the eager fp32 truth: a speed setting would be dropped without a word
+        import dataclasses
+        import warnings
+
+        ignored = [f.name for f in dataclasses.fields(config) if f.metadata["group"] == SPEED
+                   and f.name != "backend" and getattr(config, f.name) != f.default]
+        if ignored:
+            warnings.warn(f"{', '.join(ignored)} act on the fast backend only; the reference backend runs eager fp32 "
+                          f"and ignores them (backend='fast')", stacklevel=3)
     return config
 
 

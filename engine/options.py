@@ -126,11 +126,13 @@ def config_from_args(args, device) -> NTIConfig:
         if config.precision != "fp32":  # the reference is fp32 by definition; running it would mislabel the result
             raise NTIError(f"--precision {config.precision} needs --backend fast: the reference backend is the eager "
                            f"fp32 truth")
-        ignored = [flag_of(f) for f in dataclasses.fields(NTIConfig) if f.metadata["group"] == SPEED
+        ignored = [f for f in dataclasses.fields(NTIConfig) if f.metadata["group"] == SPEED
                    and f.name not in ("backend", "precision") and getattr(config, f.name) != f.default]
         if ignored:
-            log.warning(f"{', '.join(ignored)} act on the fast backend only; the reference backend ignores them "
-                        f"(add --backend fast)")
+            log.warning(f"{', '.join(flag_of(f) for f in ignored)} act on the fast backend only; the reference "
+                        f"backend ignores them (add --backend fast)")
+            # said once, here: the config the run records (and the API sees) holds what really runs
+            config = config.replace(**{f.name: f.default for f in ignored})
     elif config.compile_scope != "blocks" and not config.compile:
         log.warning(f"--compile-scope {config.compile_scope} acts with --compile only; running the UNet eager")
     return config

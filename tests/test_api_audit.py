@@ -147,6 +147,20 @@ def test_an_edit_config_whose_algorithm_settings_differ_from_the_inversions_says
         nti.edit_latents(tiny_pipe, inv, "a dog", nti.NTIConfig(steps=2), progress=False)  # inner_steps at default
 
 
+def test_speed_settings_on_the_reference_backend_are_said_to_be_ignored(tiny_pipe, inv):
+    """The reference backend is eager fp32 whatever precision, compile or batch_size say (the CLI warns, or refuses a
+    half precision); the API dropped them without a word. A warning names them; the result is the fp32 one."""
+    import warnings
+
+    with pytest.warns(UserWarning, match="batch_size, precision, compile act on the fast backend only"):
+        edited = nti.edit_latents(tiny_pipe, inv, "a dog", nti.NTIConfig(**FEW, precision="bf16", batch_size=4,
+                                                                          compile=True), progress=False)
+    assert torch.equal(edited, nti.edit_latents(tiny_pipe, inv, "a dog", nti.NTIConfig(**FEW), progress=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nti.edit_latents(tiny_pipe, inv, "a dog", nti.NTIConfig(**FEW), progress=False)
+
+
 @pytest.mark.parametrize("change, message", [
     # each of these was edited without a word: extra, missing or misshapen rows were indexed or broadcast
     (lambda inv: {"null_embeddings": inv.null_embeddings[:1]}, "a null-text inversion of 2 steps needs 2 null"),
