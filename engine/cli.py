@@ -12,8 +12,10 @@ if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "nti":  # the prog
     signal.signal(signal.SIGINT, lambda *_: (print("nti: interrupted", file=sys.stderr), os._exit(130)))
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import logging  # noqa: E402
 import threading  # noqa: E402
+import warnings  # noqa: E402
 
 from .version import __version__
 from .config import NTIError
@@ -149,11 +151,22 @@ def main(argv=None) -> int:
         if args.quiet:
             from .models import quiet_loading
             quiet_loading()
-        return run(args)
+        with warnings.catch_warnings():  # said once, as an 'nti:' line, by options.config_from_args
+            warnings.filterwarnings("ignore", message=".* act on the fast backend only; the reference backend runs")
+            return run(args)
     except NTIError as err:
         print(f"nti: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        # a progress bar interrupted inside its constructor fails in its __del__ once the interrupted frames go:
+        # Python prints that as "Exception ignored ... Traceback" under our last line. Free them now, unheard
+        hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+        try:
+            err.__traceback__ = None
+            del err
+            gc.collect()
+        finally:
+            sys.unraisablehook = hook
         print("nti: interrupted" + (" (finished inversions are in --cache)" if getattr(args, "cache", None) else ""),
               file=sys.stderr)
         return EXIT_INTERRUPTED

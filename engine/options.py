@@ -131,8 +131,6 @@ def config_from_args(args, device) -> NTIConfig:
         if ignored:
             log.warning(f"{', '.join(flag_of(f) for f in ignored)} act on the fast backend only; the reference "
                         f"backend ignores them (add --backend fast)")
-            # said once, here: the config the run records (and the API sees) holds what really runs
-            config = config.replace(**{f.name: f.default for f in ignored})
     elif config.compile_scope != "blocks" and not config.compile:
         log.warning(f"--compile-scope {config.compile_scope} acts with --compile only; running the UNet eager")
     return config
