@@ -34,7 +34,7 @@ def _check_pipe(pipe) -> None:
                        f"half-precision UNet compute")
 
 
-def _check_config(config) -> NTIConfig:
+def _check_config(config, warn: bool = True) -> NTIConfig:
     """config (None: the defaults), validated again: a field assigned after construction is checked too."""
     if config is None:
         return NTIConfig()
@@ -42,7 +42,7 @@ def _check_config(config) -> NTIConfig:
         raise NTIError(f"config must be an nti.NTIConfig, e.g. NTIConfig(steps=20), or None; got "
                        f"{type(config).__name__}")
     config.validate()
-    if config.backend == "reference":  # the eager fp32 truth: a speed setting would be dropped without a word
+    if warn and config.backend == "reference":  # the eager fp32 truth: a speed setting would be dropped unsaid
         import dataclasses
         import warnings
 
@@ -355,7 +355,7 @@ def edit(pipe: Pipeline, inversions: Sequence[Inversion], target_prompts: Sequen
     """Edited images (PIL, the model's resolution) of inversions under target prompts, by config.edit (`words`:
     each image's own P2P words, as edit_latents)."""
     latents = edit_latents(pipe, inversions, target_prompts, config, progress, words)
-    config = _check_config(config)
+    config = _check_config(config, warn=False)  # edit_latents warned
     _warn_not_finite("edit", latents, config)
     return to_pil(decode_latents(pipe, latents, config.model_batch))
 
@@ -381,7 +381,9 @@ def reconstruct(pipe: Pipeline, inversions: Sequence[Inversion], config: NTIConf
     """Reconstruction: regenerating with the source prompt as the target (P2P with identical prompts is the same
     image at twice the cost, so the edit mode is not used here)."""
     inversions = _check_inversions(inversions)
-    config = _check_config(config).replace(edit="regenerate", reweight=(), blend_words=(), cross_replace_words=())
+    # edit_latents says what the reference ignores, once
+    config = _check_config(config, warn=False).replace(edit="regenerate", reweight=(), blend_words=(),
+                                                       cross_replace_words=())
     return edit(pipe, inversions, [inv.source_prompt for inv in inversions], config, progress)
 
 

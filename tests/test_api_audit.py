@@ -141,6 +141,9 @@ def test_an_edit_config_whose_algorithm_settings_differ_from_the_inversions_says
     assert "method 'ddim' (the inversion's: 'null-text')" in message
     assert "steps" not in message.replace("inner_steps", "")  # the same as the inversion's
     assert torch.equal(edited, nti.edit_latents(tiny_pipe, inv, "a dog", nti.NTIConfig(**FEW), progress=False))
+    with pytest.warns(UserWarning, match="act on the fast backend only") as said:  # said once per call
+        nti.reconstruct(tiny_pipe, inv, nti.NTIConfig(**FEW, compile=True), progress=False)
+    assert len([w for w in said if "fast backend only" in str(w.message)]) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         nti.edit_latents(tiny_pipe, inv, "a dog", nti.NTIConfig(**FEW), progress=False)
