@@ -15,7 +15,7 @@ from .ddim import guidance_weights, make_schedule
 from .images import load_square, pixel_hash, to_pil, to_tensor
 from .methods import DIRECT, EditJob, InversionResult, from_pivots, optimizes_null_text
 from .conditioning import conditioning_record, null_grad_mask
-from .models import Pipeline, decode_latents, encode_images, encode_prompts, strict_fp32
+from .models import Pipeline, decode_latents, encode_images, encode_prompts, refresh_identity, strict_fp32
 from .validate import WORD, check_finite_latents, check_prompt_length, prompt_words
 from . import p2p, reference
 
@@ -32,6 +32,7 @@ def _check_pipe(pipe) -> None:
         raise NTIError(f"the pipeline's weights are {', '.join(sorted(map(str, dtypes)))}; load it with "
                        f"dtype=torch.float32 and ask NTIConfig(backend='fast', precision='bf16' or 'fp16') for "
                        f"half-precision UNet compute")
+    refresh_identity(pipe)  # weights changed in Python since load are another model
 
 
 def _check_config(config, warn: bool = True) -> NTIConfig:
@@ -191,6 +192,7 @@ def invert_cached(pipe: Pipeline, images, source_prompts: Sequence[str], config:
     runs sharing the folder share the work; damaged entries are moved aside and redone): engine/cache.py."""
     from .cache import invert_through_cache
 
+    _check_pipe(pipe)  # its fingerprint keys the cache: weights changed since load must have their own
     squares, _ = prepare_images(pipe, images)  # load each image once: its pixels key the cache and feed invert
     prompts = _check_prompts(source_prompts, len(squares), "source prompts", pipe)
     return invert_through_cache(pipe, squares, prompts, config, cache, progress, invert)

@@ -59,6 +59,14 @@ class Pipeline:
     text_encoder_2: torch.nn.Module | None = None  # SDXL: OpenCLIP bigG with projection (pooled embedding)
     tokenizer_2: object = None  # SDXL: its tokenizer (pads with '!', not the end token)
     pooled: PooledConditioning | None = None  # SDXL's pooled embedding and time ids; None for SD v1.x / 2.x
+    # what the weights were when `fingerprint` was last set (weights_witness) and the fingerprint at load: weights
+    # changed in memory since (a LoRA fused in Python) get a fingerprint of their own (refresh_identity)
+    witness: tuple | None = field(default=None, repr=False)
+    loaded_fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def modules(self) -> tuple[torch.nn.Module, ...]:
+        return tuple(m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m is not None)
 
     @property
     def context_shape(self) -> tuple[int, int]:
@@ -482,6 +490,44 @@ def fingerprint_modules(*modules: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def weights_witness(pipe: Pipeline) -> tuple:
+    """A cheap witness of the weights in memory: every parameter's and buffer's name, shape and dtype, their L2 norms
+    (bit patterns; a few foreach kernels on the weights' device, ~0.1 s per GB on CPU) and the tokenizers' added
+    words. A LoRA fused in place (`weight.data += delta`, PEFT's merge) changes neither a tensor's identity nor its
+    version counter, only its values: a norm is the cheapest reading of those that any real edit moves."""
+    names, tensors = [], []
+    for module in pipe.modules:
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            names.append((name, tuple(tensor.shape), str(tensor.dtype)))
+            t = tensor.detach()
+            tensors.append(t if t.is_floating_point() else t.double())
+    with torch.no_grad():  # one copy to the host, not one per tensor (a GPU sync each)
+        norms = torch.stack([n.double() for n in torch._foreach_norm(tensors)]).cpu() if tensors else torch.zeros(0)
+    words = tuple(len(t) for t in (pipe.tokenizer, pipe.tokenizer_2) if t is not None and hasattr(t, "__len__"))
+    return tuple(names), hashlib.sha256(norms.numpy().tobytes()).hexdigest(), words
+
+
+def refresh_identity(pipe: Pipeline) -> None:
+    """Weights changed in memory since load (a LoRA fused, a tensor edited, a word added): a new fingerprint from their
+    bytes (fingerprint_modules over the loaded one), and the half-weight UNet copies and null embedding made from
+    the old weights dropped, so no cached inversion, exported UNet or copy of the old model serves the new one."""
+    now = weights_witness(pipe)
+    if pipe.witness is None:  # a Pipeline built by hand, not by _assemble: its weights now are what its name says
+        pipe.witness, pipe.loaded_fingerprint = now, pipe.loaded_fingerprint or pipe.fingerprint
+        return
+    if now == pipe.witness:
+        return
+    base = pipe.loaded_fingerprint or pipe.fingerprint
+    words = json.dumps([now[2], *[sorted(t.get_added_vocab().items()) for t in (pipe.tokenizer, pipe.tokenizer_2)
+                                  if hasattr(t, "get_added_vocab")]])
+    fingerprint = hashlib.sha256(f"{base}:{fingerprint_modules(*pipe.modules)}:{words}".encode()).hexdigest()[:16]
+    log.info("the pipeline's weights changed in memory since it was loaded: fingerprint %s -> %s (inversions and "
+             "exports of the loaded weights are not reused)", pipe.fingerprint, fingerprint)
+    pipe.fingerprint, pipe.legacy_fingerprint, pipe.witness = fingerprint, None, now
+    pipe.fast_unets.clear()
+    pipe.uncond_cache.clear()
+
+
 def quiet_loading() -> None:
     """--quiet: no weight-loading or download bars from diffusers, transformers or huggingface_hub either."""
     import diffusers.utils.logging
@@ -661,6 +707,7 @@ def _assemble(unet, vae, text_encoder, tokenizer, scheduler_config, device, name
             raise NTIError(f"model {name}: its pooled embedding ({pooled_dim}) is wider than its token embeddings "
                            f"({pipe.context_shape[1]}); this engine packs the one into a row of the other")
         pipe.pooled = PooledConditioning(pooled_dim, time_ids, zero_null)
+    pipe.witness, pipe.loaded_fingerprint = weights_witness(pipe), fingerprint
     return pipe
 
 
