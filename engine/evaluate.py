@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import shutil
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from itertools import groupby
 from pathlib import Path
@@ -29,12 +30,13 @@ from pathlib import Path
 from .config import GUIDANCE_SCHEDULES, NTIError
 from .metrics import PieModels
 from .options import positive_int
-from .outputs import atomic_write
+from .outputs import atomic_write, check_writable_folder
 from .provenance import environment
 from .report import IMAGE_DIR, MANIFEST, PLOT_DIR, REPORT, SAMPLES, SUMMARY, guidance_label, safe_name, write_outputs
 from .scoring import EVAL_METHODS, PIE_BENCH, PROTOCOLS, SEED, Scorer  # noqa: F401  (SEED: tests read it here)
 
 log = logging.getLogger("nti")
+EVAL_LOCK = ".nti-eval.lock"  # held by the run writing into --out (claim_out)
 CROP_WARNINGS_SHOWN = 3  # samples whose crop warning is logged in full; the rest are counted
 
 
@@ -324,16 +326,48 @@ def score_chunk(chunk, sources, timings: list[dict], recons, edits, scorer: Scor
     return rows
 
 
+@contextmanager
+def claim_out(out: Path):
+    """One nti eval at a time in a --out folder (an flock on OUT/.nti-eval.lock, dropped by the kernel if the run is
+    killed): two would append the same rows twice to samples.csv and write over each other's report."""
+    from .cache import Claim
+
+    if out.exists() and not out.is_dir():
+        raise NTIError(f"--out {out} is a file; nti eval writes a folder of results: choose a folder")
+    check_writable_folder(out, "--out")
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # out first, then its new parents
+    out.mkdir(parents=True, exist_ok=True)
+    claim = Claim(out / EVAL_LOCK)
+    try:
+        if not claim.try_acquire():
+            try:
+                holder = f" (process {int((out / EVAL_LOCK).read_text().split()[0])})"
+            except (OSError, ValueError, IndexError):
+                holder = ""
+            raise NTIError(f"--out {out} is in use by another nti eval run{holder}; wait for it to finish, or give "
+                           f"another --out")
+        yield
+    finally:
+        claim.release()
+        for folder in made:  # a run refused before it wrote anything leaves no empty folders
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
+
+
 def run_eval(args) -> str:
     """`nti eval`: run every missing (sample, method, setting) item, then write summary, plots and report; returns
     the summary table for the command line to print. With --ray the model's work runs on Ray engine actors
     (engine/distributed.py) and the scoring here, on the same chunks: the same rows and images."""
-    if getattr(args, "ray", None) is not None:
-        from .distributed import EvalSession
+    if not args.out.strip():  # Path('') is the current folder: an unset $OUT in a script would spill results there
+        raise NTIError("--out is empty: give the folder for the results")
+    with claim_out(Path(args.out).expanduser()):
+        if getattr(args, "ray", None) is not None:
+            from .distributed import EvalSession
 
-        with EvalSession(args) as session:
-            return _run_eval(args, session)
-    return _run_eval(args, None)
+            with EvalSession(args) as session:
+                return _run_eval(args, session)
+        return _run_eval(args, None)
 
 
 def _run_eval(args, session) -> str:
@@ -362,8 +396,6 @@ def _run_eval(args, session) -> str:
             raise NTIError("--protocol pie-bench computes its metrics with torchmetrics, which is not installed: "
                            "pip install torchmetrics") from None
     methods, guidances, schedules = parse_sweep(args)
-    if not args.out.strip():  # Path('') is the current folder: an unset $OUT in a script would spill results there
-        raise NTIError("--out is empty: give the folder for the results")
     # the engines' device (in process, or the cluster's GPUs or cpu); the scorers run here
     device = parse_device(args.device) if session is None else torch.device(session.device.split(":")[0])
     score_device = device if session is None else parse_device("auto")

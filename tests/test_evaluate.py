@@ -181,8 +181,35 @@ def test_a_resume_under_another_engine_version_is_refused(tmp_path, capsys, monk
     (["--data", "no/such/folder"], "does not exist"),
 ])
 def test_bad_sweep_exits_2(tmp_path, capsys, option, message):
-    assert main(["eval", "--out", str(tmp_path / "eval"), *option, *FAST]) == EXIT_BAD_INPUT
+    assert main(["eval", "--out", str(tmp_path / "new" / "eval"), *option, *FAST]) == EXIT_BAD_INPUT
     assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # refused: no empty --out folder (nor its new parent) left behind
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Two runs into one --out appended the same rows twice to samples.csv and wrote over each other's report."""
+    import os
+
+    from nti.cache import Claim
+    from nti.evaluate import EVAL_LOCK
+
+    out = tmp_path / "eval"
+    argv = ["eval", "--out", str(out), "--methods", "ddim", "--n", "1", *FAST]
+    assert main(argv) == 0
+    assert not (out / EVAL_LOCK).exists()  # released with the run
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    running = Claim(out / EVAL_LOCK)  # the first run, still working (flock: another open file, so another owner)
+    assert running.try_acquire()
+    try:
+        assert main([*argv, "--n", "2"]) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        assert f"in use by another nti eval run (process {os.getpid()})" in err and "Traceback" not in err
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != EVAL_LOCK} == before
+    finally:
+        running.release()
+    assert main([*argv, "--n", "2"]) == 0  # once it is done, the resume runs
+    assert len(read_samples(out)) == 2
 
 
 def test_clip_columns_with_a_local_clip(tmp_path, capsys, tiny_clip_folder):  # noqa: F811
