@@ -39,14 +39,14 @@ def load_results(path: Path):
 
 
 def summarize(df, by: tuple[str, ...] = ()):
-    """Mean and std (over samples with a value) per method x guidance x schedule (x `by` columns) of every numeric
-    column that has values."""
+    """Mean, std and count (of samples with a value) per method x guidance x schedule (x `by` columns) of every
+    numeric column that has values."""
     import pandas as pd
 
     numeric = [c for c in df.columns if c not in (*KEY, "edit_type") and pd.api.types.is_numeric_dtype(df[c])
                and df[c].notna().any()]
     grouped = df.groupby(["method", "guidance", "schedule", *by], observed=True, sort=True)
-    summary = grouped[numeric].agg(["mean", "std"])
+    summary = grouped[numeric].agg(["mean", "std", "count"])  # count: the mean's own n (NaN cells left out)
     summary.columns = [f"{c}_{stat}" for c, stat in summary.columns]
     summary.insert(0, "n", grouped.size())
     return summary.reset_index()
@@ -76,7 +76,8 @@ def markdown_table(summary, columns: list[str]) -> str:
         cells = [str(row["method"]), guidance_label(row["guidance"]), str(row["schedule"]), str(int(row["n"]))]
         for c in columns:
             mean, std = row[f"{c}_mean"], row[f"{c}_std"]
-            cells.append("-" if math.isnan(mean) else f"{mean:.4g}" + ("" if math.isnan(std) else f" ± {std:.2g}"))
+            cells.append("-" if math.isnan(mean) else f"{mean:.4g}" + ("" if math.isnan(std) else f" ± {std:.2g}")
+                         + partial_count(row, c))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -117,9 +118,15 @@ def pie_table(summary, prefix: str, by: tuple[str, ...] = ()) -> str:
                  *(table_text(row[b]) for b in by), str(int(row["n"]))]
         for metric, _, scale in PIE_TABLE:
             mean = row.get(f"{prefix}_{metric}_mean", math.nan)
-            cells.append("-" if math.isnan(mean) else f"{mean * scale:.2f}")
+            cells.append("-" if math.isnan(mean) else f"{mean * scale:.2f}" + partial_count(row, f"{prefix}_{metric}"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def partial_count(row, column: str) -> str:
+    """' (n=K)' after a mean over fewer samples than the setting's n (the others have no value), else ''."""
+    count = row.get(f"{column}_count", row["n"])
+    return f" (n={int(count)})" if count < row["n"] else ""
 
 
 def table_text(value) -> str:
@@ -223,8 +230,9 @@ COMMON_DEFINITIONS = (
     "output as its prompt. `inner_iterations`: Adam iterations summed over steps; `s_per_sample`: inversion + edit seconds (the "
     "inversion's own per-image time, its share of a batch on the fast backend). The baseline generates from the "
     "target prompt and seeded noise: no inversion, so no reconstruction. `n`: the setting's samples; each mean and "
-    "std is over those with a value (empty and NaN cells left out); std is the sample standard deviation (n - 1), "
-    "left out when fewer than two samples have a value.")
+    "std is over those with a value (empty and NaN cells left out; `(n=K)` after a mean over fewer than n samples, "
+    "`_count` in summary.csv); std is the sample standard deviation (n - 1), left out when fewer than two samples "
+    "have a value.")
 
 
 def seed_sections(summary, headline) -> list[str]:

@@ -81,6 +81,7 @@ def recompute(samples: list[dict], by: tuple[str, ...] = ()) -> dict:
             if values:
                 stats[f"{c}_mean"] = statistics.fmean(values)
                 stats[f"{c}_std"] = statistics.stdev(values) if len(values) > 1 else None
+                stats[f"{c}_count"] = len(values)
         out[key] = stats
     return out
 
@@ -137,6 +138,8 @@ def test_summary_csv_is_samples_csv_recomputed(seed_run):
     for s in summary:
         want = expected[(s["method"], float(s["guidance"]), s["schedule"])]
         got = {c: v for c, v in s.items() if c not in ("method", "guidance", "schedule") and v != ""}
+        for c in [c for c, v in got.items() if c.endswith("_count") and v == "0"]:  # no value in this setting
+            assert got.pop(c) and s[c.removesuffix("_count") + "_mean"] == ""
         assert set(got) == {c for c, v in want.items() if v is not None}, s["method"]
         assert int(got.pop("n")) == want["n"]
         for c, v in got.items():
@@ -169,6 +172,8 @@ def test_report_tables_print_summary_csv(seed_run):
         for title, cell in zip(head[4:], line[4:]):
             mean, std = s.get(f"{title}_mean", ""), s.get(f"{title}_std", "")
             want = "-" if mean == "" else f"{float(mean):.4g}" + ("" if std == "" else f" ± {float(std):.2g}")
+            count = s.get(f"{title}_count", s["n"])  # a mean over fewer samples than the setting's says so
+            want += f" (n={int(float(count))})" if mean != "" and int(float(count)) < int(s["n"]) else ""
             assert cell == want, (s["method"], title)
     assert "edit_psnr" not in head and "recon_psnr" in head and "s_per_sample" in head
     # the std's definition and its absence for one value are stated, here and in docs/evaluation.md
@@ -216,10 +221,12 @@ def test_pie_tables_are_table_1_of_summary_csv(tmp_path):
         s, want = summary[line[0]], expected[(line[0], 7.5, "constant")]
         assert line[3] == s["n"] == "20"
         for (metric, _, scale), cell in zip(PIE_TABLE, line[4:]):
-            assert cell == f"{float(s[f'edit_{metric}_mean']) * scale:.2f}"
-            assert float(cell) == pytest.approx(want[f"edit_{metric}_mean"] * scale, abs=0.0051)
+            count = int(float(s[f"edit_{metric}_count"]))  # the background metrics: type 9's 2 samples have none
+            assert count == (18 if metric.startswith("bg_") else 20)
+            assert cell == f"{float(s[f'edit_{metric}_mean']) * scale:.2f}" + (" (n=18)" if count == 18 else "")
+            assert float(cell.split()[0]) == pytest.approx(want[f"edit_{metric}_mean"] * scale, abs=0.0051)
     psnr = statistics.fmean(20 + t + k / 3 for t in range(9) for k in range(2))  # type 9's NaN left out
-    assert cells[1][5] == f"{psnr:.2f}"
+    assert cells[1][5] == f"{psnr:.2f} (n=18)"
 
     by_type = table(report, "Edits by editing type")
     assert by_type[0][:5] == ["method", "guidance", "schedule", "edit_type", "n"]
