@@ -118,7 +118,7 @@ def open_image(source: Path | bytes, label: str, as_stored: bool = False) -> Ima
             # PIL only warns between MAX_IMAGE_PIXELS and twice that: a bomb either way
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-                frames = getattr(img, "n_frames", 1)
+                frames = frame_count(img)
                 if frames > 1:
                     raise NTIError(f"{label} is animated or multi-page ({frames} frames); save the frame to edit as a "
                                   f"still image")
@@ -133,6 +133,13 @@ def open_image(source: Path | bytes, label: str, as_stored: bool = False) -> Ima
         raise NTIError(f"{label} could not be read: {err}") from None
     report_decoder_warnings(label, caught, turned, exif_error)
     return to_rgb(img, label, signed)
+
+
+def frame_count(img: Image.Image) -> int:
+    """How many frames an opened image offers to choose from: an MPO (a JPEG with an MP Format index, as phones and
+    cameras write with an HDR gain map, depth map or preview after the photo) is its first image, the photo every
+    viewer shows; counting an animation's frames seeks through the file, so a broken one fails here."""
+    return 1 if img.format == "MPO" else getattr(img, "n_frames", 1)
 
 
 def upright(img: Image.Image) -> tuple[Image.Image, bool, str | None]:

@@ -219,7 +219,7 @@ def read_image(data: bytes, settings: ServeSettings, param: str = "image") -> Im
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise APIError(400, f"{param}: not a readable image ({', '.join(IMAGE_FORMATS)}): "
                             f"{type(err).__name__}", param) from None
-    if img.format not in IMAGE_FORMATS:
+    if img.format not in IMAGE_FORMATS and img.format != "MPO":  # MPO: a JPEG with a gain map or preview after it
         raise APIError(400, f"{param}: format {img.format} is not accepted; send one of {', '.join(IMAGE_FORMATS)}",
                        param)
     width, height = img.size
@@ -228,10 +228,10 @@ def read_image(data: bytes, settings: ServeSettings, param: str = "image") -> Im
                             f"{settings.max_pixels}", param)
     if width < 1 or height < 1:
         raise APIError(400, f"{param}: image has no pixels", param)
-    from .images import is_signed_16bit, to_rgb, upright  # here: torch is not needed to start the server
+    from .images import frame_count, is_signed_16bit, to_rgb, upright  # here: torch is not needed to start the server
 
     try:
-        frames = getattr(img, "n_frames", 1)  # counting seeks through the file: a broken one fails here
+        frames = frame_count(img)  # counting seeks through the file: a broken one fails here
         signed = is_signed_16bit(img)  # before upright: its turned copy has no TIFF tags
         img.load()
         # the CLI's reading (images.open_image): EXIF orientation (as stored when the EXIF cannot be parsed), 16-bit

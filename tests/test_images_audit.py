@@ -1,0 +1,42 @@
+"""Audit of the image reader and writer (engine/images.py) and the shapes test bed (engine/testbed/): each defect's
+test failed before its fix; the rest pin behaviour against independent computations (the official notebook's
+load_512, hand-made images) and the numbers docs/shapes-model.md quotes."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from nti.config import NTIError
+from nti.images import load_image
+
+
+def camera_jpeg(path):
+    """A JPEG with an MP Format index, as phones write (a second image after the photo: an HDR gain map, a depth
+    map or a preview); Pillow opens it as format MPO with 2 frames."""
+    photo = Image.new("RGB", (24, 16), (200, 60, 30))
+    photo.save(path, "MPO", save_all=True, append_images=[Image.new("RGB", (6, 4), (0, 0, 0))])
+    with Image.open(path) as img:
+        assert img.format == "MPO" and img.n_frames == 2
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------ reading
+
+def test_a_phone_jpeg_with_a_gain_map_is_read_as_its_photo(tmp_path):
+    """Camera and phone JPEGs carrying an MPF index (HDR gain map, depth map, preview) were refused as 'animated or
+    multi-page (2 frames)'; every viewer shows their first image, the photo."""
+    pixels = np.asarray(load_image(camera_jpeg(tmp_path / "phone.jpg")))
+    assert pixels.shape == (16, 24, 3) and np.abs(pixels.astype(int) - (200, 60, 30)).max() <= 3
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "blue")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with pytest.raises(NTIError, match=r"anim.gif is animated or multi-page \(2 frames\)"):  # still refused
+        load_image(tmp_path / "anim.gif")
+
+
+def test_nti_serve_takes_a_phone_jpeg_too(tmp_path):
+    """The upload reader refused the same file as 'format MPO is not accepted; send one of PNG, JPEG, ...'."""
+    pytest.importorskip("fastapi")
+    from nti.serve import ServeSettings, read_image
+
+    path = camera_jpeg(tmp_path / "phone.jpg")
+    served = np.asarray(read_image(path.read_bytes(), ServeSettings()))
+    assert np.array_equal(served, np.asarray(load_image(path)))
