@@ -296,7 +296,14 @@ def save_png(img: Image.Image, path: str | os.PathLike, request: str | None = No
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise NTIError(f"output {path} must end in .png")
-    return atomic_write(path, lambda temp: img.save(temp, format="PNG", pnginfo=png_info(request)))
+    return atomic_write(path, lambda temp: img.save(temp, format="PNG", **png_options(request)))
+
+
+def png_options(request: str | None = None) -> dict:
+    """PIL's PNG save options for every image nti writes: its text chunks (png_info), and no colour profile: nti
+    reads pixels as stored (no colour management, as the notebook), so an input's ICC profile, which PIL would
+    otherwise copy from the image's info, would show the written pixels in other colours than the model saw."""
+    return {"pnginfo": png_info(request), "icc_profile": None}
 
 
 def png_info(request: str | None = None):
@@ -313,5 +320,5 @@ def png_info(request: str | None = None):
 def png_bytes(img: Image.Image, request: str | None = None) -> bytes:
     """The bytes save_png writes for an image (lossless, tagged), for a worker that hands the file to its writer."""
     buffer = io.BytesIO()
-    img.save(buffer, format="PNG", pnginfo=png_info(request))
+    img.save(buffer, format="PNG", **png_options(request))
     return buffer.getvalue()

@@ -1,12 +1,14 @@
 """Audit of the image reader and writer (engine/images.py) and the shapes test bed (engine/testbed/): each defect's
 test failed before its fix; the rest pin behaviour against independent computations (the official notebook's
 load_512, hand-made images) and the numbers docs/shapes-model.md quotes."""
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from nti.config import NTIError
-from nti.images import load_image
+from nti.images import load_image, load_square, png_bytes, save_png
 
 
 def camera_jpeg(path):
@@ -40,3 +42,23 @@ def test_nti_serve_takes_a_phone_jpeg_too(tmp_path):
     path = camera_jpeg(tmp_path / "phone.jpg")
     served = np.asarray(read_image(path.read_bytes(), ServeSettings()))
     assert np.array_equal(served, np.asarray(load_image(path)))
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+
+def test_written_pngs_carry_no_colour_profile_of_the_input(tmp_path):
+    """nti reads pixels as they are stored (as the notebook; no colour management), but the square of an input with
+    an ICC profile kept the profile in its info, and save_png / png_bytes wrote it: `nti eval`'s source.png (what the
+    model saw) then showed other colours than the reconstructions and edits beside it, written without one."""
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    pixels = np.random.RandomState(0).randint(0, 256, (40, 50, 3)).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "profiled.png", icc_profile=profile)
+    square = load_square(tmp_path / "profiled.png", 32, "image profiled.png")
+    save_png(square, tmp_path / "source.png", request="key")
+    for written in (Image.open(tmp_path / "source.png"), Image.open(io.BytesIO(png_bytes(square)))):
+        with written:
+            assert "icc_profile" not in written.info and written.info["Software"] == "nti"
+            assert np.array_equal(np.asarray(written), np.asarray(square))  # the pixels the model saw, exactly
+    assert Image.open(tmp_path / "source.png").info["nti-request"] == "key"
