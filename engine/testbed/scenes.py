@@ -66,6 +66,8 @@ def parse_caption(caption: str) -> tuple[str, tuple[tuple[str, str], ...]]:
 
 def random_scene(rng: random.Random, n_objects: int | None = None) -> Scene:
     """A scene with 1 or 2 objects; two objects sit in the left and right halves so they never overlap."""
+    if n_objects not in (None, 1, 2):
+        raise ValueError(f"n_objects must be 1 or 2 (or None for either), got {n_objects}")
     n = n_objects or rng.choice((1, 1, 2))
     background = rng.choice(tuple(BACKGROUNDS))
     if n == 1:
@@ -175,8 +177,9 @@ def read_scene(image, resolution: int = RESOLUTION) -> Reading:
     template (`_closest_shape`) on the coverage map, where each pixel's coverage is its position on the segment
     background -> colour, so anti-aliased rims count fractionally.
     """
-    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float64)
-    if rgb.max() <= 1.0:
+    array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    rgb = array.astype(np.float64)
+    if array.dtype.kind == "f" and rgb.max() <= 1.0:  # 0..1 floats; 8-bit pixels all <= 1 are a near-black image
         rgb = rgb * 255.0
     border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
     bg_palette = _PALETTE[:len(BACKGROUNDS)]
