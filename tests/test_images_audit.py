@@ -3,13 +3,16 @@ test failed before its fix; the rest pin behaviour against independent computati
 load_512, hand-made images) and the numbers docs/shapes-model.md quotes."""
 import io
 import random
+import struct
+import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from nti.config import NTIError
-from nti.images import load_image, load_square, png_bytes, save_png
+from nti.images import center_square, load_image, load_square, png_bytes, save_png, to_pil, to_tensor
 from nti.testbed import scenes
 
 
@@ -105,3 +108,111 @@ def test_random_scene_refuses_an_object_count_it_cannot_draw():
         with pytest.raises(ValueError, match=f"n_objects must be 1 or 2 .or None for either., got {n}"):
             scenes.random_scene(random.Random(0), n_objects=n)
     assert {len(scenes.random_scene(random.Random(s), n_objects=2).objects) for s in range(20)} == {2}
+
+
+# ------------------------------------------------------------------------------- pinned: what was checked and held
+
+def notebook_load(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The official notebook's load_512 (null_text_w_ptp.ipynb), offsets 0, at `size`: centre square by numpy
+    slicing, then PIL's default resize (bicubic), as its image2latent then maps it: x / 127.5 - 1."""
+    h, w, _ = pixels.shape
+    if h < w:
+        offset = (w - h) // 2
+        pixels = pixels[:, offset:offset + h]
+    elif w < h:
+        offset = (h - w) // 2
+        pixels = pixels[offset:offset + w]
+    square = np.array(Image.fromarray(pixels).resize((size, size)))
+    return square.astype(np.float32) / 127.5 - 1
+
+
+@pytest.mark.parametrize("h, w", [(37, 61), (61, 37), (32, 32), (3, 5), (100, 9), (513, 512), (33, 33)])
+def test_the_square_fed_to_the_vae_is_the_notebooks(h, w):
+    pixels = np.random.RandomState(h * w).randint(0, 256, (h, w, 3)).astype(np.uint8)
+    for size in (32, 64):
+        ours = to_tensor(center_square(load_image(pixels), size))
+        assert ours.shape == (1, 3, size, size) and ours.dtype == torch.float32
+        assert torch.equal(ours[0].permute(1, 2, 0), torch.from_numpy(notebook_load(pixels, size)))
+    assert to_tensor(Image.fromarray(np.array([[[0, 255, 128]]], np.uint8))).flatten().tolist() == [
+        -1.0, 1.0, pytest.approx(128 / 127.5 - 1, abs=1e-7)]  # float32
+
+
+def test_every_exif_orientation_turns_the_image_as_a_viewer_does(tmp_path):
+    stored = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10
+    viewed = {1: stored, 2: stored[:, ::-1], 3: stored[::-1, ::-1], 4: stored[::-1], 5: stored.transpose(1, 0, 2),
+              6: np.rot90(stored, -1), 7: stored[::-1, ::-1].transpose(1, 0, 2), 8: np.rot90(stored, 1)}
+    for orientation, expected in viewed.items():
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        for fmt, suffix in (("PNG", "png"), ("WEBP", "webp")):
+            path = tmp_path / f"o{orientation}.{suffix}"
+            options = {"lossless": True} if fmt == "WEBP" else {}
+            Image.fromarray(stored).save(path, fmt, exif=exif.tobytes(), **options)
+            assert np.array_equal(np.asarray(load_image(path)), expected), (orientation, fmt)
+            assert np.array_equal(np.asarray(load_image(path, as_stored=True)), stored), (orientation, fmt)
+
+
+def test_every_pil_mode_becomes_the_rgb_a_viewer_shows(tmp_path):
+    def rgb(img):
+        return np.asarray(load_image(img)).tolist()
+
+    assert rgb(Image.fromarray(np.array([[False, True]]))) == [[[0] * 3, [255] * 3]]  # mode 1
+    assert rgb(Image.fromarray(np.array([[7, 200]], np.uint8))) == [[[7] * 3, [200] * 3]]  # L
+    assert rgb(Image.fromarray(np.array([[[50, 0], [50, 255]]], np.uint8), "LA")) == [[[255] * 3, [50] * 3]]
+    assert rgb(Image.fromarray(np.array([[[9, 8, 7, 0], [9, 8, 7, 255]]], np.uint8))) == [[[255] * 3, [9, 8, 7]]]
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([10, 20, 30, 40, 50, 60])
+    palette.putpixel((1, 0), 1)
+    palette.save(tmp_path / "p.png")
+    palette.save(tmp_path / "pt.png", transparency=0)
+    palette.save(tmp_path / "pt.gif", transparency=0)
+    assert rgb(tmp_path / "p.png") == [[[10, 20, 30], [40, 50, 60]]]
+    assert rgb(tmp_path / "pt.png") == rgb(tmp_path / "pt.gif") == [[[255] * 3, [40, 50, 60]]]
+    Image.fromarray(np.array([[0, 100, 200]], np.uint8)).save(tmp_path / "lt.png", transparency=100)
+    assert rgb(tmp_path / "lt.png") == [[[0] * 3, [255] * 3, [200] * 3]]
+    Image.new("CMYK", (1, 1), (0, 255, 255, 0)).save(tmp_path / "c.tif")
+    assert rgb(tmp_path / "c.tif") == [[[255, 0, 0]]]
+    Image.fromarray(np.array([[0, 200, 65535]], np.uint16)).save(tmp_path / "g16.png")  # I;16: scaled, not clipped
+    assert rgb(tmp_path / "g16.png") == [[[0] * 3, [1] * 3, [255] * 3]]
+    Image.fromarray(np.array([[0, 77, 255]], np.int32)).save(tmp_path / "i.tif")  # I within 0..255: as it is
+    assert rgb(tmp_path / "i.tif") == [[[0] * 3, [77] * 3, [255] * 3]]
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32)).save(tmp_path / "f.tif")  # F in 0..1
+    assert rgb(tmp_path / "f.tif") == [[[0] * 3, [128] * 3, [255] * 3]]
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def test_16_bit_rgb_png_bombs_and_files_that_are_no_image(tmp_path):
+    rows = np.array([[[0, 32896, 65535], [2570, 33096, 65407]]], np.uint16)  # 16-bit RGB, which PIL reads as RGB
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rows)
+    header = b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "rgb16.png").write_bytes(header + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 1, 16, 2, 0, 0, 0))
+                                         + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b""))
+    assert np.array_equal(np.asarray(load_image(tmp_path / "rgb16.png")), np.round(rows / 257))
+    for w, h in ((10000, 10000), (1, 100_000_000), (65535, 65535)):  # headers only: nothing is allocated
+        (tmp_path / "bomb.png").write_bytes(header + png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                                            + png_chunk(b"IEND", b""))
+        with pytest.raises(NTIError, match="bomb.png is too large to decode safely"):
+            load_image(tmp_path / "bomb.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    for name in ("notes.png", "empty.png"):
+        with pytest.raises(NTIError, match=f"{name} is not a readable image"):
+            load_image(tmp_path / name)
+    with pytest.raises(NTIError, match=r"is empty \(0x0 pixels\)"):
+        load_square(Image.new("RGB", (0, 0)), 32, "image nothing")
+    assert load_square(Image.new("RGB", (1, 1), (1, 2, 3)), 32, "image dot").getpixel((31, 31)) == (1, 2, 3)
+
+
+def test_outputs_round_trip_their_8_bit_pixels_exactly(tmp_path):
+    decoded = torch.rand(2, 3, 16, 16)
+    images = to_pil(decoded)
+    expected = (decoded.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # VaeImageProcessor's rounding
+    for k, img in enumerate(images):
+        save_png(img, tmp_path / f"out{k}.png")
+        assert np.array_equal(np.asarray(load_image(tmp_path / f"out{k}.png")), expected[k])
+    with pytest.raises(NTIError, match="must end in .png"):
+        save_png(images[0], tmp_path / "out.jpg")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out0.png", "out1.png"]  # no temp file left behind
