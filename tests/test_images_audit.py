@@ -2,8 +2,11 @@
 test failed before its fix; the rest pin behaviour against independent computations (the official notebook's
 load_512, hand-made images) and the numbers docs/shapes-model.md quotes."""
 import io
+import json
 import random
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -216,3 +219,71 @@ def test_outputs_round_trip_their_8_bit_pixels_exactly(tmp_path):
     with pytest.raises(NTIError, match="must end in .png"):
         save_png(images[0], tmp_path / "out.jpg")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out0.png", "out1.png"]  # no temp file left behind
+
+
+# -------------------------------------------------------------------------------------- test bed and its claims
+
+SCENE_DIGEST = """
+import hashlib, random
+import numpy as np
+from nti.testbed import scenes
+digest = hashlib.sha256()
+for seed in range(12):
+    rng = random.Random(seed)
+    scene = scenes.random_scene(rng)
+    digest.update(scene.caption.encode() + np.asarray(scenes.render(scene)).tobytes())
+    for kind, target, index in scenes.edit_pairs(rng, scene):
+        digest.update(f"{kind} {target.caption} {index} {scenes.is_held_out(target.caption)}".encode())
+print(digest.hexdigest())
+"""
+
+
+def test_scenes_are_the_same_for_a_seed_in_every_process():
+    """Captions, pixels, edits and held-out choices depend on the seed alone (no hash() of a str, which
+    PYTHONHASHSEED changes from process to process)."""
+    import os
+
+    digests = {subprocess.run([sys.executable, "-c", SCENE_DIGEST], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(digests) == 1
+
+
+def test_the_shipped_scene_examples_are_what_write_examples_draws(tmp_path):
+    from nti.testbed.train import EXAMPLES_FOLDER, write_examples
+
+    write_examples(tmp_path)
+    assert (tmp_path / "prompts.jsonl").read_text() == (EXAMPLES_FOLDER / "prompts.jsonl").read_text()
+    for made in tmp_path.glob("*.png"):
+        assert np.array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(EXAMPLES_FOLDER / made.name)))
+
+
+def test_shapes_model_doc_numbers(shapes_pipe):
+    """docs/shapes-model.md: 21 MB of fp32 safetensors (UNet 16.8, VAE 3.8, text encoder 0.6), 32 px images, 8x8x4
+    latents (VAE factor 4), 16-token prompts, every 9th single-object and ~1 in 10 two-object captions held out,
+    the training settings and time, and the VAE round trip's 39.10 dB on the benchmark's 40 scenes."""
+    from safetensors.torch import load_file
+
+    from nti.metrics import psnr
+    from nti.models import SHAPES_FOLDER, decode_latents, encode_images
+
+    megabytes = {f.parent.name: f.stat().st_size / 1e6 for f in SHAPES_FOLDER.rglob("*.safetensors")}
+    assert {k: round(v, 1) for k, v in megabytes.items()} == {"unet": 16.8, "vae": 3.8, "text_encoder": 0.6}
+    assert round(sum(megabytes.values())) == 21
+    assert {t.dtype for f in SHAPES_FOLDER.rglob("*.safetensors") for t in load_file(f).values()} == {torch.float32}
+    assert (shapes_pipe.resolution, shapes_pipe.latent_shape, shapes_pipe.vae_scale_factor) == (32, (4, 8, 8), 4)
+    longest = "an orange triangle and an orange triangle on a black background"
+    assert shapes_pipe.tokenizer.model_max_length == 16 and len(shapes_pipe.tokenizer(longest).input_ids) <= 16
+    singles = [scenes.Scene(bg, (scenes.Shape(c, s),)).caption for bg in scenes.BACKGROUNDS for c in scenes.COLOURS
+               for s in scenes.SHAPES]
+    pairs = [scenes.Scene(bg, (scenes.Shape(c, s), scenes.Shape(d, t))).caption for bg in scenes.BACKGROUNDS
+             for c in scenes.COLOURS for s in scenes.SHAPES for d in scenes.COLOURS for t in scenes.SHAPES]
+    assert sum(map(scenes.is_held_out, singles)) * 9 == len(singles)
+    assert 0.09 < np.mean([scenes.is_held_out(c) for c in pairs]) < 0.11
+    recorded = json.loads((SHAPES_FOLDER / "train_config.json").read_text())
+    assert (recorded["vae_steps"], recorded["unet_steps"], recorded["batch_size"], recorded["caption_dropout"],
+            recorded["seconds_this_run"]) == (4000, 10000, 64, 0.1, 7140)
+    rng = random.Random(100)  # bench_testbed's scenes: random.Random(seed + 100), seed 0, 40 scenes
+    images = [scenes.render(scenes.random_scene(rng)) for _ in range(40)]
+    pixels = torch.cat([to_tensor(img) for img in images])
+    round_trip = to_pil(decode_latents(shapes_pipe, encode_images(shapes_pipe, pixels)))
+    assert np.mean([psnr(a, b) for a, b in zip(images, round_trip)]) == pytest.approx(39.10, abs=0.01)
