@@ -192,7 +192,12 @@ def to_rgb(img: Image.Image, label: str = "image", signed16: bool | None = None)
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         kind = "16bit" if img.mode.startswith("I;16") else "int" if img.mode == "I" else "float"
         signed = is_signed_16bit(img) if signed16 is None else signed16
-        return Image.fromarray(to_8bit(np.asarray(img), label, kind, signed)).convert("RGB")
+        values = np.asarray(img)
+        rgb = Image.fromarray(to_8bit(values, label, kind, signed)).convert("RGB")
+        key = img.info.get("transparency")  # a 16-bit grey PNG's tRNS colour key: white, as for 8-bit greys below
+        if isinstance(key, int) and img.mode.startswith("I;16"):
+            rgb.paste((255, 255, 255), mask=Image.fromarray((values == key).astype(np.uint8) * 255))
+        return rgb
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # P's palette alpha, or RGB's / L's colour
         # key (PNG tRNS): transparent pixels over white, as a viewer shows them (convert("RGB") keeps their colour)
         rgba = img.convert("RGBA")

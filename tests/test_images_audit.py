@@ -287,3 +287,12 @@ def test_shapes_model_doc_numbers(shapes_pipe):
     pixels = torch.cat([to_tensor(img) for img in images])
     round_trip = to_pil(decode_latents(shapes_pipe, encode_images(shapes_pipe, pixels)))
     assert np.mean([psnr(a, b) for a, b in zip(images, round_trip)]) == pytest.approx(39.10, abs=0.01)
+
+
+def test_a_16_bit_grey_png_colour_key_is_transparent_over_white(tmp_path):
+    """An 8-bit grey PNG's tRNS colour key shows white (transparent over white, as a viewer shows it); a 16-bit grey
+    PNG's was ignored: its transparent pixels kept their grey."""
+    Image.fromarray(np.array([[0, 300, 65535]], np.uint16)).save(tmp_path / "keyed.png", transparency=300)
+    assert np.asarray(load_image(tmp_path / "keyed.png")).tolist() == [[[0] * 3, [255] * 3, [255] * 3]]
+    Image.fromarray(np.array([[0, 300, 65535]], np.uint16)).save(tmp_path / "plain.png")
+    assert np.asarray(load_image(tmp_path / "plain.png")).tolist() == [[[0] * 3, [1] * 3, [255] * 3]]
