@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import math
+import re
 import shutil
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -36,6 +37,7 @@ from .report import IMAGE_DIR, MANIFEST, PLOT_DIR, REPORT, SAMPLES, SUMMARY, gui
 from .scoring import EVAL_METHODS, PIE_BENCH, PROTOCOLS, SEED, Scorer  # noqa: F401  (SEED: tests read it here)
 
 log = logging.getLogger("nti")
+HASHED_NAME = re.compile(r"-[0-9a-fA-F]{8}$")  # what sample_folder appends to a name it hashes
 EVAL_LOCK = ".nti-eval.lock"  # held by the run writing into --out (claim_out)
 CROP_WARNINGS_SHOWN = 3  # samples whose crop warning is logged in full; the rest are counted
 
@@ -251,9 +253,11 @@ def check_mask_shape(sample, size: tuple[int, int]) -> None:
 
 def sample_folder(sample_id: str) -> str:
     """The sample's folder under images/: its safe name, with a hash of the id when that name is not the id
-    (lower-cased: case-insensitive disks), so ids that differ in unsafe characters or case never share one."""
+    (lower-cased: case-insensitive disks), so ids that differ in unsafe characters or case never share one. An id
+    that itself ends like a hashed name ('-' and 8 hex digits) is hashed too: id 'a-<hash of A>' kept its name,
+    the folder of id 'A' on a case-insensitive disk."""
     name, text = safe_name(sample_id), str(sample_id)
-    if name != text.lower():
+    if name != text.lower() or HASHED_NAME.search(name):
         name += "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
     return f"{IMAGE_DIR}/{name}"
 

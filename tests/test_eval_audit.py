@@ -343,6 +343,8 @@ def test_unsafe_ids_get_folders_of_their_own():
     compared as a case-insensitive disk compares names, always inside images/."""
     ids = ["a/b", "a_b", "a\\b", "a b", "A_B", "a_b.", ".a_b", "../a_b", "a_b/..", "café", "cafe", "CAFE", "猫", "🐱",
            "x" * 200, "x" * 201, "x" * 120, "item", "", ".", "..", "NA", "na"]
+    ids += [sample_folder(i).split("/")[1] for i in ("A", "a/b", "CAFE")]  # an id that is another id's folder name
+    ids = list(dict.fromkeys([*ids, *(i.lower() for i in ids[-3:]), "b-0123abcd", "b-0123ABCD"]))  # distinct ids
     folders = [sample_folder(i) for i in ids]
     assert len({f.lower() for f in folders}) == len(ids)
     for folder in folders:
