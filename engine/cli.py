@@ -12,6 +12,7 @@ if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "nti":  # the prog
     signal.signal(signal.SIGINT, lambda *_: (print("nti: interrupted", file=sys.stderr), os._exit(130)))
 
 import argparse  # noqa: E402
+import codecs  # noqa: E402
 import gc  # noqa: E402
 import logging  # noqa: E402
 import threading  # noqa: E402
@@ -122,8 +123,37 @@ def setup_logging(quiet: bool) -> None:
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
+STDOUT_ERRORS = "nti-stdout"
+PLAIN = {"±": "+/-", "×": "x"}  # the summary table's signs, as a terminal that cannot print them reads them best
+
+
+def stdout_errors(err: UnicodeEncodeError):
+    """What stdout writes for characters its encoding lacks (a locale such as C.ISO-8859-1 or PYTHONIOENCODING=
+    ascii): a path's undecodable byte as that byte (os.fsencode's surrogateescape, so the name stays usable), the
+    table's signs in ASCII, anything else as a \\x escape. Without it the print raised after all files were written
+    (exit 1, 'internal error')."""
+    text = err.object[err.start:err.end]
+    if all("\udc80" <= c <= "\udcff" for c in text):
+        return bytes(ord(c) - 0xDC00 for c in text), err.end
+    return "".join(PLAIN.get(c, c.encode("ascii", "backslashreplace").decode()) for c in text), err.end
+
+
+codecs.register_error(STDOUT_ERRORS, stdout_errors)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    errors = getattr(sys.stdout, "errors", None)
+    if errors is not None and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors=STDOUT_ERRORS)
+    try:
+        return _main(argv)
+    finally:
+        if errors is not None and hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(errors=errors)  # main() called by a process that goes on
+
+
+def _main(argv: list[str]) -> int:
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler and \
             threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)  # from here KeyboardInterrupt, caught below

@@ -449,3 +449,29 @@ def test_sample_words_cross_to_ray_actors_as_json():
     words = SampleWords(("astronaut",), ("cat",), (("cat", 2.0),))
     assert sample_words_of(json.loads(json.dumps(dataclasses.asdict(words)))) == words
     assert sample_words_of(None) is None
+
+
+def test_the_summary_table_prints_on_a_stdout_that_cannot_write_its_signs(tmp_path):
+    """On an ASCII or Latin-1 stdout the table's '±' raised UnicodeEncodeError after every file was written: exit 1,
+    'internal error'. It prints, the signs in ASCII; an output path's characters come out escaped, not as a crash."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "eval"
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "nti.cli", "eval", "--out", str(out), "--methods", "ddim", "--n",
+                           "2", *FAST], env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert b" +/- " in done.stdout and "±" in (out / "report.md").read_text(encoding="utf-8")
+    assert read_samples(out) and (out / "summary.csv").is_file()
+
+
+def test_stdout_writes_what_its_encoding_lacks_without_failing():
+    """The handler main() puts on stdout: an undecodable file-name byte goes out as that byte (the name a script
+    reads back is the file's), the table's signs in ASCII, other characters as escapes."""
+    from nti.cli import STDOUT_ERRORS
+
+    line = "out/caf\u00e9-\udce9.png 1.5 ± 0.2 ×"
+    assert line.encode("ascii", STDOUT_ERRORS) == b"out/caf\\xe9-\xe9.png 1.5 +/- 0.2 x"
+    assert line.encode("latin-1", STDOUT_ERRORS) == b"out/caf\xe9-\xe9.png 1.5 \xb1 0.2 \xd7"  # all it has
