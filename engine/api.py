@@ -15,7 +15,8 @@ from .ddim import guidance_weights, make_schedule
 from .images import load_square, pixel_hash, to_pil, to_tensor
 from .methods import DIRECT, EditJob, InversionResult, from_pivots, optimizes_null_text
 from .conditioning import conditioning_record, null_grad_mask
-from .models import Pipeline, decode_latents, encode_images, encode_prompts, refresh_identity, strict_fp32
+from .models import (Pipeline, check_clip_skip, decode_latents, encode_images, encode_prompts, refresh_identity,
+                     strict_fp32)
 from .validate import WORD, check_finite_latents, check_prompt_length, prompt_words
 from . import p2p, reference
 
@@ -113,16 +114,18 @@ def check_vocabulary(pipe: Pipeline, prompts: Sequence[str]) -> None:
                        f"Diffusion folder")
 
 
-def null_embedding(pipe: Pipeline) -> torch.Tensor:
+def null_embedding(pipe: Pipeline, clip_skip: int = 0) -> torch.Tensor:
     """The unconditional context, (1, *pipe.context_shape): every optimization starts from it. The empty prompt's
-    embedding (notebook); for SDXL what StableDiffusionXLPipeline feeds its unconditional branch: zeros (tokens and
-    pooled) when the model says force_zeros_for_empty_prompt (SDXL base does), else the empty prompt's."""
-    if "" not in pipe.uncond_cache:
+    embedding (notebook), from the layer `clip_skip` says; for SDXL what StableDiffusionXLPipeline feeds its
+    unconditional branch: zeros (tokens and pooled) when the model says force_zeros_for_empty_prompt (SDXL base
+    does), else the empty prompt's."""
+    key = ("", clip_skip)
+    if key not in pipe.uncond_cache:
         if pipe.pooled is not None and pipe.pooled.zero_null:
-            pipe.uncond_cache[""] = torch.zeros(1, *pipe.context_shape, device=pipe.device)
+            pipe.uncond_cache[key] = torch.zeros(1, *pipe.context_shape, device=pipe.device)
         else:
-            pipe.uncond_cache[""] = encode_prompts(pipe, [""])
-    return pipe.uncond_cache[""]
+            pipe.uncond_cache[key] = encode_prompts(pipe, [""], clip_skip)
+    return pipe.uncond_cache[key]
 
 
 def prepare_images(pipe: Pipeline, images) -> tuple[list[Image.Image], torch.Tensor]:
@@ -143,18 +146,19 @@ def invert(pipe: Pipeline, images, source_prompts: Sequence[str] | str, config: 
     optimization, the negative-prompt null; direct inversion keeps the DDIM pivots)."""
     _check_pipe(pipe)
     config = _check_config(config)
+    check_clip_skip(pipe, config.clip_skip)  # before the images' and the VAE's work
     squares, pixels = prepare_images(pipe, images)
     prompts = _check_prompts(source_prompts, len(squares), "source prompts", pipe)
     schedule = make_schedule(pipe.scheduler_config, config.steps, config.timestep_offset(pipe.scheduler_config))
     weights = guidance_weights(config.guidance, config.steps, config.guidance_schedule, config.guidance_min)
     start = time.perf_counter()
     z0 = encode_images(pipe, pixels, config.model_batch)
-    conds = encode_prompts(pipe, prompts)
+    conds = encode_prompts(pipe, prompts, config.clip_skip)
     encode_s = (time.perf_counter() - start) / len(squares)
 
     if config.backend == "fast":
         from . import fast
-        results = fast.invert_batch(pipe, z0, conds, null_embedding(pipe), schedule, weights, config, progress)
+        results = fast.invert_batch(pipe, z0, conds, null_embedding(pipe, config.clip_skip), schedule, weights, config, progress)
     else:
         results = [_invert_reference(pipe, z0[k:k + 1], conds[k:k + 1], schedule, weights, config, progress)
                    for k in range(len(squares))]
@@ -207,7 +211,7 @@ def _invert_reference(pipe, z0, cond, schedule, weights, config, progress) -> In
         return from_pivots(config.method, pivots, cond, schedule.steps, timings=timings)[0]
     start = time.perf_counter()
     embeddings, iterations, losses = reference.null_text_optimize(
-        pipe, pivots, cond, null_embedding(pipe), schedule, weights, config.inner_steps, config.lr,
+        pipe, pivots, cond, null_embedding(pipe, config.clip_skip), schedule, weights, config.inner_steps, config.lr,
         config.early_stop, config.early_stop_eps, progress, null_grad_mask(pipe, config.optimize_pooled))
     timings["null_text_s"] = time.perf_counter() - start
     return InversionResult(z_T=pivots[-1], null_embeddings=embeddings, iterations=iterations, losses=losses,
@@ -258,16 +262,17 @@ def edit_job(pipe: Pipeline, inv: Inversion, prompt: str, config: NTIConfig,
     two_branch = not reconstruction and (config.edit != "regenerate" or direct)
     plan = p2p.make_plan(pipe.tokenizer, inv.source_prompt, prompt, config, words) if (
         two_branch and config.edit != "regenerate") else None
-    null = inv.null_embeddings if inv.null_embeddings is not None else null_embedding(pipe).cpu()
+    skip = s.get("clip_skip", 0)  # the target is encoded as the inversion's prompt and null were
+    null = inv.null_embeddings if inv.null_embeddings is not None else null_embedding(pipe, skip).cpu()
     # fp32 whatever an in-memory Inversion holds (invert writes fp32; float64 or fp16 would fail in the UNet)
-    job = EditJob(z_T=inv.z_T[None].to(pipe.device, torch.float32), cond=encode_prompts(pipe, [prompt]),
+    job = EditJob(z_T=inv.z_T[None].to(pipe.device, torch.float32), cond=encode_prompts(pipe, [prompt], skip),
                   null=null.to(pipe.device, torch.float32),
                   schedule=make_schedule(pipe.scheduler_config, s["steps"], s["steps_offset"]),
                   weights=guidance_weights(s["guidance"], s["steps"], s["guidance_schedule"], s["guidance_min"]),
                   pivots=inv.pivots.to(pipe.device, torch.float32) if direct else None)
     if two_branch:
         job.two_branch, job.plan = True, plan
-        job.cond_source = encode_prompts(pipe, [inv.source_prompt])
+        job.cond_source = encode_prompts(pipe, [inv.source_prompt], skip)
         # the target's share of direct inversion's offset: always without attention control, else as configured
         job.offset_target = plan is None or config.direct_target_offset == "source"
     return job
@@ -405,8 +410,8 @@ def generate(pipe: Pipeline, prompts: Sequence[str] | str, config: NTIConfig | N
     out = []
     for prompt in prompts:
         z = torch.randn((1, *pipe.latent_shape), generator=generator).to(pipe.device)
-        job = EditJob(z_T=z, cond=encode_prompts(pipe, [prompt]), null=null_embedding(pipe), schedule=schedule,
-                      weights=weights)
+        job = EditJob(z_T=z, cond=encode_prompts(pipe, [prompt], config.clip_skip),
+                      null=null_embedding(pipe, config.clip_skip), schedule=schedule, weights=weights)
         out.append(reference.sample(pipe, job, progress))
     return to_pil(decode_latents(pipe, torch.cat(out), config.model_batch))
 

@@ -106,6 +106,12 @@ class NTIConfig:
     block through the time embedding) together with the 77 null token embeddings, as both form SDXL's
     unconditional input. False = tokens only; the pooled null stays what the pipeline feeds (zeros for SDXL base).
     Ignored by models without a pooled embedding (SD v1.x, 2.x)."""
+    clip_skip: int = setting(0, ALGORITHM, changes_inversion=True, keyed_at_default=False, minimum=0)
+    """Text-encoder layers skipped from the end for every prompt embedding, the empty prompt's (the null) included:
+    diffusers' clip_skip (1 = the penultimate layer's output through CLIP's final layer norm; SDXL: the layer
+    before its usual penultimate one). Community SD 1.x models trained on it ask for 1 (AUTOMATIC1111's "Clip skip 2").
+    0 = the last layer, as the notebook. diffusers' encode_prompt skips for the prompt only; here the null is encoded
+    the same way, so guidance takes the difference of embeddings from one layer (as AUTOMATIC1111 does)."""
     seed: int = setting(0, ALGORITHM)
     """Seed for anything random (baseline generation from noise). Inversion itself is deterministic."""
 
@@ -292,8 +298,10 @@ class NTIConfig:
             raise NTIError(f"null-text inversion takes at most 100 steps: its Adam lr decays as lr * (1 - i/100) "
                            f"(notebook), 0 at step 100 and negative after; got steps {self.steps}. For more steps "
                            f"use method 'direct', 'negative-prompt' or 'ddim'")
-        if not _is_int(self.inner_steps) or self.inner_steps < 0:
-            raise NTIError(f"inner_steps must be a non-negative integer; got {self.inner_steps!r}")
+        for name in ("inner_steps", "clip_skip"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise NTIError(f"{name} must be a non-negative integer; got {value!r}")
         for name in ("guidance", "guidance_min"):  # inf or 1e30 would pass ">= 0" and write an all-black image
             value = getattr(self, name)
             if not _is_number(value) or not 0 <= value <= GUIDANCE_MAX:

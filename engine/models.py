@@ -95,20 +95,37 @@ class Pipeline:
 # ----------------------------------------------------------------------------------------------- text, image, latents
 
 @torch.no_grad()
-def encode_prompts(pipe: Pipeline, prompts: list[str]) -> torch.Tensor:
+def encode_prompts(pipe: Pipeline, prompts: list[str], clip_skip: int = 0) -> torch.Tensor:
     """Context tensors of prompts, fp32: CLIP's last hidden state, (B, 77, D), padded to the tokenizer's max length;
     SDXL: both encoders' penultimate hidden states side by side plus the pooled row, (B, 78, 2048), as
-    StableDiffusionXLPipeline.encode_prompt builds them (see PooledConditioning)."""
+    StableDiffusionXLPipeline.encode_prompt builds them (see PooledConditioning). `clip_skip` layers fewer, as
+    encode_prompt's clip_skip: SD's through the final layer norm, SDXL's not (NTIConfig.clip_skip)."""
+    check_clip_skip(pipe, clip_skip)
+
     def tokens(tokenizer):
         return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids.to(pipe.device)
 
     if pipe.pooled is None:
-        return pipe.text_encoder(tokens(pipe.tokenizer))[0].float()
+        if not clip_skip:
+            return pipe.text_encoder(tokens(pipe.tokenizer))[0].float()
+        hidden = pipe.text_encoder(tokens(pipe.tokenizer), output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+        # CLIPTextModel.text_model.final_layer_norm before transformers 5, CLIPTextModel.final_layer_norm since
+        return getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm(hidden).float()
     first = pipe.text_encoder(tokens(pipe.tokenizer), output_hidden_states=True)
     second = pipe.text_encoder_2(tokens(pipe.tokenizer_2), output_hidden_states=True)
-    hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1).float()
-    return pack_pooled(hidden, second.text_embeds.float())
+    layer = -(clip_skip + 2)
+    hidden = torch.cat([first.hidden_states[layer], second.hidden_states[layer]], dim=-1).float()
+    return pack_pooled(hidden, second.text_embeds.float())  # the pooled row: the last layer's, whatever clip_skip
+
+
+def check_clip_skip(pipe: Pipeline, clip_skip: int) -> None:
+    """clip_skip leaves at least one of the text encoders' layers (SDXL reads one layer below the last already)."""
+    layers = min(int(m.config.num_hidden_layers) for m in (pipe.text_encoder, pipe.text_encoder_2) if m is not None)
+    most = layers - 1 - (pipe.pooled is not None)
+    if clip_skip > most:
+        raise NTIError(f"clip_skip {clip_skip} skips more layers than model {pipe.name}'s text encoder has "
+                       f"({layers}): at most {most}")
 
 
 @torch.no_grad()
