@@ -274,3 +274,39 @@ def test_every_python_block_compiles(where, source):
 
 def test_there_are_python_blocks():
     assert len(PY_BLOCKS) >= 2
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a markdown heading: lower case, punctuation but - and _ dropped, spaces to -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_and_anchor_resolves():
+    """Each [text](path#anchor) between the docs points at a file that exists and a heading it has."""
+    broken = []
+    for path in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose(path.read_text())):
+            if re.match(r"^[a-z]+:", target):
+                continue
+            file, _, anchor = target.partition("#")
+            linked = (path.parent / file).resolve() if file else path
+            if not linked.exists():
+                broken.append(f"{path.relative_to(ROOT)}: {target}")
+            elif anchor and linked.suffix == ".md":
+                headings = re.findall(r"^#+\s+(.*)$", prose(linked.read_text()), flags=re.M)
+                if anchor not in {slug(h) for h in headings}:
+                    broken.append(f"{path.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+def test_module_values_the_docs_give_are_ones_the_modules_take():
+    """Values a module checks only after parsing: gpu_run's --stage / --stages names and bench_precision's
+    --variants rows, as the docs write them."""
+    from nti.benchmarks import bench_precision, gpu_run
+    for where, module, argv in PY_MODULES:
+        _, args = module_parser(module, argv)
+        if module == "nti.benchmarks.gpu_run":
+            names = [args.stage] if args.stage else args.stages.split(",") if args.stages else []
+            assert set(names) <= set(gpu_run.STAGES), f"{where}: {names}"
+        if module == "nti.benchmarks.bench_precision":
+            assert set(args.variants.split(",")) <= set(bench_precision.VARIANTS), f"{where}: {args.variants}"
