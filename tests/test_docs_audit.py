@@ -310,3 +310,17 @@ def test_module_values_the_docs_give_are_ones_the_modules_take():
             assert set(names) <= set(gpu_run.STAGES), f"{where}: {names}"
         if module == "nti.benchmarks.bench_precision":
             assert set(args.variants.split(",")) <= set(bench_precision.VARIANTS), f"{where}: {args.variants}"
+
+
+def test_the_quoted_unknown_word_error_is_what_the_cli_prints(tmp_path, capsys):
+    """docs/shapes-model.md quotes the shapes model's refusal of an unknown word: the CLI prints that line (it names
+    the input first, as every per-input error does), exit 2, nothing written."""
+    from nti.cli import main
+    quoted = re.search(r"`(nti: error: [^`]*does not know[^`]*)`", (ROOT / "docs" / "shapes-model.md").read_text())
+    image = ROOT / "engine" / "assets" / "scenes" / "scene0.png"
+    code = main(["invert", str(image), "--prompt", "a cat on a mat", "--out", str(tmp_path / "x.safetensors"),
+                 "--steps", "1", "--quiet"])
+    printed = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and not any(tmp_path.iterdir())
+    pattern = re.escape(quoted.group(1)).replace(re.escape("..."), ".*").replace(re.escape("NAME"), r"\S+")
+    assert re.fullmatch(pattern, printed), (quoted.group(1), printed)
