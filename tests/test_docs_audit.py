@@ -324,3 +324,38 @@ def test_the_quoted_unknown_word_error_is_what_the_cli_prints(tmp_path, capsys):
     assert code == 2 and not any(tmp_path.iterdir())
     pattern = re.escape(quoted.group(1)).replace(re.escape("..."), ".*").replace(re.escape("NAME"), r"\S+")
     assert re.fullmatch(pattern, printed), (quoted.group(1), printed)
+
+
+NOT_NTI = {"metrics.compute_metrics",  # docs/evaluation.md: what earlier versions had, named as removed
+           "serve.ingress"}  # Ray Serve's decorator (docs/serving.md)
+
+
+def python_names():
+    """(doc:line, dotted name) of every inline `module.name` the docs cite: nti's modules and their functions."""
+    modules = {p.stem for p in (ROOT / "engine").glob("*.py")} | {"kernels", "export", "testbed", "scenes"}
+    for path in DOCS:
+        for where, span in inline_spans(path):
+            m = re.fullmatch(r"((?:nti\.)?[a-z_]+(?:\.[A-Za-z_][A-Za-z0-9_]*)+)(?:\(.*\))?", span)
+            if m and m.group(1).removeprefix("nti.").split(".")[0] in modules and m.group(1) not in NOT_NTI \
+                    and not re.search(r"\.(md|py|json|jsonl|csv|png)$", m.group(1)):  # a file name
+                yield where, m.group(1)
+
+
+def test_every_python_name_the_docs_cite_exists():
+    """`metrics.pie_scores`, `nti.models.build_clip_tokenizer`, `UNetRunner.check_compiled`'s module ...: each
+    module-qualified name in the docs is there, so a renamed function cannot leave its docs behind."""
+    aliases = {"scenes": "nti.testbed.scenes", "kernels": "nti.kernels", "export": "nti.export",
+               "testbed": "nti.testbed"}
+    missing, names = [], list(python_names())
+    assert len(names) >= 15
+    for where, name in names:
+        parts = name.removeprefix("nti.").split(".")
+        module = aliases.get(parts[0], "nti." + parts[0])
+        try:
+            obj = importlib.import_module(module)
+            for attr in parts[1:]:
+                obj = importlib.import_module(f"{obj.__name__}.{attr}") if not hasattr(obj, attr) and \
+                    hasattr(obj, "__path__") else getattr(obj, attr)
+        except (ImportError, AttributeError) as err:
+            missing.append(f"{where}: {name} ({err})")
+    assert not missing, "\n".join(missing)
