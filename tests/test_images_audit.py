@@ -296,3 +296,24 @@ def test_a_16_bit_grey_png_colour_key_is_transparent_over_white(tmp_path):
     assert np.asarray(load_image(tmp_path / "keyed.png")).tolist() == [[[0] * 3, [255] * 3, [255] * 3]]
     Image.fromarray(np.array([[0, 300, 65535]], np.uint16)).save(tmp_path / "plain.png")
     assert np.asarray(load_image(tmp_path / "plain.png")).tolist() == [[[0] * 3, [1] * 3, [255] * 3]]
+
+
+def test_training_refuses_to_write_over_a_model_before_it_trains(tmp_path, capsys, monkeypatch):
+    """`python -m nti.testbed` with no --out retrained over the shipped model (engine/assets/shapes) when done; an
+    --out that holds a model is now refused up front (exit 2), and --out must be given."""
+    import nti.testbed.train as train
+
+    monkeypatch.setattr(train, "train", lambda *args: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([])
+    assert exit_info.value.code == 2 and "--out" in capsys.readouterr().err
+    shipped = train.SHAPES_FOLDER / "model_index.json"
+    before = shipped.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--out", str(train.SHAPES_FOLDER)])
+    assert exit_info.value.code == 2 and "already holds a model; pass --overwrite" in capsys.readouterr().err
+    assert shipped.read_bytes() == before
+    calls = []
+    monkeypatch.setattr(train, "train", lambda config, out, work, device: calls.append(out) or out)
+    train.main(["--out", str(train.SHAPES_FOLDER), "--overwrite", "--work", str(tmp_path)])
+    assert calls == [train.SHAPES_FOLDER]

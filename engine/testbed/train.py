@@ -267,13 +267,17 @@ def write_examples(folder: Path = EXAMPLES_FOLDER, n: int = 6, seed: int = 7) ->
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=SHAPES_FOLDER, help="diffusers folder to write")
+    parser.add_argument("--out", type=Path, required=True, help=f"diffusers folder to write (the shipped model is "
+                        f"{SHAPES_FOLDER}: --out there needs --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     parser.add_argument("--work", type=Path, default=Path("out/train_shapes"), help="checkpoints (resume)")
     for name, value in asdict(TrainConfig()).items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda")
     args = parser.parse_args(argv)
+    if (args.out / "model_index.json").exists() and not args.overwrite:  # checked now, not after hours of training
+        parser.error(f"--out {args.out} already holds a model; pass --overwrite to replace it, or choose another folder")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
