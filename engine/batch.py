@@ -243,8 +243,9 @@ def run_jobs(args, config: NTIConfig, device) -> int:
                             "them and does the rest", written, len(todo))
             raise
         if progress:
-            log.info("done in %.1f s on %s (%s backend, %s)", time.perf_counter() - start, device, config.backend,
-                     config.method)
+            # the count too: a run whose every input failed said only "done" above its error line
+            log.info("done in %.1f s on %s (%s backend, %s): %d of %d outputs written", time.perf_counter() - start,
+                     device, config.backend, config.method, written, sum(not j.kept for j in jobs))
     return report(problems, sum(j.error is None for j in jobs))
 
 

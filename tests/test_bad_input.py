@@ -135,6 +135,10 @@ def test_a_batch_finishes_the_good_inputs_and_lists_every_bad_one(photos, tmp_pa
     assert code == EXIT_BAD_INPUT
     assert sorted(p.name for p in out.iterdir()) == ["grey.png", "red.png"]
     assert "broken.png" in err and "empty.jpg" in err and "2 inputs failed" in error_line(err)
+    quiet = TINY.index("--quiet")  # the closing progress line counts what failed too (it said only "done in")
+    code, _, err = run_cli(["edit", photos, "--prompt", "a cat", "--target", "a dog", "--out", out, "--no-resume",
+                            "--method", "ddim", *TINY[:quiet], *TINY[quiet + 1:]], capsys)
+    assert code == EXIT_BAD_INPUT and ": 2 of 4 outputs written" in err
     # --fail-fast: the old behaviour, the first bad input stops the run before anything is written
     code, _, err = run_cli(["edit", photos, "--prompt", "a cat", "--target", "a dog", "--out", tmp_path / "ff",
                             "--fail-fast", "--method", "ddim", *TINY], capsys)
