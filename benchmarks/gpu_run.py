@@ -1001,7 +1001,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="CPU, tiny model, 2 steps: checks the script, not speed")
     p.add_argument("--budget", type=float, default=480, help="seconds for all stages (default 480: 8 minutes)")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
-    p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # one stage, in this process
+    p.add_argument("--stage", default=None, metavar="NAME", help="one stage in this process (what --stages runs each "
+                   "stage as; docs/benchmarks.md runs --stage ops alone on CPU)")
     p.add_argument("--summarize", default=None, metavar="OUT", help="only remake OUT/summary.md")
     args = p.parse_args(argv)
     unknown = set(args.stages.split(",")) - set(STAGES) if args.stages else set()
