@@ -248,9 +248,10 @@ def read_image(data: bytes, settings: ServeSettings, param: str = "image") -> Im
 
 
 def png_bytes(img: Image.Image) -> bytes:
-    out = io.BytesIO()
-    img.save(out, format="PNG")
-    return out.getvalue()
+    """A stored upload square as the CLI writes its PNGs (images.png_bytes: without the upload's ICC profile, which
+    would show other colours than the pixels the model sees); imported here, as torch is not needed to start."""
+    from .images import png_bytes as encode
+    return encode(img)
 
 
 class Guard:

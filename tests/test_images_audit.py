@@ -317,3 +317,21 @@ def test_training_refuses_to_write_over_a_model_before_it_trains(tmp_path, capsy
     monkeypatch.setattr(train, "train", lambda config, out, work, device: calls.append(out) or out)
     train.main(["--out", str(train.SHAPES_FOLDER), "--overwrite", "--work", str(tmp_path)])
     assert calls == [train.SHAPES_FOLDER]
+
+
+def test_nti_serve_stores_an_uploads_square_without_its_colour_profile(tmp_path):
+    """nti serve kept its own PNG writer, which wrote the upload's ICC profile into the stored source square (the
+    one GET /v1/inversions/{id}/source returns): the same colour shift as source.png had."""
+    pytest.importorskip("fastapi")
+    from PIL import ImageCms
+
+    import nti.serve
+    from nti.serve import ServeSettings, read_image
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    upload = io.BytesIO()
+    Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(upload, format="PNG", icc_profile=profile)
+    square = center_square(read_image(upload.getvalue(), ServeSettings()), 32)
+    assert "icc_profile" in square.info  # what the upload carried in
+    with Image.open(io.BytesIO(nti.serve.png_bytes(square))) as stored:
+        assert "icc_profile" not in stored.info and np.array_equal(np.asarray(stored), np.asarray(square))
