@@ -144,6 +144,10 @@ def read_safetensors(path: Path) -> tuple[dict, dict]:
     return tensors, json.loads(data[8:8 + size]).get("__metadata__") or {}
 
 
+class NewerFormat(NTIError):
+    """An inversion file of a format a newer nti writes: not damaged, only not readable by this one."""
+
+
 REQUIRED_FIELDS = {"source_prompt": str, "image_hash": str, "model_name": str, "model_fingerprint": str,
                    "settings": dict}
 OPTIONAL_FIELDS = {"versions": dict, "iterations": list, "losses": list, "fp32_retries": list, "timings": dict,
@@ -175,7 +179,7 @@ def load_inversion(path: str | os.PathLike) -> Inversion:
         raise NTIError(f"{path}: its nti metadata is not a JSON object")
     version = meta.get("format_version")
     if isinstance(version, int) and not isinstance(version, bool) and version > max(READABLE_FORMATS):
-        raise NTIError(f"{path} has inversion format {version}, written by a newer nti; this one reads "
+        raise NewerFormat(f"{path} has inversion format {version}, written by a newer nti; this one reads "
                        f"{', '.join(map(str, READABLE_FORMATS))}: upgrade nti, or invert again with this one")
     if version not in READABLE_FORMATS:
         raise NTIError(f"{path} has inversion format {version!r}, this engine reads "

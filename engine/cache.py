@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from .artifact import Inversion, check_inversion, inversion_key, load_inversion, save_inversion
+from .artifact import Inversion, NewerFormat, check_inversion, inversion_key, load_inversion, save_inversion
 from .config import NTIConfig, NTIError
 
 log = logging.getLogger("nti")
@@ -66,9 +66,10 @@ def entry_path(cache: Path, key: str) -> Path:
     return cache / f"{key}.safetensors"
 
 
-def read_entry(path: Path, key: str, quarantine: bool) -> Inversion | None:
+def read_entry(path: Path, key: str, quarantine: bool, newer: set | None = None) -> Inversion | None:
     """The saved inversion at path, or None when there is none or it is unusable (moved aside if `quarantine`,
-    which only the run holding the entry's claim does)."""
+    which only the run holding the entry's claim does). An entry a newer nti wrote is not damaged: it stays, its
+    path goes into `newer`, and the caller inverts again without saving over it (a cache shared by two versions)."""
     if not path.is_file():
         return None
     try:
@@ -76,6 +77,11 @@ def read_entry(path: Path, key: str, quarantine: bool) -> Inversion | None:
         if inv.key != key:
             raise NTIError(f"it holds the inversion {inv.key}, not {key}")
         return inv
+    except NewerFormat as err:
+        if newer is not None:
+            newer.add(path)
+            log.warning("%s; left in place for it: inverting this image again without saving over it", err)
+        return None
     except NTIError as err:
         if quarantine:
             aside = path.with_name(path.name + ".corrupt")
@@ -130,6 +136,7 @@ def invert_through_cache(pipe, squares: list, prompts: list[str], config: NTICon
             else:
                 results[k] = inv
         claims: dict[int, Claim] = {}
+        newer: set = set()  # entries a newer nti wrote: kept as they are
 
         def save_and_release(k: int, inv: Inversion) -> None:
             try:
@@ -137,7 +144,8 @@ def invert_through_cache(pipe, squares: list, prompts: list[str], config: NTICon
             except NTIError:  # a diverged result is reported by the caller; it must not be served again
                 pass
             else:
-                save_inversion(inv, entry_path(cache, keys[k]))
+                if entry_path(cache, keys[k]) not in newer:
+                    save_inversion(inv, entry_path(cache, keys[k]))
             claims.pop(k).release()
 
         waited = False
@@ -152,7 +160,7 @@ def invert_through_cache(pipe, squares: list, prompts: list[str], config: NTICon
                         raise NTIError(f"--cache {cache}: cannot create a lock file ({err.strerror or err})") from None
                     if not got:
                         continue
-                    inv = read_entry(entry_path(cache, keys[k]), keys[k], quarantine=True)
+                    inv = read_entry(entry_path(cache, keys[k]), keys[k], quarantine=True, newer=newer)
                     if inv is not None:  # another run saved it meanwhile
                         results[k] = inv
                         claim.release()

@@ -96,3 +96,26 @@ def test_editing_with_another_model_is_refused(inversion):
     other = nti.build_tiny_pipeline(seed=1)
     with pytest.raises(NTIError, match="made with model"):
         nti.edit(other, [inversion], "a tiger", progress=False)
+
+
+def test_a_cache_entry_of_a_newer_nti_is_left_for_it(tiny_pipe, cat_image, tmp_path, monkeypatch, caplog):
+    """A cache shared by two nti versions: the older one moved the newer one's entries aside as '.corrupt' (they are
+    not damaged, only of a format it cannot read) and saved its own over them. Now it inverts again in memory and
+    leaves the entry as it is. (The newer format is made here by this nti reading one format fewer.)"""
+    import logging
+
+    import nti.artifact
+    from nti.api import invert_cached
+
+    config = NTIConfig(steps=3, inner_steps=2)
+    saved = invert_cached(tiny_pipe, [cat_image], [PROMPT], config, cache=tmp_path, progress=False)[0]
+    (entry,) = tmp_path.glob("*.safetensors")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setattr(nti.artifact, "READABLE_FORMATS", (0,))  # this nti now reads only format 0: entry is newer
+    with caplog.at_level(logging.WARNING, logger="nti"):
+        again = invert_cached(tiny_pipe, [cat_image], [PROMPT], config, cache=tmp_path, progress=False)[0]
+    assert torch.equal(again.null_embeddings, saved.null_embeddings)  # inverted again, the same
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing moved aside or saved over it
+    assert "written by a newer nti" in caplog.text and "without saving over it" in caplog.text
+    with pytest.raises(NTIError, match="upgrade nti"):  # loaded directly, it is still refused, saying why
+        load_inversion(entry)
