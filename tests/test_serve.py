@@ -408,14 +408,14 @@ def test_page_makes_an_edit_in_headless_chromium(server, scene0, tmp_path):
             page.wait_for_selector("#edit-button:not([disabled])", timeout=120_000)
             page.fill("#target", TARGET)
             page.click("#edit-button")
-            page.wait_for_function("document.getElementById('result-image').naturalWidth > 0", timeout=120_000)
+            # selectors, not wait_for_function: the page's Content-Security-Policy forbids the eval that needs
+            page.wait_for_selector("#result-image[src^='data:image/png;base64,']", timeout=120_000)
             assert page.eval_on_selector("#result-image", "img => img.src").startswith("data:image/png;base64,")
             assert page.eval_on_selector("#source-image", "img => img.naturalWidth") == 32
             first = page.eval_on_selector("#result-image", "img => img.src")
             page.fill("#target", "a yellow circle on a gray background")  # re-edit the same inversion
             page.click("#edit-button")
-            page.wait_for_function(f"document.getElementById('result-image').src !== {json.dumps(first)}",
-                                   timeout=120_000)
+            page.wait_for_selector(f"#result-image:not([src={json.dumps(first)}])", timeout=120_000)
             assert "inversion reused: true" in page.text_content("#status")
         finally:
             browser.close()
