@@ -4,6 +4,7 @@ they are installed; the HTTP-only checks run without them."""
 import base64
 import hashlib
 import io
+import json
 import os
 import re
 
@@ -92,3 +93,147 @@ def test_page_fields_match_the_api(server):
     form = schema["components"]["schemas"]["Body_create_inversion_v1_inversions_post"]["properties"]
     sent = set(re.findall(r'form\.append\("(\w+)"', html))
     assert sent <= set(form) and {"image", "source_prompt"} <= sent
+
+
+# --------------------------------------------------------------------------------------------------- in chromium
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is absent (Debian: apt-get install -y chromium); the page tests need a real browser")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the driver) is not installed")
+    with sync_api.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("profile")), executable_path=CHROMIUM, headless=True, args=[
+                "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"])
+        yield context
+        context.close()
+
+
+class Page:
+    """One page of the server's, with the token filled in, and every request, console message and dialog seen."""
+
+    def __init__(self, browser, server, files):
+        self.page, self.server, self.files = browser.new_page(), server, files
+        self.requests, self.console, self.dialogs = [], [], []
+        self.page.on("request", lambda r: self.requests.append((r.method, r.url)))
+        self.page.on("console", lambda m: self.console.append(m.text))
+        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        self.page.goto(server.url + "/")
+        self.page.fill("#token", TOKEN)
+
+    def upload(self, name: str, data: bytes) -> None:
+        path = self.files / name
+        path.write_bytes(data)
+        self.page.set_input_files("#image", str(path))
+
+    def posts(self, suffix: str) -> int:
+        return sum(1 for method, url in self.requests if method == "POST" and url.endswith(suffix))
+
+    def status(self) -> str:
+        return self.page.text_content("#status")
+
+    def wait_error(self) -> str:
+        self.page.wait_for_selector("#status.error", timeout=60_000)
+        return self.status()
+
+    def invert(self, source: str = SOURCE) -> str:
+        self.page.fill("#source", source)
+        self.page.click("#invert")
+        self.page.wait_for_selector("#edit-button:not([disabled])", timeout=120_000)
+        return self.status()
+
+
+@pytest.fixture
+def page(browser, server, tmp_path):
+    p = Page(browser, server, tmp_path)
+    yield p
+    p.page.close()
+
+
+def test_text_from_user_and_server_is_never_html(page):
+    """A prompt that is markup comes back in the server's error message and in an edit's caption: both are shown as
+    the characters typed, and no element or script comes of them."""
+    title = page.page.title()
+    page.upload("scene0.png", scene0())
+    page.page.fill("#source", '<img src=x onerror="document.title=1">')
+    page.page.click("#invert")
+    message = page.wait_error()
+    assert "the shapes model does not know the word(s)" in message and "'img'" in message
+    page.invert()
+    page.page.fill("#target", "a blue triangle on a gray background <a>")  # words the model knows, as markup
+    page.page.click("#edit-button")
+    # selectors, not wait_for_function: the page's Content-Security-Policy forbids the eval that needs
+    page.page.wait_for_selector("#result-caption:has-text('<a>')", timeout=120_000)
+    assert page.page.text_content("#result-caption") == "a blue triangle on a gray background <a>"
+    assert page.page.eval_on_selector_all("#status *, #result-caption *", "els => els.length") == 0
+    assert page.page.title() == title and page.dialogs == []
+
+
+@pytest.mark.parametrize("name, data, expected", [
+    ("page.html", b"<html><body>not an image</body></html>", "400: image: not a readable image"),
+    ("big.png", b"\x89PNG\r\n\x1a\n" + b"\0" * (2 * MAX_UPLOAD), "413: request body of"),
+])
+def test_a_bad_upload_shows_the_servers_message(page, name, data, expected):
+    page.upload(name, data)
+    page.page.click("#invert")
+    assert page.wait_error().startswith(expected)
+    assert page.page.is_disabled("#edit-button") and not page.page.is_disabled("#invert")
+
+
+def test_every_failure_shows_a_readable_message(page):
+    """Errors as the server words them (JSON), as a reverse proxy words them (HTML), and no answer at all: each is
+    a message on the page that says what happened, never a parser's complaint or [object Object]."""
+    page.upload("scene0.png", scene0())
+    cases = [
+        (429, "application/json", json.dumps({"error": {"message": "the queue is full (9 jobs); retry after 4 s",
+                                                        "type": "rate_limit_error", "param": None, "code": "429"}}),
+         "429: the queue is full (9 jobs); retry after 4 s"),
+        (503, "application/json", json.dumps({"error": {"message": "not ready: the model is still loading",
+                                                        "type": "unavailable", "param": None, "code": "503"}}),
+         "503: not ready: the model is still loading"),
+        (502, "text/html", "<html><body><h1>502 Bad Gateway</h1><hr>nginx</body></html>", "502: Bad Gateway"),
+        (413, "text/html", "<html><body><h1>413 Request Entity Too Large</h1></body></html>",
+         "413: Payload Too Large"),  # the browser's own words for the status
+        (422, "application/json", json.dumps({"detail": [{"loc": ["body"], "msg": "bad"}]}),
+         "422: Unprocessable Entity"),
+    ]
+    for status, content_type, body, expected in cases:
+        page.page.route("**/v1/inversions", lambda route: route.fulfill(status=status, content_type=content_type,
+                                                                        body=body))
+        page.page.click("#invert")
+        assert page.wait_error() == expected
+        page.page.unroute("**/v1/inversions")
+        page.page.evaluate("document.getElementById('status').className = ''")
+    page.page.route("**/v1/inversions", lambda route: route.abort("connectionreset"))
+    page.page.click("#invert")
+    message = page.wait_error()
+    assert message.startswith("could not reach the server") and "is nti serve running" in message
+    page.page.unroute("**/v1/inversions")
+
+
+def test_a_source_image_that_does_not_load_is_an_error(page):
+    """The preprocessed source is fetched after the inversion: its failure is said, not shown as a broken image
+    beside 'done'."""
+    page.upload("scene0.png", scene0())
+    page.page.route("**/source", lambda route: route.fulfill(status=404, content_type="application/json", body=(
+        json.dumps({"error": {"message": "inversion x has no stored source image", "type": "not_found"}}))))
+    page.page.fill("#source", SOURCE)
+    page.page.click("#invert")
+    assert page.wait_error() == "404: inversion x has no stored source image"
+    assert page.page.is_disabled("#edit-button")
+
+
+def test_wide_and_tiny_images(page):
+    """docs/serving.md: an upload wider than 2:1 runs, and the page says the model sees only its centre square; a
+    1x1 image is upscaled and runs."""
+    wide = Image.new("RGB", (96, 32), (128, 128, 128))
+    wide.paste(Image.open(io.BytesIO(scene0())).convert("RGB"), (32, 0))
+    out = io.BytesIO()
+    wide.save(out, format="PNG")
+    page.upload("wide.png", out.getvalue())
+    status = page.invert()
+    assert "\nwarning: image is 96x32: the model sees only its centre 32x32 square (33% of the image)" in status
+    page.upload("tiny.png", png((1, 1), (200, 200, 0)))
+    assert "warning" not in page.invert() and page.page.eval_on_selector("#source-image", "i => i.naturalWidth") == 32
