@@ -225,6 +225,22 @@ def test_a_source_image_that_does_not_load_is_an_error(page):
     assert page.page.is_disabled("#edit-button")
 
 
+def test_a_second_click_while_a_request_runs_sends_nothing(page):
+    """Double-clicking Invert or Edit queues one job, not two racing ones (the second's answer would overwrite the
+    first's, or pair one inversion's source with another's edits)."""
+    page.upload("scene0.png", scene0())
+    page.page.fill("#source", SOURCE)
+    page.page.dblclick("#invert")
+    page.page.wait_for_selector("#edit-button:not([disabled])", timeout=120_000)
+    assert page.posts("/v1/inversions") == 1
+    page.page.fill("#target", TARGET)
+    page.page.dblclick("#edit-button")
+    assert page.page.is_disabled("#edit-button") and page.page.is_disabled("#invert")
+    page.page.wait_for_selector("#result-image[src^='data:image/png;base64,']", timeout=120_000)
+    assert page.posts("/edits") == 1
+    assert not page.page.is_disabled("#edit-button") and not page.page.is_disabled("#invert")
+
+
 def test_wide_and_tiny_images(page):
     """docs/serving.md: an upload wider than 2:1 runs, and the page says the model sees only its centre square; a
     1x1 image is upscaled and runs."""
