@@ -241,6 +241,17 @@ def test_a_second_click_while_a_request_runs_sends_nothing(page):
     assert not page.page.is_disabled("#edit-button") and not page.page.is_disabled("#invert")
 
 
+def test_a_number_the_browser_cannot_read_is_refused(page):
+    """A number field holding what is not a number reads as empty in the DOM: sent as such, the server's default
+    would run instead of what the user typed."""
+    page.upload("scene0.png", scene0())
+    page.page.focus("#steps")
+    page.page.keyboard.type("1e")
+    page.page.click("#invert")
+    assert page.wait_error() == "Steps: not a number; correct it or clear the field for the server's default."
+    assert page.posts("/v1/inversions") == 0
+
+
 def test_wide_and_tiny_images(page):
     """docs/serving.md: an upload wider than 2:1 runs, and the page says the model sees only its centre square; a
     1x1 image is upscaled and runs."""
