@@ -264,3 +264,24 @@ def test_wide_and_tiny_images(page):
     assert "\nwarning: image is 96x32: the model sees only its centre 32x32 square (33% of the image)" in status
     page.upload("tiny.png", png((1, 1), (200, 200, 0)))
     assert "warning" not in page.invert() and page.page.eval_on_selector("#source-image", "i => i.naturalWidth") == 32
+
+
+def test_page_is_labelled_and_usable_from_the_keyboard(page):
+    """Every field has a label, progress and errors are announced (a live region), and Tab + Enter alone invert."""
+    for label, element in (("Image", "image"), ("Source prompt", "source"), ("Method", "method"), ("Steps", "steps"),
+                           ("Inner steps", "inner"), ("Guidance", "guidance"), ("Schedule", "schedule"),
+                           ("Token", "token"), ("Target prompt", "target"), ("Edit", "edit")):
+        text = page.page.evaluate(f"document.getElementById('{element}').labels[0].childNodes[0].textContent")
+        assert text.strip() == label
+    assert page.page.get_by_role("button", name="Invert").count() == 1
+    assert page.page.get_attribute("#status", "role") == "status"
+    assert page.page.get_attribute("#status", "aria-live") == "polite"
+    page.upload("scene0.png", scene0())
+    page.page.focus("#token")
+    page.page.keyboard.press("Tab")
+    assert page.page.evaluate("document.activeElement.id") == "invert"
+    page.page.keyboard.press("Enter")
+    page.page.wait_for_selector("#edit-button:not([disabled])", timeout=120_000)
+    assert "done" in page.status()
+    csp = [m for m in page.console if "Content Security Policy" in m]
+    assert csp == []  # the page's own script, style and images are allowed by its policy
