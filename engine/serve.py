@@ -256,9 +256,47 @@ def png_bytes(img: Image.Image) -> bytes:
     return encode(img)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address (a Host header's, without its port) is this machine's loopback."""
+    import ipaddress
+
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(value: str) -> str:
+    """The host of a Host header or an origin's authority, without port: 'localhost:8000' -> 'localhost',
+    '[::1]:8000' -> '[::1]'."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[:value.find("]") + 1]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def cross_site(headers: dict) -> str | None:
+    """Why a request comes from another site's web page, or None. The server sends no CORS headers, so such a page
+    cannot read an answer, but a browser still delivers its form POSTs ('simple' requests): without a token any
+    site the user visits could queue jobs on a local server. Browsers say where a request comes from (Origin on
+    POSTs, Sec-Fetch-Site); programs (curl, the OpenAI client) send neither and pass."""
+    if headers.get("sec-fetch-site") == "cross-site":
+        return "sent by another site's web page (Sec-Fetch-Site: cross-site)"
+    origin = headers.get("origin")
+    if origin is not None:
+        authority = origin.split("://", 1)[1] if "://" in origin else ""
+        if authority.lower() != headers.get("host", "").lower():
+            return f"sent by a web page of another origin ({origin}) than this server ({headers.get('host', '')})"
+    return None
+
+
 class Guard:
-    """ASGI middleware before everything: the bearer token on every route but the public ones, and the upload
-    byte limit (by Content-Length, and counted as the body streams in for uploads without one)."""
+    """ASGI middleware before everything: requests of other sites' web pages refused, the Host checked on a
+    loopback-bound server, the bearer token on every route but the public ones, and the upload byte limit (by
+    Content-Length, and counted as the body streams in for uploads without one)."""
 
     def __init__(self, app, settings: ServeSettings):
         self.app, self.settings = app, settings
@@ -267,6 +305,15 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        why = cross_site(headers)
+        if why is not None:
+            return await error_response(403, f"request refused: {why}; call this server from its own page or from a "
+                                             f"program", "origin", "permission_error")(scope, receive, send)
+        if self.settings.local_only and not is_loopback(host_name(headers.get("host", ""))):
+            # a DNS-rebinding page (its name resolved to 127.0.0.1) would otherwise read everything as same-origin
+            return await error_response(403, f"Host {headers.get('host', '')!r} is not this machine's loopback, which "
+                                             f"this server is bound to; call it as localhost or 127.0.0.1", "host",
+                                        "permission_error")(scope, receive, send)
         token = self.settings.token
         if token and scope["path"] not in PUBLIC_PATHS:
             given = headers.get("authorization", "")

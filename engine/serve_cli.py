@@ -89,7 +89,7 @@ def run_serve(args) -> int:
     if args.steps > args.max_steps:  # requests that name no steps would run past the limit the others are held to
         raise NTIError(f"--steps {args.steps} is over --max-steps {args.max_steps}; lower --steps or raise --max-steps")
     try:
-        from .serve import ServeSettings, serve
+        from .serve import ServeSettings, is_loopback, serve
     except ImportError as err:
         raise NTIError(f"nti serve needs the serve extra ({err.name} is missing): pip install -e '.[serve]'") from None
     settings = ServeSettings(
@@ -97,7 +97,7 @@ def run_serve(args) -> int:
         max_delay_ms=args.max_delay_ms, max_queue=args.max_queue, request_timeout_s=args.request_timeout,
         token=args.token or os.environ.get("NTI_SERVE_TOKEN") or None, max_upload_bytes=args.max_upload_bytes,
         max_pixels=args.max_pixels, max_prompt_chars=args.max_prompt_chars, max_steps=args.max_steps,
-        steps=args.steps, inner_steps=args.inner_steps, drain_s=args.drain)
+        steps=args.steps, inner_steps=args.inner_steps, drain_s=args.drain, local_only=is_loopback(args.host))
     if args.ray is not None:
         try:
             from .serve_ray import Scaling, serve_on_ray

@@ -37,6 +37,7 @@ class ServeSettings:
     steps: int = 50  # defaults for requests that do not say
     inner_steps: int = 10
     drain_s: float = 30.0
+    local_only: bool = False  # bound to a loopback address: requests must name this machine in Host (DNS rebinding)
 
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
