@@ -21,6 +21,7 @@ import torch
 
 import nti
 from nti import NTIConfig
+from nti.config import NTIError
 from nti.api import null_embedding
 from nti.conditioning import unet_inputs
 from nti.models import build_sd14_shaped_pipeline, load_pipeline
@@ -66,7 +67,7 @@ def run_variant(pipe, config: NTIConfig, n_images: int, warmup: bool) -> dict:
     if warmup:  # compile / graph capture / autotune on the same shapes, timed apart from steady state
         start = time.perf_counter()
         invs = nti.invert(pipe, list(images), list(sources), config.replace(steps=2), progress=False)
-        nti.edit_latents(pipe, invs, list(targets), config, progress=False)
+        nti.edit_latents(pipe, invs, list(targets), config.replace(steps=2), progress=False)
         sync(pipe.device)
         warmup_s = time.perf_counter() - start
     if pipe.device.type == "cuda":
@@ -102,7 +103,12 @@ def count_flops(invs, config: NTIConfig, fwd: float, fwd_bwd: float) -> float:
 def waterfall(args) -> list[tuple[str, NTIConfig, int]]:
     """(name, config, images) per row, each adding one technique to the previous row."""
     base = NTIConfig(steps=args.steps, inner_steps=args.inner_steps, guidance=args.guidance, early_stop=False)
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    try:
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise NTIError(f"--batch-sizes takes positive integers separated by commas, e.g. 4,8,16; got {args.batch_sizes!r}")
     top = max(sizes)
     cuda = args.device_obj.type == "cuda"
     rows = [("reference fp32 b1", base, 1),
@@ -139,21 +145,24 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.inner_steps, args.batch_sizes = 5, 3, "2,4"
-    args.device_obj = nti.models.parse_device(args.device)
-    torch.manual_seed(0)
-    start = time.perf_counter()
-    pipe = (build_sd14_shaped_pipeline(device=args.device_obj) if args.model == "sd14-shaped"
-            else load_pipeline(args.model, args.device_obj))
+    try:  # bad settings are refused before anything loads
+        args.device_obj = nti.models.parse_device(args.device)
+        plan = waterfall(args)
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        pipe = (build_sd14_shaped_pipeline(device=args.device_obj) if args.model == "sd14-shaped"
+                else load_pipeline(args.model, args.device_obj))
+    except NTIError as err:
+        p.error(str(err))
     build_s = time.perf_counter() - start
     fwd, fwd_bwd = unet_flops(pipe)
     print(f"model {args.model} on {args.device_obj}: UNet fwd {fwd / 1e9:.1f} GFLOP, fwd+bwd {fwd_bwd / 1e9:.1f} GFLOP "
           f"(b1); built in {build_s:.1f} s", file=sys.stderr)
 
     rows, reference = [], {}
-    for name, config, n in waterfall(args):
-        warm = config.backend == "fast"
-        try:
-            res = run_variant(pipe, config, n, warmup=warm)
+    for name, config, n in plan:
+        try:  # every row warms up, the reference too: its first calls (lazy init, cuDNN plans) are not steady state
+            res = run_variant(pipe, config, n, warmup=True)
         except Exception as err:  # one failing technique must not lose the other rows
             rows.append({"variant": name, "error": f"{type(err).__name__}: {err}"})
             print(f"{name:40s} FAILED {type(err).__name__}: {err}", file=sys.stderr)
@@ -181,10 +190,11 @@ def main(argv=None) -> int:
         rows.append(row)
         print(format_row(row), file=sys.stderr)
 
-    ref_s = next((r["s_per_image"] for r in rows if r.get("variant") == "reference fp32 b1"), None)
+    # against the reference of the same method: DDIM rows against DDIM's, not against null-text's slower reference
+    ref_s = {r["method"]: r["s_per_image"] for r in rows if r.get("backend") == "reference"}
     for r in rows:
-        if ref_s and "s_per_image" in r:
-            r["speedup_vs_reference"] = ref_s / r["s_per_image"]
+        if r.get("method") in ref_s:
+            r["speedup_vs_reference"] = ref_s[r["method"]] / r["s_per_image"]
     result = {
         "benchmark": "null-text inversion + edit waterfall", "model": args.model, "device": device_name(args),
         "torch": torch.__version__, "python": platform.python_version(), "commit": git_commit(),
@@ -192,12 +202,19 @@ def main(argv=None) -> int:
                      "resolution": pipe.resolution, "batch_sizes": args.batch_sizes},
         "unet_gflop": {"fwd_b1": fwd / 1e9, "fwd_bwd_b1": fwd_bwd / 1e9}, "rows": rows,
     }
-    out = Path(args.out or Path(__file__).parent / "results" / f"nti_{args.model}_{args.device_obj.type}.json")
+    out = Path(args.out or default_out(args))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(markdown_table(result))
     print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def default_out(args) -> Path:
+    """benchmarks/results/nti_<model>_<device>[_quick].json: a smoke run never replaces a full run's file, and a
+    model folder is named by its last part."""
+    name = f"nti_{Path(args.model).name}_{args.device_obj.type}{'_quick' if args.quick else ''}.json"
+    return Path(__file__).parent / "results" / name
 
 
 def device_name(args) -> str:

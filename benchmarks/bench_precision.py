@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from nti import api
-from nti.config import NTIConfig
+from nti.config import NTIConfig, NTIError
 from nti.metrics import psnr
 from nti.models import load_pipeline
 from nti.provenance import git_commit
@@ -62,11 +62,16 @@ def main(argv=None) -> dict:
     unknown = [v for v in wanted if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    pipe = load_pipeline("shapes", args.device)
+    if args.scenes < 1:
+        p.error(f"--scenes must be at least 1; got {args.scenes}")
+    try:  # bad settings are refused before anything runs
+        base = NTIConfig(backend="fast", batch_size=args.batch, steps=args.steps)
+        pipe = load_pipeline("shapes", args.device)
+    except NTIError as err:
+        p.error(str(err))
     rng = random.Random(args.seed + 100)  # bench_testbed's scenes
     scene_list = [scenes.random_scene(rng) for _ in range(args.scenes)]
     images, captions = [scenes.render(s) for s in scene_list], [s.caption for s in scene_list]
-    base = NTIConfig(backend="fast", batch_size=args.batch, steps=args.steps)
     result = {"benchmark": "null-text reconstruction PSNR by precision, shapes model", "model": pipe.name,
               "device": args.device, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "scenes": args.scenes, "steps": args.steps, "commit": git_commit(),

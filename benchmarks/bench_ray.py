@@ -54,6 +54,18 @@ def main(argv=None) -> int:
     parser.add_argument("--cpus", type=int, default=2, help="logical CPUs of the local Ray cluster")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     opts = parser.parse_args(argv)
+    from nti.config import NTIConfig, NTIError
+
+    n_scenes = len({json.loads(line)["image"] for line in (SCENES / "prompts.jsonl").read_text().splitlines()
+                    if line.strip()})
+    if not 1 <= opts.images <= n_scenes:
+        parser.error(f"--images must be 1 to {n_scenes} (the bundled scenes); got {opts.images}")
+    if opts.cpus < 1 or min(opts.workers) < 1:
+        parser.error(f"--cpus and --workers must be at least 1; got {opts.cpus} and {opts.workers}")
+    try:
+        NTIConfig(steps=opts.steps, inner_steps=opts.inner_steps)
+    except NTIError as err:
+        parser.error(str(err))
 
     import ray
     import torch

@@ -257,6 +257,15 @@ def main(argv=None) -> dict:
                         "the load of others drifts, so each side is timed more than once and the best run counts")
     parser.add_argument("--out", default=str(RESULTS / "serve_load_cpu.json"))
     args = parser.parse_args(argv)
+    from nti.config import NTIConfig, NTIError
+
+    if args.n < 1 or args.repeats < 1 or not args.max_delay_ms >= 0:
+        parser.error(f"--n and --repeats must be at least 1 and --max-delay-ms at least 0; got {args.n}, "
+                     f"{args.repeats} and {args.max_delay_ms}")
+    try:  # refused here, not by the server after it has started
+        NTIConfig(steps=args.steps, inner_steps=args.inner_steps, batch_size=args.batch_size)
+    except NTIError as err:
+        parser.error(str(err))
     import torch
 
     jobs = scene_jobs(args.n)

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from nti import api
 from nti.testbed import scenes
-from nti.config import NTIConfig
+from nti.config import NTIConfig, NTIError
 from nti.images import to_pil
 from nti.metrics import clear_of, psnr, ssim
 from nti.models import decode_latents, encode_images, load_pipeline
@@ -220,7 +220,11 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/testbed_shapes_<device>.json)")
     args = p.parse_args(argv)
     n_captions, n_scenes = (12, 6) if args.quick else (100, 40)
-    pipe = load_pipeline("shapes", args.device)
+    try:  # bad settings are refused before the minutes of work start
+        NTIConfig(steps=args.steps, batch_size=args.batch, seed=args.seed)
+        pipe = load_pipeline("shapes", args.device)
+    except NTIError as err:
+        p.error(str(err))
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     result = {"benchmark": "shapes test-bed fidelity (oracle-graded)", "model": pipe.name,

@@ -54,10 +54,16 @@ def layout_grad_errors(device: str | torch.device) -> dict[bool, float]:
     return errors
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    from nti.config import NTIError
+    from nti.models import parse_device
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    device = parser.parse_args().device
+    try:
+        device = parse_device(parser.parse_args(argv).device)
+    except NTIError as err:
+        parser.error(str(err))
     print(f"torch {torch.__version__} on {device}")
     for layout_optimization, err in layout_grad_errors(device).items():
         print(f"layout_optimization={layout_optimization}: input gradient relative error {err:.1e} "

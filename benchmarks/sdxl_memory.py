@@ -840,6 +840,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "sdxl_memory_cpu.json"))
     p.add_argument("--models", default="sdxl,sd14")
     args = p.parse_args(argv)
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:  # refused before the minutes of counting start
+        p.error(f"unknown model(s) {', '.join(map(repr, unknown))} in --models; choose from {','.join(MODELS)}")
     torch.set_num_threads(1)  # fake tensors compute nothing; one thread keeps the shared machine free
     from nti.provenance import git_commit
 

@@ -147,12 +147,23 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="JSON file (default: stdout)")
     args = p.parse_args(argv)
     try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        p.error(f"--batches takes positive integers separated by commas, e.g. 1,2,8; got {args.batches!r}")
+    backends = [b for b in args.backends.split(",") if b]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:  # a misspelt backend would otherwise be a row saying it was skipped
+        p.error(f"--backends takes a comma list of {', '.join(BACKENDS)}; got {args.backends!r}")
+    if args.iters < 1 or args.warmup < 0:
+        p.error(f"--iters must be at least 1 and --warmup at least 0; got {args.iters} and {args.warmup}")
+    try:
         pipe = load_pipeline(args.model, parse_device(args.device))
     except NTIError as err:
         print(f"bench_forward: error: {err}", file=sys.stderr)
         return 2
-    result = bench_forward(pipe, [b for b in args.backends.split(",") if b], [int(b) for b in args.batches.split(",")],
-                           args.precision, args.warmup, args.iters, args.export_cache)
+    result = bench_forward(pipe, backends, batches, args.precision, args.warmup, args.iters, args.export_cache)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
