@@ -231,7 +231,10 @@ def main(argv=None) -> dict:
               "fingerprint": pipe.fingerprint, "device": args.device, "cpu": platform.processor() or platform.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
               "commit": git_commit(),
-              "command": "python -m nti.benchmarks.bench_testbed" + (" --quick" if args.quick else "")}
+              # every setting that changes the figures (not --out), so the command reproduces this JSON
+              "command": "python -m nti.benchmarks.bench_testbed" + (" --quick" if args.quick else "") + "".join(
+                  f" --{name} {getattr(args, name)}" for name in ("steps", "seed", "batch", "device")
+                  if getattr(args, name) != p.get_default(name))}
     result["text_to_image"] = text_to_image(pipe, n_captions, args.seed)
     print(json.dumps({k: {m: v[m] for m in ("n", "agreement")} for k, v in result["text_to_image"].items()}))
     scene_rng = random.Random(args.seed + 100)

@@ -139,3 +139,22 @@ def test_benchmarks_refuse_bad_arguments_with_one_line(module, argv, message, ca
     _refused(importlib.import_module(module).main, [*argv, *(["--out", str(out)] if has_out else [])], capsys,
              message)
     assert not out.exists()
+
+
+def test_bench_testbed_records_the_command_that_ran(tmp_path, monkeypatch):
+    """The JSON's command named only --quick: a run with other --steps, --seed or --batch claimed the defaults'."""
+    from PIL import Image
+
+    from nti.benchmarks import bench_testbed as bench
+
+    image = Image.new("RGB", (32, 32))
+    monkeypatch.setattr(bench, "text_to_image", lambda pipe, n, seed: {})  # the minutes of work, not under test
+    monkeypatch.setattr(bench, "reconstruction", lambda pipe, scene_list, steps, batch: (
+        {"steps": steps, "batch": batch}, {}, {"ddim_w7.5": [image] * 6, "nti_w7.5": [image] * 6}))
+    monkeypatch.setattr(bench, "edits", lambda *args: ({}, {row: [] for row in bench.SHEET_ROWS}, []))
+    out = tmp_path / "testbed.json"
+    result = bench.main(["--quick", "--steps", "10", "--seed", "3", "--batch", "4", "--out", str(out)])
+    assert result["reconstruction_psnr"] == {"steps": 10, "batch": 4}
+    assert json.loads(out.read_text())["command"] == ("python -m nti.benchmarks.bench_testbed --quick --steps 10 "
+                                                      "--seed 3 --batch 4")
+    assert bench.main(["--quick", "--out", str(out)])["command"] == "python -m nti.benchmarks.bench_testbed --quick"
