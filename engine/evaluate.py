@@ -380,7 +380,7 @@ def _run_eval(args, session) -> str:
 
     from .api import check_vocabulary
     from .batch import check_prompts
-    from .images import center_square, crop_warning, load_image
+    from .images import MAX_UPSCALE, center_square, crop_warning, load_image
     from .options import config_from_args
     from .data import load_dataset
     from .metrics import load_clip_scorer, load_dino, load_pie_lpips
@@ -502,9 +502,9 @@ def _run_eval(args, session) -> str:
             append_rows(out / SAMPLES, columns, rows)
             bar.update(len(chunk))
     if len(cropped) > CROP_WARNINGS_SHOWN:
-        log.warning("%d of %d samples lost over half of their image to the centre crop (the first %d are named "
-                    "above): their scores rate the model on a centre square", len(cropped), len(samples),
-                    CROP_WARNINGS_SHOWN)
+        log.warning("%d of %d samples lost over half of their image to the centre crop or were upscaled over %dx (the "
+                    "first %d are named above): their scores rate the model on what it saw", len(cropped),
+                    len(samples), MAX_UPSCALE, CROP_WARNINGS_SHOWN)
     if gave_up:
         from .distributed import GaveUp
         raise GaveUp("; ".join(gave_up) + f". The other rows are in {out / SAMPLES}: rerun to resume")

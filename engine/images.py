@@ -22,6 +22,7 @@ PIL_FOLDER = Path(Image.__file__).parent  # whose warnings open_image words itse
 # the centre square keeps min(w, h) / max(w, h) of an image: every usual photo and video frame keeps more than half
 # (4:3 75%, 3:2 67%, 16:9 56%); below it (wider than 2:1: panoramas, banners, strips) the subject is likely cut off
 MIN_CROP_KEPT = 0.5
+MAX_UPSCALE = 4  # past it a short side is made up more than it is seen: warned (crop_warning)
 TIFF_BITS_PER_SAMPLE, TIFF_SAMPLE_FORMAT, TIFF_SIGNED = 258, 339, 2  # SampleFormat 2: two's complement integers
 
 
@@ -242,7 +243,11 @@ def crop_warning(size: tuple[int, int], resolution: int, label: str) -> str | No
     side = min(w, h)
     kept = side / max(w, h, 1)
     if kept >= MIN_CROP_KEPT:
-        return None
+        if side * MAX_UPSCALE >= resolution:
+            return None  # a 1x1 upload was upscaled to 512x512 without a word: the model edits a flat colour
+        return (f"{label} is {w}x{h}: upscaled {resolution / max(side, 1):.1f}x to {resolution}x{resolution}, so the "
+                f"model sees a blurry image and edits that; give an image of at least {resolution // MAX_UPSCALE} px "
+                f"on its short side")
     blurry = (f", upscaled {resolution / max(side, 1):.1f}x to {resolution}x{resolution} (blurry)"
               if 2 * side <= resolution else "")
     return (f"{label} is {w}x{h}: the model sees only its centre {side}x{side} square ({100 * kept:.2g}% of the "

@@ -111,8 +111,9 @@ def test_a_centre_crop_that_drops_most_of_the_image_is_warned_about():
     assert "upscaled 12.8x to 512x512" in message and "crop or pad it to a square first" in message
     assert "centre 40x40" in crop_warning((40, 4000), 512, "image tall.png")
     assert "upscaled" not in crop_warning((3000, 1000), 512, "image pano.png")  # cut, but not small
-    for size in [(1920, 1080), (1080, 1920), (4032, 3024), (6000, 4000), (600, 300), (40, 48), (512, 512)]:
+    for size in [(1920, 1080), (1080, 1920), (4032, 3024), (6000, 4000), (600, 300), (128, 160), (512, 512)]:
         assert crop_warning(size, 512, "image photo.png") is None, size  # ordinary photos and squares
+    assert "upscaled 12.8x" in crop_warning((40, 48), 512, "image icon.png")  # not cut, but made up (4x at most)
 
 
 def test_the_cli_warns_about_a_strip_and_not_about_a_16_by_9_photo(tmp_path, capsys):

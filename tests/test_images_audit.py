@@ -335,3 +335,16 @@ def test_nti_serve_stores_an_uploads_square_without_its_colour_profile(tmp_path)
     assert "icc_profile" in square.info  # what the upload carried in
     with Image.open(io.BytesIO(nti.serve.png_bytes(square))) as stored:
         assert "icc_profile" not in stored.info and np.array_equal(np.asarray(stored), np.asarray(square))
+
+
+@pytest.mark.parametrize("size, warned", [((1, 1), True), ((127, 127), True), ((128, 128), False), ((128, 200), False),
+                                          ((512, 512), False), ((120, 512), True)])
+def test_a_tiny_image_is_said_to_be_upscaled(size, warned):
+    """A 1x1 upload was upscaled to 512x512 without a word (crop_warning looked at the aspect ratio only): the model
+    then inverts and edits a flat colour. Past 4x the short side is made up more than seen, and that is said."""
+    from nti.images import crop_warning
+
+    message = crop_warning(size, 512, "image x.png")
+    assert (message is not None) == warned
+    if warned and min(size) * 2 >= max(size):  # square-ish: the upscale is the whole reason
+        assert f"upscaled {512 / min(size):.1f}x to 512x512" in message and "at least 128 px" in message

@@ -254,7 +254,7 @@ def test_a_number_the_browser_cannot_read_is_refused(page):
 
 def test_wide_and_tiny_images(page):
     """docs/serving.md: an upload wider than 2:1 runs, and the page says the model sees only its centre square; a
-    1x1 image is upscaled and runs."""
+    1x1 image is upscaled and runs, and the page says so."""
     wide = Image.new("RGB", (96, 32), (128, 128, 128))
     wide.paste(Image.open(io.BytesIO(scene0())).convert("RGB"), (32, 0))
     out = io.BytesIO()
@@ -263,7 +263,9 @@ def test_wide_and_tiny_images(page):
     status = page.invert()
     assert "\nwarning: image is 96x32: the model sees only its centre 32x32 square (33% of the image)" in status
     page.upload("tiny.png", png((1, 1), (200, 200, 0)))
-    assert "warning" not in page.invert() and page.page.eval_on_selector("#source-image", "i => i.naturalWidth") == 32
+    status = page.invert()
+    assert "\nwarning: image is 1x1: upscaled 32.0x to 32x32" in status
+    assert page.page.eval_on_selector("#source-image", "i => i.naturalWidth") == 32
 
 
 def test_page_is_labelled_and_usable_from_the_keyboard(page):
