@@ -207,6 +207,9 @@ def _main(argv: list[str]) -> int:
             print("nti: interrupted: standard output was closed; the same command again keeps the finished outputs "
                   "and does the rest", file=sys.stderr)
             return EXIT_INTERRUPTED
+        if out_of_memory(err):  # the machine, not a bug: what to lower, as a full disk says what to free
+            print(f"nti: error: {out_of_memory_advice(args, err)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         if isinstance(err, OSError) and err.filename is not None:  # the filesystem refused a path the user gave
             # (a name too long to look up, say): bad input, as README's exit-code table has it
             print(f"nti: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
@@ -219,6 +222,25 @@ def _main(argv: list[str]) -> int:
     finally:
         for sig, handler in previous.items():  # main() called by a process that goes on (a script, the tests)
             signal.signal(sig, handler)
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """torch's CUDA (or MPS, XPU) out-of-memory error, or Python's MemoryError."""
+    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+def out_of_memory_advice(args, err: BaseException) -> str:
+    """One line for a run that ran out of memory: where, at what batch, and what to lower."""
+    batch = getattr(args, "batch_size", None)
+    device = getattr(args, "device", None) or "the device"
+    where = "GPU" if type(err).__name__ == "OutOfMemoryError" else "memory"
+    advice = [f"a smaller --batch-size (this run's: {batch})"] if batch and batch > 1 else []
+    advice += ["--gradient-checkpointing (fast backend)", "--precision bf16"]
+    line = f"out of {where} on {device}: try {', '.join(advice[:-1])} or {advice[-1]}"
+    if getattr(args, "command", None) in ("invert", "edit", "reconstruct", "eval"):
+        line += "; finished outputs are kept, and the same command resumes"
+    return line
 
 
 def stdout_closed() -> bool:

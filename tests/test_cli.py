@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from nti.cli import EXIT_BAD_INPUT, main
@@ -116,3 +117,23 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("nti-engine ")
+
+
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   MemoryError()])
+def test_running_out_of_memory_says_what_to_lower(tmp_path, capsys, monkeypatch, error):
+    """An out-of-memory error (batch 16 on a 24 GB card) was 'nti: internal error: OutOfMemoryError ... (rerun with
+    --debug)', exit 1, as if it were a bug. It is the machine's limit: one line saying what to lower, exit 2."""
+    import nti.api
+
+    def no_room(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(nti.api, "invert", no_room)
+    code = main(["edit", "skimage:chelsea", "--prompt", "a cat", "--target", "a dog", "--model", "tiny", "--steps",
+                 "2", "--backend", "fast", "--batch-size", "16", "--out", str(tmp_path / "out.png"), "--quiet"])
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]  # (after the tiny model's warning that its weights are random)
+    assert code == EXIT_BAD_INPUT and "internal error" not in err and "Traceback" not in err
+    assert last.startswith("nti: error: out of ") and "a smaller --batch-size (this run's: 16)" in last
+    assert "--gradient-checkpointing (fast backend) or --precision bf16" in last and "same command resumes" in last
