@@ -35,6 +35,12 @@ def xl_pipe(xl_folder):
 
 
 @pytest.fixture(scope="module")
+def xl_inversion(xl_pipe, cat_image):
+    """The reference null-text inversion of the cat under CONFIG; the tests that only read it share this one run."""
+    return nti.invert(xl_pipe, cat_image, PROMPT, CONFIG, progress=False)[0]
+
+
+@pytest.fixture(scope="module")
 def diffusers_pipe(xl_pipe):
     """diffusers' StableDiffusionXLPipeline over the same modules, with the DDIM scheduler the engine runs."""
     scheduler = DDIMScheduler.from_config(xl_pipe.scheduler_config, clip_sample=False, set_alpha_to_one=False,
@@ -126,10 +132,10 @@ def test_other_methods_fast_equals_reference(xl_pipe, cat_image, method):
     assert rel_err(edit_fast, edit_ref) < 1e-4
 
 
-def test_p2p_on_sdxl_attention_layers(xl_pipe, cat_image):
+def test_p2p_on_sdxl_attention_layers(xl_pipe, xl_inversion):
     """Prompt-to-prompt with local blending on SDXL's transformer layers (depth 2 here): fast equals reference, and
     the edit differs from regenerating the target prompt alone."""
-    inv = nti.invert(xl_pipe, cat_image, PROMPT, CONFIG, progress=False)[0]
+    inv = xl_inversion
     config = CONFIG.replace(edit="p2p-replace", blend_words=("cat",))
     ref = nti.edit_latents(xl_pipe, [inv], TARGET, config, progress=False)
     fast = nti.edit_latents(xl_pipe, [inv, inv], TARGET, config.replace(backend="fast"), progress=False)
@@ -138,8 +144,8 @@ def test_p2p_on_sdxl_attention_layers(xl_pipe, cat_image):
     assert rel_err(plain, ref) > 1e-3
 
 
-def test_saved_inversion_round_trip(xl_pipe, cat_image, tmp_path):
-    inv = nti.invert(xl_pipe, cat_image, PROMPT, CONFIG, progress=False)[0]
+def test_saved_inversion_round_trip(xl_pipe, xl_inversion, tmp_path):
+    inv = xl_inversion
     assert inv.conditioning == {"pooled_dim": 24, "time_ids": [32.0, 32.0, 0.0, 0.0, 32.0, 32.0]}
     loaded = load_inversion(save_inversion(inv, tmp_path / "xl.safetensors"))
     assert loaded.conditioning == inv.conditioning and torch.equal(loaded.null_embeddings, inv.null_embeddings)
