@@ -233,8 +233,9 @@ def out_of_memory(err: BaseException) -> bool:
 def out_of_memory_advice(args, err: BaseException) -> str:
     """One line for a run that ran out of memory: where, at what batch, and what to lower."""
     batch = getattr(args, "batch_size", None)
-    device = getattr(args, "device", None) or "the device"
     where = "GPU" if type(err).__name__ == "OutOfMemoryError" else "memory"
+    device = getattr(args, "device", None)
+    device = device if device not in (None, "auto") else "the GPU" if where == "GPU" else "this machine"
     advice = [f"a smaller --batch-size (this run's: {batch})"] if batch and batch > 1 else []
     advice += ["--gradient-checkpointing (fast backend)", "--precision bf16"]
     line = f"out of {where} on {device}: try {', '.join(advice[:-1])} or {advice[-1]}"
