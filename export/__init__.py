@@ -153,6 +153,16 @@ def clear_loaded() -> None:
     _LOADED.clear()
 
 
+def device_key(device) -> tuple[str, int]:
+    """(type, index) of a device, 'cuda' read as the current CUDA device: an engine session loaded on cuda:0 is not
+    fed cuda:1 tensors (the type alone, which was compared, is the same)."""
+    device = torch.device(device)
+    if device.index is not None:
+        return device.type, device.index
+    current = device.type == "cuda" and torch.cuda.is_available()
+    return device.type, torch.cuda.current_device() if current else 0
+
+
 class ForwardFn:
     """(z, t, context) -> eps through an exported UNet; eager UNet for anything the export was not built for."""
 
@@ -171,7 +181,8 @@ class ForwardFn:
     def __call__(self, z: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
         per_image_t = isinstance(t, torch.Tensor) and t.numel() != 1  # the graph takes one timestep for the batch
         if (tuple(z.shape[1:]) != self.latent_shape or tuple(context.shape[1:]) != self.text_shape
-                or z.device.type != self.pipe.device.type or context.shape[0] != z.shape[0] or per_image_t):
+                or device_key(z.device) != device_key(self.pipe.device) or context.shape[0] != z.shape[0]
+                or per_image_t):
             if not self.fallbacks:
                 warnings.warn(f"{self.built.kind} UNet was built for latents {self.latent_shape} and text "
                               f"{self.text_shape} on {self.pipe.device}, one timestep per call; running the eager "

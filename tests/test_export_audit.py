@@ -210,3 +210,13 @@ def test_nti_export_bad_input(argv, said, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and said in err and "Traceback" not in err, err
     assert file.read_text() == "keep me"
+
+
+def test_an_export_on_one_gpu_is_not_fed_another_gpus_tensors():
+    """The exported UNet's guard compared device types only: cuda:1 latents went to a session loaded on cuda:0."""
+    from nti.export import device_key
+
+    assert device_key(torch.device("cuda:1")) != device_key(torch.device("cuda:0"))
+    assert device_key("cuda:0") == device_key(torch.device("cuda", 0)) and device_key("cpu") == ("cpu", 0)
+    if not torch.cuda.is_available():  # 'cuda' is the current device, cuda:0 on a machine without one
+        assert device_key("cuda") == ("cuda", 0)
