@@ -139,6 +139,25 @@ def _remove_dead_builds(parent: Path) -> None:
             pass
 
 
+@contextlib.contextmanager
+def publish_lock(folder: Path):
+    """An flock on the entry's parent folder (no lock file to leave behind), held while a finished build is checked
+    against the entry and renamed into place: without it, another process's build renamed in between our check and
+    our clearing of the folder was deleted (a process that had just loaded it then read a folder being replaced).
+    No lock on Windows."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # drops the lock
+
+
 def cached_build(folder: Path, fields: dict, artifact: str, build) -> tuple[Path, bool]:
     """Path of `artifact` in `folder`, built by `build(tmp_folder) -> None` if missing. Returns (path, built).
 
@@ -168,15 +187,16 @@ def cached_build(folder: Path, fields: dict, artifact: str, build) -> tuple[Path
         meta = {**fields, "artifact": artifact, "build_s": round(time.perf_counter() - start, 2),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": _file_record(tmp)}
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-        if damage(folder, fields, artifact) is None:  # a concurrent build of the same key finished first
-            return path, False
-        shutil.rmtree(folder, ignore_errors=True)  # a stale partial (no meta) or damaged entry
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process renamed its finished build into place between our check and here
-            if damage(folder, fields, artifact) is None:
+        with publish_lock(folder):  # check, clear and rename as one step among the processes building this key
+            if damage(folder, fields, artifact) is None:  # a concurrent build of the same key finished first
                 return path, False
-            raise
+            shutil.rmtree(folder, ignore_errors=True)  # a stale partial (no meta) or damaged entry
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another host's build (no shared flock) renamed into place between our check and here
+                if damage(folder, fields, artifact) is None:
+                    return path, False
+                raise
         _CHECKED.add((str(folder), (folder / META).stat().st_mtime_ns))  # just hashed: no need to read it again
     except OSError as err:
         if err.errno not in WRITE_ERRORS:

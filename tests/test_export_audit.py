@@ -4,11 +4,13 @@ and `nti export`'s bad input. One ONNX build of the tiny model (module fixture);
 """
 import errno
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
 
 import pytest
+
 import torch
 
 import nti.export as export
@@ -220,3 +222,31 @@ def test_an_export_on_one_gpu_is_not_fed_another_gpus_tensors():
     assert device_key("cuda:0") == device_key(torch.device("cuda", 0)) and device_key("cpu") == ("cpu", 0)
     if not torch.cuda.is_available():  # 'cuda' is the current device, cuda:0 on a machine without one
         assert device_key("cuda") == ("cuda", 0)
+
+
+def test_a_finished_build_is_checked_and_renamed_into_place_under_a_lock(tmp_path, monkeypatch):
+    """Between one process's check ('no entry yet') and its clearing of the folder, another process's finished build
+    could be renamed into place, and was then deleted. The check, clear and rename now hold an flock that every
+    builder of the key takes: another file handle (another process's) cannot take it meanwhile."""
+    import fcntl
+
+    folder = tmp_path / "onnx" / "unet-k"
+    held = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        other = os.open(folder.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(other)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(export_cache.os, "replace", replace)
+    path, built = export_cache.cached_build(folder, {"kind": "test"}, "a.bin",
+                                            lambda tmp: (tmp / "a.bin").write_bytes(b"x"))
+    assert built and path.read_bytes() == b"x" and held == [True]
+    assert [p.name for p in folder.parent.iterdir()] == ["unet-k"]  # no lock file left beside it
