@@ -76,8 +76,8 @@ def test_page_needs_no_network(server):
 
 
 def test_page_fields_match_the_api(server):
-    """The page offers exactly the methods, schedules and edit modes the routes take (p2p-reweight needs words to
-    reweight, which the page has no field for), and sends the routes' field names."""
+    """The page offers exactly the methods, schedules and edit modes the routes take, and sends the routes' field
+    names (the edit's JSON fields included)."""
     from nti.config import GUIDANCE_SCHEDULES, METHODS
 
     schema = httpx.get(server.url + "/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}).json()
@@ -89,7 +89,10 @@ def test_page_fields_match_the_api(server):
     assert sorted(options("method")) == sorted(METHODS)
     assert sorted(options("schedule")) == sorted(GUIDANCE_SCHEDULES)
     edit_modes = schema["components"]["schemas"]["EditRequest"]["properties"]["edit"]["enum"]
-    assert sorted(options("edit")) == sorted(m for m in edit_modes if m != "p2p-reweight")
+    assert sorted(options("edit")) == sorted(edit_modes)
+    edit_fields = schema["components"]["schemas"]["EditRequest"]["properties"]
+    assert {"target_prompt", "edit", "reweight", "blend_words"} <= set(edit_fields)
+    assert set(re.findall(r"request\.(\w+) =", html)) == {"reweight", "blend_words"}
     form = schema["components"]["schemas"]["Body_create_inversion_v1_inversions_post"]["properties"]
     sent = set(re.findall(r'form\.append\("(\w+)"', html))
     assert sent <= set(form) and {"image", "source_prompt"} <= sent
@@ -287,3 +290,24 @@ def test_page_is_labelled_and_usable_from_the_keyboard(page):
     assert "done" in page.status()
     csp = [m for m in page.console if "Content Security Policy" in m]
     assert csp == []  # the page's own script, style and images are allowed by its policy
+
+
+def test_a_p2p_edit_takes_reweight_and_blend_words(page):
+    """The page had no p2p-reweight and no word fields: the edit route's words could not be given from it. Bad
+    reweight text is refused on the page, naming the field, with nothing sent."""
+    page.upload("scene0.png", scene0())
+    page.invert()
+    page.page.fill("#target", TARGET)
+    page.page.select_option("#edit", "p2p-reweight")
+    page.page.fill("#reweight", "blue")
+    page.page.click("#edit-button")
+    assert page.wait_error() == 'Reweight: "blue" is not word=factor (e.g. blue=2).' and page.posts("/edits") == 0
+    sent = []
+    page.page.on("request", lambda r: sent.append(r.post_data) if r.url.endswith("/edits") else None)
+    page.page.fill("#reweight", "blue=2")
+    page.page.fill("#blend", "triangle")
+    page.page.click("#edit-button")
+    page.page.wait_for_selector("#result-image[src^='data:image/png;base64,']", timeout=120_000)
+    assert json.loads(sent[0]) == {"target_prompt": TARGET, "edit": "p2p-reweight", "reweight": {"blue": 2},
+                                   "blend_words": ["triangle"]}
+    assert page.status().startswith("edit ") and "done" in page.status()
