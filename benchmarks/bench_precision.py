@@ -1,11 +1,13 @@
 """Half precision against fp32 on the trained shapes model: null-text reconstruction PSNR per scene, per precision.
 
-    python -m nti.benchmarks.bench_precision --variants "bf16 half weights (autocast),bf16 half norms (no autocast)"
-    python -m nti.benchmarks.bench_precision --scenes 6      # a quick look at every row
+    python -m nti.benchmarks.bench_precision --variants "bf16 half weights (autocast),bf16 half norms (no autocast)" \
+        --overwrite                                          # remakes benchmarks/results/precision_shapes_cpu.json
+    python -m nti.benchmarks.bench_precision --scenes 6 --out precision6.json    # a quick look at every row
 
-24 scenes by default; JSON under benchmarks/results/, rewritten after each row. On a 2-core CPU fp32 and each bf16
-row take 2-4 min, but fp16 is slow on CPUs (no fast fp16 convolution): its autocast row took 15 min, and its
-half-norms row 22 min alone at one thread (precision_shapes_cpu_fp16_half_norms.json), hence the first command.
+24 scenes by default; JSON under benchmarks/results/, rewritten after each row (an existing file is refused unless
+--overwrite). On a 2-core CPU fp32 and each bf16 row take 2-4 min, but fp16 is slow on CPUs (no fast fp16
+convolution): its autocast row took 15 min (precision_shapes_cpu_earlier_run.json), and its half-norms row 22 min
+alone at one thread (precision_shapes_cpu_fp16_half_norms.json), hence the first command.
 
 Each row inverts the same rendered scenes with the fast path (batch 8, w=7.5, 50 steps, early stop as the
 notebook) and reconstructs them; the figure is each scene's PSNR minus the fp32 fast path's (which equals the
@@ -33,6 +35,8 @@ from nti.models import load_pipeline
 from nti.provenance import git_commit
 from nti.testbed import scenes
 
+from nti.benchmarks.results_file import add_overwrite, refuse_existing, write_text
+
 VARIANTS = {  # name -> NTIConfig changes on the fp32 fast path
     "fp32": {},
     "bf16 half weights (autocast)": {"precision": "bf16"},
@@ -57,7 +61,11 @@ def main(argv=None) -> dict:
                    help="comma-separated rows to run (fp32, the baseline, always runs first)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/precision_shapes_<device>.json)")
+    add_overwrite(p)
     args = p.parse_args(argv)
+    out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results"
+                                           / f"precision_shapes_{args.device}.json")
+    refuse_existing(p, [out], args.overwrite)
     wanted = ["fp32"] + [v for v in args.variants.split(",") if v != "fp32"]
     unknown = [v for v in wanted if v not in VARIANTS]
     if unknown:
@@ -77,11 +85,8 @@ def main(argv=None) -> dict:
               "threads": torch.get_num_threads(), "scenes": args.scenes, "steps": args.steps, "commit": git_commit(),
               "command": "python -m nti.benchmarks.bench_precision" + "".join(
                   f" --{name} '{getattr(args, name)}'" for name in ("scenes", "seed", "batch", "steps", "variants", "device")
-                  if getattr(args, name) != p.get_default(name)),
+                  if getattr(args, name) != p.get_default(name)) + (" --overwrite" if args.overwrite else ""),
               "rows": []}
-    out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results"
-                                           / f"precision_shapes_{args.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     fp32 = None
     for name in wanted:
         changes = VARIANTS[name]
@@ -98,7 +103,7 @@ def main(argv=None) -> dict:
                        within_0p3_db=int((np.abs(delta) < 0.3).sum()))
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")  # after each row: a stopped run keeps what it measured
+        write_text(out, json.dumps(result, indent=1) + "\n")  # after each row: a stopped run keeps what it measured
     return result
 
 

@@ -1,11 +1,11 @@
 """1 vs 2 Ray workers on CPU (issue 20): the bundled scenes edited by `nti edit --ray`, against the single-process run.
 
-    OMP_NUM_THREADS=1 python -m nti.benchmarks.bench_ray --out benchmarks/results/ray_workers_cpu.json
+    OMP_NUM_THREADS=1 python -m nti.benchmarks.bench_ray --out benchmarks/results/ray_workers_cpu.json --overwrite
 
 One local Ray cluster (--cpus logical CPUs) serves every run; each run has its own output folder and an empty cache,
 so every run inverts everything. Reported per run: wall time (driver's view, from the first record to the last file
 written; the cluster's start is apart), time per edited image, engine load per actor, compute per image inside the
-actors, and whether the files equal the single-process run's.
+actors, and whether the files equal the single-process run's. An existing --out is refused unless --overwrite.
 """
 from __future__ import annotations
 
@@ -53,6 +53,9 @@ def main(argv=None) -> int:
     parser.add_argument("--inner-steps", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=2, help="logical CPUs of the local Ray cluster")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    from nti.benchmarks.results_file import add_overwrite, refuse_existing, write_text
+
+    add_overwrite(parser)
     opts = parser.parse_args(argv)
     from nti.config import NTIConfig, NTIError
 
@@ -66,6 +69,7 @@ def main(argv=None) -> int:
         NTIConfig(steps=opts.steps, inner_steps=opts.inner_steps)
     except NTIError as err:
         parser.error(str(err))
+    refuse_existing(parser, [opts.out], opts.overwrite)  # before the cluster starts
 
     import ray
     import torch
@@ -130,8 +134,7 @@ def main(argv=None) -> int:
     if 1 in base and 2 in base:
         result["speedup_2_vs_1_workers"] = round(base[1] / base[2], 2)
     result["load_average_after"] = load_average()
-    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(opts.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_text(opts.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 

@@ -1,7 +1,10 @@
 """Fidelity of the built-in shapes model, graded from pixels by the scene oracle (engine/testbed/scenes.py).
 
-    python -m nti.benchmarks.bench_testbed            # CPU, 2 cores: see "seconds" in the JSON; writes JSON + PNG
-    python -m nti.benchmarks.bench_testbed --quick    # a smaller sample, same sections
+    python -m nti.benchmarks.bench_testbed --overwrite    # remakes benchmarks/results/testbed_shapes_cpu.json + .png
+    python -m nti.benchmarks.bench_testbed --quick        # a smaller sample, same sections (testbed_shapes_cpu_quick)
+
+Other --steps, --seed or --batch get a file name of their own (testbed_shapes_cpu_steps10.json); an existing JSON or
+PNG is refused unless --overwrite.
 
 1. Text-to-image (DDIM 50 steps, w=7.5) on held-out captions (never shown in training) and on training captions:
    the share whose rendering the oracle reads back as the caption.
@@ -37,6 +40,9 @@ from nti.images import to_pil
 from nti.metrics import clear_of, psnr, ssim
 from nti.models import decode_latents, encode_images, load_pipeline
 from nti.provenance import git_commit
+from nti.outputs import atomic_write
+
+from nti.benchmarks.results_file import add_overwrite, refuse_existing, write_text
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -205,9 +211,7 @@ def edit_sheet(rows: list[list], path: Path, scale: int = 4) -> Path:
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             sheet.paste(image.convert("RGB").resize((side, side), Image.NEAREST), (c * (side + gap), r * (side + gap)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return path
+    return atomic_write(path, lambda temp: sheet.save(temp, format="PNG"))
 
 
 def main(argv=None) -> dict:
@@ -217,8 +221,17 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/testbed_shapes_<device>.json)")
+    p.add_argument("--out", default=None, help="JSON path, the picture beside it as .png (default "
+                   "benchmarks/results/testbed_shapes_<device>[_quick][_steps<N>...].json)")
+    add_overwrite(p)
     args = p.parse_args(argv)
+    # every setting that changes the figures (not --out), so the command reproduces this JSON; a run with other
+    # settings gets a default file of its own, never the committed 50-step run's
+    changed = [name for name in ("steps", "seed", "batch", "device") if getattr(args, name) != p.get_default(name)]
+    suffix = args.device + ("_quick" if args.quick else "") + "".join(
+        f"_{name}{getattr(args, name)}" for name in changed if name != "device")
+    out = Path(args.out or RESULTS / f"testbed_shapes_{suffix}.json")
+    refuse_existing(p, [out, out.with_suffix(".png")], args.overwrite)
     n_captions, n_scenes = (12, 6) if args.quick else (100, 40)
     try:  # bad settings are refused before the minutes of work start
         NTIConfig(steps=args.steps, batch_size=args.batch, seed=args.seed)
@@ -231,10 +244,8 @@ def main(argv=None) -> dict:
               "fingerprint": pipe.fingerprint, "device": args.device, "cpu": platform.processor() or platform.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
               "commit": git_commit(),
-              # every setting that changes the figures (not --out), so the command reproduces this JSON
               "command": "python -m nti.benchmarks.bench_testbed" + (" --quick" if args.quick else "") + "".join(
-                  f" --{name} {getattr(args, name)}" for name in ("steps", "seed", "batch", "device")
-                  if getattr(args, name) != p.get_default(name))}
+                  f" --{name} {getattr(args, name)}" for name in changed) + (" --overwrite" if args.overwrite else "")}
     result["text_to_image"] = text_to_image(pipe, n_captions, args.seed)
     print(json.dumps({k: {m: v[m] for m in ("n", "agreement")} for k, v in result["text_to_image"].items()}))
     scene_rng = random.Random(args.seed + 100)
@@ -251,12 +262,10 @@ def main(argv=None) -> dict:
              + [edited[row][job[kind, k]] if (kind, k) in job else blank
                 for row in SHEET_ROWS for kind in ("colour", "shape", "add")]
              for k, s in enumerate(scene_list[:8])]
-    suffix = f"{args.device}{'_quick' if args.quick else ''}"
-    out = Path(args.out or RESULTS / f"testbed_shapes_{suffix}.json")
     picture = edit_sheet(sheet, out.with_suffix(".png"))  # next to the JSON
     result["sheet"] = picture.name
     result["seconds"] = round(time.perf_counter() - start, 1)
-    out.write_text(json.dumps(result, indent=2))
+    write_text(out, json.dumps(result, indent=2))
     print(f"wrote {out}")
     return result
 

@@ -1,6 +1,6 @@
 """SDXL memory plan for null-text inversion: bytes autograd saves per image, weights, FLOPs, the batch that fits.
 
-    python -m nti.benchmarks.sdxl_memory --out benchmarks/results/sdxl_memory_cpu.json
+    python -m nti.benchmarks.sdxl_memory --out benchmarks/results/sdxl_memory_cpu.json --overwrite
 
 One inner iteration of null-text inversion is one UNet forward of the unconditional branch with grad to the text
 conditioning only (UNet weights frozen), then backward to that conditioning. This counts, device-independently and
@@ -35,6 +35,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from nti.benchmarks.results_file import add_overwrite, refuse_existing, write_text
 
 GiB = 2**30
 BF16 = torch.bfloat16
@@ -839,10 +841,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "sdxl_memory_cpu.json"))
     p.add_argument("--models", default="sdxl,sd14")
+    add_overwrite(p)
     args = p.parse_args(argv)
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:  # refused before the minutes of counting start
         p.error(f"unknown model(s) {', '.join(map(repr, unknown))} in --models; choose from {','.join(MODELS)}")
+    refuse_existing(p, [args.out], args.overwrite)
     torch.set_num_threads(1)  # fake tensors compute nothing; one thread keeps the shared machine free
     from nti.provenance import git_commit
 
@@ -915,9 +919,7 @@ def main(argv=None) -> int:
         result["validation_h200_sd14"] = h200_anchor(sd14_none, weights["sd14"], others["sd14"],
                                                      Path(__file__).parent / "results" / "gpu_run_h200.jsonl")
     result["verification_at_largest_batch"] = verify_plan(result, fake)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(summary(result))
     print(f"wrote {out} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     return 0

@@ -4,7 +4,8 @@
 
 Rows: backend x batch -> setup (build/compile/load) seconds apart from steady state, mean/median ms per call
 (CUDA events on GPU, perf_counter on CPU, after warm-up), images/s, peak memory, and the relative L2 error of the
-output against the eager fp32 UNet on the same inputs. A backend that cannot run here gets a row saying why.
+output against the eager fp32 UNet on the same inputs. A backend that cannot run here gets a row saying why. An
+existing --out is refused unless --overwrite.
 """
 from __future__ import annotations
 
@@ -133,6 +134,7 @@ def bench_forward(pipe, backends=BACKENDS, batches=(1, 2, 8), precision: str = "
 
 
 def main(argv=None) -> int:
+    from nti.benchmarks.results_file import add_overwrite, refuse_existing, write_text
     from nti.models import load_pipeline, parse_device
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -145,6 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--export-cache", default=None)
     p.add_argument("--out", default=None, help="JSON file (default: stdout)")
+    add_overwrite(p)
     args = p.parse_args(argv)
     try:
         batches = [int(b) for b in args.batches.split(",")]
@@ -158,6 +161,8 @@ def main(argv=None) -> int:
         p.error(f"--backends takes a comma list of {', '.join(BACKENDS)}; got {args.backends!r}")
     if args.iters < 1 or args.warmup < 0:
         p.error(f"--iters must be at least 1 and --warmup at least 0; got {args.iters} and {args.warmup}")
+    if args.out:
+        refuse_existing(p, [args.out], args.overwrite)
     try:
         pipe = load_pipeline(args.model, parse_device(args.device))
     except NTIError as err:
@@ -166,7 +171,7 @@ def main(argv=None) -> int:
     result = bench_forward(pipe, backends, batches, args.precision, args.warmup, args.iters, args.export_cache)
     text = json.dumps(result, indent=2)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_text(args.out, text + "\n")
         for row in result["rows"]:
             print({k: v for k, v in row.items() if k != "note"}, file=sys.stderr)
     else:

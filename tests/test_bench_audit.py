@@ -27,10 +27,12 @@ def test_waterfall_speedup_is_against_the_reference_of_the_same_method(waterfall
     """A DDIM row's speedup is over the DDIM reference (it was over null-text's: the DDIM reference itself read as a
     5-10x 'speedup' on CPU)."""
     rows = waterfall["rows"]
-    ref = {r["method"]: r["s_per_image"] for r in rows if r["backend"] == "reference"}
-    assert set(ref) == {"null-text", "ddim"}
+    # keyed by early stop too: the early-stop row is measured against the reference that stops early
+    ref = {(r["method"], r["early_stop"]): r["s_per_image"] for r in rows if r["backend"] == "reference"}
+    assert set(ref) == {("null-text", False), ("null-text", True), ("ddim", False)}
     for r in rows:
-        assert r["speedup_vs_reference"] == pytest.approx(ref[r["method"]] / r["s_per_image"], rel=1e-12), r["variant"]
+        assert r["speedup_vs_reference"] == pytest.approx(ref[r["method"], r["early_stop"]] / r["s_per_image"],
+                                                          rel=1e-12), r["variant"]
     ddim_ref = next(r for r in rows if r["variant"] == "DDIM invert+edit reference fp32 b1")
     assert ddim_ref["speedup_vs_reference"] == 1.0
 
@@ -157,4 +159,5 @@ def test_bench_testbed_records_the_command_that_ran(tmp_path, monkeypatch):
     assert result["reconstruction_psnr"] == {"steps": 10, "batch": 4}
     assert json.loads(out.read_text())["command"] == ("python -m nti.benchmarks.bench_testbed --quick --steps 10 "
                                                       "--seed 3 --batch 4")
-    assert bench.main(["--quick", "--out", str(out)])["command"] == "python -m nti.benchmarks.bench_testbed --quick"
+    assert bench.main(["--quick", "--out", str(tmp_path / "defaults.json")])["command"] == \
+        "python -m nti.benchmarks.bench_testbed --quick"
