@@ -68,7 +68,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from nti.benchmarks.bench_nti import PHOTOS, rel, sync, unet_flops  # the waterfall's photos and helpers
+from nti.benchmarks.bench_nti import PHOTOS, fused_step_ran, rel, sync, unet_flops  # the waterfall's helpers
 from nti.provenance import git_commit
 
 STAGES = {  # name -> (seconds allowed on a GPU, what it measures); run in this order (module docstring: budget)
@@ -177,7 +177,8 @@ def timing_row(st: Stage, stage: str, variant: str, config, n: int, flops: tuple
            "backend": config.backend, "half_weights": config.half_weights, "half_norms": config.half_norms,
            "cuda_graphs": config.cuda_graphs, "channels_last": config.channels_last,
            "compile": config.compile and config.compile_scope, "gradient_checkpointing": config.gradient_checkpointing,
-           "early_stop": config.early_stop, "steps": steps,
+           # what ran: fused_step's default turns the Triton step on wherever it runs (every fast row on a GPU)
+           "fused_step": fused_step_ran(config, st.device), "early_stop": config.early_stop, "steps": steps,
            "inner_steps": config.inner_steps,
            "s_per_image": total / n, "s_per_image_50_steps": total / n * scale,
            "latency_50_steps_s": total * scale if n == 1 else None,
@@ -291,7 +292,7 @@ def stage_parity(st: Stage) -> None:
             st.emit("parity", variant=name, error=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-1500:])
             continue
         done[name] = (invs, edit)
-        row = {"variant": name, "fused_step": config.fused_step, "tf32": False,
+        row = {"variant": name, "fused_step": fused_step_ran(config, st.device), "tf32": False,
                "zT_rel": rel(invs[0].z_T, ref[0].z_T), "embeddings_rel": rel(invs[0].null_embeddings,
                                                                              ref[0].null_embeddings),
                "edit_rel": rel(edit[0], ref_edit[0]), "iterations_equal": invs[0].iterations == ref[0].iterations}
@@ -921,6 +922,7 @@ def summarize(out: Path) -> str:
                       if "parity_edit_rel" in r else "-")
             variant = r["variant"] + (f" (compile failed, ran eager: {r['compile_failed'][:60]})"
                                       if r.get("compile_failed") else "")
+            variant += f" (fused step: {r['fused_step']})" if r.get("fused_step", "off") != "off" else ""
             lines.append(f"| {r['stage']} | {variant} | {r['batch']} | {f(r['s_per_image_50_steps'])} | "
                          f"{f(r.get('goal_s_per_image'))} | {f(r['warmup_s'])} | {f(r['peak_gib'])} | "
                          f"{f(r['tflops'])} | {f(r['inner_iterations_per_image'])} | {parity} |")
@@ -934,7 +936,8 @@ def summarize(out: Path) -> str:
                 lines.append(f"| {r['variant']} | failed: {r['error'][:80]} |||||")
                 continue
             other = r.get("vs_eager_embeddings_rel", r.get("vs_autocast_embeddings_rel"))
-            lines.append(f"| {r['variant']} | {f(r['zT_rel'], '.1e')} | {f(r['embeddings_rel'], '.1e')} | "
+            fused = f" (fused step: {r['fused_step']})" if r.get("fused_step") not in (None, "off") else ""
+            lines.append(f"| {r['variant']}{fused} | {f(r['zT_rel'], '.1e')} | {f(r['embeddings_rel'], '.1e')} | "
                          f"{f(r['edit_rel'], '.1e')} | {r['iterations_equal']} | {f(other, '.1e')} |")
         lines.append("")
         lines += [f"- {r['variant']} vs the same without checkpointing: embeddings "
