@@ -4,9 +4,11 @@ Starts the real server (uvicorn, a subprocess on a free loopback port), fires N 
 official request shape (multipart image + prompt + source_prompt), and records per-request latency, the batch sizes
 the worker formed (from /metrics and each response's timings), and throughput. Then runs `nti edit` on the same
 images and prompts at the same batch size (fast backend) and compares throughput: both invert every image and edit
-it once. Stops by itself; loopback only. Writes benchmarks/results/serve_load_cpu.json.
+it once. Stops by itself; loopback only. Writes benchmarks/results/serve_load_cpu.json (an existing file is
+refused unless --overwrite).
 
-    OMP_NUM_THREADS=1 python -m nti.benchmarks.bench_serve --n 48 --batch-size 8 --steps 5 --inner-steps 2
+    OMP_NUM_THREADS=1 python -m nti.benchmarks.bench_serve --n 48 --batch-size 8 --steps 5 --inner-steps 2 \
+        --repeats 3 --overwrite
 """
 from __future__ import annotations
 
@@ -256,6 +258,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=2, help="server and CLI runs, interleaved: on a shared machine "
                         "the load of others drifts, so each side is timed more than once and the best run counts")
     parser.add_argument("--out", default=str(RESULTS / "serve_load_cpu.json"))
+    from nti.benchmarks.results_file import add_overwrite, refuse_existing, write_text
+
+    add_overwrite(parser)
     args = parser.parse_args(argv)
     from nti.config import NTIConfig, NTIError
 
@@ -266,10 +271,11 @@ def main(argv=None) -> dict:
         NTIConfig(steps=args.steps, inner_steps=args.inner_steps, batch_size=args.batch_size)
     except NTIError as err:
         parser.error(str(err))
+    refuse_existing(parser, [args.out], args.overwrite)
     import torch
 
     jobs = scene_jobs(args.n)
-    servers, clis, same = [], [], None
+    servers, clis, same = [], [], [True] * len(jobs)  # same: identical to nti edit's PNG in every repeat
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             cli = nti_edit(jobs, Path(tmp) / f"cli{r}", args.batch_size, args.steps, args.inner_steps)
@@ -282,7 +288,9 @@ def main(argv=None) -> dict:
                 load = load_test(server, jobs)
             finally:
                 server.stop()
-            same = sum(a == cli["images"][j["name"]] for a, j in zip(load.pop("images"), jobs))
+            identical = [a == cli["images"][j["name"]] for a, j in zip(load.pop("images"), jobs)]
+            same = [s and i for s, i in zip(same, identical)]
+            load["identical_pngs_vs_cli"] = sum(identical)
             cli.pop("images")
             servers.append(load)
             clis.append(cli)
@@ -303,7 +311,7 @@ def main(argv=None) -> dict:
                           "time it hardly moves with the load others put on the shared machine",
         "cpu_throughput_ratio_server_over_cli": min(c["cpu_s"] for c in clis) / min(s["cpu_s"] for s in servers),
         "cpu_throughput_ratio_per_run": [c["cpu_s"] / s["cpu_s"] for s, c in zip(servers, clis)],
-        "identical_pngs_server_vs_cli": f"{same}/{args.n}",
+        "identical_pngs_server_vs_cli": f"{sum(same)}/{args.n}",  # images identical in every repeat
         "server": best_server, "nti_edit": best_cli, "server_runs": servers, "nti_edit_runs": clis,
         "machine": {"cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                     "load_average": os.getloadavg(), "platform": platform.platform(),
@@ -311,8 +319,7 @@ def main(argv=None) -> dict:
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                  cwd=Path(__file__).parent).stdout.strip(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_text(args.out, json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("throughput_ratio_server_over_cli", "throughput_ratio_per_run",
                                               "cpu_throughput_ratio_server_over_cli", "cpu_throughput_ratio_per_run",
                                               "identical_pngs_server_vs_cli")}
