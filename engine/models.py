@@ -518,9 +518,11 @@ def weights_witness(pipe: Pipeline) -> tuple:
             names.append((name, tuple(tensor.shape), str(tensor.dtype)))
             t = tensor.detach()
             tensors.append(t if t.is_floating_point() else t.double())
+    words = tuple(len(t) for t in (pipe.tokenizer, pipe.tokenizer_2) if t is not None and hasattr(t, "__len__"))
+    if any(t.is_meta for t in tensors):  # shapes without values (gpu_run's full-size models on meta): names only
+        return tuple(names), "meta", words
     with torch.no_grad():  # one copy to the host, not one per tensor (a GPU sync each)
         norms = torch.stack([n.double() for n in torch._foreach_norm(tensors)]).cpu() if tensors else torch.zeros(0)
-    words = tuple(len(t) for t in (pipe.tokenizer, pipe.tokenizer_2) if t is not None and hasattr(t, "__len__"))
     return tuple(names), hashlib.sha256(norms.numpy().tobytes()).hexdigest(), words
 
 

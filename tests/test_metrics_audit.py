@@ -243,7 +243,8 @@ def test_pie_table_means_over_samples_with_a_value_at_the_papers_scales():
     df["schedule"] = pd.Categorical(df["schedule"])
     table = pie_table(summarize(df), "edit").splitlines()
     # Table 1: structure x10^3, PSNR, LPIPS x10^3, MSE x10^4, SSIM x10^2, CLIP whole, CLIP edited; a NaN (the whole
-    # image edited, PnPInversion's "nan") is left out of the mean, not counted as 0
-    assert table[2].split(" | ")[4:] == ["20.00", "25.00", "60.00", "20.00", "85.00", "24.00", "21.00 |"]
+    # image edited, PnPInversion's "nan") is left out of the mean, not counted as 0, and the table says over how many
+    assert table[2].split(" | ")[4:] == ["20.00", "25.00 (n=2)", "60.00 (n=2)", "20.00 (n=2)", "85.00 (n=2)", "24.00",
+                                         "21.00 |"]
     by_type = pie_table(summarize(df, by=("edit_type",)), "edit", by=("edit_type",)).splitlines()
     assert by_type[2].split(" | ")[3:6] == ["1 change object", "2", "15.00"]
