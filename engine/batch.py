@@ -243,9 +243,11 @@ def run_jobs(args, config: NTIConfig, device) -> int:
                             "them and does the rest", written, len(todo))
             raise
         if progress:
-            # the count too: a run whose every input failed said only "done" above its error line
-            log.info("done in %.1f s on %s (%s backend, %s): %d of %d outputs written", time.perf_counter() - start,
-                     device, config.backend, config.method, written, sum(not j.kept for j in jobs))
+            # the count too: a run whose every input failed said only "done" above its error line (none when every
+            # output was kept: the line above says so)
+            asked = sum(not j.kept for j in jobs)
+            log.info("done in %.1f s on %s (%s backend, %s)%s", time.perf_counter() - start, device, config.backend,
+                     config.method, f": {written} of {asked} outputs written" if asked else "")
     return report(problems, sum(j.error is None for j in jobs))
 
 
