@@ -127,7 +127,8 @@ def open_image(source: Path | bytes, label: str, as_stored: bool = False) -> Ima
                 img.load()
                 img, turned, exif_error = (img, False, None) if as_stored else upright(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise NTIError(f"{label} is too large to decode safely ({err})") from None
+        raise NTIError(f"{label} is too large to decode safely ({err}); downscale it first: the model sees a "
+                       f"square of a few hundred pixels anyway") from None
     except UnidentifiedImageError:
         raise NTIError(f"{label} is not a readable image (corrupt or unsupported format)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated data, broken chunks
