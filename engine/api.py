@@ -158,7 +158,8 @@ def invert(pipe: Pipeline, images, source_prompts: Sequence[str] | str, config: 
 
     if config.backend == "fast":
         from . import fast
-        results = fast.invert_batch(pipe, z0, conds, null_embedding(pipe, config.clip_skip), schedule, weights, config, progress)
+        results = fast.invert_batch(pipe, z0, conds, null_embedding(pipe, config.clip_skip), schedule, weights, config,
+                                    progress)
     else:
         results = [_invert_reference(pipe, z0[k:k + 1], conds[k:k + 1], schedule, weights, config, progress)
                    for k in range(len(squares))]

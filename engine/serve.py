@@ -287,10 +287,18 @@ def cross_site(headers: dict) -> str | None:
         return "sent by another site's web page (Sec-Fetch-Site: cross-site)"
     origin = headers.get("origin")
     if origin is not None:
-        authority = origin.split("://", 1)[1] if "://" in origin else ""
-        if authority.lower() != headers.get("host", "").lower():
+        authority = (origin.split("://", 1)[1] if "://" in origin else "").lower()
+        # behind a reverse proxy the page's origin is the proxy's name, which it forwards (a page cannot set this)
+        served_as = {headers.get("host", "").lower(), headers.get("x-forwarded-host", "").split(",")[0].strip().lower()}
+        if authority not in served_as - {""}:
             return f"sent by a web page of another origin ({origin}) than this server ({headers.get('host', '')})"
     return None
+
+
+def forwarded(headers: dict) -> bool:
+    """Whether a reverse proxy forwarded the request (X-Forwarded-For or -Host, which a web page cannot set): the
+    proxy's own server names decide which host names reach a loopback-bound server behind it."""
+    return "x-forwarded-for" in headers or "x-forwarded-host" in headers
 
 
 class Guard:
@@ -309,7 +317,7 @@ class Guard:
         if why is not None:
             return await error_response(403, f"request refused: {why}; call this server from its own page or from a "
                                              f"program", "origin", "permission_error")(scope, receive, send)
-        if self.settings.local_only and not is_loopback(host_name(headers.get("host", ""))):
+        if self.settings.local_only and not is_loopback(host_name(headers.get("host", ""))) and not forwarded(headers):
             # a DNS-rebinding page (its name resolved to 127.0.0.1) would otherwise read everything as same-origin
             return await error_response(403, f"Host {headers.get('host', '')!r} is not this machine's loopback, which "
                                              f"this server is bound to; call it as localhost or 127.0.0.1", "host",

@@ -75,3 +75,15 @@ def test_nti_serve_on_loopback_checks_the_host(monkeypatch):
     assert main(["serve", "--port", "8123", "--quiet"]) == 0 and seen["settings"].local_only is True
     assert main(["serve", "--host", "0.0.0.0", "--port", "8123", "--quiet"]) == 0
     assert seen["settings"].local_only is False and seen["host"] == "0.0.0.0"
+
+
+def test_behind_a_reverse_proxy_the_page_and_its_names_pass():
+    """TLS in front (docs/serving.md): the page's origin is the proxy's name and the Host the proxy's choice; a proxy
+    says so with X-Forwarded-Host / -For, headers a web page cannot set. A page of another site is still refused."""
+    c = client(local_only=True)
+    proxied = {"Host": "127.0.0.1:8000", "X-Forwarded-Host": "edit.example.org", "X-Forwarded-For": "203.0.113.9"}
+    assert c.post("/v1/inversions", headers={**proxied, "Origin": "https://edit.example.org"}).text == "ok"
+    passed_through = {"Host": "edit.example.org", "X-Forwarded-For": "203.0.113.9"}  # proxy_set_header Host $host
+    assert c.post("/v1/inversions", headers={**passed_through, "Origin": "https://edit.example.org"}).text == "ok"
+    assert c.post("/v1/inversions", headers={**proxied, "Origin": "https://evil.example"}).status_code == 403
+    assert c.get("/", headers={"Host": "edit.example.org"}).status_code == 403  # not forwarded: a rebinding page
