@@ -509,8 +509,8 @@ def fingerprint_modules(*modules: torch.nn.Module) -> str:
 
 def weights_witness(pipe: Pipeline) -> tuple:
     """A cheap witness of the weights in memory: every parameter's and buffer's name, shape and dtype, their L2 norms
-    (bit patterns; a few foreach kernels on the weights' device, ~0.1 s per GB on CPU) and the tokenizers' added
-    words. A LoRA fused in place (`weight.data += delta`, PEFT's merge) changes neither a tensor's identity nor its
+    (bit patterns; a few foreach kernels on the weights' device, ~0.1 s per GB on CPU) and the tokenizers' sizes (a
+    word added). A LoRA fused in place (`weight.data += delta`, PEFT's merge) changes neither a tensor's identity nor its
     version counter, only its values: a norm is the cheapest reading of those that any real edit moves."""
     names, tensors = [], []
     for module in pipe.modules:
