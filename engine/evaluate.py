@@ -135,9 +135,8 @@ def run_settings(args, pipe, device, config, scorer: Scorer) -> dict:
 def prepare_out(out: Path, settings: dict, resume: bool, overwrite: bool) -> None:
     """Refuse to mix results of other settings into --out; clear it on --overwrite. Names an eval run writes or
     clears that already hold something with no run.json beside them (written first by every run) are the user's:
-    refused, even with --overwrite, rather than replaced or deleted."""
-    if out.exists() and not out.is_dir():
-        raise NTIError(f"--out {out} is a file; nti eval writes a folder of results: choose a folder")
+    refused, even with --overwrite, rather than replaced or deleted. Runs inside claim_out, which made --out a
+    folder (or refused a file there)."""
     theirs = [name for name in (SAMPLES, SUMMARY, REPORT, IMAGE_DIR, PLOT_DIR) if (out / name).exists()]
     if theirs and not (out / MANIFEST).is_file():
         raise NTIError(f"--out {out} already holds {', '.join(theirs)} that no nti eval run wrote (no {MANIFEST}); "
@@ -161,7 +160,6 @@ def prepare_out(out: Path, settings: dict, resume: bool, overwrite: bool) -> Non
         if changed:
             raise NTIError(f"--out {out} holds results of a run with different settings ({'; '.join(changed)}); "
                            "use another --out, or --overwrite to discard them")
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def row_key(row: dict) -> tuple:
